@@ -1,0 +1,70 @@
+//! A consumer process running the shared runner with the probe handler, so tests can
+//! SIGKILL and SIGTERM a real process. Configured by environment:
+//! `CDP_KAFKA_BROKERS`, `CDP_DATABASE_URL`, `CDP_BATCH_SIZE`, `CDP_KAFKA_PROPERTIES`,
+//! `PROBE_TOPIC`, `PROBE_GROUP`, `PROBE_DLQ`, `PROBE_DELAY_MS`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cdp_integration_tests::ProbeHandler;
+use cdp_runtime::config::{KafkaArgs, PostgresArgs, RunnerArgs, TelemetryArgs};
+use cdp_runtime::kafka::producer::Producer;
+use cdp_runtime::kafka::runner::{self, RunnerConfig, StartFrom};
+use cdp_runtime::metrics::{Metrics, RunnerMetrics};
+use cdp_runtime::pg::PgSink;
+use cdp_runtime::{pg, telemetry, Shutdown};
+
+fn var(name: &str) -> anyhow::Result<String> {
+    std::env::var(name).with_context(|| format!("{name} is not set"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    telemetry::init(&TelemetryArgs {
+        log_format: cdp_runtime::config::LogFormat::Pretty,
+        log_filter: std::env::var("CDP_LOG").unwrap_or_else(|_| "warn".to_owned()),
+    })?;
+    let mut kafka = KafkaArgs::local(var("CDP_KAFKA_BROKERS")?, "");
+    kafka.properties = std::env::var("CDP_KAFKA_PROPERTIES")
+        .map(|p| p.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
+    let pg_args = PostgresArgs {
+        database_url: var("CDP_DATABASE_URL")?,
+        max_connections: 2,
+    };
+    let tuning = RunnerArgs {
+        batch_size: var("CDP_BATCH_SIZE")
+            .ok()
+            .and_then(|b| b.parse().ok())
+            .unwrap_or(200),
+        batch_linger_ms: 50,
+        ..RunnerArgs::default()
+    };
+    let delay = Duration::from_millis(
+        var("PROBE_DELAY_MS")
+            .ok()
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(0),
+    );
+    let shutdown = Shutdown::new();
+    shutdown.listen_for_signals()?;
+    let pool = pg::connect(&pg_args).await?;
+    let producer = Arc::new(Producer::new(&kafka)?);
+    let config = RunnerConfig {
+        kafka,
+        group_id: var("PROBE_GROUP")?,
+        topics: vec![var("PROBE_TOPIC")?],
+        dead_letter_topic: var("PROBE_DLQ")?,
+        tuning,
+        start: StartFrom::Earliest,
+    };
+    let sink = Arc::new(PgSink::new(
+        pool,
+        config.group_id.clone(),
+        ProbeHandler { delay },
+    ));
+    let metrics = RunnerMetrics::register(&Metrics::new());
+    runner::run(config, sink, producer, metrics, None, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! Helpers for the end-to-end tests. Every test gets unique topic names, consumer groups
+//! and a fresh database, so tests run in parallel and in any order. A test whose service
+//! is not running fails with a message that says how to start it.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use cdp_runtime::config::{KafkaArgs, PostgresArgs};
+use cdp_runtime::kafka::producer::{OutgoingRecord, Producer};
+use cdp_runtime::pg::{Decoded, PgHandler, Rejected};
+use cdp_runtime::sink::{Rejection, SinkError};
+use cdp_runtime::RawRecord;
+use cdp_schemas::{CodecError, CustomerEvent, CustomerPayload};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+use sqlx::{PgConnection, PgPool};
+
+/// Where the test services are. Defaults match `scripts/stack`.
+pub fn brokers() -> String {
+    std::env::var("CDP_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+pub fn admin_database_url() -> String {
+    std::env::var("CDP_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A name no other test run uses.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+pub fn kafka_args(prefix: &str) -> KafkaArgs {
+    KafkaArgs::local(brokers(), prefix)
+}
+
+/// Fails with instructions when no broker answers.
+pub async fn require_broker() -> anyhow::Result<()> {
+    let brokers = brokers();
+    let b = brokers.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &b).create()?;
+        consumer
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map(|_| ())
+    })
+    .await?;
+    result.with_context(|| {
+        format!("no Kafka broker answers at {brokers}: start the local stack with `scripts/stack up` (or set CDP_TEST_KAFKA_BROKERS)")
+    })
+}
+
+/// Creates topics (name, partitions) with delete cleanup.
+pub async fn create_topics(topics: &[(&str, i32)]) -> anyhow::Result<()> {
+    require_broker().await?;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(1)))
+        .collect();
+    for r in admin.create_topics(&new, &AdminOptions::new()).await? {
+        if let Err((t, e)) = r {
+            bail!("creating topic {t}: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// A database created for one test, with the runtime's migrations applied.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn create() -> anyhow::Result<Self> {
+        let admin_url = admin_database_url();
+        let admin = PgPool::connect(&admin_url).await.with_context(|| {
+            format!("no Postgres at {admin_url}: start it with `scripts/stack up` (or set CDP_TEST_DATABASE_URL)")
+        })?;
+        let name = format!("cdp_t_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&admin)
+            .await?;
+        admin.close().await;
+        let url = match admin_url.rfind('/') {
+            Some(i) => format!("{}/{name}", &admin_url[..i]),
+            None => bail!("CDP_TEST_DATABASE_URL has no database path: {admin_url}"),
+        };
+        let pool = PgPool::connect(&url).await?;
+        cdp_runtime::pg::migrator().run(&pool).await?;
+        Ok(Self { name, url, pool })
+    }
+
+    pub fn args(&self) -> PostgresArgs {
+        PostgresArgs {
+            database_url: self.url.clone(),
+            max_connections: 4,
+        }
+    }
+
+    /// Drops the database (call at the end of a passing test; failed tests keep theirs for
+    /// inspection, and `scripts/stack down` removes leftovers).
+    pub async fn drop_db(self) -> anyhow::Result<()> {
+        self.pool.close().await;
+        let admin = PgPool::connect(&admin_database_url()).await?;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            self.name
+        ))
+        .execute(&admin)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Polls `check` until it returns true, failing after `timeout` with `what`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<bool>>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A valid customer event whose partition key is `key`.
+pub fn event(n: u64, key: &str) -> CustomerEvent {
+    let mut e = cdp_schemas::fixtures::customer_events()
+        .into_iter()
+        .nth(1)
+        .unwrap_or_else(|| panic!("fixtures have a track event"));
+    e.envelope.event_id = uuid::Uuid::now_v7();
+    e.envelope.partition_key = key.to_owned();
+    e.envelope.subject.subject_id = key.to_owned();
+    if let CustomerPayload::Track(t) = &mut e.payload {
+        t.interaction_type = format!("probe {n}");
+    }
+    e
+}
+
+/// Produces `n` events with keys `k0..k{n-1}`, spread over `partitions` partitions by key
+/// (explicitly, so the spread is even). Returns the keys.
+pub async fn produce_events(
+    producer: &Producer,
+    topic: &str,
+    n: u64,
+    partitions: i32,
+) -> anyhow::Result<Vec<String>> {
+    let keys: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
+    for chunk in keys.chunks(2_000) {
+        let values: Vec<Vec<u8>> = chunk
+            .iter()
+            .map(|k| {
+                let i: u64 = k[1..].parse().unwrap_or(0);
+                cdp_schemas::encode(&event(i, k))
+            })
+            .collect::<Result<_, CodecError>>()?;
+        let recs: Vec<OutgoingRecord<'_>> = chunk
+            .iter()
+            .zip(&values)
+            .map(|(k, v)| {
+                let i: u64 = k[1..].parse().unwrap_or(0);
+                OutgoingRecord {
+                    topic,
+                    key: Some(k.as_bytes()),
+                    value: Some(v),
+                    partition: Some((i % partitions as u64) as i32),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        producer.send_all(&recs).await?;
+    }
+    Ok(keys)
+}
+
+/// The probe handler: writes one row per applied record into `probe_applied`, which has
+/// no unique constraint, so a double apply shows up as a duplicate row. Events whose
+/// source is `reject-me` are valid Avro but invalid for the domain: the handler rejects them.
+pub struct ProbeHandler {
+    /// Sleeps inside the transaction, to make a batch take time (shutdown tests).
+    pub delay: Duration,
+}
+
+pub async fn create_probe_table(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS probe_applied (
+            key TEXT NOT NULL, topic TEXT NOT NULL, partition INT NOT NULL,
+            kafka_offset BIGINT NOT NULL, event_id UUID NOT NULL)",
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+impl PgHandler for ProbeHandler {
+    type Event = CustomerEvent;
+
+    fn decode(&self, record: &RawRecord) -> Result<CustomerEvent, Rejection> {
+        let value = record.value.as_deref().unwrap_or_default();
+        cdp_schemas::decode::<CustomerEvent>(value).map_err(|e| Rejection::from_error(e.kind(), &e))
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        batch: &[Decoded<'_, CustomerEvent>],
+    ) -> Result<Vec<Rejected>, SinkError> {
+        if !self.delay.is_zero() {
+            sqlx::query("SELECT pg_sleep($1)")
+                .bind(self.delay.as_secs_f64())
+                .execute(&mut *tx)
+                .await
+                .map_err(cdp_runtime::pg::classify)?;
+        }
+        let mut rejected = Vec::new();
+        let (mut keys, mut topics, mut parts, mut offsets, mut ids) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        for (i, d) in batch.iter().enumerate() {
+            if d.event.envelope.source == "reject-me" {
+                rejected.push(Rejected {
+                    index: i,
+                    rejection: Rejection::new(
+                        "invalid",
+                        "source `reject-me` is refused by the probe",
+                    ),
+                });
+                continue;
+            }
+            keys.push(
+                String::from_utf8_lossy(d.record.key.as_deref().unwrap_or_default()).into_owned(),
+            );
+            topics.push(d.record.topic.clone());
+            parts.push(d.record.partition);
+            offsets.push(d.record.offset);
+            ids.push(d.event.envelope.event_id);
+        }
+        sqlx::query(
+            "INSERT INTO probe_applied (key, topic, partition, kafka_offset, event_id)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::int[], $4::bigint[], $5::uuid[])",
+        )
+        .bind(&keys)
+        .bind(&topics)
+        .bind(&parts)
+        .bind(&offsets)
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await
+        .map_err(cdp_runtime::pg::classify)?;
+        Ok(rejected)
+    }
+}
+
+/// (rows, distinct keys) in `probe_applied`.
+pub async fn probe_counts(pool: &PgPool) -> anyhow::Result<(i64, i64)> {
+    let (rows, distinct): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT key) FROM probe_applied")
+            .fetch_one(pool)
+            .await?;
+    Ok((rows, distinct))
+}

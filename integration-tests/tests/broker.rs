@@ -1,0 +1,204 @@
+//! What the design relies on from the broker, checked with our own client (rdkafka). These
+//! tests back `docs/broker-compatibility.md`: if the broker changes, they say what broke.
+
+use std::time::Duration;
+
+use cdp_integration_tests::*;
+use cdp_runtime::kafka::producer::{OutgoingRecord, Producer};
+use cdp_runtime::topics::{self, Cleanup, Topic, Topics};
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseProducer, Producer as _};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
+
+fn assigned_consumer() -> anyhow::Result<BaseConsumer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("broker-check"))
+        .set("enable.auto.commit", "false")
+        .create()?)
+}
+
+/// Reads `n` records of one partition starting at `from`.
+fn read(
+    topic: &str,
+    partition: i32,
+    from: Offset,
+    n: usize,
+) -> anyhow::Result<Vec<rdkafka::message::OwnedMessage>> {
+    let c = assigned_consumer()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, from)?;
+    c.assign(&tpl)?;
+    let mut out = Vec::new();
+    let started = std::time::Instant::now();
+    while out.len() < n {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "read {} of {n}",
+            out.len()
+        );
+        if let Some(m) = c.poll(Duration::from_millis(200)) {
+            out.push(m?.detach());
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn catalogue_topics_are_created_with_their_configs_and_creation_is_idempotent(
+) -> anyhow::Result<()> {
+    require_broker().await?;
+    let prefix = format!("{}.", unique("cat"));
+    let kafka = kafka_args(&prefix);
+    let catalogue = topics::catalogue(&Topics::new(&prefix));
+    let first = topics::ensure(&kafka, &catalogue).await?;
+    assert!(
+        first
+            .iter()
+            .all(|e| matches!(e, topics::Ensured::Created(_))),
+        "{first:?}"
+    );
+    let second = topics::ensure(&kafka, &catalogue).await?;
+    assert!(
+        second
+            .iter()
+            .all(|e| matches!(e, topics::Ensured::Existed(_))),
+        "{second:?}"
+    );
+
+    let name = Topics::new(&prefix).name(Topic::Identity);
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()?;
+    let described = admin
+        .describe_configs(&[ResourceSpecifier::Topic(&name)], &AdminOptions::new())
+        .await?;
+    let config = described
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no config"))??;
+    let cleanup = config.get("cleanup.policy").and_then(|e| e.value.clone());
+    assert_eq!(
+        cleanup.as_deref(),
+        Some("compact"),
+        "explicitly set configs are reported"
+    );
+    assert_eq!(Topic::Identity.spec().cleanup, Cleanup::Compact);
+
+    let metadata = tokio::task::spawn_blocking({
+        let name = name.clone();
+        move || -> anyhow::Result<usize> {
+            let c = assigned_consumer()?;
+            let md = c.fetch_metadata(Some(&name), Duration::from_secs(10))?;
+            Ok(md
+                .topics()
+                .first()
+                .map(|t| t.partitions().len())
+                .unwrap_or(0))
+        }
+    })
+    .await??;
+    assert_eq!(metadata, Topic::Identity.spec().partitions as usize);
+    Ok(())
+}
+
+#[tokio::test]
+async fn idempotent_acked_produce_keeps_keys_headers_timestamps_and_tombstones(
+) -> anyhow::Result<()> {
+    let topic = unique("broker-produce");
+    create_topics(&[(&topic, 1)]).await?;
+    let producer = Producer::new(&kafka_args(""))?;
+    let d1 = producer
+        .send(OutgoingRecord {
+            topic: &topic,
+            key: Some(b"k1"),
+            value: Some(b"v1"),
+            headers: vec![("h", Some(b"x".as_slice())), ("empty", None)],
+            timestamp_ms: Some(1_700_000_000_123),
+            ..Default::default()
+        })
+        .await?;
+    let d2 = producer
+        .send(OutgoingRecord {
+            topic: &topic,
+            key: Some(b"k1"),
+            value: None,
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!((d1.offset, d2.offset), (0, 1));
+    let records =
+        tokio::task::spawn_blocking(move || read(&topic, 0, Offset::Beginning, 2)).await??;
+    assert_eq!(records[0].key(), Some(b"k1".as_slice()));
+    assert_eq!(records[0].payload(), Some(b"v1".as_slice()));
+    assert_eq!(records[0].timestamp().to_millis(), Some(1_700_000_000_123));
+    let hs = records[0]
+        .headers()
+        .ok_or_else(|| anyhow::anyhow!("headers lost"))?;
+    assert_eq!(hs.count(), 2);
+    assert_eq!(hs.get(0).value, Some(b"x".as_slice()));
+    assert_eq!(hs.get(1).value, None);
+    assert_eq!(records[1].key(), Some(b"k1".as_slice()));
+    assert_eq!(records[1].payload(), None, "a tombstone stays a tombstone");
+    Ok(())
+}
+
+#[tokio::test]
+async fn seek_and_offsets_for_times_work() -> anyhow::Result<()> {
+    let topic = unique("broker-seek");
+    create_topics(&[(&topic, 1)]).await?;
+    let producer = Producer::new(&kafka_args(""))?;
+    let recs: Vec<OutgoingRecord<'_>> = (0..10)
+        .map(|i| OutgoingRecord {
+            topic: &topic,
+            value: Some(b"x".as_slice()),
+            timestamp_ms: Some(1_000_000 + i * 1_000),
+            ..Default::default()
+        })
+        .collect();
+    producer.send_all(&recs).await?;
+    let t = topic.clone();
+    let from_seek =
+        tokio::task::spawn_blocking(move || read(&t, 0, Offset::Offset(7), 3)).await??;
+    assert_eq!(
+        from_seek.iter().map(|m| m.offset()).collect::<Vec<_>>(),
+        vec![7, 8, 9]
+    );
+    let found = tokio::task::spawn_blocking(move || -> anyhow::Result<Offset> {
+        let c = assigned_consumer()?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, Offset::Offset(1_004_500))?;
+        let r = c.offsets_for_times(tpl, Duration::from_secs(10))?;
+        let e = r.elements();
+        Ok(e.first().map(|e| e.offset()).unwrap_or(Offset::Invalid))
+    })
+    .await??;
+    assert_eq!(
+        found,
+        Offset::Offset(5),
+        "first record at or after the timestamp"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn transactions_are_refused_so_nothing_may_depend_on_them() -> anyhow::Result<()> {
+    require_broker().await?;
+    let outcome = tokio::task::spawn_blocking(|| -> anyhow::Result<bool> {
+        let p: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("transactional.id", unique("tx"))
+            .create()?;
+        Ok(p.init_transactions(Duration::from_secs(10)).is_ok())
+    })
+    .await??;
+    assert!(
+        !outcome,
+        "the broker accepted a transactional producer: docs/broker-compatibility.md needs updating"
+    );
+    Ok(())
+}

@@ -1,0 +1,284 @@
+//! Deterministic sample events, one per event type: used by the contract's golden-bytes
+//! and compatibility tests, by the service tests and by the benchmarks.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, TimeZone, Utc};
+use uuid::Uuid;
+
+use crate::model::capsule::*;
+use crate::model::common::*;
+use crate::model::compliance::*;
+use crate::model::customer::*;
+use crate::model::identity::*;
+
+fn at(secs: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_767_225_600 + secs, 123_456_000)
+        .single()
+        .unwrap_or(DateTime::UNIX_EPOCH)
+}
+
+fn id(n: u128) -> Uuid {
+    Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 | n)
+}
+
+fn sealed(tag: &str) -> Option<Sealed> {
+    Some(Sealed::from_bytes(format!("sealed:{tag}").into_bytes()))
+}
+
+fn hash(tag: &str) -> String {
+    format!("{tag:0>64}")
+}
+
+/// A sample envelope for event number `n`, about subject `subject`.
+pub fn envelope(n: u128, subject: &str) -> Envelope {
+    Envelope {
+        event_id: id(n),
+        occurred_at: at(n as i64),
+        received_at: at(n as i64 + 1),
+        source: "fixtures".to_owned(),
+        subject: Subject {
+            subject_id: hash(subject),
+            identifiers: vec![
+                Identifier {
+                    kind: IdentifierKind::UserId,
+                    namespace: None,
+                    value_hash: hash(&format!("u{subject}")),
+                },
+                Identifier {
+                    kind: IdentifierKind::ExternalId,
+                    namespace: Some("salesforce".to_owned()),
+                    value_hash: hash(&format!("sf{subject}")),
+                },
+            ],
+        },
+        partition_key: hash(subject),
+    }
+}
+
+fn amount(s: &str) -> Amount {
+    s.parse().unwrap_or_else(|e| panic!("fixture amount: {e}"))
+}
+
+pub fn customer_events() -> Vec<CustomerEvent> {
+    let e = |n: u128, payload| CustomerEvent {
+        envelope: envelope(n, "1"),
+        payload,
+    };
+    vec![
+        e(
+            1,
+            CustomerPayload::Identify(Identify {
+                first_name: sealed("Ada"),
+                last_name: sealed("Lovelace"),
+                email: sealed("ada@example.org"),
+                phone: sealed("+442071234567"),
+                birth_date: sealed("1815-12-10"),
+                street: sealed("12 St James's Square"),
+                city: sealed("London"),
+                postal_code: sealed("SW1Y 4JH"),
+                region: None,
+                country: Some("GB".to_owned()),
+                custom_traits: sealed(r#"{"plan":"pro"}"#),
+            }),
+        ),
+        e(
+            2,
+            CustomerPayload::Track(Track {
+                interaction_type: "Product Viewed".to_owned(),
+                channel: Some("web".to_owned()),
+                touchpoint: Some("product-page".to_owned()),
+                duration_ms: Some(5_400),
+                outcome: None,
+                properties: sealed(r#"{"product_id":"p-1"}"#),
+            }),
+        ),
+        e(
+            3,
+            CustomerPayload::PageViewed(PageViewed {
+                name: Some("Pricing".to_owned()),
+                category: Some("marketing".to_owned()),
+                title: Some("Pricing - Example".to_owned()),
+                url: sealed("https://example.org/pricing?ref=ada"),
+                referrer: None,
+                properties: None,
+            }),
+        ),
+        e(
+            4,
+            CustomerPayload::ScreenViewed(ScreenViewed {
+                name: Some("Home".to_owned()),
+                category: None,
+                properties: sealed("{}"),
+            }),
+        ),
+        e(
+            5,
+            CustomerPayload::Transaction(Transaction {
+                order_id: "o-1001".to_owned(),
+                status: TransactionStatus::Completed,
+                amount: amount("-1234.5678"),
+                currency: "EUR".to_owned(),
+                items: vec![LineItem {
+                    product_id: "p-1".to_owned(),
+                    sku: Some("SKU-1".to_owned()),
+                    name: Some("Analytical Engine".to_owned()),
+                    category: Some("machines".to_owned()),
+                    quantity: 2,
+                    unit_price: amount("617.2839"),
+                }],
+                payment_method: Some("card".to_owned()),
+                coupon: None,
+            }),
+        ),
+        e(
+            6,
+            CustomerPayload::ConsentChanged(ConsentChanged {
+                purpose: "marketing_email".to_owned(),
+                status: ConsentStatus::Granted,
+                basis: LegalBasis::Consent,
+                policy_version: Some("2026-01".to_owned()),
+            }),
+        ),
+        e(
+            7,
+            CustomerPayload::Alias(Alias {
+                previous: Identifier {
+                    kind: IdentifierKind::AnonymousId,
+                    namespace: None,
+                    value_hash: hash("anon1"),
+                },
+            }),
+        ),
+    ]
+}
+
+pub fn capsule_events() -> Vec<CapsuleEvent> {
+    let capsule_id = id(0xC0);
+    let e = |n: u128, payload| CapsuleEvent {
+        envelope: envelope(n, "2"),
+        payload,
+    };
+    vec![
+        e(
+            11,
+            CapsulePayload::Created(CapsuleCreated {
+                capsule_id,
+                owner_subject_id: hash("2"),
+                title: "Spring lookbook".to_owned(),
+                content_type: "text/markdown".to_owned(),
+                storage_path: Some("capsules/c0/index.md".to_owned()),
+                settings: BTreeMap::from([("comments".to_owned(), "off".to_owned())]),
+            }),
+        ),
+        e(
+            12,
+            CapsulePayload::ContentAdded(CapsuleContentAdded {
+                capsule_id,
+                content_id: id(0xC1),
+                content_type: "image/png".to_owned(),
+                storage_path: Some("capsules/c0/1.png".to_owned()),
+                size_bytes: Some(48_213),
+                body: sealed("caption"),
+            }),
+        ),
+        e(
+            13,
+            CapsulePayload::Published(CapsulePublished {
+                capsule_id,
+                visibility: Visibility::Public,
+            }),
+        ),
+        e(
+            14,
+            CapsulePayload::Viewed(CapsuleViewed {
+                capsule_id,
+                channel: Some("mobile".to_owned()),
+                duration_ms: Some(12_000),
+            }),
+        ),
+        e(
+            15,
+            CapsulePayload::Deleted(CapsuleDeleted {
+                capsule_id,
+                reason: Some("owner request".to_owned()),
+            }),
+        ),
+    ]
+}
+
+pub fn compliance_events() -> Vec<ComplianceEvent> {
+    let e = |n: u128, payload| ComplianceEvent {
+        envelope: envelope(n, "3"),
+        payload,
+    };
+    vec![
+        e(
+            21,
+            CompliancePayload::ErasureRequested(ErasureRequested {
+                request_id: id(0xE1),
+                requested_by: "dpo@example.org".to_owned(),
+                reason: Some("Art. 17 request".to_owned()),
+                due_at: at(30 * 86_400),
+            }),
+        ),
+        e(
+            22,
+            CompliancePayload::ErasureCompleted(ErasureCompleted {
+                request_id: id(0xE1),
+                keys_destroyed: 1,
+                rows_deleted: 42,
+                tombstones_emitted: 3,
+            }),
+        ),
+        e(
+            23,
+            CompliancePayload::ExportRequested(ExportRequested {
+                request_id: id(0xE2),
+                requested_by: "dpo@example.org".to_owned(),
+                format: ExportFormat::Json,
+            }),
+        ),
+        e(
+            24,
+            CompliancePayload::ExportCompleted(ExportCompleted {
+                request_id: id(0xE2),
+                location: "s3://exports/e2.json".to_owned(),
+                record_count: 17,
+            }),
+        ),
+    ]
+}
+
+pub fn identity_events() -> Vec<IdentityEvent> {
+    let e = |n: u128, payload| IdentityEvent {
+        envelope: envelope(n, "4"),
+        payload,
+    };
+    let ident = |kind, tag: &str| Identifier {
+        kind,
+        namespace: None,
+        value_hash: hash(tag),
+    };
+    vec![
+        e(
+            31,
+            IdentityPayload::IdentifiersLinked(IdentifiersLinked {
+                link_id: id(0x11),
+                profile_id: id(0xA1),
+                from: ident(IdentifierKind::Email, "e4"),
+                to: ident(IdentifierKind::Phone, "p4"),
+                cause_event_id: id(1),
+            }),
+        ),
+        e(
+            32,
+            IdentityPayload::ProfilesMerged(ProfilesMerged {
+                winner_profile_id: id(0xA1),
+                loser_profile_id: id(0xA2),
+                link_id: id(0x11),
+                cause_event_id: id(1),
+            }),
+        ),
+    ]
+}

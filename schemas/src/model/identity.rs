@@ -1,0 +1,99 @@
+//! Identity events: `cdp.identity.IdentityEvent` (schemas/avro/identity-event.avsc).
+
+use apache_avro::types::Value;
+use uuid::Uuid;
+
+use super::common::{Envelope, Identifier};
+use crate::error::ContractError;
+use crate::value::{self, Fields};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityEvent {
+    pub envelope: Envelope,
+    pub payload: IdentityPayload,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityPayload {
+    IdentifiersLinked(IdentifiersLinked),
+    ProfilesMerged(ProfilesMerged),
+}
+
+/// Two identifiers were linked into one profile by an event that carried both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentifiersLinked {
+    pub link_id: Uuid,
+    pub profile_id: Uuid,
+    pub from: Identifier,
+    pub to: Identifier,
+    pub cause_event_id: Uuid,
+}
+
+/// Two profiles became one; rows of the loser now belong to the winner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfilesMerged {
+    pub winner_profile_id: Uuid,
+    pub loser_profile_id: Uuid,
+    pub link_id: Uuid,
+    pub cause_event_id: Uuid,
+}
+
+impl IdentityPayload {
+    pub(crate) const BRANCHES: usize = 2;
+
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            Self::IdentifiersLinked(_) => "identity.identifiers_linked",
+            Self::ProfilesMerged(_) => "identity.profiles_merged",
+        }
+    }
+
+    pub(crate) fn to_value(&self) -> Value {
+        let (i, fields) = match self {
+            Self::IdentifiersLinked(p) => (
+                0,
+                vec![
+                    ("link_id", value::uuid(&p.link_id)),
+                    ("profile_id", value::uuid(&p.profile_id)),
+                    ("from", p.from.to_value()),
+                    ("to", p.to.to_value()),
+                    ("cause_event_id", value::uuid(&p.cause_event_id)),
+                ],
+            ),
+            Self::ProfilesMerged(p) => (
+                1,
+                vec![
+                    ("winner_profile_id", value::uuid(&p.winner_profile_id)),
+                    ("loser_profile_id", value::uuid(&p.loser_profile_id)),
+                    ("link_id", value::uuid(&p.link_id)),
+                    ("cause_event_id", value::uuid(&p.cause_event_id)),
+                ],
+            ),
+        };
+        Value::Union(i, Box::new(value::record(fields)))
+    }
+
+    pub(crate) fn from_branch(i: usize, v: Value) -> Result<Self, ContractError> {
+        Ok(match i {
+            0 => {
+                let mut f = Fields::new("IdentifiersLinked", v)?;
+                Self::IdentifiersLinked(IdentifiersLinked {
+                    link_id: f.uuid("link_id")?,
+                    profile_id: f.uuid("profile_id")?,
+                    from: Identifier::from_fields(f.record("from", "Identifier")?)?,
+                    to: Identifier::from_fields(f.record("to", "Identifier")?)?,
+                    cause_event_id: f.uuid("cause_event_id")?,
+                })
+            }
+            _ => {
+                let mut f = Fields::new("ProfilesMerged", v)?;
+                Self::ProfilesMerged(ProfilesMerged {
+                    winner_profile_id: f.uuid("winner_profile_id")?,
+                    loser_profile_id: f.uuid("loser_profile_id")?,
+                    link_id: f.uuid("link_id")?,
+                    cause_event_id: f.uuid("cause_event_id")?,
+                })
+            }
+        })
+    }
+}

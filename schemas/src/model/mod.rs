@@ -1,0 +1,67 @@
+//! Typed events, one module per topic family. Field order and union branch order follow
+//! the `.avsc` files exactly.
+
+pub mod capsule;
+pub mod common;
+pub mod compliance;
+pub mod customer;
+pub mod identity;
+
+use crate::codec::contract;
+use capsule::{CapsuleEvent, CapsulePayload};
+use compliance::{ComplianceEvent, CompliancePayload};
+use customer::{CustomerEvent, CustomerPayload};
+use identity::{IdentityEvent, IdentityPayload};
+
+contract!(
+    CustomerEvent,
+    CustomerPayload,
+    "customer-event",
+    "CustomerEvent",
+    &[(
+        1,
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/avro/history/customer-event/v1.avsc"
+        ))
+    )]
+);
+contract!(
+    CapsuleEvent,
+    CapsulePayload,
+    "capsule-event",
+    "CapsuleEvent",
+    &[(
+        1,
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/avro/history/capsule-event/v1.avsc"
+        ))
+    )]
+);
+contract!(
+    ComplianceEvent,
+    CompliancePayload,
+    "compliance-event",
+    "ComplianceEvent",
+    &[(
+        1,
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/avro/history/compliance-event/v1.avsc"
+        ))
+    )]
+);
+contract!(
+    IdentityEvent,
+    IdentityPayload,
+    "identity-event",
+    "IdentityEvent",
+    &[(
+        1,
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/avro/history/identity-event/v1.avsc"
+        ))
+    )]
+);

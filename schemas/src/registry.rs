@@ -1,0 +1,137 @@
+//! Every released version of every schema, parsed once, indexed by fingerprint.
+
+use std::collections::HashMap;
+
+use apache_avro::rabin::Rabin;
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::writer::datum::GenericDatumWriter;
+use apache_avro::Schema;
+
+/// Records larger than this are refused by the decoder before it allocates for them
+/// (Kafka's default max message size is 1 MB; a corrupt length prefix must not cost more).
+pub const MAX_ALLOCATION_BYTES: usize = 16 * 1024 * 1024;
+
+/// One released version of a schema.
+pub struct SchemaVersion {
+    pub version: i32,
+    /// CRC-64-AVRO (Rabin) fingerprint of the parsing canonical form.
+    pub fingerprint: u64,
+    pub schema: &'static Schema,
+    /// The `.avsc` text.
+    pub source: &'static str,
+}
+
+/// A schema (one per topic family) with its released history.
+pub struct SchemaSet {
+    pub name: &'static str,
+    versions: Vec<SchemaVersion>,
+    current: usize,
+    readers: HashMap<u64, GenericDatumReader<'static>>,
+    writer: GenericDatumWriter<'static>,
+}
+
+/// CRC-64-AVRO fingerprint of a schema, as the u64 the single-object header carries.
+pub fn fingerprint(schema: &Schema) -> u64 {
+    let fp = schema.fingerprint::<Rabin>();
+    let mut le = [0u8; 8];
+    for (dst, src) in le.iter_mut().zip(fp.bytes.iter()) {
+        *dst = *src;
+    }
+    u64::from_le_bytes(le)
+}
+
+fn parse(name: &str, source: &str) -> &'static Schema {
+    // The sources are compiled into the binary and every one is parsed by the unit tests,
+    // so a failure here is a build defect, not an input error.
+    let schema = Schema::parse_str(source)
+        .unwrap_or_else(|e| panic!("embedded schema {name} does not parse: {e}"));
+    Box::leak(Box::new(schema))
+}
+
+impl SchemaSet {
+    /// `history` lists every released version (1, 2, ...); `current` is the schema the code
+    /// writes. If `current` matches no released version it is treated as the next, unreleased
+    /// one (a unit test refuses that state, so it never ships).
+    pub(crate) fn load(
+        name: &'static str,
+        current: &'static str,
+        history: &[(i32, &'static str)],
+    ) -> Self {
+        apache_avro::util::max_allocation_bytes(MAX_ALLOCATION_BYTES);
+        let mut versions: Vec<SchemaVersion> = history
+            .iter()
+            .map(|(version, source)| {
+                let schema = parse(name, source);
+                SchemaVersion {
+                    version: *version,
+                    fingerprint: fingerprint(schema),
+                    schema,
+                    source,
+                }
+            })
+            .collect();
+        let current_schema = parse(name, current);
+        let current_fp = fingerprint(current_schema);
+        let current = match versions.iter().position(|v| v.fingerprint == current_fp) {
+            Some(i) => i,
+            None => {
+                let next = versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
+                versions.push(SchemaVersion {
+                    version: next,
+                    fingerprint: current_fp,
+                    schema: current_schema,
+                    source: current,
+                });
+                versions.len() - 1
+            }
+        };
+        let reader_schema = versions[current].schema;
+        let readers = versions
+            .iter()
+            .map(|v| {
+                let reader = if v.fingerprint == current_fp {
+                    GenericDatumReader::builder(v.schema).build()
+                } else {
+                    GenericDatumReader::builder(v.schema)
+                        .reader_schema(reader_schema)
+                        .build()
+                };
+                let reader = reader.unwrap_or_else(|e| {
+                    panic!("schema {name} v{} cannot be resolved: {e}", v.version)
+                });
+                (v.fingerprint, reader)
+            })
+            .collect();
+        let writer = GenericDatumWriter::builder(reader_schema)
+            .build()
+            .unwrap_or_else(|e| panic!("schema {name} cannot be written: {e}"));
+        Self {
+            name,
+            versions,
+            current,
+            readers,
+            writer,
+        }
+    }
+
+    pub fn current(&self) -> &SchemaVersion {
+        &self.versions[self.current]
+    }
+
+    /// Every known version, oldest first (the current one included).
+    pub fn versions(&self) -> &[SchemaVersion] {
+        &self.versions
+    }
+
+    pub fn by_fingerprint(&self, fingerprint: u64) -> Option<&SchemaVersion> {
+        self.versions.iter().find(|v| v.fingerprint == fingerprint)
+    }
+
+    pub(crate) fn reader(&self, fingerprint: u64) -> Option<&GenericDatumReader<'static>> {
+        self.readers.get(&fingerprint)
+    }
+
+    pub(crate) fn writer(&self) -> &GenericDatumWriter<'static> {
+        &self.writer
+    }
+}

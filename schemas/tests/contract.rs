@@ -1,0 +1,347 @@
+//! Contract tests: round trips, golden bytes, compatibility with every released version,
+//! robustness against corrupt input, and agreement between schemas, code and docs.
+
+use std::path::{Path, PathBuf};
+
+use apache_avro::schema_compatibility::{Compatibility, SchemaCompatibility};
+use apache_avro::{GenericSingleObjectWriter, Schema};
+use cdp_schemas::registry::SchemaSet;
+use cdp_schemas::{
+    catalog, decode, decode_versioned, encode, fixtures, CapsuleEvent, CodecError, ComplianceEvent,
+    Contract, CustomerEvent, IdentityEvent,
+};
+
+fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn golden_path(schema: &str, version: i32) -> PathBuf {
+    crate_dir()
+        .join("tests/golden")
+        .join(schema)
+        .join(format!("v{version}.hex"))
+}
+
+/// Golden lines: `<event_type> <hex of the framed record>`.
+fn read_golden(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let (ty, hex) = l
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("bad golden line {l}"));
+            (
+                ty.to_owned(),
+                hex::decode(hex.trim()).unwrap_or_else(|e| panic!("bad hex: {e}")),
+            )
+        })
+        .collect()
+}
+
+fn check_family<E: Contract + PartialEq + std::fmt::Debug>(samples: Vec<E>) {
+    let set = E::schema_set();
+    // Round trip of every event type, and every payload branch is covered by a sample.
+    let mut types: Vec<&str> = samples.iter().map(|e| e.event_type()).collect();
+    types.dedup();
+    assert_eq!(
+        types.len(),
+        samples.len(),
+        "{}: one sample per event type",
+        E::SCHEMA
+    );
+    let encoded: Vec<Vec<u8>> = samples.iter().map(|e| encode(e).expect("encode")).collect();
+    for (event, bytes) in samples.iter().zip(&encoded) {
+        let (back, version) = decode_versioned::<E>(bytes).expect("decode");
+        assert_eq!(&back, event);
+        assert_eq!(version, set.current().version);
+    }
+
+    // Golden bytes of the current version: an accidental change of encoding fails here.
+    let path = golden_path(E::SCHEMA, set.current().version);
+    let rendered: String = samples
+        .iter()
+        .zip(&encoded)
+        .map(|(e, b)| format!("{} {}\n", e.event_type(), hex::encode(b)))
+        .collect();
+    if std::env::var_os("CDP_UPDATE_GOLDEN").is_some() && !path.exists() {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&path, &rendered).expect("write golden");
+    }
+    let golden = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}. A new schema version needs its golden file: run the tests once with CDP_UPDATE_GOLDEN=1",
+            path.display()
+        )
+    });
+    assert_eq!(
+        golden,
+        rendered,
+        "{}: encoding changed for a released version",
+        E::SCHEMA
+    );
+
+    // Every released version's data is readable by the current code.
+    for v in set.versions() {
+        let lines = read_golden(&golden_path(E::SCHEMA, v.version));
+        assert!(!lines.is_empty());
+        for (ty, bytes) in lines {
+            let (event, written_with) = decode_versioned::<E>(&bytes)
+                .unwrap_or_else(|e| panic!("{} v{} {ty}: {e}", E::SCHEMA, v.version));
+            assert_eq!(written_with, v.version);
+            assert_eq!(event.event_type(), ty);
+            if v.version == set.current().version {
+                assert!(samples.contains(&event));
+            }
+        }
+        // Full: every datum the old version can write resolves (Partial would mean some
+        // union branch or enum symbol of the old version cannot be read).
+        let compat = SchemaCompatibility::can_read(v.schema, set.current().schema);
+        assert!(
+            matches!(compat, Ok(Compatibility::Full)),
+            "{} v{} is not fully readable by the current schema: {compat:?}",
+            E::SCHEMA,
+            v.version
+        );
+    }
+
+    // Corrupt input gives typed errors, never a panic.
+    for bytes in &encoded {
+        for cut in 0..bytes.len() {
+            let _ = decode::<E>(&bytes[..cut]);
+        }
+        for i in 0..bytes.len() {
+            for bit in [0x01u8, 0x80, 0xff] {
+                let mut b = bytes.clone();
+                b[i] ^= bit;
+                let _ = decode::<E>(&b);
+            }
+        }
+        let mut extra = bytes.clone();
+        extra.push(0);
+        assert!(matches!(
+            decode::<E>(&extra),
+            Err(CodecError::TrailingBytes { trailing: 1, .. })
+        ));
+    }
+}
+
+#[test]
+fn customer_events_round_trip_and_stay_compatible() {
+    check_family::<CustomerEvent>(fixtures::customer_events());
+}
+
+#[test]
+fn capsule_events_round_trip_and_stay_compatible() {
+    check_family::<CapsuleEvent>(fixtures::capsule_events());
+}
+
+#[test]
+fn compliance_events_round_trip_and_stay_compatible() {
+    check_family::<ComplianceEvent>(fixtures::compliance_events());
+}
+
+#[test]
+fn identity_events_round_trip_and_stay_compatible() {
+    check_family::<IdentityEvent>(fixtures::identity_events());
+}
+
+#[test]
+fn typed_errors_for_bad_frames() {
+    assert!(matches!(
+        decode::<CustomerEvent>(&[]),
+        Err(CodecError::Empty)
+    ));
+    assert!(matches!(
+        decode::<CustomerEvent>(&[0xc3, 0x01, 0]),
+        Err(CodecError::TooShort(3))
+    ));
+    assert!(matches!(
+        decode::<CustomerEvent>(b"{\"json\": true}"),
+        Err(CodecError::BadMagic(_))
+    ));
+    let mut unknown = vec![0xc3, 0x01];
+    unknown.extend_from_slice(&0xdead_beef_u64.to_le_bytes());
+    unknown.extend_from_slice(&[0; 32]);
+    assert!(matches!(
+        decode::<CustomerEvent>(&unknown),
+        Err(CodecError::UnknownFingerprint {
+            fingerprint: 0xdead_beef,
+            ..
+        })
+    ));
+    // A capsule event is not a customer event: its fingerprint is unknown to that schema.
+    let capsule = encode(&fixtures::capsule_events()[0]).expect("encode");
+    assert!(matches!(
+        decode::<CustomerEvent>(&capsule),
+        Err(CodecError::UnknownFingerprint { .. })
+    ));
+    // Random garbage after a valid header.
+    let header = &encode(&fixtures::customer_events()[0]).expect("encode")[..10];
+    for seed in 0..2_000u64 {
+        let mut b = header.to_vec();
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        for _ in 0..(seed % 97) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.push(x as u8);
+        }
+        let _ = decode::<CustomerEvent>(&b);
+    }
+}
+
+#[test]
+fn framing_is_standard_single_object_encoding() {
+    for event in fixtures::customer_events() {
+        let ours = encode(&event).expect("encode");
+        let set = CustomerEvent::schema_set();
+        let mut writer = GenericSingleObjectWriter::new_with_capacity(set.current().schema, 512)
+            .expect("writer");
+        let mut theirs = Vec::new();
+        writer
+            .write_value_ref(&event.to_value(set.current().version), &mut theirs)
+            .expect("apache-avro single-object writer");
+        assert_eq!(ours, theirs);
+    }
+}
+
+#[test]
+fn every_history_file_is_registered_and_the_current_schema_is_released() {
+    for set in cdp_schemas::all_schemas() {
+        let dir = crate_dir().join("avro/history").join(set.name);
+        let files = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .count();
+        let released = set.versions().iter().filter(|v| {
+            let p = dir.join(format!("v{}.avsc", v.version));
+            std::fs::read_to_string(p)
+                .map(|s| s == v.source)
+                .unwrap_or(false)
+        });
+        assert_eq!(
+            released.count(),
+            set.versions().len(),
+            "{}: the current schema differs from every released version; copy it to {}/v{}.avsc and register it",
+            set.name,
+            dir.display(),
+            set.current().version
+        );
+        assert_eq!(
+            files,
+            set.versions().len(),
+            "{}: a history file is not registered in model/mod.rs",
+            set.name
+        );
+    }
+}
+
+fn avsc(name: &str) -> serde_json::Value {
+    let path = crate_dir().join("avro").join(format!("{name}.avsc"));
+    serde_json::from_str(&std::fs::read_to_string(path).expect("read avsc")).expect("json")
+}
+
+#[test]
+fn the_envelope_is_identical_in_every_schema() {
+    let envelopes: Vec<serde_json::Value> = [
+        "customer-event",
+        "capsule-event",
+        "compliance-event",
+        "identity-event",
+    ]
+    .iter()
+    .map(|n| avsc(n)["fields"][0].clone())
+    .collect();
+    for e in &envelopes {
+        assert_eq!(e["name"], "envelope");
+        assert_eq!(e, &envelopes[0]);
+    }
+}
+
+#[test]
+fn pii_fields_are_sealed_bytes_and_only_those() {
+    fn walk(t: &serde_json::Value, found: &mut Vec<String>) {
+        if let Some(fields) = t.get("fields").and_then(|f| f.as_array()) {
+            for f in fields {
+                let is_pii = f.get("pii").and_then(|p| p.as_bool()) == Some(true);
+                let sealed_shape = f["type"] == serde_json::json!(["null", "bytes"]);
+                assert_eq!(is_pii, sealed_shape, "field {} of {}", f["name"], t["name"]);
+                if is_pii {
+                    found.push(format!(
+                        "{}.{}",
+                        t["name"].as_str().unwrap_or(""),
+                        f["name"].as_str().unwrap_or("")
+                    ));
+                }
+                walk(&f["type"], found);
+            }
+        }
+        if let Some(branches) = t.as_array() {
+            branches.iter().for_each(|b| walk(b, found));
+        }
+        for key in ["type", "items", "values"] {
+            if let Some(inner) = t.get(key).filter(|v| v.is_object() || v.is_array()) {
+                walk(inner, found);
+            }
+        }
+    }
+    for set in cdp_schemas::all_schemas() {
+        let mut found = Vec::new();
+        walk(&avsc(set.name), &mut found);
+        found.sort();
+        found.dedup();
+        let listed: Vec<String> = catalog::pii_fields(set)
+            .iter()
+            .map(|p| format!("{}.{}", p.record, p.field))
+            .collect();
+        assert_eq!(found, listed, "{}", set.name);
+    }
+    let customer = catalog::pii_fields(CustomerEvent::schema_set());
+    assert!(customer
+        .iter()
+        .any(|p| p.record == "Identify" && p.field == "email"));
+}
+
+#[test]
+fn an_incompatible_change_is_caught() {
+    let current = CustomerEvent::schema_set().current().source;
+    // Adding a required field without a default to Track breaks reading old data.
+    let mut json: serde_json::Value = serde_json::from_str(current).expect("json");
+    let track = &mut json["fields"][1]["type"][1]["fields"];
+    track
+        .as_array_mut()
+        .expect("fields")
+        .push(serde_json::json!({"name": "required_new", "type": "string"}));
+    let next = Schema::parse_str(&json.to_string()).expect("parse");
+    let verdict =
+        SchemaCompatibility::can_read(CustomerEvent::schema_set().current().schema, &next);
+    assert!(
+        !matches!(verdict, Ok(Compatibility::Full)),
+        "a new field without default must be refused: {verdict:?}"
+    );
+    // With a default it is a compatible evolution.
+    let track = &mut json["fields"][1]["type"][1]["fields"];
+    if let Some(last) = track.as_array_mut().and_then(|a| a.last_mut()) {
+        *last = serde_json::json!({"name": "optional_new", "type": ["null", "string"], "default": null});
+    }
+    let next = Schema::parse_str(&json.to_string()).expect("parse");
+    assert!(matches!(
+        SchemaCompatibility::can_read(CustomerEvent::schema_set().current().schema, &next),
+        Ok(Compatibility::Full)
+    ));
+}
+
+#[test]
+fn the_event_catalogue_is_up_to_date() {
+    let set: Vec<&SchemaSet> = cdp_schemas::all_schemas().to_vec();
+    let rendered = catalog::markdown(&set);
+    let path = crate_dir().join("../docs/events.md");
+    if std::env::var_os("CDP_UPDATE_DOCS").is_some() {
+        std::fs::write(&path, &rendered).expect("write docs/events.md");
+    }
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        on_disk == rendered,
+        "docs/events.md is stale: run `cdp schemas catalog > docs/events.md` (or the tests with CDP_UPDATE_DOCS=1)"
+    );
+}

@@ -1,0 +1,76 @@
+//! Command line: every flag also reads a `CDP_*` environment variable.
+
+use clap::{Parser, Subcommand};
+
+use cdp_runtime::config::{AdminArgs, KafkaArgs, PostgresArgs, TelemetryArgs};
+
+/// Services `cdp all` runs in one process. Grows as services arrive.
+pub const SERVICES: &[&str] = &[];
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cdp",
+    version,
+    about = "An event-sourced Customer Data Platform over a Kafka log",
+    long_about = "An event-sourced Customer Data Platform over a Kafka log.\n\n\
+        The Kafka log is the source of truth; every other store is a projection that can be \
+        rebuilt by replaying it. Every flag can also be set with the environment variable \
+        shown in its help."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Kafka topics of the catalogue.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+    /// Apply the Postgres migrations (idempotent).
+    Migrate {
+        #[command(flatten)]
+        pg: PostgresArgs,
+    },
+    /// The Avro event contract.
+    Schemas {
+        #[command(subcommand)]
+        command: SchemasCommand,
+    },
+    /// Run the platform in one process: create missing topics, migrate, serve the admin
+    /// endpoints and every service built so far, until SIGINT/SIGTERM.
+    All {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        pg: PostgresArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TopicsCommand {
+    /// Create the catalogue's missing topics with their partitions, cleanup policy and retention.
+    Create {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    },
+    /// Print the topic catalogue.
+    List {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SchemasCommand {
+    /// Print the event catalogue (Markdown) generated from the .avsc files.
+    Catalog,
+    /// List every schema version with its fingerprint.
+    List,
+}

@@ -1,0 +1,240 @@
+//! Configuration shared by services: every field has a flag, an `CDP_*` environment variable
+//! and, except secrets, a default that works with the local stack.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+#[derive(Args, Clone, Debug)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, comma-separated.
+    #[arg(
+        long = "kafka-brokers",
+        env = "CDP_KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub brokers: String,
+    /// Prefix of every topic name; the catalogue appends `customer-events`, `identity`, ...
+    #[arg(long, env = "CDP_TOPIC_PREFIX", default_value = "cdp.")]
+    pub topic_prefix: String,
+    /// Replication factor of the topics this process creates (1 locally, 3 in production).
+    #[arg(
+        long = "topic-replication",
+        env = "CDP_TOPIC_REPLICATION",
+        default_value_t = 1
+    )]
+    pub topic_replication: i32,
+    /// Compression of produced record batches.
+    #[arg(long = "kafka-compression", env = "CDP_KAFKA_COMPRESSION", value_enum, default_value_t = Compression::Lz4)]
+    pub compression: Compression,
+    /// Extra librdkafka client properties, `key=value`, comma-separated.
+    #[arg(
+        long = "kafka-property",
+        env = "CDP_KAFKA_PROPERTIES",
+        value_delimiter = ','
+    )]
+    pub properties: Vec<String>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Lz4,
+}
+
+impl Compression {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Lz4 => "lz4",
+        }
+    }
+}
+
+impl KafkaArgs {
+    /// The extra properties as pairs; malformed entries are reported, not ignored.
+    pub fn extra_properties(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        self.properties
+            .iter()
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| {
+                p.split_once('=')
+                    .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                    .ok_or_else(|| ConfigError::Invalid {
+                        name: "CDP_KAFKA_PROPERTIES",
+                        reason: format!("`{p}` is not key=value"),
+                    })
+            })
+            .collect()
+    }
+
+    /// A local-stack configuration (for tests and tools).
+    pub fn local(brokers: impl Into<String>, topic_prefix: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            topic_prefix: topic_prefix.into(),
+            topic_replication: 1,
+            compression: Compression::Lz4,
+            properties: Vec::new(),
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct PostgresArgs {
+    /// Postgres connection URL. May carry a password: it is never logged.
+    #[arg(
+        long = "database-url",
+        env = "CDP_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/cdp"
+    )]
+    pub database_url: String,
+    /// Maximum connections in this process's pool.
+    #[arg(
+        long = "pg-max-connections",
+        env = "CDP_PG_MAX_CONNECTIONS",
+        default_value_t = 8
+    )]
+    pub max_connections: u32,
+}
+
+impl fmt::Debug for PostgresArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresArgs")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+/// The URL with any password replaced, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct TelemetryArgs {
+    /// Log format.
+    #[arg(long = "log-format", env = "CDP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+    /// Log filter, in `tracing` env-filter syntax.
+    #[arg(
+        long = "log",
+        env = "CDP_LOG",
+        default_value = "info,rdkafka=warn,sqlx=warn"
+    )]
+    pub log_filter: String,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct AdminArgs {
+    /// Address of the admin server: /healthz, /readyz, /metrics.
+    #[arg(
+        long = "admin-addr",
+        env = "CDP_ADMIN_ADDR",
+        default_value = "127.0.0.1:9464"
+    )]
+    pub admin_addr: SocketAddr,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct RunnerArgs {
+    /// Records per batch (one sink transaction per batch).
+    #[arg(long = "batch-size", env = "CDP_BATCH_SIZE", default_value_t = 500)]
+    pub batch_size: usize,
+    /// Longest wait for a batch to fill, in milliseconds.
+    #[arg(
+        long = "batch-linger-ms",
+        env = "CDP_BATCH_LINGER_MS",
+        default_value_t = 200
+    )]
+    pub batch_linger_ms: u64,
+    /// Stop the consumer after this many consecutive dead-lettered records (a bad deploy
+    /// stops instead of dead-lettering a whole topic). 0 disables the limit.
+    #[arg(
+        long = "dlq-max-consecutive",
+        env = "CDP_DLQ_MAX_CONSECUTIVE",
+        default_value_t = 1000
+    )]
+    pub max_consecutive_dead_letters: u64,
+    /// Cap of the exponential back-off between retries of a failed batch, in milliseconds.
+    #[arg(
+        long = "retry-backoff-max-ms",
+        env = "CDP_RETRY_BACKOFF_MAX_MS",
+        default_value_t = 10_000
+    )]
+    pub retry_backoff_max_ms: u64,
+}
+
+impl Default for RunnerArgs {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            batch_linger_ms: 200,
+            max_consecutive_dead_letters: 1000,
+            retry_backoff_max_ms: 10_000,
+        }
+    }
+}
+
+impl RunnerArgs {
+    pub fn batch_linger(&self) -> Duration {
+        Duration::from_millis(self.batch_linger_ms)
+    }
+
+    pub fn retry_backoff_max(&self) -> Duration {
+        Duration::from_millis(self.retry_backoff_max_ms)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{name}: {reason}")]
+    Invalid { name: &'static str, reason: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
+    }
+
+    #[test]
+    fn extra_properties_parse_or_fail_loudly() {
+        let mut k = KafkaArgs::local("b", "p.");
+        k.properties = vec!["a=1".into(), " b = x=y ".into()];
+        assert_eq!(
+            k.extra_properties().ok(),
+            Some(vec![("a".into(), "1".into()), ("b".into(), "x=y".into())])
+        );
+        k.properties = vec!["nonsense".into()];
+        assert!(k.extra_properties().is_err());
+    }
+}

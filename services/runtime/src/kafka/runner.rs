@@ -1,0 +1,533 @@
+//! The consumer runner every consumer service uses.
+//!
+//! - Subscribes with the service's group; on assignment, asks the sink where each partition
+//!   stands and assigns at exactly those offsets (partitions the sink never saw start at
+//!   [`StartFrom`]). Kafka's committed offsets are only a mirror for lag tools.
+//! - Polls on a dedicated thread with `BaseConsumer` (one queue, so each partition stays in
+//!   order), gathers a batch by size or linger time, hands it to the sink, which applies it
+//!   atomically with the new positions and dead-letters what it cannot apply.
+//! - Retryable sink errors back off and retry the same batch without advancing; fatal ones
+//!   stop the runner with an error.
+//! - On revocation and on shutdown, the in-flight batch is finished before partitions are
+//!   released. Rebalance callbacks never panic.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
+use tokio::runtime::Handle;
+
+use crate::admin::ReadyFlag;
+use crate::config::{KafkaArgs, RunnerArgs};
+use crate::dlq::DeadLetters;
+use crate::kafka::producer::Producer;
+use crate::kafka::record::{RawRecord, TopicPartition};
+use crate::kafka::{client_config, KafkaSetupError};
+use crate::metrics::{GroupLabels, Outcome, RecordLabels, RunnerMetrics};
+use crate::shutdown::Shutdown;
+use crate::sink::{Sink, SinkError};
+
+/// Where a partition the sink has never seen starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartFrom {
+    Earliest,
+    Latest,
+}
+
+/// What a runner consumes and how.
+#[derive(Clone, Debug)]
+pub struct RunnerConfig {
+    pub kafka: KafkaArgs,
+    pub group_id: String,
+    pub topics: Vec<String>,
+    pub dead_letter_topic: String,
+    pub tuning: RunnerArgs,
+    pub start: StartFrom,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error(transparent)]
+    Setup(#[from] KafkaSetupError),
+    #[error("cannot subscribe to {topics:?}")]
+    Subscribe {
+        topics: Vec<String>,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("the sink failed for group {group}")]
+    Sink {
+        group: String,
+        #[source]
+        source: SinkError,
+    },
+    #[error("the consumer thread of group {0} panicked")]
+    Panicked(String),
+}
+
+struct Shared<S> {
+    sink: Arc<S>,
+    dlq: DeadLetters,
+    handle: Handle,
+    group: String,
+    start: StartFrom,
+    backoff_max: Duration,
+    pending: Mutex<Vec<RawRecord>>,
+    fatal: Mutex<Option<RunnerError>>,
+    assigned: Mutex<BTreeSet<TopicPartition>>,
+    shutdown: Shutdown,
+    metrics: RunnerMetrics,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means another thread panicked while holding it; the data
+    // (a Vec or a set) is still consistent enough to keep going or to shut down.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Outcome of trying to apply the pending batch.
+enum Flushed {
+    Done,
+    /// Shutdown came while retrying: nothing was applied, nothing stored.
+    Abandoned,
+}
+
+impl<S: Sink> Shared<S> {
+    fn labels(&self) -> GroupLabels {
+        GroupLabels {
+            group: self.group.clone(),
+        }
+    }
+
+    fn set_fatal(&self, e: RunnerError) {
+        let mut f = lock(&self.fatal);
+        if f.is_none() {
+            *f = Some(e);
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let base = Duration::from_millis(100).saturating_mul(1u32 << attempt.min(16));
+        base.min(self.backoff_max)
+    }
+
+    /// Sleeps, waking early on shutdown. Returns false if shutdown came.
+    fn pause(&self, d: Duration) -> bool {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            if self.shutdown.is_triggered() {
+                return false;
+            }
+            std::thread::sleep(
+                Duration::from_millis(20).min(until.saturating_duration_since(Instant::now())),
+            );
+        }
+        !self.shutdown.is_triggered()
+    }
+
+    /// Applies the pending batch, retrying transient failures.
+    fn flush(&self, consumer: &BaseConsumer<RunnerContext<S>>) -> Result<Flushed, RunnerError> {
+        let batch = std::mem::take(&mut *lock(&self.pending));
+        if batch.is_empty() {
+            return Ok(Flushed::Done);
+        }
+        let labels = self.labels();
+        let mut attempt = 0u32;
+        loop {
+            let started = Instant::now();
+            let span = tracing::info_span!(
+                "batch",
+                group = %self.group,
+                records = batch.len(),
+                topic = %batch[0].topic,
+                partition = batch[0].partition,
+                offset = batch[0].offset,
+                attempt,
+            );
+            let _entered = span.enter();
+            match self.handle.block_on(self.sink.apply(&batch, &self.dlq)) {
+                Ok(stats) => {
+                    self.metrics
+                        .batch_duration
+                        .get_or_create(&labels)
+                        .observe(started.elapsed().as_secs_f64());
+                    self.metrics.batches.get_or_create(&labels).inc();
+                    for (topic, c) in &stats.per_topic {
+                        for (outcome, n) in [
+                            (Outcome::Applied, c.applied),
+                            (Outcome::Skipped, c.skipped),
+                            (Outcome::DeadLettered, c.dead_lettered),
+                        ] {
+                            if n > 0 {
+                                self.metrics
+                                    .records
+                                    .get_or_create(&RecordLabels {
+                                        group: self.group.clone(),
+                                        topic: topic.clone(),
+                                        outcome,
+                                    })
+                                    .inc_by(n);
+                            }
+                        }
+                    }
+                    let t = stats.total();
+                    tracing::debug!(
+                        applied = t.applied,
+                        skipped = t.skipped,
+                        dead_lettered = t.dead_lettered,
+                        "batch committed"
+                    );
+                    self.mirror_commit(consumer, &batch);
+                    return Ok(Flushed::Done);
+                }
+                Err(e) if e.is_retryable() => {
+                    self.metrics.batch_retries.get_or_create(&labels).inc();
+                    let wait = self.backoff(attempt);
+                    tracing::warn!(error = %crate::sink::Rejection::from_error("retry", &e).reason, retry_in_ms = wait.as_millis() as u64, "batch failed, will retry");
+                    attempt = attempt.saturating_add(1);
+                    if !self.pause(wait) {
+                        tracing::info!("shutdown while retrying: the batch was not applied and will be redelivered");
+                        return Ok(Flushed::Abandoned);
+                    }
+                }
+                Err(source) => {
+                    return Err(RunnerError::Sink {
+                        group: self.group.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Mirrors the sink's positions into the group's Kafka offsets, for lag tooling only.
+    fn mirror_commit(&self, consumer: &BaseConsumer<RunnerContext<S>>, batch: &[RawRecord]) {
+        let mut tpl = TopicPartitionList::new();
+        let mut last: std::collections::BTreeMap<TopicPartition, i64> = Default::default();
+        for r in batch {
+            let e = last.entry(r.topic_partition()).or_insert(r.offset);
+            *e = (*e).max(r.offset);
+        }
+        for (tp, o) in last {
+            if let Err(e) = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(o + 1))
+            {
+                tracing::debug!(error = %e, "cannot build commit list");
+            }
+        }
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "mirroring offsets to Kafka failed (positions are in the sink)");
+        }
+    }
+
+    fn on_assign(&self, consumer: &BaseConsumer<RunnerContext<S>>, tpl: &mut TopicPartitionList) {
+        let parts: Vec<TopicPartition> = tpl
+            .elements()
+            .iter()
+            .map(|e| TopicPartition {
+                topic: e.topic().to_owned(),
+                partition: e.partition(),
+            })
+            .collect();
+        let mut attempt = 0u32;
+        let positions = loop {
+            match self.handle.block_on(self.sink.positions(&parts)) {
+                Ok(p) => break Ok(p),
+                Err(e) if e.is_retryable() && attempt < 8 && !self.shutdown.is_triggered() => {
+                    tracing::warn!(error = %e, "cannot read positions from the sink, retrying");
+                    let _ = self.pause(self.backoff(attempt));
+                    attempt += 1;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        match positions {
+            Ok(map) => {
+                for p in &parts {
+                    let offset = match map.get(p) {
+                        Some(o) => Offset::Offset(*o),
+                        None if self.start == StartFrom::Earliest => Offset::Beginning,
+                        None => Offset::End,
+                    };
+                    tracing::info!(group = %self.group, topic = %p.topic, partition = p.partition, offset = ?offset, "partition assigned");
+                    if let Err(e) = tpl.set_partition_offset(&p.topic, p.partition, offset) {
+                        tracing::error!(error = %e, "cannot set assignment offset");
+                    }
+                }
+            }
+            Err(source) => {
+                tracing::error!(error = %source, "cannot read positions: stopping");
+                self.set_fatal(RunnerError::Sink {
+                    group: self.group.clone(),
+                    source,
+                });
+            }
+        }
+        let result = match consumer.rebalance_protocol() {
+            RebalanceProtocol::Cooperative => consumer.incremental_assign(tpl),
+            _ => consumer.assign(tpl),
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "assign failed");
+        }
+        let mut assigned = lock(&self.assigned);
+        if !matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        ) {
+            assigned.clear();
+        }
+        assigned.extend(parts);
+        self.metrics
+            .assigned_partitions
+            .get_or_create(&self.labels())
+            .set(assigned.len() as i64);
+    }
+
+    fn on_revoke(&self, consumer: &BaseConsumer<RunnerContext<S>>, tpl: &TopicPartitionList) {
+        // Finish the in-flight batch before the partitions go to another consumer.
+        match self.flush(consumer) {
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "could not finish the in-flight batch on revocation");
+                self.set_fatal(e);
+            }
+        }
+        let revoked: Vec<TopicPartition> = tpl
+            .elements()
+            .iter()
+            .map(|e| TopicPartition {
+                topic: e.topic().to_owned(),
+                partition: e.partition(),
+            })
+            .collect();
+        tracing::info!(group = %self.group, partitions = revoked.len(), "partitions revoked");
+        let result = match consumer.rebalance_protocol() {
+            RebalanceProtocol::Cooperative => consumer.incremental_unassign(tpl),
+            _ => consumer.unassign(),
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "unassign failed");
+        }
+        let mut assigned = lock(&self.assigned);
+        for p in &revoked {
+            assigned.remove(p);
+        }
+        if !matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        ) {
+            assigned.clear();
+        }
+        self.metrics
+            .assigned_partitions
+            .get_or_create(&self.labels())
+            .set(assigned.len() as i64);
+    }
+}
+
+struct RunnerContext<S> {
+    shared: Arc<Shared<S>>,
+}
+
+impl<S: Sink> ClientContext for RunnerContext<S> {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "rdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "rdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "rdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "rdkafka", facility = fac, "{message}")
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "rdkafka", group = %self.shared.group, error = %error, "{reason}");
+    }
+}
+
+impl<S: Sink> ConsumerContext for RunnerContext<S> {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        self.shared
+            .metrics
+            .rebalances
+            .get_or_create(&self.shared.labels())
+            .inc();
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.shared.on_assign(consumer, tpl)
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.shared.on_revoke(consumer, tpl)
+            }
+            other => {
+                let code: RDKafkaErrorCode = other.into();
+                tracing::error!(error = %code, "rebalance error: dropping the assignment");
+                self.shared.on_revoke(consumer, tpl);
+            }
+        }
+    }
+}
+
+fn create_consumer<S: Sink>(
+    config: &RunnerConfig,
+    shared: Arc<Shared<S>>,
+) -> Result<BaseConsumer<RunnerContext<S>>, RunnerError> {
+    let mut cfg = client_config(&config.kafka).map_err(KafkaSetupError::from)?;
+    cfg.set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set(
+            "auto.offset.reset",
+            match config.start {
+                StartFrom::Earliest => "earliest",
+                StartFrom::Latest => "latest",
+            },
+        )
+        // Bound what librdkafka prefetches per partition (memory, and work lost on revoke).
+        .set("queued.max.messages.kbytes", "16384");
+    // The operator's properties win over the defaults above.
+    for (k, v) in config
+        .kafka
+        .extra_properties()
+        .map_err(KafkaSetupError::from)?
+    {
+        cfg.set(k, v);
+    }
+    let consumer: BaseConsumer<RunnerContext<S>> = cfg
+        .create_with_context(RunnerContext { shared })
+        .map_err(KafkaSetupError::from)?;
+    let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|source| RunnerError::Subscribe {
+            topics: config.topics.clone(),
+            source,
+        })?;
+    Ok(consumer)
+}
+
+fn poll_loop<S: Sink>(
+    consumer: BaseConsumer<RunnerContext<S>>,
+    shared: Arc<Shared<S>>,
+    tuning: RunnerArgs,
+) -> Result<(), RunnerError> {
+    let mut batch_started: Option<Instant> = None;
+    let linger = tuning.batch_linger();
+    let take_fatal = || lock(&shared.fatal).take();
+    loop {
+        if let Some(e) = take_fatal() {
+            return Err(e);
+        }
+        if shared.shutdown.is_triggered() {
+            break;
+        }
+        let polled = consumer
+            .poll(Duration::from_millis(50))
+            .map(|r| r.map(|m| RawRecord::from_message(&m)));
+        if let Some(e) = take_fatal() {
+            return Err(e);
+        }
+        match polled {
+            None => {}
+            Some(Ok(record)) => {
+                lock(&shared.pending).push(record);
+                batch_started.get_or_insert_with(Instant::now);
+            }
+            Some(Err(e)) => {
+                tracing::warn!(group = %shared.group, error = %e, "consumer error");
+            }
+        }
+        let len = lock(&shared.pending).len();
+        if len == 0 {
+            batch_started = None;
+            continue;
+        }
+        let due = batch_started.is_some_and(|t| t.elapsed() >= linger);
+        if len >= tuning.batch_size || due {
+            if let Flushed::Abandoned = shared.flush(&consumer)? {
+                break;
+            }
+            batch_started = None;
+        }
+    }
+    // Shutdown: finish the in-flight batch, then leave the group.
+    lock(&shared.fatal).take().map_or(Ok(()), Err)?;
+    shared.flush(&consumer)?;
+    consumer.unsubscribe();
+    drop(consumer);
+    tracing::info!(group = %shared.group, "consumer stopped");
+    Ok(())
+}
+
+/// Runs a consumer until `shutdown` (returns `Ok` after finishing the in-flight batch) or
+/// a fatal error.
+pub async fn run<S: Sink>(
+    config: RunnerConfig,
+    sink: Arc<S>,
+    producer: Arc<Producer>,
+    metrics: RunnerMetrics,
+    ready: Option<ReadyFlag>,
+    shutdown: Shutdown,
+) -> Result<(), RunnerError> {
+    // Fail fast, before joining the group, if the sink is unreachable.
+    sink.positions(&[])
+        .await
+        .map_err(|source| RunnerError::Sink {
+            group: config.group_id.clone(),
+            source,
+        })?;
+    let shared = Arc::new(Shared {
+        sink,
+        dlq: DeadLetters::new(
+            producer,
+            config.dead_letter_topic.clone(),
+            config.group_id.clone(),
+            config.tuning.max_consecutive_dead_letters,
+        ),
+        handle: Handle::current(),
+        group: config.group_id.clone(),
+        start: config.start,
+        backoff_max: config.tuning.retry_backoff_max(),
+        pending: Mutex::new(Vec::with_capacity(config.tuning.batch_size)),
+        fatal: Mutex::new(None),
+        assigned: Mutex::new(BTreeSet::new()),
+        shutdown,
+        metrics,
+    });
+    let consumer = create_consumer(&config, shared.clone())?;
+    tracing::info!(group = %config.group_id, topics = ?config.topics, "consumer started");
+    if let Some(r) = &ready {
+        r.set(true);
+    }
+    let group = config.group_id.clone();
+    let tuning = config.tuning.clone();
+    let result = tokio::task::spawn_blocking(move || poll_loop(consumer, shared, tuning))
+        .await
+        .unwrap_or_else(|_| Err(RunnerError::Panicked(group)));
+    if let Some(r) = &ready {
+        r.set(false);
+    }
+    result
+}

@@ -1,0 +1,271 @@
+//! Postgres: the pool, the migrations, and [`PgSink`], the effectively-once sink. A
+//! handler's rows and the consumer offsets are written in one transaction; the offset
+//! rows are locked first, so two consumers that briefly both believe they own a partition
+//! (a rebalance, a zombie) serialise on the lock and neither applies a record twice.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgConnection, PgPool};
+
+use crate::config::PostgresArgs;
+use crate::dlq::{DeadLetter, DeadLetters};
+use crate::kafka::record::{RawRecord, TopicPartition};
+use crate::sink::{ApplyStats, Rejection, Sink, SinkError};
+
+/// The runtime's own migrations (the consumer offsets table). Services have their own
+/// migrators; all of them ignore each other's versions.
+pub fn migrator() -> Migrator {
+    let mut m = sqlx::migrate!("./migrations");
+    m.set_ignore_missing(true);
+    m
+}
+
+pub async fn connect(args: &PostgresArgs) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(args.max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&args.database_url)
+        .await
+}
+
+/// Classifies a database error: transient failures are retried, the rest stop the consumer.
+pub fn classify(e: sqlx::Error) -> SinkError {
+    let retryable = match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            // serialization_failure, deadlock_detected, admin/crash shutdown, cannot_connect_now,
+            // and every connection_exception (08xxx)
+            matches!(c.as_ref(), "40001" | "40P01" | "57P01" | "57P02" | "57P03")
+                || c.starts_with("08")
+        }),
+        _ => false,
+    };
+    if retryable {
+        SinkError::Retryable(Box::new(e))
+    } else {
+        SinkError::Fatal(Box::new(e))
+    }
+}
+
+/// A record that decoded, handed to the handler.
+pub struct Decoded<'r, E> {
+    pub record: &'r RawRecord,
+    pub event: E,
+}
+
+/// A record the handler refuses (by index into the slice it was given).
+pub struct Rejected {
+    pub index: usize,
+    pub rejection: Rejection,
+}
+
+/// A service's domain logic over Postgres: decode a record, then apply a batch inside the
+/// transaction the runner opened. The handler must not commit.
+pub trait PgHandler: Send + Sync + 'static {
+    type Event: Send + Sync;
+
+    /// Turns a record into the service's event, or rejects it (it is dead-lettered).
+    fn decode(&self, record: &RawRecord) -> Result<Self::Event, Rejection>;
+
+    /// Applies the batch in `tx`. Returns the records it rejects as invalid: they must
+    /// have had no effect. An error rolls the whole batch back.
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        batch: &'a [Decoded<'a, Self::Event>],
+    ) -> impl Future<Output = Result<Vec<Rejected>, SinkError>> + Send + 'a;
+}
+
+/// The effectively-once Postgres sink.
+pub struct PgSink<H> {
+    pool: PgPool,
+    group: String,
+    handler: H,
+}
+
+impl<H: PgHandler> PgSink<H> {
+    pub fn new(pool: PgPool, group: impl Into<String>, handler: H) -> Self {
+        Self {
+            pool,
+            group: group.into(),
+            handler,
+        }
+    }
+
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+}
+
+/// Stored positions of a group (next offset to read), for operators and tests.
+pub async fn stored_positions(
+    pool: &PgPool,
+    group: &str,
+) -> Result<HashMap<TopicPartition, i64>, sqlx::Error> {
+    let rows: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT topic, partition, next_offset FROM cdp_consumer_offsets WHERE group_id = $1 AND next_offset >= 0",
+    )
+    .bind(group)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(topic, partition, next)| (TopicPartition { topic, partition }, next))
+        .collect())
+}
+
+async fn lock_positions(
+    tx: &mut PgConnection,
+    group: &str,
+    parts: &[TopicPartition],
+) -> Result<HashMap<TopicPartition, i64>, sqlx::Error> {
+    let topics: Vec<&str> = parts.iter().map(|p| p.topic.as_str()).collect();
+    let partitions: Vec<i32> = parts.iter().map(|p| p.partition).collect();
+    sqlx::query(
+        "INSERT INTO cdp_consumer_offsets (group_id, topic, partition, next_offset)
+         SELECT $1, t, p, -1 FROM UNNEST($2::text[], $3::int[]) AS x(t, p)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(group)
+    .bind(&topics)
+    .bind(&partitions)
+    .execute(&mut *tx)
+    .await?;
+    let rows: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT o.topic, o.partition, o.next_offset
+           FROM cdp_consumer_offsets o
+           JOIN UNNEST($2::text[], $3::int[]) AS x(t, p) ON o.topic = x.t AND o.partition = x.p
+          WHERE o.group_id = $1
+          ORDER BY o.topic, o.partition
+            FOR UPDATE OF o",
+    )
+    .bind(group)
+    .bind(&topics)
+    .bind(&partitions)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(topic, partition, next)| (TopicPartition { topic, partition }, next))
+        .collect())
+}
+
+async fn store_positions(
+    tx: &mut PgConnection,
+    group: &str,
+    next: &HashMap<TopicPartition, i64>,
+) -> Result<(), sqlx::Error> {
+    let mut topics = Vec::with_capacity(next.len());
+    let mut partitions = Vec::with_capacity(next.len());
+    let mut offsets = Vec::with_capacity(next.len());
+    for (tp, o) in next {
+        topics.push(tp.topic.as_str());
+        partitions.push(tp.partition);
+        offsets.push(*o);
+    }
+    sqlx::query(
+        "UPDATE cdp_consumer_offsets o SET next_offset = x.n, updated_at = now()
+           FROM UNNEST($2::text[], $3::int[], $4::bigint[]) AS x(t, p, n)
+          WHERE o.group_id = $1 AND o.topic = x.t AND o.partition = x.p",
+    )
+    .bind(group)
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&offsets)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+impl<H: PgHandler> Sink for PgSink<H> {
+    async fn positions(
+        &self,
+        partitions: &[TopicPartition],
+    ) -> Result<HashMap<TopicPartition, i64>, SinkError> {
+        let all = stored_positions(&self.pool, &self.group)
+            .await
+            .map_err(classify)?;
+        Ok(all
+            .into_iter()
+            .filter(|(tp, _)| partitions.contains(tp))
+            .collect())
+    }
+
+    async fn apply(&self, batch: &[RawRecord], dlq: &DeadLetters) -> Result<ApplyStats, SinkError> {
+        let mut stats = ApplyStats::default();
+        if batch.is_empty() {
+            return Ok(stats);
+        }
+        let parts: Vec<TopicPartition> = batch
+            .iter()
+            .map(RawRecord::topic_partition)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let held = lock_positions(&mut tx, &self.group, &parts)
+            .await
+            .map_err(classify)?;
+
+        // Skip what this group already applied (redelivery after a crash or rebalance).
+        let mut next: HashMap<TopicPartition, i64> = HashMap::new();
+        let mut fresh: Vec<&RawRecord> = Vec::with_capacity(batch.len());
+        for r in batch {
+            let tp = r.topic_partition();
+            let from = held.get(&tp).copied().unwrap_or(-1);
+            if r.offset < from {
+                stats.topic(&r.topic).skipped += 1;
+                continue;
+            }
+            let n = next.entry(tp).or_insert(r.offset + 1);
+            *n = (*n).max(r.offset + 1);
+            fresh.push(r);
+        }
+
+        let mut letters: Vec<DeadLetter<'_>> = Vec::new();
+        let mut decoded: Vec<Decoded<'_, H::Event>> = Vec::with_capacity(fresh.len());
+        for r in fresh {
+            match self.handler.decode(r) {
+                Ok(event) => decoded.push(Decoded { record: r, event }),
+                Err(rejection) => letters.push(DeadLetter {
+                    record: r,
+                    rejection,
+                }),
+            }
+        }
+        let rejected = self.handler.handle(&mut tx, &decoded).await?;
+        let mut rejected_idx = BTreeSet::new();
+        for Rejected { index, rejection } in rejected {
+            if let Some(d) = decoded.get(index) {
+                if rejected_idx.insert(index) {
+                    letters.push(DeadLetter {
+                        record: d.record,
+                        rejection,
+                    });
+                }
+            }
+        }
+        let applied = (decoded.len() - rejected_idx.len()) as u64;
+        for (i, d) in decoded.iter().enumerate() {
+            if !rejected_idx.contains(&i) {
+                stats.topic(&d.record.topic).applied += 1;
+            }
+        }
+        for l in &letters {
+            stats.topic(&l.record.topic).dead_lettered += 1;
+        }
+        dlq.send(&letters, applied).await?;
+        store_positions(&mut tx, &self.group, &next)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(stats)
+    }
+}

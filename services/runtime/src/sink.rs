@@ -1,0 +1,108 @@
+//! What the consumer runner needs from a sink: where each partition stands, and a way to
+//! apply a batch atomically with the new positions. Offsets live in the sink, never only
+//! in Kafka, so a crash at any point neither loses nor repeats an effect.
+
+use std::collections::{BTreeMap, HashMap};
+use std::error::Error as StdError;
+use std::future::Future;
+
+use crate::dlq::DeadLetters;
+use crate::kafka::record::{RawRecord, TopicPartition};
+
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// A sink failure, classified so the runner knows what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Transient (connection lost, serialization conflict, broker unavailable): the batch
+    /// is rolled back and retried with back-off, without advancing.
+    #[error("retryable sink failure")]
+    Retryable(#[source] BoxError),
+    /// A defect or a state no retry can fix: the consumer stops with an error.
+    #[error("fatal sink failure")]
+    Fatal(#[source] BoxError),
+}
+
+impl SinkError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, SinkError::Retryable(_))
+    }
+}
+
+/// Why one record cannot be applied: it goes to the dead-letter topic with this reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Short stable name (`corrupt_avro`, `unknown_fingerprint`, `invalid`, ...).
+    pub kind: &'static str,
+    /// Human-readable cause chain. Never contains PII.
+    pub reason: String,
+}
+
+impl Rejection {
+    pub fn new(kind: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            kind,
+            reason: reason.into(),
+        }
+    }
+
+    /// From an error, with its whole `source()` chain.
+    pub fn from_error(kind: &'static str, e: &(dyn StdError + 'static)) -> Self {
+        let mut reason = e.to_string();
+        let mut cur = e.source();
+        while let Some(s) = cur {
+            reason.push_str(": ");
+            reason.push_str(&s.to_string());
+            cur = s.source();
+        }
+        Self { kind, reason }
+    }
+}
+
+/// Per-topic counts of what a batch did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub applied: u64,
+    pub skipped: u64,
+    pub dead_lettered: u64,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub per_topic: BTreeMap<String, Counts>,
+}
+
+impl ApplyStats {
+    pub fn topic(&mut self, topic: &str) -> &mut Counts {
+        self.per_topic.entry(topic.to_owned()).or_default()
+    }
+
+    pub fn total(&self) -> Counts {
+        self.per_topic
+            .values()
+            .fold(Counts::default(), |a, c| Counts {
+                applied: a.applied + c.applied,
+                skipped: a.skipped + c.skipped,
+                dead_lettered: a.dead_lettered + c.dead_lettered,
+            })
+    }
+}
+
+/// A destination that stores its own consumer positions.
+pub trait Sink: Send + Sync + 'static {
+    /// The next offset to read for each partition the sink has seen; partitions it has
+    /// never applied anything from are absent.
+    fn positions<'a>(
+        &'a self,
+        partitions: &'a [TopicPartition],
+    ) -> impl Future<Output = Result<HashMap<TopicPartition, i64>, SinkError>> + Send + 'a;
+
+    /// Applies a batch (each partition's records in offset order) and records the new
+    /// positions, atomically. Records at offsets the sink already holds have no effect.
+    /// Records that cannot be applied go to `dlq` before the positions move past them.
+    fn apply<'a>(
+        &'a self,
+        batch: &'a [RawRecord],
+        dlq: &'a DeadLetters,
+    ) -> impl Future<Output = Result<ApplyStats, SinkError>> + Send + 'a;
+}
