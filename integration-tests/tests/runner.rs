@@ -88,38 +88,40 @@ async fn kill_9_at_random_moments_applies_every_record_exactly_once() -> anyhow:
     let producer = Producer::new(&kafka_args(""))?;
     produce_events(&producer, &topic, N as u64, 6).await?;
 
+    // Batches of 50 with a short pause inside each transaction: about 400 transactions,
+    // so the kills land while work is in flight.
     let probe = Probe {
         topic: topic.clone(),
         group: unique("runner-kill-group"),
         dlq,
         db_url: db.url.clone(),
-        batch_size: 250,
-        delay_ms: 0,
+        batch_size: 50,
+        delay_ms: 10,
     };
-    let mut kills = 0;
     let mut rng = rand::rng();
-    while kills < 6 {
+    let mut kill_points: Vec<i64> = (0..6)
+        .map(|_| rng.random_range(N / 20..N * 9 / 10))
+        .collect();
+    kill_points.sort_unstable();
+    for (i, point) in kill_points.iter().enumerate() {
         let mut child = probe.spawn()?;
-        // Let it make some progress (or none), then kill it mid-flight.
-        let before = probe_counts(&db.pool).await?.0;
-        let wait_ms = rng.random_range(300..1_500);
-        let deadline = std::time::Instant::now() + Duration::from_millis(wait_ms);
-        while std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        wait_until(
+            &format!("{point} rows before kill {}", i + 1),
+            Duration::from_secs(120),
+            || async { Ok(probe_counts(&db.pool).await?.0 >= *point) },
+        )
+        .await?;
+        // A random extra moment, so the kill hits any phase of a batch.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..40))).await;
         signal(&child, 9)?;
-        let _ = wait_exit(&mut child, Duration::from_secs(10)).await?;
-        kills += 1;
-        let after = probe_counts(&db.pool).await?.0;
-        eprintln!("kill {kills}: rows {before} -> {after}");
-        if after >= N {
-            break;
-        }
+        let status = wait_exit(&mut child, Duration::from_secs(10)).await?;
+        let rows = probe_counts(&db.pool).await?.0;
+        eprintln!(
+            "kill {}: SIGKILL at >= {point} rows ({status}); {rows} rows after",
+            i + 1
+        );
+        assert!(rows < N, "the run finished before kill {}", i + 1);
     }
-    anyhow::ensure!(
-        kills >= 5 || probe_counts(&db.pool).await?.0 >= N,
-        "too few kills"
-    );
 
     let mut child = probe.spawn()?;
     wait_until("all records applied", Duration::from_secs(180), || async {
@@ -460,5 +462,89 @@ async fn sigterm_during_a_batch_exits_zero_with_the_batch_all_or_nothing() -> an
         "the batch in flight when SIGTERM came was finished"
     );
     assert_eq!(offsets, (0..next).collect::<Vec<_>>());
+    db.drop_db().await
+}
+
+/// Fails the first `failures` batches with a retryable error, then behaves like the probe.
+struct Flaky {
+    inner: ProbeHandler,
+    failures: std::sync::atomic::AtomicU32,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("injected transient failure")]
+struct Injected;
+
+impl cdp_runtime::pg::PgHandler for Flaky {
+    type Event = cdp_schemas::CustomerEvent;
+
+    fn decode(
+        &self,
+        record: &cdp_runtime::RawRecord,
+    ) -> Result<Self::Event, cdp_runtime::sink::Rejection> {
+        self.inner.decode(record)
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        batch: &[cdp_runtime::pg::Decoded<'_, Self::Event>],
+    ) -> Result<Vec<cdp_runtime::pg::Rejected>, cdp_runtime::sink::SinkError> {
+        // Write first, then fail: the rollback must undo the rows.
+        let rejected = self.inner.handle(tx, batch).await?;
+        let left = self.failures.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.failures
+                .store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            return Err(cdp_runtime::sink::SinkError::Retryable(Box::new(Injected)));
+        }
+        Ok(rejected)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retryable_failures_roll_back_and_retry_without_advancing() -> anyhow::Result<()> {
+    let topic = unique("runner-retry");
+    let dlq = unique("runner-retry-dlq");
+    let group = unique("runner-retry-group");
+    create_topics(&[(&topic, 2), (&dlq, 1)]).await?;
+    let db = TestDb::create().await?;
+    create_probe_table(&db.pool).await?;
+    let producer = Arc::new(Producer::new(&kafka_args(""))?);
+    produce_events(&producer, &topic, 1_000, 2).await?;
+
+    let handler = Flaky {
+        inner: ProbeHandler {
+            delay: Duration::ZERO,
+        },
+        failures: std::sync::atomic::AtomicU32::new(3),
+    };
+    let sink = Arc::new(PgSink::new(db.pool.clone(), group.clone(), handler));
+    let shutdown = Shutdown::new();
+    let metrics = Metrics::new();
+    let mut config = runner_config(&topic, &group, &dlq, 100);
+    config.tuning.retry_backoff_max_ms = 200;
+    let task = tokio::spawn(runner::run(
+        config,
+        sink,
+        producer.clone(),
+        RunnerMetrics::register(&metrics),
+        None,
+        shutdown.clone(),
+    ));
+    wait_until("every record applied", Duration::from_secs(60), || async {
+        Ok(probe_counts(&db.pool).await?.0 >= 1_000)
+    })
+    .await?;
+    shutdown.trigger();
+    task.await??;
+    assert_eq!(probe_counts(&db.pool).await?, (1_000, 1_000));
+    let text = metrics.encode()?;
+    let retries = text
+        .lines()
+        .find(|l| l.starts_with("cdp_consumer_batch_retries_total{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok());
+    assert_eq!(retries, Some(3));
     db.drop_db().await
 }

@@ -277,7 +277,7 @@ mod tests {
             255,
             65_535,
             -65_536,
-            99_999_999_999_999_9999,
+            999_999_999_999_999_999,
         ] {
             let a = Amount::from_ten_thousandths(v).expect("in range");
             let bytes = a.to_twos_complement();
