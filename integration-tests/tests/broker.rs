@@ -202,3 +202,26 @@ async fn transactions_are_refused_so_nothing_may_depend_on_them() -> anyhow::Res
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn deleting_a_topic_leaves_the_others_alone() -> anyhow::Result<()> {
+    let (doomed, kept) = (unique("broker-del"), unique("broker-keep"));
+    create_topics(&[(&doomed, 1), (&kept, 1)]).await?;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()?;
+    for r in admin
+        .delete_topics(&[&doomed], &AdminOptions::new())
+        .await?
+    {
+        r.map_err(|(t, e)| anyhow::anyhow!("delete {t}: {e}"))?;
+    }
+    let names = tokio::task::spawn_blocking(|| -> anyhow::Result<Vec<String>> {
+        let md = assigned_consumer()?.fetch_metadata(None, Duration::from_secs(10))?;
+        Ok(md.topics().iter().map(|t| t.name().to_owned()).collect())
+    })
+    .await??;
+    assert!(!names.contains(&doomed), "deleted topic still listed");
+    assert!(names.contains(&kept), "deleting one topic removed another");
+    Ok(())
+}

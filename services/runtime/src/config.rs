@@ -128,7 +128,7 @@ pub fn redact_url(url: &str) -> String {
 #[derive(Args, Clone, Debug)]
 pub struct TelemetryArgs {
     /// Log format.
-    #[arg(long = "log-format", env = "CDP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    #[arg(long = "log-format", global = true, env = "CDP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
     /// Log filter, in `tracing` env-filter syntax.
     #[arg(

@@ -25,7 +25,10 @@ pub fn init(args: &TelemetryArgs) -> Result<(), TelemetryError> {
             .with_current_span(true)
             .with_span_list(false)
             .try_init(),
-        LogFormat::Pretty => builder.with_target(false).try_init(),
+        LogFormat::Pretty => builder
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
     };
     result.map_err(|_| TelemetryError::AlreadyInstalled)
 }
