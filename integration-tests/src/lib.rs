@@ -18,6 +18,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use sqlx::{PgConnection, PgPool};
 
+pub mod ingest;
+
 /// Where the test services are. Defaults match `scripts/stack`.
 pub fn brokers() -> String {
     std::env::var("CDP_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
@@ -273,4 +275,84 @@ pub async fn probe_counts(pool: &PgPool) -> anyhow::Result<(i64, i64)> {
             .fetch_one(pool)
             .await?;
     Ok((rows, distinct))
+}
+
+/// A consumed record.
+pub struct Consumed {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: std::collections::HashMap<String, String>,
+}
+
+/// Reads at least `n` records of a topic from the start (fresh group), failing after `timeout`.
+pub async fn consume(topic: &str, n: usize, timeout: Duration) -> anyhow::Result<Vec<Consumed>> {
+    use rdkafka::message::{Headers, Message};
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", unique("reader"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()?;
+        consumer.subscribe(&[&topic])?;
+        let mut out = Vec::new();
+        let started = Instant::now();
+        while out.len() < n {
+            if started.elapsed() > timeout {
+                bail!(
+                    "only {} of {n} records in {topic} after {timeout:?}",
+                    out.len()
+                );
+            }
+            if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+                let m = m?;
+                let headers = m
+                    .headers()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_owned(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Consumed {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec),
+                    headers,
+                });
+            }
+        }
+        Ok(out)
+    })
+    .await?
+}
+
+/// Counts the records of a topic (sum of high watermarks).
+pub async fn topic_len(topic: &str) -> anyhow::Result<i64> {
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .create()?;
+        let md = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        let mut total = 0;
+        for t in md.topics() {
+            for p in t.partitions() {
+                let (lo, hi) = c.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
+                total += hi - lo;
+            }
+        }
+        Ok(total)
+    })
+    .await?
 }

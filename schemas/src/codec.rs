@@ -21,8 +21,12 @@ pub trait Contract: Sized + Send + Sync + 'static {
     const SCHEMA: &'static str;
     fn schema_set() -> &'static SchemaSet;
     fn envelope(&self) -> &Envelope;
+    fn envelope_mut(&mut self) -> &mut Envelope;
     /// The dotted event type of the payload, e.g. `customer.identify`.
     fn event_type(&self) -> &'static str;
+    /// Every field marked `"pii": true` in the schema, by field name: sealing and opening
+    /// code works on these generically.
+    fn pii_mut(&mut self) -> Vec<(&'static str, &mut Option<crate::model::common::Sealed>)>;
     #[doc(hidden)]
     fn to_value(&self, schema_version: i32) -> Value;
     #[doc(hidden)]
@@ -129,8 +133,18 @@ macro_rules! contract {
                 &self.envelope
             }
 
+            fn envelope_mut(&mut self) -> &mut $crate::model::common::Envelope {
+                &mut self.envelope
+            }
+
             fn event_type(&self) -> &'static str {
                 self.payload.event_type()
+            }
+
+            fn pii_mut(
+                &mut self,
+            ) -> Vec<(&'static str, &mut Option<$crate::model::common::Sealed>)> {
+                self.payload.pii_mut()
             }
 
             fn to_value(&self, schema_version: i32) -> apache_avro::types::Value {

@@ -38,6 +38,19 @@ macro_rules! avro_enum {
         }
 
         impl $name {
+            /// The variant of an Avro symbol (exact match).
+            pub fn from_symbol(symbol: &str) -> Option<Self> {
+                <Self as $crate::value::AvroEnum>::SYMBOLS
+                    .iter()
+                    .position(|s| *s == symbol)
+                    .map(|i| <Self as $crate::value::AvroEnum>::ALL[i])
+            }
+
+            /// The Avro symbols, in schema order.
+            pub fn symbols() -> &'static [&'static str] {
+                <Self as $crate::value::AvroEnum>::SYMBOLS
+            }
+
             /// The Avro symbol of this variant.
             pub fn as_str(self) -> &'static str {
                 <Self as $crate::value::AvroEnum>::SYMBOLS[$crate::value::AvroEnum::index(self)]

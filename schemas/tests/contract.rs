@@ -345,3 +345,39 @@ fn the_event_catalogue_is_up_to_date() {
         "docs/events.md is stale: run `cdp schemas catalog > docs/events.md` (or the tests with CDP_UPDATE_DOCS=1)"
     );
 }
+
+#[test]
+fn the_pii_visitor_matches_the_schema_marks() {
+    let marked: Vec<(String, String)> = cdp_schemas::all_schemas()
+        .iter()
+        .flat_map(|s| catalog::pii_fields(s))
+        .map(|p| (p.record, p.field))
+        .collect();
+    let mut visited: Vec<(String, String)> = Vec::new();
+    for mut e in fixtures::customer_events() {
+        let record = e.payload.record_name();
+        visited.extend(
+            e.pii_mut()
+                .into_iter()
+                .map(|(f, _)| (record.to_owned(), f.to_owned())),
+        );
+    }
+    for mut e in fixtures::capsule_events() {
+        let record = e.payload.record_name();
+        visited.extend(
+            e.pii_mut()
+                .into_iter()
+                .map(|(f, _)| (record.to_owned(), f.to_owned())),
+        );
+    }
+    for mut e in fixtures::compliance_events() {
+        assert!(e.pii_mut().is_empty());
+    }
+    for mut e in fixtures::identity_events() {
+        assert!(e.pii_mut().is_empty());
+    }
+    visited.sort();
+    let mut marked = marked;
+    marked.sort();
+    assert_eq!(visited, marked);
+}

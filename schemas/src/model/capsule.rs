@@ -77,6 +77,25 @@ pub struct CapsuleDeleted {
 impl CapsulePayload {
     pub(crate) const BRANCHES: usize = 5;
 
+    /// The schema record name of this variant.
+    pub fn record_name(&self) -> &'static str {
+        match self {
+            Self::Created(_) => "CapsuleCreated",
+            Self::ContentAdded(_) => "CapsuleContentAdded",
+            Self::Published(_) => "CapsulePublished",
+            Self::Viewed(_) => "CapsuleViewed",
+            Self::Deleted(_) => "CapsuleDeleted",
+        }
+    }
+
+    /// Every field marked `"pii": true` in the schema, by field name.
+    pub fn pii_mut(&mut self) -> Vec<(&'static str, &mut Option<Sealed>)> {
+        match self {
+            Self::ContentAdded(p) => vec![("body", &mut p.body)],
+            _ => vec![],
+        }
+    }
+
     pub fn event_type(&self) -> &'static str {
         match self {
             Self::Created(_) => "capsule.created",

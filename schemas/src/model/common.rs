@@ -101,6 +101,10 @@ impl Amount {
         (v.unsigned_abs() < 10u128.pow(Self::PRECISION)).then_some(Self { ten_thousandths: v })
     }
 
+    pub const fn zero() -> Self {
+        Self { ten_thousandths: 0 }
+    }
+
     pub fn ten_thousandths(self) -> i128 {
         self.ten_thousandths
     }

@@ -61,6 +61,11 @@ pub struct ExportCompleted {
 }
 
 impl CompliancePayload {
+    /// These events carry no PII fields.
+    pub fn pii_mut(&mut self) -> Vec<(&'static str, &mut Option<crate::model::common::Sealed>)> {
+        Vec::new()
+    }
+
     pub(crate) const BRANCHES: usize = 4;
 
     pub fn event_type(&self) -> &'static str {

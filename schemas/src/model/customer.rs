@@ -141,6 +141,45 @@ pub struct Alias {
 impl CustomerPayload {
     pub(crate) const BRANCHES: usize = 7;
 
+    /// The schema record name of this variant.
+    pub fn record_name(&self) -> &'static str {
+        match self {
+            Self::Identify(_) => "Identify",
+            Self::Track(_) => "Track",
+            Self::PageViewed(_) => "PageViewed",
+            Self::ScreenViewed(_) => "ScreenViewed",
+            Self::Transaction(_) => "Transaction",
+            Self::ConsentChanged(_) => "ConsentChanged",
+            Self::Alias(_) => "Alias",
+        }
+    }
+
+    /// Every field marked `"pii": true` in the schema, by field name.
+    pub fn pii_mut(&mut self) -> Vec<(&'static str, &mut Option<Sealed>)> {
+        match self {
+            Self::Identify(p) => vec![
+                ("first_name", &mut p.first_name),
+                ("last_name", &mut p.last_name),
+                ("email", &mut p.email),
+                ("phone", &mut p.phone),
+                ("birth_date", &mut p.birth_date),
+                ("street", &mut p.street),
+                ("city", &mut p.city),
+                ("postal_code", &mut p.postal_code),
+                ("region", &mut p.region),
+                ("custom_traits", &mut p.custom_traits),
+            ],
+            Self::Track(p) => vec![("properties", &mut p.properties)],
+            Self::PageViewed(p) => vec![
+                ("url", &mut p.url),
+                ("referrer", &mut p.referrer),
+                ("properties", &mut p.properties),
+            ],
+            Self::ScreenViewed(p) => vec![("properties", &mut p.properties)],
+            Self::Transaction(_) | Self::ConsentChanged(_) | Self::Alias(_) => vec![],
+        }
+    }
+
     pub fn event_type(&self) -> &'static str {
         match self {
             Self::Identify(_) => "customer.identify",

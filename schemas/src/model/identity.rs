@@ -39,6 +39,11 @@ pub struct ProfilesMerged {
 }
 
 impl IdentityPayload {
+    /// These events carry no PII fields.
+    pub fn pii_mut(&mut self) -> Vec<(&'static str, &mut Option<crate::model::common::Sealed>)> {
+        Vec::new()
+    }
+
     pub(crate) const BRANCHES: usize = 2;
 
     pub fn event_type(&self) -> &'static str {

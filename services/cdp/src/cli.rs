@@ -2,10 +2,12 @@
 
 use clap::{Parser, Subcommand};
 
+use cdp_ingest::config::IngestArgs;
+use cdp_keystore::config::KeyArgs;
 use cdp_runtime::config::{AdminArgs, KafkaArgs, PostgresArgs, TelemetryArgs};
 
 /// Services `cdp all` runs in one process. Grows as services arrive.
-pub const SERVICES: &[&str] = &[];
+pub const SERVICES: &[&str] = &["ingest"];
 
 #[derive(Parser, Debug)]
 #[command(
@@ -42,7 +44,7 @@ pub enum Command {
         command: SchemasCommand,
     },
     /// Run the platform in one process: create missing topics, migrate, serve the admin
-    /// endpoints and every service built so far, until SIGINT/SIGTERM.
+    /// endpoints and every service built so far (ingest), until SIGINT/SIGTERM.
     All {
         #[command(flatten)]
         kafka: KafkaArgs,
@@ -50,6 +52,31 @@ pub enum Command {
         pg: PostgresArgs,
         #[command(flatten)]
         admin: AdminArgs,
+        #[command(flatten)]
+        keys: KeyArgs,
+        #[command(flatten)]
+        ingest: IngestArgs,
+    },
+    /// The ingest service: the Segment-compatible tracking API and native events, into Kafka.
+    Ingest {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        pg: PostgresArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        keys: KeyArgs,
+        #[command(flatten)]
+        ingest: IngestArgs,
+    },
+    /// Print the most recent events the ingest API rejected (JSON lines, newest first).
+    Rejections {
+        #[command(flatten)]
+        pg: PostgresArgs,
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
     },
 }
 

@@ -37,6 +37,84 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+async fn connect(args: &cdp_runtime::config::PostgresArgs) -> anyhow::Result<sqlx::PgPool> {
+    pg::connect(args).await.with_context(|| {
+        format!(
+            "connecting to {}",
+            cdp_runtime::config::redact_url(&args.database_url)
+        )
+    })
+}
+
+/// Every migration of every component (each migrator ignores the others' versions).
+async fn migrate(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    pg::migrator()
+        .run(pool)
+        .await
+        .context("runtime migrations")?;
+    cdp_ingest::migrate(pool)
+        .await
+        .context("ingest migrations")?;
+    Ok(())
+}
+
+/// What every service process shares: signals, metrics, readiness, the admin server.
+struct Platform {
+    shutdown: Shutdown,
+    metrics: Metrics,
+    readiness: Readiness,
+    admin: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Platform {
+    async fn start(admin_args: &cdp_runtime::config::AdminArgs) -> anyhow::Result<Self> {
+        let shutdown = Shutdown::new();
+        shutdown
+            .listen_for_signals()
+            .context("installing signal handlers")?;
+        let metrics = Metrics::new();
+        let readiness = Readiness::default();
+        let (addr, serve) = admin::bind(
+            admin_args.admin_addr,
+            metrics.clone(),
+            readiness.clone(),
+            shutdown.clone(),
+        )
+        .await
+        .with_context(|| format!("binding the admin server on {}", admin_args.admin_addr))?;
+        tracing::info!(admin = %addr, "admin endpoints: /healthz /readyz /metrics");
+        Ok(Self {
+            shutdown,
+            metrics,
+            readiness,
+            admin: tokio::spawn(serve),
+        })
+    }
+
+    fn handles(&self) -> (Metrics, Readiness, Shutdown) {
+        (
+            self.metrics.clone(),
+            self.readiness.clone(),
+            self.shutdown.clone(),
+        )
+    }
+
+    /// Runs the services until shutdown; the first to fail stops the others.
+    async fn run(
+        self,
+        services: impl std::future::Future<Output = anyhow::Result<()>>,
+    ) -> anyhow::Result<()> {
+        let result = services.await;
+        self.shutdown.trigger();
+        match self.admin.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "admin server"),
+            Err(e) => tracing::warn!(error = %e, "admin server task"),
+        }
+        result
+    }
+}
+
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Topics {
@@ -73,18 +151,40 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate { pg: pg_args } => {
-            let pool = pg::connect(&pg_args).await.with_context(|| {
-                format!(
-                    "connecting to {}",
-                    cdp_runtime::config::redact_url(&pg_args.database_url)
-                )
-            })?;
-            pg::migrator()
-                .run(&pool)
-                .await
-                .context("runtime migrations")?;
+            let pool = connect(&pg_args).await?;
+            migrate(&pool).await?;
             println!("migrations applied");
             Ok(())
+        }
+        Command::Rejections { pg: pg_args, limit } => {
+            let pool = connect(&pg_args).await?;
+            for r in cdp_ingest::rejections::recent(&pool, limit).await? {
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            Ok(())
+        }
+        Command::Ingest {
+            kafka,
+            pg: pg_args,
+            admin: admin_args,
+            keys,
+            ingest,
+        } => {
+            let platform = Platform::start(&admin_args).await?;
+            let config = cdp_ingest::IngestConfig {
+                kafka,
+                pg: pg_args,
+                keys,
+                ingest,
+            };
+            let (metrics, readiness, shutdown) = platform.handles();
+            platform
+                .run(async move {
+                    cdp_ingest::run(config, &metrics, &readiness, shutdown)
+                        .await
+                        .context("ingest")
+                })
+                .await
         }
         Command::Schemas {
             command: SchemasCommand::Catalog,
@@ -117,39 +217,31 @@ async fn run(command: Command) -> anyhow::Result<()> {
             kafka,
             pg: pg_args,
             admin: admin_args,
+            keys,
+            ingest,
         } => {
-            let shutdown = Shutdown::new();
-            shutdown
-                .listen_for_signals()
-                .context("installing signal handlers")?;
-            let metrics = Metrics::new();
-            let readiness = Readiness::default();
             let topics = Topics::new(&kafka.topic_prefix);
             topics::ensure(&kafka, &topics::catalogue(&topics))
                 .await
                 .context("creating topics")?;
-            let pool = pg::connect(&pg_args).await.with_context(|| {
-                format!(
-                    "connecting to {}",
-                    cdp_runtime::config::redact_url(&pg_args.database_url)
-                )
-            })?;
-            pg::migrator()
-                .run(&pool)
+            let pool = connect(&pg_args).await?;
+            migrate(&pool).await?;
+            let platform = Platform::start(&admin_args).await?;
+            tracing::info!(services = ?cli::SERVICES, "cdp all running; Ctrl-C to stop");
+            let config = cdp_ingest::IngestConfig {
+                kafka,
+                pg: pg_args,
+                keys,
+                ingest,
+            };
+            let (metrics, readiness, shutdown) = platform.handles();
+            platform
+                .run(async move {
+                    cdp_ingest::run(config, &metrics, &readiness, shutdown)
+                        .await
+                        .context("ingest")
+                })
                 .await
-                .context("runtime migrations")?;
-            let (addr, serve) = admin::bind(
-                admin_args.admin_addr,
-                metrics,
-                readiness.clone(),
-                shutdown.clone(),
-            )
-            .await
-            .with_context(|| format!("binding the admin server on {}", admin_args.admin_addr))?;
-            readiness.component("platform").set(true);
-            tracing::info!(admin = %addr, services = ?cli::SERVICES, "cdp all running; Ctrl-C to stop");
-            serve.await.context("admin server")?;
-            Ok(())
         }
     }
 }

@@ -1,0 +1,625 @@
+//! The ingest API end to end: HTTP in, Kafka out (real broker), keys in Postgres.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use cdp_integration_tests::ingest::{Ingest, WRITE_KEY};
+use cdp_integration_tests::*;
+use cdp_runtime::topics::Topic;
+use cdp_schemas::model::capsule::*;
+use cdp_schemas::model::customer::*;
+use cdp_schemas::{CapsuleEvent, CapsulePayload, CustomerEvent, CustomerPayload, IdentifierKind};
+use serde_json::json;
+use uuid::Uuid;
+
+fn id() -> String {
+    Uuid::new_v4().to_string()
+}
+
+async fn customer_events(ing: &Ingest, n: usize) -> anyhow::Result<HashMap<Uuid, CustomerEvent>> {
+    let recs = consume(
+        &ing.topic(Topic::CustomerEvents),
+        n,
+        Duration::from_secs(30),
+    )
+    .await?;
+    let mut out = HashMap::new();
+    for r in recs {
+        let e: CustomerEvent = cdp_schemas::decode(r.value.as_deref().unwrap_or_default())?;
+        assert_eq!(
+            r.key.as_deref(),
+            Some(e.envelope.subject.subject_id.as_bytes()),
+            "keyed by subject"
+        );
+        assert_eq!(
+            r.headers.get("cdp.event_id"),
+            Some(&e.envelope.event_id.to_string())
+        );
+        out.insert(e.envelope.event_id, e);
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_round_trips_into_the_contract_with_pii_sealed() -> anyhow::Result<()> {
+    let ing = Ingest::start().await?;
+    let (m_identify, m_track, m_page, m_screen, m_group, m_alias, m_order, m_b1, m_b2) =
+        (id(), id(), id(), id(), id(), id(), id(), id(), id());
+    let calls = vec![
+        (
+            "/v1/identify",
+            json!({"userId": "u-1", "messageId": m_identify, "timestamp": "2026-11-01T10:00:00Z",
+            "traits": {"email": " Ada@Example.ORG ", "phone": "+44 20 7123 4567", "firstName": "Ada", "lastName": "Lovelace",
+                       "birthday": "1815-12-10", "plan": "pro",
+                       "address": {"street": "12 St James's Square", "city": "London", "postalCode": "SW1Y 4JH", "country": "gb"}},
+            "context": {"consent": {"categoryPreferences": {"marketing": true, "analytics": false}}}}),
+        ),
+        (
+            "/v1/track",
+            json!({"userId": "u-1", "messageId": m_track, "event": "Product Viewed",
+            "properties": {"product_id": "p-1", "duration_ms": 5400, "outcome": "viewed"}, "context": {"channel": "web"}}),
+        ),
+        (
+            "/v1/page",
+            json!({"anonymousId": "a-1", "messageId": m_page, "name": "Pricing",
+            "properties": {"title": "Pricing", "url": "https://example.org/pricing?ref=ada", "category": "marketing"}}),
+        ),
+        (
+            "/v1/screen",
+            json!({"userId": "u-1", "messageId": m_screen, "name": "Home", "properties": {"category": "main", "tab": 2}}),
+        ),
+        (
+            "/v1/group",
+            json!({"userId": "u-1", "messageId": m_group, "groupId": "org-7", "traits": {"name": "Analytical Engines Ltd"}}),
+        ),
+        (
+            "/v1/alias",
+            json!({"userId": "u-1", "previousId": "a-1", "messageId": m_alias}),
+        ),
+        (
+            "/v1/track",
+            json!({"userId": "u-1", "messageId": m_order, "event": "Order Completed",
+            "properties": {"order_id": "o-1", "total": 1234.5, "currency": "eur", "payment_method": "card",
+                           "products": [{"product_id": "p-1", "sku": "S-1", "name": "Engine", "quantity": 2, "price": "617.25"}]}}),
+        ),
+    ];
+    for (path, body) in &calls {
+        let (status, resp) = ing.post(path, body).await?;
+        assert_eq!(status, 200, "{path}: {resp}");
+        assert_eq!(resp["accepted"], 1, "{path}");
+    }
+    let (status, resp) = ing
+        .post("/v1/batch", &json!({"batch": [
+            {"type": "track", "userId": "u-2", "messageId": m_b1, "event": "Signed Up"},
+            {"type": "identify", "userId": "u-2", "messageId": m_b2, "traits": {"email": "grace@example.org"}}]}))
+        .await?;
+    assert_eq!(
+        (status, resp["accepted"].clone()),
+        (200, json!(2)),
+        "{resp}"
+    );
+
+    // identify + 2 consents + 6 other calls + 2 batch events
+    let events = customer_events(&ing, 11).await?;
+    let ev = |m: &str| {
+        events
+            .get(&Uuid::parse_str(m).unwrap_or_default())
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("missing {m}"))
+    };
+
+    let identify = ev(&m_identify)?;
+    let subject = identify.envelope.subject.subject_id.clone();
+    assert_eq!(identify.envelope.source, "test-app");
+    assert_eq!(
+        identify.envelope.occurred_at.to_rfc3339(),
+        "2026-11-01T10:00:00+00:00"
+    );
+    let kinds: Vec<IdentifierKind> = identify
+        .envelope
+        .subject
+        .identifiers
+        .iter()
+        .map(|i| i.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            IdentifierKind::UserId,
+            IdentifierKind::Email,
+            IdentifierKind::Phone
+        ]
+    );
+    let user_hash = ing.hasher.hash(IdentifierKind::UserId, None, "u-1");
+    assert_eq!(subject, user_hash, "the subject is the hashed user id");
+    let CustomerPayload::Identify(t) = &identify.payload else {
+        panic!("not identify")
+    };
+    assert_eq!(
+        ing.open(&subject, "email", &t.email).await?.as_deref(),
+        Some("ada@example.org")
+    );
+    assert_eq!(
+        ing.open(&subject, "phone", &t.phone).await?.as_deref(),
+        Some("+442071234567")
+    );
+    assert_eq!(
+        ing.open(&subject, "first_name", &t.first_name)
+            .await?
+            .as_deref(),
+        Some("Ada")
+    );
+    assert_eq!(
+        ing.open(&subject, "postal_code", &t.postal_code)
+            .await?
+            .as_deref(),
+        Some("SW1Y 4JH")
+    );
+    assert_eq!(
+        ing.open(&subject, "birth_date", &t.birth_date)
+            .await?
+            .as_deref(),
+        Some("1815-12-10")
+    );
+    assert_eq!(
+        ing.open(&subject, "custom_traits", &t.custom_traits)
+            .await?
+            .as_deref(),
+        Some(r#"{"plan":"pro"}"#)
+    );
+    assert_eq!(t.country.as_deref(), Some("GB"));
+    let raw = consume(
+        &ing.topic(Topic::CustomerEvents),
+        11,
+        Duration::from_secs(10),
+    )
+    .await?;
+    for r in &raw {
+        let bytes = r.value.as_deref().unwrap_or_default();
+        for plaintext in ["ada@example.org", "Ada@Example", "Lovelace", "7123", "u-1"] {
+            assert!(
+                !bytes
+                    .windows(plaintext.len())
+                    .any(|w| w == plaintext.as_bytes()),
+                "plaintext {plaintext} in the log"
+            );
+        }
+    }
+
+    let consents: Vec<&CustomerEvent> = events
+        .values()
+        .filter(|e| matches!(e.payload, CustomerPayload::ConsentChanged(_)))
+        .collect();
+    assert_eq!(consents.len(), 2);
+    for c in consents {
+        let CustomerPayload::ConsentChanged(cc) = &c.payload else {
+            continue;
+        };
+        let want = if cc.purpose == "marketing" {
+            ConsentStatus::Granted
+        } else {
+            ConsentStatus::Denied
+        };
+        assert_eq!(cc.status, want);
+        assert_eq!(c.envelope.subject.subject_id, subject);
+    }
+
+    let CustomerPayload::Track(t) = ev(&m_track)?.payload else {
+        panic!("not track")
+    };
+    assert_eq!(
+        (
+            t.interaction_type.as_str(),
+            t.channel.as_deref(),
+            t.duration_ms,
+            t.outcome.as_deref()
+        ),
+        ("Product Viewed", Some("web"), Some(5400), Some("viewed"))
+    );
+    let props = ing
+        .open(&subject, "properties", &t.properties)
+        .await?
+        .unwrap_or_default();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&props)?["product_id"],
+        "p-1"
+    );
+
+    let page = ev(&m_page)?;
+    let anon_subject = ing.hasher.hash(IdentifierKind::AnonymousId, None, "a-1");
+    assert_eq!(page.envelope.subject.subject_id, anon_subject);
+    let CustomerPayload::PageViewed(p) = &page.payload else {
+        panic!("not page")
+    };
+    assert_eq!(
+        (p.name.as_deref(), p.title.as_deref(), p.category.as_deref()),
+        (Some("Pricing"), Some("Pricing"), Some("marketing"))
+    );
+    assert_eq!(
+        ing.open(&anon_subject, "url", &p.url).await?.as_deref(),
+        Some("https://example.org/pricing?ref=ada")
+    );
+
+    let CustomerPayload::ScreenViewed(s) = ev(&m_screen)?.payload else {
+        panic!("not screen")
+    };
+    assert_eq!(
+        (s.name.as_deref(), s.category.as_deref()),
+        (Some("Home"), Some("main"))
+    );
+    assert_eq!(
+        ing.open(&subject, "properties", &s.properties)
+            .await?
+            .as_deref(),
+        Some(r#"{"tab":2}"#)
+    );
+
+    let CustomerPayload::Track(g) = ev(&m_group)?.payload else {
+        panic!("group is a Group interaction")
+    };
+    assert_eq!(
+        (g.interaction_type.as_str(), g.touchpoint.as_deref()),
+        ("Group", Some("org-7"))
+    );
+
+    let CustomerPayload::Alias(a) = ev(&m_alias)?.payload else {
+        panic!("not alias")
+    };
+    assert_eq!(
+        a.previous.value_hash,
+        ing.hasher.hash(IdentifierKind::UserId, None, "a-1")
+    );
+
+    let CustomerPayload::Transaction(o) = ev(&m_order)?.payload else {
+        panic!("Order Completed is a transaction")
+    };
+    assert_eq!(
+        (
+            o.order_id.as_str(),
+            o.status,
+            o.amount.to_string().as_str(),
+            o.currency.as_str()
+        ),
+        ("o-1", TransactionStatus::Completed, "1234.5000", "EUR")
+    );
+    assert_eq!(o.items.len(), 1);
+    assert_eq!(
+        (
+            o.items[0].quantity,
+            o.items[0].unit_price.to_string().as_str()
+        ),
+        (2, "617.2500")
+    );
+
+    let CustomerPayload::Identify(b2) = ev(&m_b2)?.payload else {
+        panic!("batch identify")
+    };
+    let u2 = ing.hasher.hash(IdentifierKind::UserId, None, "u-2");
+    assert_eq!(
+        ing.open(&u2, "email", &b2.email).await?.as_deref(),
+        Some("grace@example.org")
+    );
+    assert!(matches!(ev(&m_b1)?.payload, CustomerPayload::Track(_)));
+    ing.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_capsule_consent_and_transaction_events_round_trip() -> anyhow::Result<()> {
+    let ing = Ingest::start().await?;
+    let capsule_id = Uuid::new_v4();
+    let content_id = Uuid::new_v4();
+    let events = json!({"batch": [
+        {"type": "capsule.created", "userId": "owner-1", "messageId": id(),
+         "payload": {"capsule_id": capsule_id, "title": "Spring", "content_type": "text/markdown", "storage_path": "c/1.md", "settings": {"comments": "off"}}},
+        {"type": "capsule.content_added", "userId": "owner-1", "messageId": id(),
+         "payload": {"capsule_id": capsule_id, "content_id": content_id, "content_type": "text/plain", "size_bytes": 12, "body": "hello, world"}},
+        {"type": "capsule.published", "userId": "owner-1", "payload": {"capsule_id": capsule_id, "visibility": "unlisted"}},
+        {"type": "capsule.viewed", "anonymousId": "viewer-9", "payload": {"capsule_id": capsule_id, "channel": "mobile", "duration_ms": 1200}},
+        {"type": "capsule.deleted", "userId": "owner-1", "payload": {"capsule_id": capsule_id, "reason": "spring is over"}},
+        {"type": "customer.consent_changed", "userId": "owner-1", "payload": {"purpose": "analytics", "status": "WITHDRAWN", "basis": "CONSENT"}},
+        {"type": "customer.transaction", "userId": "owner-1",
+         "identifiers": [{"kind": "EXTERNAL_ID", "namespace": "shopify", "value": "cust-77"}],
+         "payload": {"order_id": "o-9", "status": "REFUNDED", "amount": "19.99", "currency": "usd",
+                     "items": [{"product_id": "p-9", "quantity": 1, "unit_price": "19.99"}]}}
+    ]});
+    let (status, resp) = ing.post("/v1/events", &events).await?;
+    assert_eq!(
+        (status, resp["accepted"].clone()),
+        (200, json!(7)),
+        "{resp}"
+    );
+
+    let recs = consume(&ing.topic(Topic::CapsuleEvents), 5, Duration::from_secs(30)).await?;
+    let capsule: Vec<CapsuleEvent> = recs
+        .iter()
+        .map(|r| cdp_schemas::decode(r.value.as_deref().unwrap_or_default()))
+        .collect::<Result<_, _>>()?;
+    assert!(
+        recs.iter()
+            .all(|r| r.key.as_deref() == Some(capsule_id.to_string().as_bytes())),
+        "keyed by capsule"
+    );
+    let owner = ing.hasher.hash(IdentifierKind::UserId, None, "owner-1");
+    let by_type: HashMap<&str, &CapsuleEvent> = capsule
+        .iter()
+        .map(|e| (e.payload.event_type(), e))
+        .collect();
+    let CapsulePayload::Created(c) = &by_type["capsule.created"].payload else {
+        panic!()
+    };
+    assert_eq!(
+        (
+            c.title.as_str(),
+            c.owner_subject_id.as_str(),
+            c.settings["comments"].as_str()
+        ),
+        ("Spring", owner.as_str(), "off")
+    );
+    let added = by_type["capsule.content_added"];
+    let CapsulePayload::ContentAdded(a) = &added.payload else {
+        panic!()
+    };
+    assert_eq!(a.content_id, content_id);
+    assert_eq!(
+        ing.open(&owner, "body", &a.body).await?.as_deref(),
+        Some("hello, world")
+    );
+    let CapsulePayload::Published(p) = &by_type["capsule.published"].payload else {
+        panic!()
+    };
+    assert_eq!(p.visibility, Visibility::Unlisted);
+    let viewed = by_type["capsule.viewed"];
+    assert_eq!(
+        viewed.envelope.subject.subject_id,
+        ing.hasher
+            .hash(IdentifierKind::AnonymousId, None, "viewer-9")
+    );
+    assert!(
+        matches!(&by_type["capsule.deleted"].payload, CapsulePayload::Deleted(d) if d.reason.as_deref() == Some("spring is over"))
+    );
+
+    let customer = customer_events(&ing, 2).await?;
+    let mut seen = 0;
+    for e in customer.values() {
+        match &e.payload {
+            CustomerPayload::ConsentChanged(c) => {
+                assert_eq!(
+                    (c.purpose.as_str(), c.status, c.basis),
+                    ("analytics", ConsentStatus::Withdrawn, LegalBasis::Consent)
+                );
+                seen += 1;
+            }
+            CustomerPayload::Transaction(t) => {
+                assert_eq!(
+                    (t.status, t.amount.to_string().as_str(), t.currency.as_str()),
+                    (TransactionStatus::Refunded, "19.9900", "USD")
+                );
+                let ext = e
+                    .envelope
+                    .subject
+                    .identifiers
+                    .iter()
+                    .find(|i| i.kind == IdentifierKind::ExternalId);
+                assert_eq!(ext.and_then(|i| i.namespace.as_deref()), Some("shopify"));
+                seen += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, 2);
+    ing.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_message_id_twice_is_the_same_event() -> anyhow::Result<()> {
+    let ing = Ingest::start().await?;
+    let body =
+        json!({"userId": "u-1", "messageId": "ajs-next-1700000000000-abc", "event": "Clicked"});
+    assert_eq!(ing.post("/v1/track", &body).await?.0, 200);
+    assert_eq!(ing.post("/v1/track", &body).await?.0, 200);
+    let no_id = json!({"userId": "u-1", "event": "Clicked"});
+    assert_eq!(ing.post("/v1/track", &no_id).await?.0, 200);
+    let events = consume(
+        &ing.topic(Topic::CustomerEvents),
+        3,
+        Duration::from_secs(30),
+    )
+    .await?;
+    let ids: Vec<Uuid> = events
+        .iter()
+        .map(|r| {
+            cdp_schemas::decode::<CustomerEvent>(r.value.as_deref().unwrap_or_default())
+                .map(|e| e.envelope.event_id)
+        })
+        .collect::<Result<_, _>>()?;
+    assert_eq!(ids[0], ids[1], "a client retry keeps its event id");
+    assert_eq!(
+        ids[0],
+        cdp_ingest::segment::event_id("test-app", Some("ajs-next-1700000000000-abc"))
+    );
+    assert_ne!(ids[2], ids[0]);
+    assert_eq!(ids[2].get_version_num(), 7, "server-side ids are UUIDv7");
+    ing.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_the_documented_status_and_field_path_and_never_reaches_kafka(
+) -> anyhow::Result<()> {
+    let ing = Ingest::start().await?;
+    let client = reqwest::Client::new();
+    let url = |p: &str| format!("{}{p}", ing.base_url);
+    let future = (chrono::Utc::now() + chrono::Duration::days(2)).to_rfc3339();
+    let cases: Vec<(&str, serde_json::Value, u16, &str)> = vec![
+        (
+            "/v1/track",
+            json!({"userId": 42.5, "event": ["x"]}),
+            400,
+            "event",
+        ),
+        ("/v1/track", json!({"event": "Clicked"}), 400, "userId"),
+        (
+            "/v1/identify",
+            json!({"userId": "u", "traits": {"email": "not-an-email"}}),
+            400,
+            "traits.email",
+        ),
+        (
+            "/v1/identify",
+            json!({"userId": "u", "traits": {"phone": "12"}}),
+            400,
+            "traits.phone",
+        ),
+        (
+            "/v1/track",
+            json!({"userId": "u", "event": "x", "timestamp": future}),
+            400,
+            "timestamp",
+        ),
+        (
+            "/v1/track",
+            json!({"userId": "u", "event": "x", "timestamp": "yesterday"}),
+            400,
+            "timestamp",
+        ),
+        (
+            "/v1/track",
+            json!({"userId": "u", "event": "x", "messageId": "m".repeat(101)}),
+            400,
+            "messageId",
+        ),
+        (
+            "/v1/track",
+            json!({"userId": "u", "event": "Order Completed", "properties": {"order_id": "o", "total": 5, "currency": "EURO"}}),
+            400,
+            "properties.currency",
+        ),
+        (
+            "/v1/track",
+            json!({"userId": "u", "event": "x", "properties": {"blob": "x".repeat(40_000)}}),
+            400,
+            "body",
+        ),
+        ("/v1/alias", json!({"userId": "u"}), 400, "previousId"),
+        (
+            "/v1/events",
+            json!({"type": "capsule.created", "userId": "u", "payload": {"capsule_id": "nope", "title": "t", "content_type": "x"}}),
+            400,
+            "payload.capsule_id",
+        ),
+        (
+            "/v1/events",
+            json!({"type": "capsule.exploded", "userId": "u", "payload": {}}),
+            400,
+            "type",
+        ),
+    ];
+    for (path, body, status, field) in &cases {
+        let (got, resp) = ing.post(path, body).await?;
+        assert_eq!(got, *status, "{path} {body}: {resp}");
+        let paths: Vec<&str> = resp["errors"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|e| e["path"].as_str()).collect())
+            .unwrap_or_default();
+        assert!(
+            paths.contains(field),
+            "{path}: expected an error at {field}, got {resp}"
+        );
+        assert!(
+            !resp.to_string().contains("not-an-email"),
+            "reasons never echo values"
+        );
+    }
+    // Malformed JSON.
+    let resp = client
+        .post(url("/v1/track"))
+        .basic_auth(WRITE_KEY, Some(""))
+        .body("{\"userId\": ")
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 400);
+    assert_eq!(
+        resp.json::<serde_json::Value>().await?["errors"][0]["path"],
+        "body"
+    );
+    // Oversize batch.
+    let big: Vec<serde_json::Value> = (0..20).map(|i| json!({"type": "track", "userId": "u", "event": "x", "properties": {"pad": "y".repeat(30_000), "i": i}})).collect();
+    let (status, _) = ing.post("/v1/batch", &json!({"batch": big})).await?;
+    assert_eq!(status, 413);
+    // Unknown and missing write keys.
+    let resp = client
+        .post(url("/v1/track"))
+        .basic_auth("wrong", Some(""))
+        .json(&json!({"userId": "u", "event": "x"}))
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 401);
+    let resp = client
+        .post(url("/v1/track"))
+        .json(&json!({"userId": "u", "event": "x"}))
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 401);
+    // A batch with some invalid events answers 200, accepts the valid ones, lists the others.
+    let (status, resp) = ing
+        .post(
+            "/v1/batch",
+            &json!({"batch": [
+            {"type": "track", "userId": "u", "event": "ok", "messageId": "good-1"},
+            {"type": "track", "event": "no ids", "messageId": "bad-1"},
+            {"type": "explode", "userId": "u"},
+            {"type": "identify", "userId": "u", "traits": {"email": "x@"}, "messageId": "bad-2"}]}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(resp["accepted"], 1);
+    let rejected = resp["rejected"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        rejected
+            .iter()
+            .map(|r| r["index"].as_u64().unwrap_or(99))
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(rejected[0]["errors"][0]["path"], "batch[1].userId");
+    assert_eq!(rejected[1]["errors"][0]["path"], "batch[2].type");
+    assert_eq!(rejected[2]["errors"][0]["path"], "batch[3].traits.email");
+
+    // Only the one valid event reached Kafka; every rejection is in the log.
+    assert_eq!(topic_len(&ing.topic(Topic::CustomerEvents)).await?, 1);
+    let logged = cdp_ingest::rejections::recent(&ing.db.pool, 100).await?;
+    assert_eq!(logged.len(), cases.len() + 3);
+    assert!(logged.iter().all(|r| r.source == "test-app"));
+    let metrics = ing.metrics.encode()?;
+    assert!(
+        metrics.contains("cdp_ingest_events_total{outcome=\"rejected\",reason=\"email\"} 2"),
+        "{metrics}"
+    );
+    ing.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_bodies_are_accepted() -> anyhow::Result<()> {
+    use std::io::Write;
+    let ing = Ingest::start().await?;
+    let body = serde_json::to_vec(
+        &json!({"batch": [{"type": "track", "userId": "u", "event": "Zipped"}]}),
+    )?;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(&body)?;
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/batch", ing.base_url))
+        .basic_auth(WRITE_KEY, Some(""))
+        .header("Content-Type", "application/json")
+        .header("Content-Encoding", "gzip")
+        .body(enc.finish()?)
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(topic_len(&ing.topic(Topic::CustomerEvents)).await?, 1);
+    let doc: serde_json::Value = reqwest::get(format!("{}/openapi.json", ing.base_url))
+        .await?
+        .json()
+        .await?;
+    assert!(doc["paths"]["/v1/batch"]["post"].is_object());
+    ing.stop().await
+}

@@ -1,0 +1,331 @@
+//! Native events: contract events the Segment spec does not cover (capsules, explicit
+//! consent changes, transactions), as JSON with the Avro contract's field names.
+//!
+//! ```json
+//! {"type": "capsule.created", "userId": "u1", "messageId": "m1", "timestamp": "...",
+//!  "identifiers": [{"kind": "EMAIL", "value": "ada@example.org"}],
+//!  "payload": {"capsule_id": "…", "title": "…", "content_type": "text/markdown"}}
+//! ```
+
+use cdp_keystore::identifiers::subject_id;
+use cdp_keystore::RawIdentifier;
+use cdp_schemas::model::capsule::*;
+use cdp_schemas::model::customer::*;
+use cdp_schemas::{CapsuleEvent, CapsulePayload, CustomerEvent, CustomerPayload, IdentifierKind};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::currency;
+use crate::fields::{Errors, FieldError, Obj};
+use crate::publisher::{envelope, plain, Draft};
+use crate::segment::{common, Common, Ctx};
+
+/// Event types accepted on the native endpoint.
+pub const NATIVE_TYPES: &[&str] = &[
+    "capsule.created",
+    "capsule.content_added",
+    "capsule.published",
+    "capsule.viewed",
+    "capsule.deleted",
+    "customer.consent_changed",
+    "customer.transaction",
+];
+
+/// A parsed native event.
+#[derive(Debug)]
+pub enum NativeDraft {
+    Customer(Draft<CustomerEvent>),
+    Capsule(Draft<CapsuleEvent>),
+}
+
+fn uuid_field(o: &Obj<'_>, key: &str, errs: &mut Errors) -> Option<Uuid> {
+    let s = errs.check(o.str(key))?;
+    Uuid::parse_str(s.trim()).ok().or_else(|| {
+        errs.add(o.path_of(key), "is not a UUID");
+        None
+    })
+}
+
+fn symbol<T>(
+    o: &Obj<'_>,
+    key: &str,
+    default: Option<T>,
+    parse: fn(&str) -> Option<T>,
+    symbols: &[&str],
+    errs: &mut Errors,
+) -> Option<T> {
+    match errs.check(o.opt_str(key)).flatten() {
+        None => {
+            if default.is_none() {
+                errs.add(o.path_of(key), "is required");
+            }
+            default
+        }
+        Some(s) => parse(&s.trim().to_ascii_uppercase()).or_else(|| {
+            errs.add(
+                o.path_of(key),
+                format!("must be one of {}", symbols.join(", ")),
+            );
+            None
+        }),
+    }
+}
+
+fn extra_identifiers(c: &mut Common<'_>, ctx: &Ctx<'_>, errs: &mut Errors) {
+    let Some(list) = errs.check(c.obj.opt_array("identifiers")).flatten() else {
+        return;
+    };
+    for (i, v) in list.iter().enumerate() {
+        let Some(o) = errs.check(Obj::new(
+            format!("{}[{i}]", c.obj.path_of("identifiers")),
+            v,
+        )) else {
+            continue;
+        };
+        let kind = symbol(
+            &o,
+            "kind",
+            None,
+            IdentifierKind::from_symbol,
+            IdentifierKind::symbols(),
+            errs,
+        );
+        let value = errs.check(o.str("value"));
+        let namespace = errs.check(o.opt_str("namespace")).flatten();
+        if let (Some(kind), Some(value)) = (kind, value) {
+            let raw = RawIdentifier {
+                kind,
+                namespace,
+                value,
+            };
+            match ctx.hasher.identifier(&raw) {
+                Ok((_, normalized)) => c.identifiers.push(RawIdentifier {
+                    value: normalized,
+                    ..raw
+                }),
+                Err(e) => errs.add(o.path_of("value"), e.to_string()),
+            }
+        }
+    }
+}
+
+fn settings(o: &Obj<'_>, errs: &mut Errors) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    if let Some(s) = errs.check(o.opt_obj("settings")).flatten() {
+        for (k, v) in s.map {
+            match v {
+                Value::String(x) => {
+                    out.insert(k.clone(), x.clone());
+                }
+                Value::Null => {}
+                other => {
+                    out.insert(k.clone(), other.to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn capsule(kind: &str, p: &Obj<'_>, owner: &str, errs: &mut Errors) -> Option<CapsulePayload> {
+    let capsule_id = uuid_field(p, "capsule_id", errs);
+    let s = |errs: &mut Errors, k: &str| errs.check(p.opt_str(k)).flatten();
+    let payload = match kind {
+        "capsule.created" => {
+            let title = errs.check(p.str("title"));
+            let content_type = errs.check(p.str("content_type"));
+            CapsulePayload::Created(CapsuleCreated {
+                capsule_id: capsule_id?,
+                owner_subject_id: owner.to_owned(),
+                title: title?,
+                content_type: content_type?,
+                storage_path: s(errs, "storage_path"),
+                settings: settings(p, errs),
+            })
+        }
+        "capsule.content_added" => {
+            let content_id = uuid_field(p, "content_id", errs);
+            let content_type = errs.check(p.str("content_type"));
+            CapsulePayload::ContentAdded(CapsuleContentAdded {
+                capsule_id: capsule_id?,
+                content_id: content_id?,
+                content_type: content_type?,
+                storage_path: s(errs, "storage_path"),
+                size_bytes: errs.check(p.opt_i64("size_bytes")).flatten(),
+                body: s(errs, "body").and_then(plain),
+            })
+        }
+        "capsule.published" => CapsulePayload::Published(CapsulePublished {
+            capsule_id: capsule_id?,
+            visibility: symbol(
+                p,
+                "visibility",
+                Some(Visibility::Public),
+                Visibility::from_symbol,
+                Visibility::symbols(),
+                errs,
+            )?,
+        }),
+        "capsule.viewed" => CapsulePayload::Viewed(CapsuleViewed {
+            capsule_id: capsule_id?,
+            channel: s(errs, "channel"),
+            duration_ms: errs.check(p.opt_i64("duration_ms")).flatten(),
+        }),
+        _ => CapsulePayload::Deleted(CapsuleDeleted {
+            capsule_id: capsule_id?,
+            reason: s(errs, "reason"),
+        }),
+    };
+    Some(payload)
+}
+
+fn customer(kind: &str, p: &Obj<'_>, errs: &mut Errors) -> Option<CustomerPayload> {
+    if kind == "customer.consent_changed" {
+        let purpose = errs.check(p.str("purpose"));
+        let status = symbol(
+            p,
+            "status",
+            None,
+            ConsentStatus::from_symbol,
+            ConsentStatus::symbols(),
+            errs,
+        );
+        let basis = symbol(
+            p,
+            "basis",
+            Some(LegalBasis::Consent),
+            LegalBasis::from_symbol,
+            LegalBasis::symbols(),
+            errs,
+        );
+        return Some(CustomerPayload::ConsentChanged(ConsentChanged {
+            purpose: purpose?,
+            status: status?,
+            basis: basis?,
+            policy_version: errs.check(p.opt_str("policy_version")).flatten(),
+        }));
+    }
+    let order_id = errs.check(
+        p.opt_id("order_id")
+            .and_then(|o| o.ok_or_else(|| FieldError::new(p.path_of("order_id"), "is required"))),
+    );
+    let status = symbol(
+        p,
+        "status",
+        Some(TransactionStatus::Completed),
+        TransactionStatus::from_symbol,
+        TransactionStatus::symbols(),
+        errs,
+    );
+    let amount = errs.check(
+        p.opt_amount("amount")
+            .and_then(|a| a.ok_or_else(|| FieldError::new(p.path_of("amount"), "is required"))),
+    );
+    let currency = errs.check(p.str("currency")).and_then(|c| {
+        currency::normalize(&c).or_else(|| {
+            errs.add(p.path_of("currency"), "is not an ISO 4217 currency code");
+            None
+        })
+    });
+    let mut items = Vec::new();
+    if let Some(list) = errs.check(p.opt_array("items")).flatten() {
+        for (i, v) in list.iter().enumerate() {
+            let Some(o) = errs.check(Obj::new(format!("{}[{i}]", p.path_of("items")), v)) else {
+                continue;
+            };
+            let product_id = errs.check(o.opt_id("product_id").and_then(|x| {
+                x.ok_or_else(|| FieldError::new(o.path_of("product_id"), "is required"))
+            }));
+            let quantity = errs.check(o.opt_i64("quantity")).flatten().unwrap_or(1);
+            let unit_price = errs.check(o.opt_amount("unit_price")).flatten();
+            let quantity = i32::try_from(quantity).ok().or_else(|| {
+                errs.add(o.path_of("quantity"), "is out of range");
+                None
+            });
+            if let (Some(product_id), Some(quantity)) = (product_id, quantity) {
+                items.push(LineItem {
+                    product_id,
+                    sku: errs.check(o.opt_id("sku")).flatten(),
+                    name: errs.check(o.opt_str("name")).flatten(),
+                    category: errs.check(o.opt_str("category")).flatten(),
+                    quantity,
+                    unit_price: unit_price.unwrap_or_else(cdp_schemas::Amount::zero),
+                });
+            }
+        }
+    }
+    Some(CustomerPayload::Transaction(Transaction {
+        order_id: order_id?,
+        status: status?,
+        amount: amount?,
+        currency: currency?,
+        items,
+        payment_method: errs.check(p.opt_str("payment_method")).flatten(),
+        coupon: errs.check(p.opt_str("coupon")).flatten(),
+    }))
+}
+
+/// Reads one native event. On failure, every failing field.
+pub fn parse(
+    ctx: &Ctx<'_>,
+    path: &str,
+    v: &Value,
+) -> Result<(Option<String>, NativeDraft), Vec<FieldError>> {
+    let mut errs = Errors::default();
+    let obj = Obj::new(path, v).map_err(|e| vec![e])?;
+    let kind = errs.check(obj.str("type"));
+    if let Some(k) = &kind {
+        if !NATIVE_TYPES.contains(&k.as_str()) {
+            errs.add(
+                obj.path_of("type"),
+                format!("must be one of {}", NATIVE_TYPES.join(", ")),
+            );
+        }
+    }
+    let payload = errs.check(
+        obj.opt_obj("payload")
+            .and_then(|p| p.ok_or_else(|| FieldError::new(obj.path_of("payload"), "is required"))),
+    );
+    let Some(mut c) = common(ctx, obj, &mut errs) else {
+        return Err(errs.0);
+    };
+    extra_identifiers(&mut c, ctx, &mut errs);
+    let (Some(kind), Some(p)) = (kind, payload) else {
+        return Err(errs.0);
+    };
+    if !errs.is_empty() {
+        return Err(errs.0);
+    }
+    let env = envelope(c.event_id, c.occurred_at, ctx.received_at, ctx.source);
+    let draft = if kind.starts_with("capsule.") {
+        let hashed: Vec<_> = c
+            .identifiers
+            .iter()
+            .filter_map(|r| ctx.hasher.identifier(r).ok().map(|(i, _)| i))
+            .collect();
+        let owner = subject_id(&hashed).unwrap_or_default();
+        capsule(&kind, &p, &owner, &mut errs).map(|payload| {
+            NativeDraft::Capsule(Draft {
+                event: CapsuleEvent {
+                    envelope: env,
+                    payload,
+                },
+                identifiers: c.identifiers.clone(),
+            })
+        })
+    } else {
+        customer(&kind, &p, &mut errs).map(|payload| {
+            NativeDraft::Customer(Draft {
+                event: CustomerEvent {
+                    envelope: env,
+                    payload,
+                },
+                identifiers: c.identifiers.clone(),
+            })
+        })
+    };
+    match draft {
+        Some(d) if errs.is_empty() => Ok((c.message_id, d)),
+        _ => Err(errs.0),
+    }
+}

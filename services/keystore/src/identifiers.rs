@@ -1,0 +1,275 @@
+//! Identifier normalization and keyed hashing. The same person's email written
+//! ` Ada@Example.ORG ` and `ada@example.org` yields one hash; the hash reveals nothing
+//! without the identifier key.
+
+use cdp_schemas::{Identifier, IdentifierKind};
+use ring::hmac;
+
+/// Longest identifier value accepted, after trimming.
+pub const MAX_IDENTIFIER_LEN: usize = 256;
+
+/// An identifier as a client sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawIdentifier {
+    pub kind: IdentifierKind,
+    /// For external ids: the issuing system (e.g. `salesforce`).
+    pub namespace: Option<String>,
+    pub value: String,
+}
+
+impl RawIdentifier {
+    pub fn new(kind: IdentifierKind, value: impl Into<String>) -> Self {
+        Self {
+            kind,
+            namespace: None,
+            value: value.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum NormalizeError {
+    #[error("is empty")]
+    Empty,
+    #[error("is longer than {MAX_IDENTIFIER_LEN} characters")]
+    TooLong,
+    #[error("is not a valid email address")]
+    Email,
+    #[error("is not a valid phone number ({0})")]
+    Phone(String),
+    #[error("external ids need a namespace (the issuing system)")]
+    MissingNamespace,
+}
+
+/// Normalizes and hashes identifiers with the identifier key.
+pub struct IdentifierHasher {
+    key: hmac::Key,
+    region: Option<phonenumber::country::Id>,
+}
+
+/// A syntax check in the spirit of RFC 5321 limits (not the full RFC 5322 grammar).
+pub fn is_valid_email(s: &str) -> bool {
+    let Some((local, domain)) = s.rsplit_once('@') else {
+        return false;
+    };
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b >= 0x80)
+    };
+    let local_ok = !local.is_empty()
+        && local.len() <= 64
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..")
+        && local.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~.".contains(&b) || b >= 0x80
+        });
+    let labels: Vec<&str> = domain.split('.').collect();
+    local_ok && s.len() <= 254 && labels.len() >= 2 && labels.iter().all(|l| label_ok(l))
+}
+
+impl IdentifierHasher {
+    /// `default_region`: where phone numbers without a `+` country code are assumed to be.
+    pub fn new(key: &[u8; 32], default_region: &str) -> Self {
+        Self {
+            key: hmac::Key::new(hmac::HMAC_SHA256, key),
+            region: default_region.trim().to_ascii_uppercase().parse().ok(),
+        }
+    }
+
+    /// The canonical form of a value: emails trimmed and lower-cased, phones in E.164,
+    /// everything else trimmed.
+    pub fn normalize(&self, kind: IdentifierKind, value: &str) -> Result<String, NormalizeError> {
+        let v = value.trim();
+        if v.is_empty() {
+            return Err(NormalizeError::Empty);
+        }
+        if v.chars().count() > MAX_IDENTIFIER_LEN {
+            return Err(NormalizeError::TooLong);
+        }
+        match kind {
+            IdentifierKind::Email => {
+                let e = v.to_lowercase();
+                if is_valid_email(&e) {
+                    Ok(e)
+                } else {
+                    Err(NormalizeError::Email)
+                }
+            }
+            IdentifierKind::Phone => self.phone(v),
+            _ => Ok(v.to_owned()),
+        }
+    }
+
+    /// A phone number in E.164.
+    pub fn phone(&self, v: &str) -> Result<String, NormalizeError> {
+        let region = if v.starts_with('+') {
+            None
+        } else {
+            self.region
+        };
+        let number =
+            phonenumber::parse(region, v).map_err(|e| NormalizeError::Phone(e.to_string()))?;
+        if !phonenumber::is_valid(&number) {
+            return Err(NormalizeError::Phone(
+                "no such number in its numbering plan".to_owned(),
+            ));
+        }
+        Ok(number.format().mode(phonenumber::Mode::E164).to_string())
+    }
+
+    /// Hex HMAC-SHA256 of `kind | namespace | normalized value`.
+    pub fn hash(&self, kind: IdentifierKind, namespace: Option<&str>, normalized: &str) -> String {
+        let mut ctx = hmac::Context::with_key(&self.key);
+        ctx.update(kind.as_str().as_bytes());
+        ctx.update(&[0]);
+        ctx.update(namespace.unwrap_or("").as_bytes());
+        ctx.update(&[0]);
+        ctx.update(normalized.as_bytes());
+        hex::encode(ctx.sign().as_ref())
+    }
+
+    /// Normalizes and hashes one identifier; also returns the normalized plaintext (which the
+    /// caller may seal as PII, never log or key by).
+    pub fn identifier(&self, raw: &RawIdentifier) -> Result<(Identifier, String), NormalizeError> {
+        let namespace = raw
+            .namespace
+            .as_deref()
+            .map(str::trim)
+            .filter(|n| !n.is_empty());
+        if raw.kind == IdentifierKind::ExternalId && namespace.is_none() {
+            return Err(NormalizeError::MissingNamespace);
+        }
+        let normalized = self.normalize(raw.kind, &raw.value)?;
+        let id = Identifier {
+            kind: raw.kind,
+            namespace: namespace.map(str::to_owned),
+            value_hash: self.hash(raw.kind, namespace, &normalized),
+        };
+        Ok((id, normalized))
+    }
+}
+
+/// The subject an event is about: its user id if it has one, else its anonymous id, else its
+/// first identifier. The subject id names the data key that seals the event's PII.
+pub fn subject_id(identifiers: &[Identifier]) -> Option<String> {
+    [IdentifierKind::UserId, IdentifierKind::AnonymousId]
+        .iter()
+        .find_map(|k| identifiers.iter().find(|i| i.kind == *k))
+        .or_else(|| identifiers.first())
+        .map(|i| i.value_hash.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hasher() -> IdentifierHasher {
+        IdentifierHasher::new(&[3u8; 32], "GB")
+    }
+
+    #[test]
+    fn emails_normalize_case_and_whitespace() {
+        let h = hasher();
+        assert_eq!(
+            h.normalize(IdentifierKind::Email, "  Ada@Example.ORG "),
+            Ok("ada@example.org".to_owned())
+        );
+        for bad in [
+            "ada",
+            "ada@",
+            "@example.org",
+            "ada@example",
+            "a b@example.org",
+            "ada@@example.org",
+            "ada@ex..org",
+        ] {
+            assert_eq!(
+                h.normalize(IdentifierKind::Email, bad),
+                Err(NormalizeError::Email),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn phones_become_e164() {
+        let h = hasher();
+        assert_eq!(
+            h.normalize(IdentifierKind::Phone, "020 7123 4567"),
+            Ok("+442071234567".to_owned())
+        );
+        assert_eq!(
+            h.normalize(IdentifierKind::Phone, "+1 (415) 555-2671"),
+            Ok("+14155552671".to_owned())
+        );
+        assert!(matches!(
+            h.normalize(IdentifierKind::Phone, "12"),
+            Err(NormalizeError::Phone(_))
+        ));
+        assert!(matches!(
+            h.normalize(IdentifierKind::Phone, "not a phone"),
+            Err(NormalizeError::Phone(_))
+        ));
+    }
+
+    #[test]
+    fn hashes_are_keyed_stable_and_separate_kinds() {
+        let h = hasher();
+        let a = h.identifier(&RawIdentifier::new(
+            IdentifierKind::Email,
+            "Ada@Example.org",
+        ));
+        let b = h.identifier(&RawIdentifier::new(
+            IdentifierKind::Email,
+            "ada@example.org ",
+        ));
+        assert_eq!(a, b);
+        let (id, _) = a.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(id.value_hash.len(), 64);
+        assert!(!id.value_hash.contains("ada"));
+        let as_user = h.hash(IdentifierKind::UserId, None, "ada@example.org");
+        assert_ne!(as_user, id.value_hash, "kinds hash apart");
+        let other_key = IdentifierHasher::new(&[4u8; 32], "GB").hash(
+            IdentifierKind::Email,
+            None,
+            "ada@example.org",
+        );
+        assert_ne!(other_key, id.value_hash, "the hash depends on the key");
+        assert_eq!(
+            h.identifier(&RawIdentifier::new(IdentifierKind::ExternalId, "42"))
+                .err(),
+            Some(NormalizeError::MissingNamespace)
+        );
+    }
+
+    #[test]
+    fn the_subject_is_the_user_id_first() {
+        let h = hasher();
+        let id = |k, v: &str| {
+            h.identifier(&RawIdentifier::new(k, v))
+                .map(|(i, _)| i)
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let anon = id(IdentifierKind::AnonymousId, "a1");
+        let user = id(IdentifierKind::UserId, "u1");
+        let email = id(IdentifierKind::Email, "x@example.org");
+        assert_eq!(
+            subject_id(&[email.clone(), anon.clone(), user.clone()]),
+            Some(user.value_hash)
+        );
+        assert_eq!(
+            subject_id(&[email.clone(), anon.clone()]),
+            Some(anon.value_hash)
+        );
+        assert_eq!(
+            subject_id(std::slice::from_ref(&email)),
+            Some(email.value_hash)
+        );
+        assert_eq!(subject_id(&[]), None);
+    }
+}
