@@ -27,6 +27,9 @@ pub struct Ingest {
     pub keys: Arc<KeyStore>,
     pub hasher: IdentifierHasher,
     pub metrics: Metrics,
+    pub kafka: KafkaArgs,
+    /// The service's key material, for a direct producer of the same deployment.
+    pub key_args: KeyArgs,
     pub shutdown: Shutdown,
     pub task: tokio::task::JoinHandle<Result<(), cdp_ingest::IngestError>>,
 }
@@ -70,7 +73,7 @@ impl Ingest {
             key_cache_ttl_secs: 60,
         };
         let config = IngestConfig {
-            kafka,
+            kafka: kafka.clone(),
             pg: db.args(),
             keys: keys_args.clone(),
             ingest: IngestArgs {
@@ -100,6 +103,8 @@ impl Ingest {
             keys,
             db,
             metrics,
+            kafka,
+            key_args: keys_args,
             shutdown,
             task,
         })

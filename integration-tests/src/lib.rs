@@ -288,11 +288,22 @@ pub struct Consumed {
 
 /// Reads at least `n` records of a topic from the start (fresh group), failing after `timeout`.
 pub async fn consume(topic: &str, n: usize, timeout: Duration) -> anyhow::Result<Vec<Consumed>> {
+    consume_from(&brokers(), topic, n, timeout).await
+}
+
+/// [`consume`] from a given broker.
+pub async fn consume_from(
+    brokers: &str,
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Consumed>> {
     use rdkafka::message::{Headers, Message};
     let topic = topic.to_owned();
+    let brokers = brokers.to_owned();
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+            .set("bootstrap.servers", &brokers)
             .set("group.id", unique("reader"))
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
@@ -355,4 +366,93 @@ pub async fn topic_len(topic: &str) -> anyhow::Result<i64> {
         Ok(total)
     })
     .await?
+}
+
+/// A broker of the test's own (nisshi, sqlite storage in a temporary directory), for tests
+/// that stop and restart it without disturbing the shared one.
+pub struct OwnBroker {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl OwnBroker {
+    pub fn start() -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let dir = std::env::temp_dir().join(unique("cdp-broker"));
+        std::fs::create_dir_all(&dir)?;
+        let mut b = Self {
+            port,
+            dir,
+            child: None,
+        };
+        b.resume()?;
+        Ok(b)
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port and storage.
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        let bin = std::env::var_os("CDP_TEST_NISSHI")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                    .join(".cargo/bin/nisshi")
+            });
+        anyhow::ensure!(
+            bin.exists(),
+            "{} is missing: `scripts/stack up` installs it (or set CDP_TEST_NISSHI)",
+            bin.display()
+        );
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = std::process::Command::new(bin)
+            .current_dir(&self.dir)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args([
+                "--group-initial-rebalance-delay",
+                "0s",
+                "--storage-engine",
+                "sqlite://broker.db",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(20),
+                "own broker did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs it.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let _ = self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -623,3 +623,226 @@ async fn gzip_bodies_are_accepted() -> anyhow::Result<()> {
     assert!(doc["paths"]["/v1/batch"]["post"].is_object());
     ing.stop().await
 }
+
+fn python() -> anyhow::Result<std::path::PathBuf> {
+    let p = std::env::var_os("CDP_TEST_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.stack/venv/bin/python")
+        });
+    anyhow::ensure!(
+        p.exists(),
+        "{} is missing: `scripts/stack up` installs Segment's analytics-python there (or set CDP_TEST_PYTHON)",
+        p.display()
+    );
+    Ok(p)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_official_python_sdk_works_unchanged() -> anyhow::Result<()> {
+    let python = python()?;
+    let ing = Ingest::start().await?;
+    let run = Uuid::new_v4().simple().to_string();
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdk/segment_python.py");
+    let (url, r) = (ing.base_url.clone(), run.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .arg(url)
+            .arg(WRITE_KEY)
+            .arg(r)
+            .output()
+    })
+    .await??;
+    assert!(
+        out.status.success(),
+        "SDK failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = customer_events(&ing, 4).await?;
+    let mut types: Vec<&str> = events.values().map(|e| e.payload.event_type()).collect();
+    types.sort();
+    assert_eq!(
+        types,
+        vec![
+            "customer.alias",
+            "customer.identify",
+            "customer.page_viewed",
+            "customer.track"
+        ]
+    );
+    let user = ing
+        .hasher
+        .hash(IdentifierKind::UserId, None, &format!("sdk-user-{run}"));
+    for e in events.values() {
+        assert_eq!(e.envelope.subject.subject_id, user);
+        let expected = cdp_ingest::segment::event_id(
+            "test-app",
+            Some(&format!(
+                "{run}-{}",
+                e.payload
+                    .event_type()
+                    .trim_start_matches("customer.")
+                    .replace("page_viewed", "page")
+            )),
+        );
+        assert_eq!(
+            e.envelope.event_id, expected,
+            "messageId maps to the event id"
+        );
+        if let CustomerPayload::Identify(t) = &e.payload {
+            assert_eq!(
+                ing.open(&user, "email", &t.email).await?,
+                Some(format!("sdk-{run}@example.org"))
+            );
+        }
+    }
+    ing.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_broker_means_503_in_bounded_time_and_nothing_accepted_is_lost() -> anyhow::Result<()>
+{
+    let mut broker = OwnBroker::start()?;
+    let ing = Ingest::start_with(cdp_integration_tests::ingest::Options {
+        brokers: broker.brokers(),
+        produce_timeout_ms: 3_000,
+    })
+    .await?;
+    let send = |n: u32| {
+        let body = json!({"batch": (0..5).map(|i| json!({"type": "track", "userId": format!("u{i}"), "event": "x", "messageId": format!("m-{n}-{i}")})).collect::<Vec<_>>()});
+        let ing = &ing;
+        async move { ing.post("/v1/batch", &body).await }
+    };
+    let (status, _) = send(1).await?;
+    assert_eq!(status, 200);
+
+    broker.kill()?;
+    let started = std::time::Instant::now();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/batch", ing.base_url))
+        .basic_auth(WRITE_KEY, Some(""))
+        .json(&json!({"batch": (0..5).map(|i| json!({"type": "track", "userId": format!("u{i}"), "event": "x", "messageId": format!("m-2-{i}")})).collect::<Vec<_>>()}))
+        .send()
+        .await?;
+    let waited = started.elapsed();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("5")
+    );
+    assert!(
+        waited < Duration::from_secs(10),
+        "a dead broker is answered in bounded time, took {waited:?}"
+    );
+
+    broker.resume()?;
+    // The client retries the refused batch, with the same messageIds, until it is accepted.
+    let mut accepted = false;
+    for _ in 0..30 {
+        if send(2).await?.0 == 200 {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        accepted,
+        "after the broker returns, the retried request is accepted"
+    );
+    assert_eq!(send(3).await?.0, 200);
+
+    // Every accepted event is in the log (a 503'd attempt may also have landed: same event ids).
+    let topic = ing.topic(Topic::CustomerEvents);
+    let recs = consume_from(&broker.brokers(), &topic, 15, Duration::from_secs(30)).await?;
+    let ids: std::collections::HashSet<Uuid> = recs
+        .iter()
+        .map(|r| {
+            cdp_schemas::decode::<CustomerEvent>(r.value.as_deref().unwrap_or_default())
+                .map(|e| e.envelope.event_id)
+        })
+        .collect::<Result<_, _>>()?;
+    for n in 1..=3 {
+        for i in 0..5 {
+            let want = cdp_ingest::segment::event_id("test-app", Some(&format!("m-{n}-{i}")));
+            assert!(ids.contains(&want), "accepted event m-{n}-{i} is missing");
+        }
+    }
+    ing.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_producer_gets_the_same_contract_as_the_http_path() -> anyhow::Result<()> {
+    use cdp_ingest::publisher::{envelope, plain, Draft, Publisher};
+    use cdp_keystore::RawIdentifier;
+    let ing = Ingest::start().await?;
+    // Over HTTP.
+    let (status, _) = ing
+        .post(
+            "/v1/identify",
+            &json!({"userId": "direct-1", "traits": {"email": "Direct@Example.org"}}),
+        )
+        .await?;
+    assert_eq!(status, 200);
+    // Straight to Kafka with the library, same keys and hasher as the service.
+    let producer = std::sync::Arc::new(cdp_runtime::kafka::producer::Producer::new(&ing.kafka)?);
+    let hasher = std::sync::Arc::new(ing.key_args.hasher()?);
+    let publisher = Publisher::new(producer, ing.keys.clone(), hasher, ing.topics.clone());
+    let now = chrono::Utc::now();
+    let draft = Draft {
+        event: CustomerEvent {
+            envelope: envelope(Uuid::now_v7(), now, now, "direct-app"),
+            payload: CustomerPayload::Identify(Identify {
+                email: plain("direct@example.org"),
+                ..Identify::default()
+            }),
+        },
+        identifiers: vec![
+            RawIdentifier::new(IdentifierKind::UserId, "direct-1"),
+            RawIdentifier::new(IdentifierKind::Email, "Direct@Example.org"),
+        ],
+    };
+    let prepared = publisher.publish(vec![draft]).await?;
+    assert_eq!(prepared.len(), 1);
+    // A draft without identifiers is refused before anything is produced.
+    let orphan = Draft {
+        event: CustomerEvent {
+            envelope: envelope(Uuid::now_v7(), now, now, "direct-app"),
+            payload: CustomerPayload::Identify(Identify::default()),
+        },
+        identifiers: vec![],
+    };
+    assert!(publisher.publish(vec![orphan]).await.is_err());
+
+    let events: Vec<CustomerEvent> = consume(
+        &ing.topic(Topic::CustomerEvents),
+        2,
+        Duration::from_secs(30),
+    )
+    .await?
+    .iter()
+    .map(|r| cdp_schemas::decode(r.value.as_deref().unwrap_or_default()))
+    .collect::<Result<_, _>>()?;
+    let (http, direct) = (&events[0], &events[1]);
+    assert_eq!(
+        http.envelope.subject, direct.envelope.subject,
+        "same subject and hashed identifiers"
+    );
+    assert_eq!(
+        http.envelope.partition_key, direct.envelope.partition_key,
+        "same key, same partition"
+    );
+    let subject = &direct.envelope.subject.subject_id;
+    for e in &events {
+        let CustomerPayload::Identify(t) = &e.payload else {
+            panic!()
+        };
+        assert_eq!(
+            ing.open(subject, "email", &t.email).await?.as_deref(),
+            Some("direct@example.org")
+        );
+    }
+    ing.stop().await
+}

@@ -300,6 +300,11 @@ async fn handle(
         received_at,
         limits: &app.limits,
         hasher: app.publisher.hasher(),
+        batch_sent_at: value
+            .get("sentAt")
+            .and_then(Value::as_str)
+            .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+            .map(|t| t.with_timezone(&chrono::Utc)),
     };
     let sorted = sort_messages(&ctx, route.kind, &items);
     let single = matches!(route.kind, RouteKind::Segment(_))

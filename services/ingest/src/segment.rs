@@ -31,6 +31,8 @@ pub struct Ctx<'a> {
     pub received_at: DateTime<Utc>,
     pub limits: &'a Limits,
     pub hasher: &'a IdentifierHasher,
+    /// A batch's top-level `sentAt`, for messages without their own.
+    pub batch_sent_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +115,10 @@ pub(crate) fn common<'a>(ctx: &Ctx<'_>, obj: Obj<'a>, errs: &mut Errors) -> Opti
         }
     }
     let timestamp = errs.check(obj.opt_time("timestamp")).flatten();
-    let sent_at = errs.check(obj.opt_time("sentAt")).flatten();
+    let sent_at = errs
+        .check(obj.opt_time("sentAt"))
+        .flatten()
+        .or(ctx.batch_sent_at);
     let occurred_at = match (timestamp, sent_at) {
         (Some(t), Some(sent)) => ctx.received_at - (sent - t),
         (Some(t), None) => t,
