@@ -1,7 +1,6 @@
 //! The consumer runner against the real broker and Postgres: effectively-once across
 //! SIGKILL, rebalances, poison records and graceful shutdown.
 
-use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,9 +15,6 @@ use cdp_runtime::metrics::{Metrics, RunnerMetrics};
 use cdp_runtime::pg::PgSink;
 use cdp_runtime::Shutdown;
 use rand::Rng;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::ClientConfig;
 
 struct Probe {
     topic: String,
@@ -345,11 +341,7 @@ async fn poison_records_are_dead_lettered_and_the_partition_moves_on() -> anyhow
     );
 
     // Both rejected records are in the dead-letter topic, unchanged, with their story.
-    let dlq_records = tokio::task::spawn_blocking({
-        let dlq = dlq.clone();
-        move || read_all(&dlq, 2)
-    })
-    .await??;
+    let dlq_records = consume(&dlq, 2, Duration::from_secs(60)).await?;
     assert_eq!(dlq_records.len(), 2);
     let garbage = &dlq_records[0];
     assert_eq!(
@@ -368,52 +360,6 @@ async fn poison_records_are_dead_lettered_and_the_partition_moves_on() -> anyhow
     assert_eq!(refused.headers[headers::OFFSET], "101");
     assert!(metrics.encode()?.contains("outcome=\"DeadLettered\"} 2"));
     db.drop_db().await
-}
-
-struct Consumed {
-    value: Option<Vec<u8>>,
-    headers: HashMap<String, String>,
-}
-
-/// Reads `n` records of a topic from the start (fresh group), in order.
-fn read_all(topic: &str, n: usize) -> anyhow::Result<Vec<Consumed>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", unique("reader"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    consumer.subscribe(&[topic])?;
-    let mut out = Vec::new();
-    let started = std::time::Instant::now();
-    while out.len() < n {
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(60),
-            "only {} of {n} records in {topic}",
-            out.len()
-        );
-        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
-            let m = m?;
-            let headers = m
-                .headers()
-                .map(|hs| {
-                    hs.iter()
-                        .map(|h| {
-                            (
-                                h.key.to_owned(),
-                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            out.push(Consumed {
-                value: m.payload().map(<[u8]>::to_vec),
-                headers,
-            });
-        }
-    }
-    Ok(out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

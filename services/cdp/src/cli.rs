@@ -1,6 +1,6 @@
 //! Command line: every flag also reads a `CDP_*` environment variable.
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use cdp_ingest::config::IngestArgs;
 use cdp_keystore::config::KeyArgs;
@@ -47,28 +47,12 @@ pub enum Command {
     /// endpoints and every service built so far (ingest), until SIGINT/SIGTERM.
     All {
         #[command(flatten)]
-        kafka: KafkaArgs,
-        #[command(flatten)]
-        pg: PostgresArgs,
-        #[command(flatten)]
-        admin: AdminArgs,
-        #[command(flatten)]
-        keys: KeyArgs,
-        #[command(flatten)]
-        ingest: IngestArgs,
+        args: IngestCommand,
     },
     /// The ingest service: the Segment-compatible tracking API and native events, into Kafka.
     Ingest {
         #[command(flatten)]
-        kafka: KafkaArgs,
-        #[command(flatten)]
-        pg: PostgresArgs,
-        #[command(flatten)]
-        admin: AdminArgs,
-        #[command(flatten)]
-        keys: KeyArgs,
-        #[command(flatten)]
-        ingest: IngestArgs,
+        args: IngestCommand,
     },
     /// Print the most recent events the ingest API rejected (JSON lines, newest first).
     Rejections {
@@ -78,6 +62,21 @@ pub enum Command {
         #[arg(long, default_value_t = 50)]
         limit: i64,
     },
+}
+
+/// What the ingest service needs (also `cdp all`, which runs it).
+#[derive(Args, Debug)]
+pub struct IngestCommand {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub pg: PostgresArgs,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    #[command(flatten)]
+    pub ingest: IngestArgs,
 }
 
 #[derive(Subcommand, Debug)]

@@ -115,6 +115,23 @@ impl Platform {
     }
 }
 
+async fn run_ingest(platform: Platform, args: cli::IngestCommand) -> anyhow::Result<()> {
+    let config = cdp_ingest::IngestConfig {
+        kafka: args.kafka,
+        pg: args.pg,
+        keys: args.keys,
+        ingest: args.ingest,
+    };
+    let (metrics, readiness, shutdown) = platform.handles();
+    platform
+        .run(async move {
+            cdp_ingest::run(config, &metrics, &readiness, shutdown)
+                .await
+                .context("ingest")
+        })
+        .await
+}
+
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Topics {
@@ -163,28 +180,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Ingest {
-            kafka,
-            pg: pg_args,
-            admin: admin_args,
-            keys,
-            ingest,
-        } => {
-            let platform = Platform::start(&admin_args).await?;
-            let config = cdp_ingest::IngestConfig {
-                kafka,
-                pg: pg_args,
-                keys,
-                ingest,
-            };
-            let (metrics, readiness, shutdown) = platform.handles();
-            platform
-                .run(async move {
-                    cdp_ingest::run(config, &metrics, &readiness, shutdown)
-                        .await
-                        .context("ingest")
-                })
-                .await
+        Command::Ingest { args } => {
+            let platform = Platform::start(&args.admin).await?;
+            run_ingest(platform, args).await
         }
         Command::Schemas {
             command: SchemasCommand::Catalog,
@@ -213,35 +211,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::All {
-            kafka,
-            pg: pg_args,
-            admin: admin_args,
-            keys,
-            ingest,
-        } => {
-            let topics = Topics::new(&kafka.topic_prefix);
-            topics::ensure(&kafka, &topics::catalogue(&topics))
+        Command::All { args } => {
+            let topics = Topics::new(&args.kafka.topic_prefix);
+            topics::ensure(&args.kafka, &topics::catalogue(&topics))
                 .await
                 .context("creating topics")?;
-            let pool = connect(&pg_args).await?;
-            migrate(&pool).await?;
-            let platform = Platform::start(&admin_args).await?;
+            migrate(&connect(&args.pg).await?).await?;
+            let platform = Platform::start(&args.admin).await?;
             tracing::info!(services = ?cli::SERVICES, "cdp all running; Ctrl-C to stop");
-            let config = cdp_ingest::IngestConfig {
-                kafka,
-                pg: pg_args,
-                keys,
-                ingest,
-            };
-            let (metrics, readiness, shutdown) = platform.handles();
-            platform
-                .run(async move {
-                    cdp_ingest::run(config, &metrics, &readiness, shutdown)
-                        .await
-                        .context("ingest")
-                })
-                .await
+            run_ingest(platform, args).await
         }
     }
 }

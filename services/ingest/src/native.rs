@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::currency;
 use crate::fields::{Errors, FieldError, Obj};
 use crate::publisher::{envelope, plain, Draft};
-use crate::segment::{common, Common, Ctx};
+use crate::segment::{common, line_items, Common, Ctx, ItemKeys};
 
 /// Event types accepted on the native endpoint.
 pub const NATIVE_TYPES: &[&str] = &[
@@ -227,33 +227,15 @@ fn customer(kind: &str, p: &Obj<'_>, errs: &mut Errors) -> Option<CustomerPayloa
             None
         })
     });
-    let mut items = Vec::new();
-    if let Some(list) = errs.check(p.opt_array("items")).flatten() {
-        for (i, v) in list.iter().enumerate() {
-            let Some(o) = errs.check(Obj::new(format!("{}[{i}]", p.path_of("items")), v)) else {
-                continue;
-            };
-            let product_id = errs.check(o.opt_id("product_id").and_then(|x| {
-                x.ok_or_else(|| FieldError::new(o.path_of("product_id"), "is required"))
-            }));
-            let quantity = errs.check(o.opt_i64("quantity")).flatten().unwrap_or(1);
-            let unit_price = errs.check(o.opt_amount("unit_price")).flatten();
-            let quantity = i32::try_from(quantity).ok().or_else(|| {
-                errs.add(o.path_of("quantity"), "is out of range");
-                None
-            });
-            if let (Some(product_id), Some(quantity)) = (product_id, quantity) {
-                items.push(LineItem {
-                    product_id,
-                    sku: errs.check(o.opt_id("sku")).flatten(),
-                    name: errs.check(o.opt_str("name")).flatten(),
-                    category: errs.check(o.opt_str("category")).flatten(),
-                    quantity,
-                    unit_price: unit_price.unwrap_or_else(cdp_schemas::Amount::zero),
-                });
-            }
-        }
-    }
+    let items = line_items(
+        p,
+        &ItemKeys {
+            list: "items",
+            ids: &["product_id"],
+            price: "unit_price",
+        },
+        errs,
+    );
     Some(CustomerPayload::Transaction(Transaction {
         order_id: order_id?,
         status: status?,

@@ -7,7 +7,6 @@
 //! [`plain`]), with an empty subject, plus the raw identifiers. The publisher fills in the
 //! rest; the plaintext never leaves the process.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use cdp_keystore::crypto::field_aad;
@@ -221,9 +220,4 @@ impl Publisher {
         self.send(&prepared).await?;
         Ok(prepared)
     }
-}
-
-/// Where each prepared record went, by event id (for responses and tests).
-pub fn by_event_id(prepared: &[Prepared]) -> HashMap<Uuid, &Prepared> {
-    prepared.iter().map(|p| (p.event_id, p)).collect()
 }

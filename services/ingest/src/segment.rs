@@ -3,7 +3,7 @@
 
 use cdp_keystore::{IdentifierHasher, RawIdentifier};
 use cdp_schemas::model::customer::*;
-use cdp_schemas::{Amount, CustomerEvent, CustomerPayload, Identifier, IdentifierKind};
+use cdp_schemas::{Amount, CustomerEvent, CustomerPayload, IdentifierKind};
 use chrono::{DateTime, Duration, Utc};
 use serde_json::Value;
 use uuid::Uuid;
@@ -318,39 +318,15 @@ fn transaction(
             n
         }
     };
-    let mut items = Vec::new();
-    if let Some(products) = errs.check(p.opt_array("products")).flatten() {
-        for (i, v) in products.iter().enumerate() {
-            let item_path = format!("{}[{i}]", p.path_of("products"));
-            let Some(o) = errs.check(Obj::new(item_path, v)) else {
-                continue;
-            };
-            let product_id = errs
-                .check(o.opt_id("product_id"))
-                .flatten()
-                .or_else(|| errs.check(o.opt_id("id")).flatten())
-                .or_else(|| errs.check(o.opt_id("sku")).flatten());
-            if product_id.is_none() {
-                errs.add(o.path_of("product_id"), "is required (or id, or sku)");
-            }
-            let quantity = errs.check(o.opt_i64("quantity")).flatten().unwrap_or(1);
-            let quantity = i32::try_from(quantity).ok().or_else(|| {
-                errs.add(o.path_of("quantity"), "is out of range");
-                None
-            });
-            let unit_price = errs.check(o.opt_amount("price")).flatten();
-            if let (Some(product_id), Some(quantity)) = (product_id, quantity) {
-                items.push(LineItem {
-                    product_id,
-                    sku: errs.check(o.opt_id("sku")).flatten(),
-                    name: errs.check(o.opt_str("name")).flatten(),
-                    category: errs.check(o.opt_str("category")).flatten(),
-                    quantity,
-                    unit_price: unit_price.unwrap_or_else(Amount::zero),
-                });
-            }
-        }
-    }
+    let items = line_items(
+        p,
+        &ItemKeys {
+            list: "products",
+            ids: &["product_id", "id", "sku"],
+            price: "price",
+        },
+        errs,
+    );
     Some(CustomerPayload::Transaction(Transaction {
         order_id: order_id?,
         status,
@@ -360,6 +336,53 @@ fn transaction(
         payment_method: errs.check(p.opt_str("payment_method")).flatten(),
         coupon: errs.check(p.opt_str("coupon")).flatten(),
     }))
+}
+
+/// Where an order's line items are: the list, the product id (first present wins) and the price.
+pub(crate) struct ItemKeys {
+    pub list: &'static str,
+    pub ids: &'static [&'static str],
+    pub price: &'static str,
+}
+
+/// An order's line items; every failing field is recorded.
+pub(crate) fn line_items(p: &Obj<'_>, keys: &ItemKeys, errs: &mut Errors) -> Vec<LineItem> {
+    let mut items = Vec::new();
+    let Some(list) = errs.check(p.opt_array(keys.list)).flatten() else {
+        return items;
+    };
+    for (i, v) in list.iter().enumerate() {
+        let Some(o) = errs.check(Obj::new(format!("{}[{i}]", p.path_of(keys.list)), v)) else {
+            continue;
+        };
+        let product_id = keys
+            .ids
+            .iter()
+            .find_map(|k| errs.check(o.opt_id(k)).flatten());
+        if product_id.is_none() {
+            errs.add(
+                o.path_of(keys.ids[0]),
+                format!("is required (one of {})", keys.ids.join(", ")),
+            );
+        }
+        let quantity = errs.check(o.opt_i64("quantity")).flatten().unwrap_or(1);
+        let quantity = i32::try_from(quantity).ok().or_else(|| {
+            errs.add(o.path_of("quantity"), "is out of range");
+            None
+        });
+        let unit_price = errs.check(o.opt_amount(keys.price)).flatten();
+        if let (Some(product_id), Some(quantity)) = (product_id, quantity) {
+            items.push(LineItem {
+                product_id,
+                sku: errs.check(o.opt_id("sku")).flatten(),
+                name: errs.check(o.opt_str("name")).flatten(),
+                category: errs.check(o.opt_str("category")).flatten(),
+                quantity,
+                unit_price: unit_price.unwrap_or_else(Amount::zero),
+            });
+        }
+    }
+    items
 }
 
 fn track(c: &Common<'_>, errs: &mut Errors) -> Option<CustomerPayload> {
@@ -553,10 +576,105 @@ pub fn parse(ctx: &Ctx<'_>, call: Call, path: &str, v: &Value) -> Result<Parsed,
     }
 }
 
-/// The hashed identifiers of a draft, for tests and tools.
-pub fn hashed(hasher: &IdentifierHasher, d: &Draft<CustomerEvent>) -> Vec<Identifier> {
-    d.identifiers
-        .iter()
-        .filter_map(|r| hasher.identifier(r).ok().map(|(i, _)| i))
-        .collect()
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn with_ctx<T>(f: impl FnOnce(&Ctx<'_>) -> T) -> T {
+        let hasher = IdentifierHasher::new(&[9; 32], "US");
+        let limits = Limits {
+            max_event_bytes: 32 * 1024,
+            max_batch_bytes: 500 * 1024,
+            max_message_id_len: 100,
+            max_future: Duration::hours(1),
+        };
+        let received_at = DateTime::parse_from_rfc3339("2026-11-22T10:06:00Z")
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or_else(|e| panic!("{e}"));
+        f(&Ctx {
+            source: "app",
+            received_at,
+            limits: &limits,
+            hasher: &hasher,
+            batch_sent_at: None,
+        })
+    }
+
+    #[test]
+    fn event_ids_follow_the_message_id() {
+        let u = Uuid::new_v4();
+        assert_eq!(event_id("app", Some(&u.to_string())), u);
+        assert_eq!(event_id("app", Some("m-1")), event_id("app", Some("m-1")));
+        assert_ne!(
+            event_id("app", Some("m-1")),
+            event_id("other", Some("m-1")),
+            "scoped by source"
+        );
+        assert_eq!(event_id("app", None).get_version_num(), 7);
+    }
+
+    #[test]
+    fn client_clock_skew_is_corrected_with_sent_at() {
+        let parsed = with_ctx(|ctx| {
+            parse(
+                ctx,
+                Call::Track,
+                "",
+                &json!({"userId": "u", "event": "x", "timestamp": "2026-11-22T10:00:00Z", "sentAt": "2026-11-22T10:05:00Z"}),
+            )
+        })
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        // Sent 5 minutes after it happened, received at 10:06: it happened at 10:01.
+        assert_eq!(
+            parsed.drafts[0].event.envelope.occurred_at.to_rfc3339(),
+            "2026-11-22T10:01:00+00:00"
+        );
+    }
+
+    #[test]
+    fn every_failing_field_is_reported_at_once() {
+        let errs = with_ctx(|ctx| {
+            parse(
+                ctx,
+                Call::Identify,
+                "batch[4]",
+                &json!({"messageId": "m", "timestamp": "soon", "traits": {"email": "a@", "phone": "1"}}),
+            )
+        })
+        .err()
+        .unwrap_or_default();
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "batch[4].timestamp",
+                "batch[4].userId",
+                "batch[4].traits.email",
+                "batch[4].traits.phone"
+            ]
+        );
+    }
+
+    #[test]
+    fn consent_categories_become_consent_events_with_stable_ids() {
+        let body = json!({"userId": "u", "event": "x", "messageId": "m-1",
+            "context": {"consent": {"categoryPreferences": {"ads": true, "analytics": false}}}});
+        let a =
+            with_ctx(|ctx| parse(ctx, Call::Track, "", &body)).unwrap_or_else(|e| panic!("{e:?}"));
+        let b =
+            with_ctx(|ctx| parse(ctx, Call::Track, "", &body)).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(a.drafts.len(), 3);
+        let ids = |p: &Parsed| {
+            p.drafts
+                .iter()
+                .map(|d| d.event.envelope.event_id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            ids(&a),
+            ids(&b),
+            "a retry yields the same consent event ids"
+        );
+    }
 }

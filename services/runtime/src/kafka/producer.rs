@@ -124,6 +124,8 @@ impl Producer {
         cfg.set("enable.idempotence", "true")
             .set("acks", "all")
             .set("compression.type", kafka.compression.as_str())
+            // Kafka's Java default: a key lands on the same partition whichever client produced it.
+            .set("partitioner", "murmur2_random")
             .set("linger.ms", options.linger.as_millis().to_string())
             .set(
                 "message.timeout.ms",
