@@ -19,6 +19,7 @@ use rdkafka::ClientConfig;
 use sqlx::{PgConnection, PgPool};
 
 pub mod ingest;
+pub mod projector;
 
 /// Where the test services are. Defaults match `scripts/stack`.
 pub fn brokers() -> String {
@@ -455,4 +456,24 @@ impl Drop for OwnBroker {
         let _ = self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// High watermark of each partition of a topic.
+pub async fn topic_ends(topic: &str) -> anyhow::Result<Vec<(i32, i64)>> {
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .create()?;
+        let md = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        let mut out = Vec::new();
+        for t in md.topics() {
+            for p in t.partitions() {
+                let (_, hi) = c.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
+                out.push((p.id(), hi));
+            }
+        }
+        Ok(out)
+    })
+    .await?
 }

@@ -11,6 +11,7 @@ use crate::model::common::*;
 use crate::model::compliance::*;
 use crate::model::customer::*;
 use crate::model::identity::*;
+use crate::model::profile::*;
 
 fn at(secs: i64) -> DateTime<Utc> {
     Utc.timestamp_opt(1_767_225_600 + secs, 123_456_000)
@@ -281,4 +282,44 @@ pub fn identity_events() -> Vec<IdentityEvent> {
             }),
         ),
     ]
+}
+
+pub fn profile_events() -> Vec<ProfileEvent> {
+    vec![ProfileEvent {
+        envelope: envelope(41, "5"),
+        payload: ProfilePayload::Snapshot(ProfileSnapshot {
+            profile_id: id(0xA5),
+            first_seen: at(0),
+            last_seen: at(3_600),
+            identifiers: vec![Identifier {
+                kind: IdentifierKind::Email,
+                namespace: None,
+                value_hash: hash("e5"),
+            }],
+            traits: vec![
+                TraitValue {
+                    name: "country".to_owned(),
+                    value: Some("GB".to_owned()),
+                    sealed: None,
+                    subject_id: hash("5"),
+                    asserted_at: at(10),
+                },
+                TraitValue {
+                    name: "email".to_owned(),
+                    value: None,
+                    sealed: sealed("ada@example.org"),
+                    subject_id: hash("5"),
+                    asserted_at: at(10),
+                },
+            ],
+            consents: vec![ConsentState {
+                purpose: "analytics".to_owned(),
+                status: ConsentStatus::Denied,
+                basis: LegalBasis::Consent,
+                changed_at: at(20),
+            }],
+            interactions: 12,
+            transactions: 2,
+        }),
+    }]
 }

@@ -20,13 +20,15 @@ pub use model::common::{Amount, Envelope, Identifier, IdentifierKind, Sealed, Su
 pub use model::compliance::{ComplianceEvent, CompliancePayload};
 pub use model::customer::{CustomerEvent, CustomerPayload};
 pub use model::identity::{IdentityEvent, IdentityPayload};
+pub use model::profile::{profile_id_of, ProfileEvent, ProfilePayload, ProfileSnapshot};
 
 /// Every schema of the contract: (file stem, its schema set).
-pub fn all_schemas() -> [&'static registry::SchemaSet; 4] {
+pub fn all_schemas() -> [&'static registry::SchemaSet; 5] {
     [
         CustomerEvent::schema_set(),
         CapsuleEvent::schema_set(),
         ComplianceEvent::schema_set(),
         IdentityEvent::schema_set(),
+        ProfileEvent::schema_set(),
     ]
 }

@@ -147,6 +147,11 @@ fn identity_events_round_trip_and_stay_compatible() {
 }
 
 #[test]
+fn profile_events_round_trip_and_stay_compatible() {
+    check_family::<cdp_schemas::ProfileEvent>(fixtures::profile_events());
+}
+
+#[test]
 fn typed_errors_for_bad_frames() {
     assert!(matches!(
         decode::<CustomerEvent>(&[]),
@@ -375,6 +380,11 @@ fn the_pii_visitor_matches_the_schema_marks() {
     }
     for mut e in fixtures::identity_events() {
         assert!(e.pii_mut().is_empty());
+    }
+    for mut e in fixtures::profile_events() {
+        let n = e.pii_mut().len();
+        assert_eq!(n, 2, "one sealed slot per trait");
+        visited.push(("TraitValue".to_owned(), "sealed".to_owned()));
     }
     visited.sort();
     let mut marked = marked;

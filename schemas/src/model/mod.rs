@@ -6,12 +6,14 @@ pub mod common;
 pub mod compliance;
 pub mod customer;
 pub mod identity;
+pub mod profile;
 
 use crate::codec::contract;
 use capsule::{CapsuleEvent, CapsulePayload};
 use compliance::{ComplianceEvent, CompliancePayload};
 use customer::{CustomerEvent, CustomerPayload};
 use identity::{IdentityEvent, IdentityPayload};
+use profile::{ProfileEvent, ProfilePayload};
 
 contract!(
     CustomerEvent,
@@ -62,6 +64,19 @@ contract!(
         include_str!(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/avro/history/identity-event/v1.avsc"
+        ))
+    )]
+);
+contract!(
+    ProfileEvent,
+    ProfilePayload,
+    "profile-event",
+    "ProfileEvent",
+    &[(
+        1,
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/avro/history/profile-event/v1.avsc"
         ))
     )]
 );

@@ -4,10 +4,11 @@ use clap::{Args, Parser, Subcommand};
 
 use cdp_ingest::config::IngestArgs;
 use cdp_keystore::config::KeyArgs;
-use cdp_runtime::config::{AdminArgs, KafkaArgs, PostgresArgs, TelemetryArgs};
+use cdp_projector::{ApiArgs, ProjectorArgs};
+use cdp_runtime::config::{AdminArgs, KafkaArgs, PostgresArgs, RunnerArgs, TelemetryArgs};
 
 /// Services `cdp all` runs in one process. Grows as services arrive.
-pub const SERVICES: &[&str] = &["ingest"];
+pub const SERVICES: &[&str] = &["ingest", "projector", "api"];
 
 #[derive(Parser, Debug)]
 #[command(
@@ -44,10 +45,50 @@ pub enum Command {
         command: SchemasCommand,
     },
     /// Run the platform in one process: create missing topics, migrate, serve the admin
-    /// endpoints and every service built so far (ingest), until SIGINT/SIGTERM.
+    /// endpoints and every service built so far (ingest, projector, profile API), until
+    /// SIGINT/SIGTERM.
     All {
         #[command(flatten)]
         args: IngestCommand,
+        #[command(flatten)]
+        runner: RunnerArgs,
+        #[command(flatten)]
+        projector: ProjectorArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// The projector: events into the Postgres read models (effectively once), and profile
+    /// snapshots onto the profiles topic.
+    Project {
+        #[command(flatten)]
+        args: ProjectCommand,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// The profile API (read role) over the read models.
+    Api {
+        #[command(flatten)]
+        pg: PostgresArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        keys: KeyArgs,
+        #[command(flatten)]
+        projector: ProjectorArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Rebuild a service's state from the log.
+    Replay {
+        #[command(subcommand)]
+        service: ReplayCommand,
+    },
+    /// Print a content digest of the live read models (equal digests: equal tables).
+    Digest {
+        #[command(flatten)]
+        pg: PostgresArgs,
+        #[command(flatten)]
+        projector: ProjectorArgs,
     },
     /// The ingest service: the Segment-compatible tracking API and native events, into Kafka.
     Ingest {
@@ -77,6 +118,35 @@ pub struct IngestCommand {
     pub keys: KeyArgs,
     #[command(flatten)]
     pub ingest: IngestArgs,
+}
+
+/// What the projector needs.
+#[derive(Args, Debug)]
+pub struct ProjectCommand {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub pg: PostgresArgs,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    #[command(flatten)]
+    pub runner: RunnerArgs,
+    #[command(flatten)]
+    pub projector: ProjectorArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ReplayCommand {
+    /// Rebuild the read models from the log into a fresh schema and swap it in atomically
+    /// once caught up; readers never see a half-built model. A running projector follows.
+    Projector {
+        #[command(flatten)]
+        args: ProjectCommand,
+        /// `earliest` (rebuild from nothing), an RFC 3339 time, or `topic:partition:offset,...`
+        /// (start from a copy of the live models and re-apply from there).
+        #[arg(long, default_value = "earliest")]
+        from: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]

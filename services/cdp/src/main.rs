@@ -9,7 +9,7 @@ use cdp_runtime::admin::{self, Readiness};
 use cdp_runtime::metrics::Metrics;
 use cdp_runtime::topics::{self, Ensured, Topics};
 use cdp_runtime::{pg, telemetry, Shutdown};
-use cli::{Cli, Command, SchemasCommand, TopicsCommand};
+use cli::{Cli, Command, ReplayCommand, SchemasCommand, TopicsCommand};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -55,8 +55,13 @@ async fn migrate(pool: &sqlx::PgPool) -> anyhow::Result<()> {
     cdp_ingest::migrate(pool)
         .await
         .context("ingest migrations")?;
+    cdp_projector::migrate(pool)
+        .await
+        .context("projector migrations")?;
     Ok(())
 }
+
+type Service = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
 
 /// What every service process shares: signals, metrics, readiness, the admin server.
 struct Platform {
@@ -91,45 +96,88 @@ impl Platform {
         })
     }
 
-    fn handles(&self) -> (Metrics, Readiness, Shutdown) {
-        (
-            self.metrics.clone(),
-            self.readiness.clone(),
-            self.shutdown.clone(),
-        )
-    }
-
-    /// Runs the services until shutdown; the first to fail stops the others.
-    async fn run(
-        self,
-        services: impl std::future::Future<Output = anyhow::Result<()>>,
-    ) -> anyhow::Result<()> {
-        let result = services.await;
+    /// Runs the services until shutdown. The first to fail stops the others (and its error
+    /// is returned); the others finish their in-flight work.
+    async fn run(self, services: Vec<Service>) -> anyhow::Result<()> {
+        let mut set = tokio::task::JoinSet::new();
+        for s in services {
+            let shutdown = self.shutdown.clone();
+            set.spawn(async move {
+                let r = s.await;
+                shutdown.trigger();
+                r
+            });
+        }
+        let mut first: Option<anyhow::Error> = None;
+        while let Some(joined) = set.join_next().await {
+            let result = joined.map_err(anyhow::Error::from).and_then(|r| r);
+            if let Err(e) = result {
+                first.get_or_insert(e);
+            }
+        }
         self.shutdown.trigger();
         match self.admin.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "admin server"),
             Err(e) => tracing::warn!(error = %e, "admin server task"),
         }
-        result
+        first.map_or(Ok(()), Err)
+    }
+
+    fn ingest(&self, config: cdp_ingest::IngestConfig) -> Service {
+        let (m, r, s) = (
+            self.metrics.clone(),
+            self.readiness.clone(),
+            self.shutdown.clone(),
+        );
+        Box::pin(async move { cdp_ingest::run(config, &m, &r, s).await.context("ingest") })
+    }
+
+    fn projector(&self, config: cdp_projector::ProjectorConfig) -> Service {
+        let (m, r, s) = (
+            self.metrics.clone(),
+            self.readiness.clone(),
+            self.shutdown.clone(),
+        );
+        Box::pin(async move {
+            cdp_projector::run(config, &m, &r, s)
+                .await
+                .context("projector")
+        })
+    }
+
+    async fn api(
+        &self,
+        pg: &cdp_runtime::config::PostgresArgs,
+        keys: &cdp_keystore::config::KeyArgs,
+        prefix: &str,
+        api: &cdp_projector::ApiArgs,
+    ) -> anyhow::Result<Service> {
+        let (addr, serve) = cdp_projector::bind_api(pg, keys, prefix, api, self.shutdown.clone())
+            .await
+            .context("profile API")?;
+        tracing::info!(%addr, "profile API listening");
+        Ok(Box::pin(async move { serve.await.context("profile API") }))
     }
 }
 
-async fn run_ingest(platform: Platform, args: cli::IngestCommand) -> anyhow::Result<()> {
-    let config = cdp_ingest::IngestConfig {
-        kafka: args.kafka,
-        pg: args.pg,
-        keys: args.keys,
-        ingest: args.ingest,
-    };
-    let (metrics, readiness, shutdown) = platform.handles();
-    platform
-        .run(async move {
-            cdp_ingest::run(config, &metrics, &readiness, shutdown)
-                .await
-                .context("ingest")
-        })
-        .await
+fn ingest_config(args: &cli::IngestCommand) -> cdp_ingest::IngestConfig {
+    cdp_ingest::IngestConfig {
+        kafka: args.kafka.clone(),
+        pg: args.pg.clone(),
+        keys: args.keys.clone(),
+        ingest: args.ingest.clone(),
+    }
+}
+
+fn projector_config(args: &cli::ProjectCommand) -> cdp_projector::ProjectorConfig {
+    cdp_projector::ProjectorConfig {
+        kafka: args.kafka.clone(),
+        pg: args.pg.clone(),
+        keys: args.keys.clone(),
+        runner: args.runner.clone(),
+        projector: args.projector.clone(),
+    }
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -182,7 +230,56 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Ingest { args } => {
             let platform = Platform::start(&args.admin).await?;
-            run_ingest(platform, args).await
+            let ingest = platform.ingest(ingest_config(&args));
+            platform.run(vec![ingest]).await
+        }
+        Command::Project { args, admin } => {
+            let platform = Platform::start(&admin).await?;
+            let projector = platform.projector(projector_config(&args));
+            platform.run(vec![projector]).await
+        }
+        Command::Api {
+            pg: pg_args,
+            admin,
+            keys,
+            projector,
+            api,
+        } => {
+            let platform = Platform::start(&admin).await?;
+            let api = platform
+                .api(&pg_args, &keys, &projector.schema_prefix, &api)
+                .await?;
+            platform.run(vec![api]).await
+        }
+        Command::Replay {
+            service: ReplayCommand::Projector { args, from },
+        } => {
+            let from: cdp_projector::ReplayFrom = from.parse()?;
+            let shutdown = Shutdown::new();
+            shutdown
+                .listen_for_signals()
+                .context("installing signal handlers")?;
+            let rebuilt = cdp_projector::rebuild(projector_config(&args), from, shutdown).await?;
+            println!(
+                "generation {} is live, digest {}",
+                rebuilt.generation, rebuilt.digest
+            );
+            Ok(())
+        }
+        Command::Digest {
+            pg: pg_args,
+            projector,
+        } => {
+            match cdp_projector::live_digest(&pg_args, &projector.schema_prefix).await? {
+                Some((total, tables)) => {
+                    for (t, d, n) in tables {
+                        println!("{t:<20} {n:>10} rows  {d}");
+                    }
+                    println!("digest {total}");
+                }
+                None => println!("no live generation"),
+            }
+            Ok(())
         }
         Command::Schemas {
             command: SchemasCommand::Catalog,
@@ -211,7 +308,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::All { args } => {
+        Command::All {
+            args,
+            runner,
+            projector,
+            api,
+        } => {
             let topics = Topics::new(&args.kafka.topic_prefix);
             topics::ensure(&args.kafka, &topics::catalogue(&topics))
                 .await
@@ -219,7 +321,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
             migrate(&connect(&args.pg).await?).await?;
             let platform = Platform::start(&args.admin).await?;
             tracing::info!(services = ?cli::SERVICES, "cdp all running; Ctrl-C to stop");
-            run_ingest(platform, args).await
+            let project = projector_config(&cli::ProjectCommand {
+                kafka: args.kafka.clone(),
+                pg: args.pg.clone(),
+                keys: args.keys.clone(),
+                runner,
+                projector: projector.clone(),
+            });
+            let services = vec![
+                platform.ingest(ingest_config(&args)),
+                platform.projector(project),
+                platform
+                    .api(&args.pg, &args.keys, &projector.schema_prefix, &api)
+                    .await?,
+            ];
+            platform.run(services).await
         }
     }
 }

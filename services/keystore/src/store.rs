@@ -220,6 +220,65 @@ impl KeyStore {
         Ok(key)
     }
 
+    /// Many key versions at once (one query for the cache misses); destroyed or unknown
+    /// versions map to `None`.
+    pub async fn keys(
+        &self,
+        wanted: &[(String, u32)],
+    ) -> Result<HashMap<(String, u32), Option<Arc<DataKey>>>, KeyStoreError> {
+        let mut out = HashMap::with_capacity(wanted.len());
+        let mut missing: Vec<(String, u32)> = Vec::new();
+        {
+            let cache = guard(&self.versions);
+            for id in wanted {
+                match cache.get(id) {
+                    Some((k, at)) if at.elapsed() < self.ttl => {
+                        out.insert(id.clone(), k.clone());
+                    }
+                    _ => missing.push(id.clone()),
+                }
+            }
+        }
+        missing.sort();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let subjects: Vec<&str> = missing.iter().map(|(s, _)| s.as_str()).collect();
+        let versions: Vec<i32> = missing
+            .iter()
+            .map(|(_, v)| i32::try_from(*v).unwrap_or(i32::MAX))
+            .collect();
+        let rows: Vec<(String, i32, Option<Vec<u8>>)> = sqlx::query_as(
+            "SELECT k.subject_id, k.key_version, k.wrapped_key
+               FROM subject_keys k JOIN UNNEST($1::text[], $2::int[]) AS x(s, v)
+                 ON k.subject_id = x.s AND k.key_version = x.v",
+        )
+        .bind(&subjects)
+        .bind(&versions)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut found: HashMap<(String, u32), Option<Arc<DataKey>>> = HashMap::new();
+        for (s, v, w) in rows {
+            let key = match w {
+                Some(w) => Some(self.unwrap(&s, v, &w)?),
+                None => None,
+            };
+            found.insert((s, version_of(v)), key);
+        }
+        let mut cache = guard(&self.versions);
+        if cache.len() > CACHE_MAX {
+            cache.clear();
+        }
+        let now = Instant::now();
+        for id in missing {
+            let key = found.remove(&id).flatten();
+            cache.insert(id.clone(), (key.clone(), now));
+            out.insert(id, key);
+        }
+        Ok(out)
+    }
+
     /// Destroys every key version of a subject (erasure). Returns how many were destroyed.
     /// Other processes may keep using a cached key for up to the cache TTL.
     pub async fn destroy(&self, subject_id: &str) -> Result<u64, KeyStoreError> {

@@ -1,0 +1,331 @@
+//! A platform slice for projector tests: its own topics, database and keys; realistic sealed
+//! events produced with the ingest library; projectors run in-process or as a process.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cdp_ingest::publisher::{envelope, plain, Draft, Prepared, Publisher};
+use cdp_keystore::config::KeyArgs;
+use cdp_keystore::{KeyStore, RawIdentifier};
+use cdp_projector::{ProjectorArgs, ProjectorConfig};
+use cdp_runtime::config::{KafkaArgs, RunnerArgs};
+use cdp_runtime::kafka::producer::{OutgoingRecord, Producer};
+use cdp_runtime::topics::{self, Topic, Topics};
+use cdp_schemas::model::capsule::*;
+use cdp_schemas::model::customer::*;
+use cdp_schemas::{
+    Amount, CapsuleEvent, CapsulePayload, CustomerEvent, CustomerPayload, IdentifierKind,
+};
+use chrono::{DateTime, TimeZone, Utc};
+use uuid::Uuid;
+
+use crate::{unique, wait_until, TestDb};
+
+pub struct Slice {
+    pub kafka: KafkaArgs,
+    pub topics: Topics,
+    pub db: TestDb,
+    pub key_args: KeyArgs,
+    pub keys: Arc<KeyStore>,
+    pub producer: Arc<Producer>,
+    pub publisher: Publisher,
+}
+
+fn hex_key() -> String {
+    (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+/// Event `n` of a deterministic, realistic mix over `subjects` subjects.
+pub fn draft(n: u64, subjects: u64) -> (Option<Draft<CustomerEvent>>, Option<Draft<CapsuleEvent>>) {
+    let s = n % subjects;
+    let user = format!("user-{s}");
+    let at = |k: u64| -> DateTime<Utc> {
+        Utc.timestamp_opt(1_767_225_600 + (k as i64) * 7, 0)
+            .single()
+            .unwrap_or_default()
+    };
+    let id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("event-{n}").as_bytes());
+    let ids = vec![RawIdentifier::new(IdentifierKind::UserId, user.clone())];
+    let env = envelope(id, at(n), at(n), "test");
+    let customer = |payload| {
+        Some(Draft {
+            event: CustomerEvent {
+                envelope: env.clone(),
+                payload,
+            },
+            identifiers: ids.clone(),
+        })
+    };
+    match n % 10 {
+        0 | 1 => (
+            customer(CustomerPayload::Identify(Identify {
+                email: plain(format!("{user}-{}@example.org", n % 3)),
+                first_name: plain(format!("Name{}", n % 7)),
+                city: plain("London"),
+                country: Some(if n % 2 == 0 { "GB" } else { "FR" }.to_owned()),
+                ..Identify::default()
+            })),
+            None,
+        ),
+        2..=5 => (
+            customer(CustomerPayload::Track(Track {
+                interaction_type: "Product Viewed".to_owned(),
+                channel: Some("web".to_owned()),
+                touchpoint: Some(format!("p-{}", n % 50)),
+                duration_ms: Some((n % 1000) as i64),
+                outcome: None,
+                properties: plain(format!(r#"{{"product_id":"p-{}"}}"#, n % 50)),
+            })),
+            None,
+        ),
+        6 => (
+            customer(CustomerPayload::Transaction(Transaction {
+                order_id: format!("o-{n}"),
+                status: TransactionStatus::Completed,
+                amount: format!("{}.50", n % 100)
+                    .parse()
+                    .unwrap_or_else(|_| Amount::zero()),
+                currency: "EUR".to_owned(),
+                items: vec![],
+                payment_method: Some("card".to_owned()),
+                coupon: None,
+            })),
+            None,
+        ),
+        7 => (
+            customer(CustomerPayload::ConsentChanged(ConsentChanged {
+                purpose: format!("purpose-{}", n % 3),
+                status: if n % 4 == 0 {
+                    ConsentStatus::Granted
+                } else {
+                    ConsentStatus::Denied
+                },
+                basis: LegalBasis::Consent,
+                policy_version: None,
+            })),
+            None,
+        ),
+        8 => {
+            let capsule_id = Uuid::new_v5(
+                &Uuid::NAMESPACE_OID,
+                format!("capsule-{}", s % 20).as_bytes(),
+            );
+            (
+                None,
+                Some(Draft {
+                    event: CapsuleEvent {
+                        envelope: env,
+                        payload: CapsulePayload::Created(CapsuleCreated {
+                            capsule_id,
+                            owner_subject_id: String::new(),
+                            title: format!("Capsule {}", s % 20),
+                            content_type: "text/markdown".to_owned(),
+                            storage_path: None,
+                            settings: Default::default(),
+                        }),
+                    },
+                    identifiers: ids,
+                }),
+            )
+        }
+        _ => {
+            let capsule_id = Uuid::new_v5(
+                &Uuid::NAMESPACE_OID,
+                format!("capsule-{}", n % 20).as_bytes(),
+            );
+            (
+                None,
+                Some(Draft {
+                    event: CapsuleEvent {
+                        envelope: env,
+                        payload: CapsulePayload::Viewed(CapsuleViewed {
+                            capsule_id,
+                            channel: Some("mobile".to_owned()),
+                            duration_ms: Some(1000),
+                        }),
+                    },
+                    identifiers: ids,
+                }),
+            )
+        }
+    }
+}
+
+impl Slice {
+    pub async fn create() -> anyhow::Result<Self> {
+        let prefix = format!("{}.", unique("proj"));
+        let kafka = KafkaArgs::local(crate::brokers(), prefix.clone());
+        let topics = Topics::new(&prefix);
+        topics::ensure(&kafka, &topics::catalogue(&topics)).await?;
+        let db = TestDb::create().await?;
+        cdp_projector::migrate(&db.pool).await?;
+        let key_args = KeyArgs {
+            master_key: hex_key(),
+            identifier_key: hex_key(),
+            default_phone_region: "US".to_owned(),
+            key_cache_ttl_secs: 60,
+        };
+        // A short TTL: tests destroy keys and must see it.
+        let keys = Arc::new(KeyStore::new(
+            db.pool.clone(),
+            key_args.master()?,
+            Duration::from_millis(10),
+        ));
+        let producer = Arc::new(Producer::new(&kafka)?);
+        let publisher = Publisher::new(
+            producer.clone(),
+            keys.clone(),
+            Arc::new(key_args.hasher()?),
+            topics.clone(),
+        );
+        Ok(Self {
+            kafka,
+            topics,
+            db,
+            key_args,
+            keys,
+            producer,
+            publisher,
+        })
+    }
+
+    /// Seals and encodes events `range` of the mix.
+    pub async fn prepare(
+        &self,
+        range: std::ops::Range<u64>,
+        subjects: u64,
+    ) -> anyhow::Result<Vec<Prepared>> {
+        let mut customers = Vec::new();
+        let mut capsules = Vec::new();
+        for n in range {
+            let (c, k) = draft(n, subjects);
+            customers.extend(c);
+            capsules.extend(k);
+        }
+        let mut out = Vec::new();
+        for chunk in customers.chunks(2_000) {
+            out.extend(self.publisher.prepare(chunk.to_vec()).await?);
+        }
+        for chunk in capsules.chunks(2_000) {
+            out.extend(self.publisher.prepare(chunk.to_vec()).await?);
+        }
+        Ok(out)
+    }
+
+    /// Produces prepared records, optionally onto explicit partitions.
+    pub async fn produce(
+        &self,
+        prepared: &[Prepared],
+        partition: impl Fn(usize) -> Option<i32>,
+    ) -> anyhow::Result<()> {
+        for (c, chunk) in prepared.chunks(2_000).enumerate() {
+            let recs: Vec<OutgoingRecord<'_>> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, p)| OutgoingRecord {
+                    topic: &p.topic,
+                    key: Some(p.key.as_bytes()),
+                    value: Some(&p.value),
+                    partition: partition(c * 2_000 + i),
+                    ..Default::default()
+                })
+                .collect();
+            self.producer.send_all(&recs).await?;
+        }
+        Ok(())
+    }
+
+    pub fn topic(&self, t: Topic) -> String {
+        self.topics.name(t)
+    }
+
+    /// A projector configuration with its own schemas and group.
+    pub fn config(&self, name: &str) -> ProjectorConfig {
+        ProjectorConfig {
+            kafka: self.kafka.clone(),
+            pg: self.db.args(),
+            keys: self.key_args.clone(),
+            runner: RunnerArgs {
+                batch_size: 500,
+                batch_linger_ms: 50,
+                ..RunnerArgs::default()
+            },
+            projector: ProjectorArgs {
+                group: format!("{}.{name}", self.topics.name(Topic::Audit)),
+                schema_prefix: format!("p_{name}"),
+            },
+        }
+    }
+
+    /// Waits until the live generation of `config` has applied everything in the topics now.
+    pub async fn caught_up(
+        &self,
+        config: &ProjectorConfig,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let topics = [
+            self.topic(Topic::CustomerEvents),
+            self.topic(Topic::CapsuleEvents),
+            self.topic(Topic::Identity),
+        ];
+        let mut marks = Vec::new();
+        for t in &topics {
+            marks.push((t.clone(), crate::topic_ends(t).await?));
+        }
+        wait_until("the projector caught up", timeout, || async {
+            let Some(g) =
+                cdp_projector::generation::live(&self.db.pool, &config.projector.schema_prefix)
+                    .await?
+            else {
+                return Ok(false);
+            };
+            let stored =
+                cdp_runtime::pg::stored_positions(&self.db.pool, &g.group(&config.projector.group))
+                    .await?;
+            Ok(marks.iter().all(|(t, ends)| {
+                ends.iter().all(|(p, end)| {
+                    *end == 0
+                        || stored
+                            .get(&cdp_runtime::TopicPartition {
+                                topic: t.clone(),
+                                partition: *p,
+                            })
+                            .is_some_and(|s| s >= end)
+                })
+            }))
+        })
+        .await
+    }
+
+    pub async fn digest(&self, config: &ProjectorConfig) -> anyhow::Result<String> {
+        Ok(
+            cdp_projector::live_digest(&config.pg, &config.projector.schema_prefix)
+                .await?
+                .map(|(d, _)| d)
+                .unwrap_or_default(),
+        )
+    }
+}
+
+/// Runs a projector in-process until the returned handle's shutdown is triggered.
+pub fn spawn(
+    config: ProjectorConfig,
+) -> (
+    cdp_runtime::Shutdown,
+    tokio::task::JoinHandle<Result<(), cdp_projector::ProjectorError>>,
+) {
+    let shutdown = cdp_runtime::Shutdown::new();
+    let s = shutdown.clone();
+    let task = tokio::spawn(async move {
+        cdp_projector::run(
+            config,
+            &cdp_runtime::metrics::Metrics::new(),
+            &cdp_runtime::admin::Readiness::default(),
+            s,
+        )
+        .await
+    });
+    (shutdown, task)
+}

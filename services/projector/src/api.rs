@@ -1,0 +1,403 @@
+//! The profile API (read role): the customer 360 by id or by identifier, paginated
+//! interactions and transactions, ETags, and an audit row for every access.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine;
+use cdp_keystore::IdentifierHasher;
+use cdp_schemas::IdentifierKind;
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// A caller of the API.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub name: String,
+    pub role: String,
+}
+
+pub struct ApiState {
+    /// Connections whose search_path is the read views schema.
+    pub pool: PgPool,
+    pub hasher: IdentifierHasher,
+    /// Bearer secret → principal.
+    pub tokens: HashMap<String, Principal>,
+}
+
+fn error(status: StatusCode, reason: &str) -> Response {
+    (status, Json(json!({"error": reason}))).into_response()
+}
+
+fn authorize(state: &ApiState, headers: &HeaderMap) -> Result<Principal, Response> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(p) = token.and_then(|t| state.tokens.get(t)) else {
+        let mut r = error(StatusCode::UNAUTHORIZED, "a bearer token is required");
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return Err(r);
+    };
+    if p.role != "read" {
+        return Err(error(StatusCode::FORBIDDEN, "the read role is required"));
+    }
+    Ok(p.clone())
+}
+
+async fn audit(
+    pool: &PgPool,
+    who: &Principal,
+    route: &str,
+    profile: Option<Uuid>,
+    lookup: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO public.profile_access_audit (principal, route, profile_id, lookup) VALUES ($1, $2, $3, $4)")
+        .bind(&who.name)
+        .bind(route)
+        .bind(profile)
+        .bind(lookup)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+fn internal(e: sqlx::Error) -> Response {
+    tracing::error!(error = %e, "profile API query failed");
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the read models are unavailable",
+    )
+}
+
+/// JSON with a strong ETag; 304 when the client has it.
+fn with_etag(headers: &HeaderMap, body: Value) -> Response {
+    let text = body.to_string();
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    let etag = format!("\"{}\"", hex::encode(&digest.as_ref()[..16]));
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+    let mut resp = if matches {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        ([(header::CONTENT_TYPE, "application/json")], text).into_response()
+    };
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    resp
+}
+
+/// The customer 360 of a profile, or `None`.
+pub async fn profile_json(pool: &PgPool, id: Uuid) -> Result<Option<Value>, sqlx::Error> {
+    let row: Option<(DateTime<Utc>, DateTime<Utc>, bool, String)> = sqlx::query_as(
+        "SELECT first_seen, last_seen, active, data_source FROM customers WHERE profile_id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    let Some((first_seen, last_seen, active, data_source)) = row else {
+        return Ok(None);
+    };
+    let traits: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT trait, value FROM customer_traits WHERE profile_id = $1 ORDER BY trait",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    let traits: serde_json::Map<String, Value> = traits
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match (k.as_str(), v) {
+                ("custom_traits", Some(t)) => serde_json::from_str(&t).unwrap_or(Value::String(t)),
+                (_, Some(t)) => Value::String(t),
+                (_, None) => Value::Null,
+            };
+            (k, v)
+        })
+        .collect();
+    let identities: Vec<(String, String, String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT kind, namespace, value_hash, first_seen, last_seen FROM customer_identities WHERE profile_id = $1 ORDER BY kind, namespace, value_hash",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    let consents: Vec<(String, String, String, Option<String>, DateTime<Utc>, Uuid)> = sqlx::query_as(
+        "SELECT purpose, status, basis, policy_version, changed_at, evidence_event_id FROM consents WHERE profile_id = $1 ORDER BY purpose",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    let totals: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT currency, sum(CASE WHEN status = 'REFUNDED' THEN -amount ELSE amount END)::text, count(*)
+           FROM transactions WHERE profile_id = $1 AND status <> 'CANCELLED' GROUP BY currency ORDER BY currency",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    let capsules: Vec<(Uuid, Option<String>, Option<String>, Option<DateTime<Utc>>, Option<DateTime<Utc>>, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "SELECT capsule_id, title, visibility, created_at, published_at, deleted_at FROM capsules WHERE owner_profile_id = $1 ORDER BY capsule_id",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    let last = page(pool, Table::Interactions, id, 10, None).await?;
+    Ok(Some(json!({
+        "profile_id": id,
+        "first_seen": first_seen,
+        "last_seen": last_seen,
+        "active": active,
+        "data_source": data_source,
+        "traits": traits,
+        "identities": identities.into_iter().map(|(k, n, h, f, l)| json!({"kind": k, "namespace": if n.is_empty() { None } else { Some(n) }, "value_hash": h, "first_seen": f, "last_seen": l})).collect::<Vec<_>>(),
+        "consents": consents.into_iter().map(|(p, s, b, v, t, e)| json!({"purpose": p, "status": s, "basis": b, "policy_version": v, "changed_at": t, "evidence_event_id": e})).collect::<Vec<_>>(),
+        "last_interactions": last["items"],
+        "transaction_totals": totals.into_iter().map(|(c, a, n)| json!({"currency": c, "net_amount": a, "count": n})).collect::<Vec<_>>(),
+        "capsules": capsules.into_iter().map(|(c, t, v, cr, p, d)| json!({"capsule_id": c, "title": t, "visibility": v, "created_at": cr, "published_at": p, "deleted_at": d,
+            "status": if d.is_some() { "DELETED" } else if p.is_some() { "PUBLISHED" } else { "DRAFT" }})).collect::<Vec<_>>(),
+    })))
+}
+
+#[derive(Clone, Copy)]
+pub enum Table {
+    Interactions,
+    Transactions,
+}
+
+fn encode_cursor(t: DateTime<Utc>, id: Uuid) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(format!("{}:{id}", t.timestamp_micros()))
+}
+
+fn decode_cursor(c: &str) -> Option<(DateTime<Utc>, Uuid)> {
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c)
+        .ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (t, id) = text.split_once(':')?;
+    Some((
+        DateTime::from_timestamp_micros(t.parse().ok()?)?,
+        Uuid::parse_str(id).ok()?,
+    ))
+}
+
+/// One page, newest first, keyset-paginated on (occurred_at, event_id).
+pub async fn page(
+    pool: &PgPool,
+    table: Table,
+    id: Uuid,
+    limit: i64,
+    after: Option<(DateTime<Utc>, Uuid)>,
+) -> Result<Value, sqlx::Error> {
+    let (t, cols) = match table {
+        Table::Interactions => ("interactions", "event_id, occurred_at, interaction_type, channel, touchpoint, duration_ms, outcome, properties, source"),
+        Table::Transactions => ("transactions", "event_id, occurred_at, order_id, status, amount::text AS amount, currency, items, payment_method, coupon, source"),
+    };
+    let (ts, eid) = after.unwrap_or((DateTime::<Utc>::MAX_UTC, Uuid::max()));
+    let rows: Vec<(Value,)> = sqlx::query_as(&format!(
+        "SELECT to_jsonb(x) FROM (SELECT {cols} FROM {t} WHERE profile_id = $1 AND (occurred_at, event_id) < ($2, $3)
+          ORDER BY occurred_at DESC, event_id DESC LIMIT $4) x"
+    ))
+    .bind(id)
+    .bind(ts)
+    .bind(eid)
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await?;
+    let mut items: Vec<Value> = rows.into_iter().map(|(v,)| v).collect();
+    let next = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().and_then(|last| {
+            let t = last["occurred_at"]
+                .as_str()
+                .and_then(|s| DateTime::parse_from_rfc3339(s).ok())?;
+            let e = last["event_id"]
+                .as_str()
+                .and_then(|s| Uuid::parse_str(s).ok())?;
+            Some(encode_cursor(t.with_timezone(&Utc), e))
+        })
+    } else {
+        None
+    };
+    Ok(json!({"items": items, "next_cursor": next}))
+}
+
+async fn get_profile(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let who = match authorize(&s, &headers) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let Ok(id) = Uuid::parse_str(&id) else {
+        return error(StatusCode::NOT_FOUND, "no such profile");
+    };
+    respond_profile(&s, &who, &headers, id, "/v1/profiles/{id}", None).await
+}
+
+async fn respond_profile(
+    s: &ApiState,
+    who: &Principal,
+    headers: &HeaderMap,
+    id: Uuid,
+    route: &str,
+    lookup: Option<&str>,
+) -> Response {
+    if let Err(e) = audit(&s.pool, who, route, Some(id), lookup).await {
+        return internal(e);
+    }
+    match profile_json(&s.pool, id).await {
+        Ok(Some(body)) => with_etag(headers, body),
+        Ok(None) => error(StatusCode::NOT_FOUND, "no such profile"),
+        Err(e) => internal(e),
+    }
+}
+
+async fn lookup(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let who = match authorize(&s, &headers) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let by = [
+        ("email", IdentifierKind::Email),
+        ("phone", IdentifierKind::Phone),
+        ("user_id", IdentifierKind::UserId),
+        ("anonymous_id", IdentifierKind::AnonymousId),
+    ];
+    let Some((name, kind, value)) = by.iter().find_map(|(n, k)| q.get(*n).map(|v| (*n, *k, v)))
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "give one of email, phone, user_id, anonymous_id",
+        );
+    };
+    let Ok(normalized) = s.hasher.normalize(kind, value) else {
+        let _ = audit(&s.pool, &who, "/v1/profiles", None, Some(name)).await;
+        return error(StatusCode::NOT_FOUND, "no such profile");
+    };
+    let hash = s.hasher.hash(kind, None, &normalized);
+    let found: Result<Option<(Uuid,)>, _> =
+        sqlx::query_as("SELECT profile_id FROM customer_identities WHERE kind = $1 AND namespace = '' AND value_hash = $2")
+            .bind(kind.as_str())
+            .bind(&hash)
+            .fetch_optional(&s.pool)
+            .await;
+    match found {
+        Ok(Some((id,))) => {
+            respond_profile(&s, &who, &headers, id, "/v1/profiles", Some(name)).await
+        }
+        Ok(None) => {
+            if let Err(e) = audit(&s.pool, &who, "/v1/profiles", None, Some(name)).await {
+                return internal(e);
+            }
+            error(StatusCode::NOT_FOUND, "no such profile")
+        }
+        Err(e) => internal(e),
+    }
+}
+
+async fn list(
+    s: Arc<ApiState>,
+    headers: HeaderMap,
+    id: String,
+    q: HashMap<String, String>,
+    table: Table,
+    route: &str,
+) -> Response {
+    let who = match authorize(&s, &headers) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let Ok(id) = Uuid::parse_str(&id) else {
+        return error(StatusCode::NOT_FOUND, "no such profile");
+    };
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse::<i64>().ok())
+        .unwrap_or(50)
+        .clamp(1, 500);
+    let after = match q.get("cursor") {
+        None => None,
+        Some(c) => match decode_cursor(c) {
+            Some(c) => Some(c),
+            None => return error(StatusCode::BAD_REQUEST, "bad cursor"),
+        },
+    };
+    if let Err(e) = audit(&s.pool, &who, route, Some(id), None).await {
+        return internal(e);
+    }
+    let exists: Result<Option<(i32,)>, _> =
+        sqlx::query_as("SELECT 1 FROM customers WHERE profile_id = $1")
+            .bind(id)
+            .fetch_optional(&s.pool)
+            .await;
+    match exists {
+        Ok(None) => return error(StatusCode::NOT_FOUND, "no such profile"),
+        Err(e) => return internal(e),
+        Ok(Some(_)) => {}
+    }
+    match page(&s.pool, table, id, limit, after).await {
+        Ok(body) => with_etag(&headers, body),
+        Err(e) => internal(e),
+    }
+}
+
+async fn interactions(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    list(
+        s,
+        headers,
+        id,
+        q,
+        Table::Interactions,
+        "/v1/profiles/{id}/interactions",
+    )
+    .await
+}
+
+async fn transactions(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    list(
+        s,
+        headers,
+        id,
+        q,
+        Table::Transactions,
+        "/v1/profiles/{id}/transactions",
+    )
+    .await
+}
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/profiles", get(lookup))
+        .route("/v1/profiles/{id}", get(get_profile))
+        .route("/v1/profiles/{id}/interactions", get(interactions))
+        .route("/v1/profiles/{id}/transactions", get(transactions))
+        .with_state(state)
+}

@@ -1,0 +1,505 @@
+//! The projector's domain logic: decode, open PII, resolve profiles through merges, fold
+//! the batch into rows, apply. Runs inside the runner's transaction (effectively-once).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use cdp_keystore::crypto::{field_aad, sealed_version};
+use cdp_keystore::{DataKey, KeyStore};
+use cdp_runtime::pg::{classify, Decoded, PgHandler, Rejected};
+use cdp_runtime::sink::{Rejection, SinkError};
+use cdp_runtime::RawRecord;
+use cdp_schemas::model::capsule::CapsulePayload;
+use cdp_schemas::{
+    profile_id_of, CapsuleEvent, CodecError, CustomerEvent, CustomerPayload, IdentityEvent,
+    IdentityPayload, Sealed,
+};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::rows::*;
+use crate::store;
+
+/// A decoded record of one of the projected topics.
+#[derive(Debug, Clone)]
+pub enum Projected {
+    Customer(CustomerEvent),
+    Capsule(CapsuleEvent),
+    Identity(IdentityEvent),
+    /// A tombstone on the identity topic (compaction marker): nothing to do.
+    Tombstone,
+}
+
+/// Which topic carries what.
+#[derive(Debug, Clone)]
+pub struct TopicNames {
+    pub customer: String,
+    pub capsule: String,
+    pub identity: String,
+}
+
+pub struct ProjectorHandler {
+    pub topics: TopicNames,
+    pub keys: Arc<KeyStore>,
+}
+
+fn rejection(e: CodecError) -> Rejection {
+    Rejection::from_error(e.kind(), &e)
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("sealed field {field} of event {event_id} does not open with its subject's key")]
+struct Unopenable {
+    field: &'static str,
+    event_id: Uuid,
+}
+
+/// Opens the PII of events. A destroyed key (erased subject) opens to nothing: the rule is
+/// that such an event writes no PII at all, only its non-personal facts.
+struct Opener {
+    keys: HashMap<(String, u32), Option<Arc<DataKey>>>,
+}
+
+enum Opened {
+    Value(String, Vec<u8>),
+    Erased,
+}
+
+impl Opener {
+    fn open(
+        &self,
+        subject: &str,
+        field: &'static str,
+        sealed: &Sealed,
+        event_id: Uuid,
+    ) -> Result<Opened, Unopenable> {
+        let version = sealed_version(sealed).map_err(|_| Unopenable { field, event_id })?;
+        match self.keys.get(&(subject.to_owned(), version)) {
+            Some(Some(key)) => key
+                .open(&field_aad(subject, field), sealed)
+                .map(|p| {
+                    Opened::Value(
+                        String::from_utf8_lossy(&p).into_owned(),
+                        sealed.as_bytes().to_vec(),
+                    )
+                })
+                .map_err(|_| Unopenable { field, event_id }),
+            _ => Ok(Opened::Erased),
+        }
+    }
+
+    /// The plaintext of an optional sealed field; `None` when absent or erased.
+    fn text(
+        &self,
+        subject: &str,
+        field: &'static str,
+        sealed: &Option<Sealed>,
+        event_id: Uuid,
+    ) -> Result<Option<String>, Unopenable> {
+        match sealed {
+            None => Ok(None),
+            Some(s) => match self.open(subject, field, s, event_id)? {
+                Opened::Value(v, _) => Ok(Some(v)),
+                Opened::Erased => Ok(None),
+            },
+        }
+    }
+}
+
+fn json_of(text: Option<String>) -> Option<serde_json::Value> {
+    text.map(|t| serde_json::from_str(&t).unwrap_or(serde_json::Value::String(t)))
+}
+
+impl ProjectorHandler {
+    fn fold_customer(
+        &self,
+        e: &CustomerEvent,
+        profile: Uuid,
+        opener: &Opener,
+        rows: &mut Rows,
+    ) -> Result<(), Unopenable> {
+        let env = &e.envelope;
+        let subject = env.subject.subject_id.as_str();
+        let stamp: Stamp = (env.occurred_at, env.event_id);
+        let id = env.event_id;
+        rows.seen(profile, stamp, &env.source);
+        for i in &env.subject.identifiers {
+            rows.identity(
+                i.kind.as_str(),
+                i.namespace.as_deref().unwrap_or(""),
+                &i.value_hash,
+                profile,
+                env.occurred_at,
+            );
+        }
+        let interaction =
+            |t: &str, channel, touchpoint, duration_ms, outcome, properties| InteractionRow {
+                event_id: id,
+                profile_id: profile,
+                occurred_at: env.occurred_at,
+                interaction_type: t.to_owned(),
+                channel,
+                touchpoint,
+                duration_ms,
+                outcome,
+                properties,
+                source: env.source.clone(),
+            };
+        match &e.payload {
+            CustomerPayload::Identify(t) => {
+                let mut clone = t.clone();
+                let sealed: Vec<(&'static str, Option<Sealed>)> =
+                    CustomerPayload::Identify(t.clone())
+                        .pii_mut()
+                        .into_iter()
+                        .map(|(f, s)| (f, s.clone()))
+                        .collect();
+                for (field, s) in sealed {
+                    let Some(s) = s else { continue };
+                    if let Opened::Value(v, bytes) = opener.open(subject, field, &s, id)? {
+                        rows.trait_value(
+                            profile,
+                            field,
+                            TraitRow {
+                                value: Some(v),
+                                sealed: Some(bytes),
+                                subject_id: subject.to_owned(),
+                                stamp,
+                            },
+                        );
+                    }
+                }
+                if let Some(c) = clone.country.take() {
+                    rows.trait_value(
+                        profile,
+                        "country",
+                        TraitRow {
+                            value: Some(c),
+                            sealed: None,
+                            subject_id: subject.to_owned(),
+                            stamp,
+                        },
+                    );
+                }
+            }
+            CustomerPayload::Track(t) => {
+                let props = json_of(opener.text(subject, "properties", &t.properties, id)?);
+                let row = interaction(
+                    &t.interaction_type,
+                    t.channel.clone(),
+                    t.touchpoint.clone(),
+                    t.duration_ms,
+                    t.outcome.clone(),
+                    props,
+                );
+                rows.interactions.insert(id, row);
+            }
+            CustomerPayload::PageViewed(p) => {
+                let mut props = json_of(opener.text(subject, "properties", &p.properties, id)?)
+                    .and_then(|v| v.as_object().cloned())
+                    .unwrap_or_default();
+                for (k, v) in [("url", &p.url), ("referrer", &p.referrer)] {
+                    let field = if k == "url" { "url" } else { "referrer" };
+                    if let Some(text) = opener.text(subject, field, v, id)? {
+                        props.insert(k.to_owned(), serde_json::Value::String(text));
+                    }
+                }
+                for (k, v) in [("title", &p.title), ("category", &p.category)] {
+                    if let Some(v) = v {
+                        props.insert(k.to_owned(), serde_json::Value::String(v.clone()));
+                    }
+                }
+                let row = interaction(
+                    "Page Viewed",
+                    Some("web".to_owned()),
+                    p.name.clone(),
+                    None,
+                    None,
+                    Some(serde_json::Value::Object(props)),
+                );
+                rows.interactions.insert(id, row);
+            }
+            CustomerPayload::ScreenViewed(s) => {
+                let mut props = json_of(opener.text(subject, "properties", &s.properties, id)?)
+                    .and_then(|v| v.as_object().cloned())
+                    .unwrap_or_default();
+                if let Some(c) = &s.category {
+                    props.insert("category".to_owned(), serde_json::Value::String(c.clone()));
+                }
+                let row = interaction(
+                    "Screen Viewed",
+                    Some("mobile".to_owned()),
+                    s.name.clone(),
+                    None,
+                    None,
+                    Some(serde_json::Value::Object(props)),
+                );
+                rows.interactions.insert(id, row);
+            }
+            CustomerPayload::Transaction(t) => {
+                let items: Vec<serde_json::Value> = t
+                    .items
+                    .iter()
+                    .map(|i| {
+                        serde_json::json!({"product_id": i.product_id, "sku": i.sku, "name": i.name, "category": i.category,
+                                           "quantity": i.quantity, "unit_price": i.unit_price.to_string()})
+                    })
+                    .collect();
+                rows.transactions.insert(
+                    id,
+                    TransactionRow {
+                        event_id: id,
+                        profile_id: profile,
+                        occurred_at: env.occurred_at,
+                        order_id: t.order_id.clone(),
+                        status: t.status.as_str().to_owned(),
+                        amount: t.amount.to_string(),
+                        currency: t.currency.clone(),
+                        items: serde_json::Value::Array(items),
+                        payment_method: t.payment_method.clone(),
+                        coupon: t.coupon.clone(),
+                        source: env.source.clone(),
+                    },
+                );
+            }
+            CustomerPayload::ConsentChanged(c) => rows.consent(
+                profile,
+                &c.purpose,
+                ConsentRow {
+                    status: c.status.as_str().to_owned(),
+                    basis: c.basis.as_str().to_owned(),
+                    policy_version: c.policy_version.clone(),
+                    stamp,
+                },
+            ),
+            CustomerPayload::Alias(a) => {
+                rows.identity(
+                    a.previous.kind.as_str(),
+                    a.previous.namespace.as_deref().unwrap_or(""),
+                    &a.previous.value_hash,
+                    profile,
+                    env.occurred_at,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn fold_capsule(
+        &self,
+        e: &CapsuleEvent,
+        profile: Uuid,
+        opener: &Opener,
+        rows: &mut Rows,
+    ) -> Result<(), Unopenable> {
+        let env = &e.envelope;
+        let stamp: Stamp = (env.occurred_at, env.event_id);
+        rows.seen(profile, stamp, &env.source);
+        match &e.payload {
+            CapsulePayload::Created(c) => rows.created(
+                c.capsule_id,
+                CapsuleCreatedRow {
+                    owner_profile_id: profile,
+                    title: c.title.clone(),
+                    content_type: c.content_type.clone(),
+                    storage_path: c.storage_path.clone(),
+                    settings: serde_json::to_value(&c.settings).unwrap_or_default(),
+                    stamp,
+                },
+            ),
+            CapsulePayload::ContentAdded(c) => {
+                let body = opener.text(&env.subject.subject_id, "body", &c.body, env.event_id)?;
+                let row = CapsuleContentRow {
+                    content_id: c.content_id,
+                    capsule_id: c.capsule_id,
+                    content_type: c.content_type.clone(),
+                    storage_path: c.storage_path.clone(),
+                    size_bytes: c.size_bytes,
+                    body,
+                    stamp,
+                };
+                match rows.contents.get(&c.content_id) {
+                    Some(old) if old.stamp >= stamp => {}
+                    _ => {
+                        rows.contents.insert(c.content_id, row);
+                    }
+                }
+            }
+            CapsulePayload::Published(p) => {
+                rows.published(p.capsule_id, p.visibility.as_str().to_owned(), stamp)
+            }
+            CapsulePayload::Viewed(v) => {
+                rows.views.insert(
+                    env.event_id,
+                    CapsuleViewRow {
+                        event_id: env.event_id,
+                        capsule_id: v.capsule_id,
+                        profile_id: profile,
+                        occurred_at: env.occurred_at,
+                        channel: v.channel.clone(),
+                        duration_ms: v.duration_ms,
+                    },
+                );
+            }
+            CapsulePayload::Deleted(d) => rows.deleted(d.capsule_id, d.reason.clone(), stamp),
+        }
+        Ok(())
+    }
+}
+
+/// Every (subject, key version) whose key the batch needs.
+fn wanted_keys(batch: &[Decoded<'_, Projected>]) -> Vec<(String, u32)> {
+    let mut out = BTreeSet::new();
+    for d in batch {
+        let (subject, mut sealed): (&str, Vec<Option<Sealed>>) = match &d.event {
+            Projected::Customer(e) => {
+                let mut p = e.payload.clone();
+                (
+                    e.envelope.subject.subject_id.as_str(),
+                    p.pii_mut().into_iter().map(|(_, s)| s.clone()).collect(),
+                )
+            }
+            Projected::Capsule(e) => {
+                let mut p = e.payload.clone();
+                (
+                    e.envelope.subject.subject_id.as_str(),
+                    p.pii_mut().into_iter().map(|(_, s)| s.clone()).collect(),
+                )
+            }
+            _ => continue,
+        };
+        for s in sealed.drain(..).flatten() {
+            if let Ok(v) = sealed_version(&s) {
+                out.insert((subject.to_owned(), v));
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+impl PgHandler for ProjectorHandler {
+    type Event = Projected;
+
+    fn decode(&self, record: &RawRecord) -> Result<Projected, Rejection> {
+        let Some(value) = record.value.as_deref() else {
+            if record.topic == self.topics.identity {
+                return Ok(Projected::Tombstone);
+            }
+            return Err(rejection(CodecError::Empty));
+        };
+        if record.topic == self.topics.customer {
+            cdp_schemas::decode(value)
+                .map(Projected::Customer)
+                .map_err(rejection)
+        } else if record.topic == self.topics.capsule {
+            cdp_schemas::decode(value)
+                .map(Projected::Capsule)
+                .map_err(rejection)
+        } else if record.topic == self.topics.identity {
+            cdp_schemas::decode(value)
+                .map(Projected::Identity)
+                .map_err(rejection)
+        } else {
+            Err(Rejection::new(
+                "unknown_topic",
+                format!("the projector does not read {}", record.topic),
+            ))
+        }
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        batch: &[Decoded<'_, Projected>],
+    ) -> Result<Vec<Rejected>, SinkError> {
+        // Merges first: everything written below already follows them.
+        for d in batch {
+            if let Projected::Identity(e) = &d.event {
+                if let IdentityPayload::ProfilesMerged(m) = &e.payload {
+                    store::merge(
+                        tx,
+                        m.loser_profile_id,
+                        m.winner_profile_id,
+                        m.link_id,
+                        m.cause_event_id,
+                    )
+                    .await
+                    .map_err(classify)?;
+                }
+            }
+        }
+        let keys = self
+            .keys
+            .keys(&wanted_keys(batch))
+            .await
+            .map_err(|e| SinkError::Retryable(Box::new(e)))?;
+        let opener = Opener { keys };
+        let base: Vec<Uuid> = batch
+            .iter()
+            .filter_map(|d| match &d.event {
+                Projected::Customer(e) => Some(profile_id_of(&e.envelope.subject.subject_id)),
+                Projected::Capsule(e) => Some(profile_id_of(&e.envelope.subject.subject_id)),
+                _ => None,
+            })
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let merged = store::resolve(tx, &base).await.map_err(classify)?;
+        let profile = |subject: &str| {
+            let p = profile_id_of(subject);
+            merged.get(&p).copied().unwrap_or(p)
+        };
+        let mut rows = Rows::default();
+        let mut rejected = Vec::new();
+        for (index, d) in batch.iter().enumerate() {
+            let result = match &d.event {
+                Projected::Customer(e) => self.fold_customer(
+                    e,
+                    profile(&e.envelope.subject.subject_id),
+                    &opener,
+                    &mut rows,
+                ),
+                Projected::Capsule(e) => self.fold_capsule(
+                    e,
+                    profile(&e.envelope.subject.subject_id),
+                    &opener,
+                    &mut rows,
+                ),
+                Projected::Identity(_) | Projected::Tombstone => Ok(()),
+            };
+            if let Err(e) = result {
+                rejected.push(Rejected {
+                    index,
+                    rejection: Rejection::from_error("unopenable_pii", &e),
+                });
+            }
+        }
+        if !rejected.is_empty() {
+            // Fold again without the rejected records, so they have no effect at all.
+            let skip: BTreeSet<usize> = rejected.iter().map(|r| r.index).collect();
+            rows = Rows::default();
+            for (index, d) in batch.iter().enumerate() {
+                if skip.contains(&index) {
+                    continue;
+                }
+                let _ = match &d.event {
+                    Projected::Customer(e) => self.fold_customer(
+                        e,
+                        profile(&e.envelope.subject.subject_id),
+                        &opener,
+                        &mut rows,
+                    ),
+                    Projected::Capsule(e) => self.fold_capsule(
+                        e,
+                        profile(&e.envelope.subject.subject_id),
+                        &opener,
+                        &mut rows,
+                    ),
+                    _ => Ok(()),
+                };
+            }
+        }
+        store::apply(tx, &rows).await.map_err(classify)?;
+        Ok(rejected)
+    }
+}

@@ -1,0 +1,578 @@
+//! The projector: customer and capsule events (and identity merges) into Postgres read
+//! models, effectively once; the profile API over them; the profiles topic for subscribers;
+//! and rebuilds from the log into a fresh schema, swapped in when caught up.
+
+pub mod api;
+pub mod digest;
+pub mod generation;
+pub mod handler;
+pub mod outbox;
+pub mod rows;
+pub mod store;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cdp_keystore::config::KeyArgs;
+use cdp_keystore::KeyStore;
+use cdp_runtime::admin::Readiness;
+use cdp_runtime::config::{KafkaArgs, PostgresArgs, RunnerArgs};
+use cdp_runtime::kafka::producer::Producer;
+use cdp_runtime::kafka::runner::{self, RunnerConfig, RunnerError, StartFrom};
+use cdp_runtime::metrics::{Metrics, RunnerMetrics};
+use cdp_runtime::pg::PgSink;
+use cdp_runtime::topics::{Topic, Topics};
+use cdp_runtime::{pg, Shutdown, TopicPartition};
+use clap::Args;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use sqlx::PgPool;
+
+use generation::{Generation, GenerationError};
+use handler::{ProjectorHandler, TopicNames};
+
+#[derive(Args, Clone, Debug)]
+pub struct ProjectorArgs {
+    /// Consumer group base name; generation N consumes as `<group>.g<N>`.
+    #[arg(
+        long = "projector-group",
+        env = "CDP_PROJECTOR_GROUP",
+        default_value = "cdp.projector"
+    )]
+    pub group: String,
+    /// Prefix of the read-model schemas: `<prefix>_g<N>`, views in `<prefix>_read`.
+    #[arg(
+        long = "projector-schema",
+        env = "CDP_PROJECTOR_SCHEMA",
+        default_value = "projector"
+    )]
+    pub schema_prefix: String,
+}
+
+#[derive(Args, Clone)]
+pub struct ApiArgs {
+    /// Address of the profile API.
+    #[arg(
+        long = "api-addr",
+        env = "CDP_API_ADDR",
+        default_value = "127.0.0.1:8089"
+    )]
+    pub addr: SocketAddr,
+    /// API tokens, `principal:role:secret` comma-separated; the `read` role reads profiles.
+    /// Secret.
+    #[arg(
+        long = "api-tokens",
+        env = "CDP_API_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true,
+        required = true
+    )]
+    pub tokens: Vec<String>,
+}
+
+impl std::fmt::Debug for ApiArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ApiArgs {{ addr: {}, tokens: <{} secret> }}",
+            self.addr,
+            self.tokens.len()
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectorError {
+    #[error("database")]
+    Db(#[from] sqlx::Error),
+    #[error("migrations")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Generation(#[from] GenerationError),
+    #[error("key material")]
+    Keys(#[from] cdp_keystore::CryptoError),
+    #[error("Kafka")]
+    Kafka(#[from] cdp_runtime::kafka::KafkaSetupError),
+    #[error("Kafka metadata")]
+    Metadata(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Runner(#[from] RunnerError),
+    #[error("CDP_API_TOKENS entry {0} is not principal:role:secret")]
+    Token(usize),
+    #[error("`{0}` is not earliest, an RFC 3339 time or topic:partition:offset,...")]
+    From(String),
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("API server")]
+    Serve(#[source] std::io::Error),
+}
+
+#[derive(Debug, Clone)]
+pub struct ProjectorConfig {
+    pub kafka: KafkaArgs,
+    pub pg: PostgresArgs,
+    pub keys: KeyArgs,
+    pub runner: RunnerArgs,
+    pub projector: ProjectorArgs,
+}
+
+fn topic_names(kafka: &KafkaArgs) -> (Topics, TopicNames) {
+    let topics = Topics::new(&kafka.topic_prefix);
+    let names = TopicNames {
+        customer: topics.name(Topic::CustomerEvents),
+        capsule: topics.name(Topic::CapsuleEvents),
+        identity: topics.name(Topic::Identity),
+    };
+    (topics, names)
+}
+
+/// The migrations the projector needs outside its generation schemas.
+pub async fn migrate(pool: &PgPool) -> Result<(), ProjectorError> {
+    pg::migrator().run(pool).await?;
+    cdp_keystore::store::migrator().run(pool).await?;
+    generation::shared_migrator().run(pool).await?;
+    Ok(())
+}
+
+struct Parts {
+    admin: PgPool,
+    keys: Arc<KeyStore>,
+    producer: Arc<Producer>,
+    topics: Topics,
+    names: TopicNames,
+}
+
+async fn parts(config: &ProjectorConfig) -> Result<Parts, ProjectorError> {
+    generation::check_prefix(&config.projector.schema_prefix)?;
+    let admin = pg::connect(&config.pg).await?;
+    migrate(&admin).await?;
+    let keys = Arc::new(KeyStore::new(
+        admin.clone(),
+        config.keys.master()?,
+        Duration::from_secs(config.keys.key_cache_ttl_secs),
+    ));
+    let producer = Arc::new(Producer::new(&config.kafka)?);
+    let (topics, names) = topic_names(&config.kafka);
+    Ok(Parts {
+        admin,
+        keys,
+        producer,
+        topics,
+        names,
+    })
+}
+
+fn runner_config(config: &ProjectorConfig, p: &Parts, g: &Generation) -> RunnerConfig {
+    RunnerConfig {
+        kafka: config.kafka.clone(),
+        group_id: g.group(&config.projector.group),
+        topics: vec![
+            p.names.customer.clone(),
+            p.names.capsule.clone(),
+            p.names.identity.clone(),
+        ],
+        dead_letter_topic: p.topics.name(Topic::DeadLetter),
+        tuning: config.runner.clone(),
+        start: StartFrom::Earliest,
+    }
+}
+
+/// Runs the projector on the live generation until shutdown; when a rebuild swaps in a new
+/// generation, it moves to it (its offsets are the rebuild's) and carries on.
+pub async fn run(
+    config: ProjectorConfig,
+    metrics: &Metrics,
+    readiness: &Readiness,
+    shutdown: Shutdown,
+) -> Result<(), ProjectorError> {
+    let p = parts(&config).await?;
+    let runner_metrics = RunnerMetrics::register(metrics);
+    let ready = readiness.component("projector");
+    while !shutdown.is_triggered() {
+        let g =
+            generation::ensure_live(&p.admin, &config.pg, &config.projector.schema_prefix).await?;
+        tracing::info!(schema = %g.schema(), "projecting into the live generation");
+        let pool = g.pool(&config.pg).await?;
+        let stop = Shutdown::new();
+        let watcher = {
+            let (admin, prefix, g, stop, outer) = (
+                p.admin.clone(),
+                config.projector.schema_prefix.clone(),
+                g.clone(),
+                stop.clone(),
+                shutdown.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = outer.wait() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    }
+                    match generation::live(&admin, &prefix).await {
+                        Ok(Some(now)) if now != g => {
+                            tracing::info!(
+                                generation = now.number,
+                                "a new generation went live: switching"
+                            );
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "cannot read the live generation"),
+                    }
+                }
+                stop.trigger();
+            })
+        };
+        let relay = tokio::spawn(outbox::relay(
+            pool.clone(),
+            p.producer.clone(),
+            p.topics.name(Topic::Profiles),
+            stop.clone(),
+        ));
+        let sink = Arc::new(PgSink::new(
+            pool.clone(),
+            g.group(&config.projector.group),
+            ProjectorHandler {
+                topics: p.names.clone(),
+                keys: p.keys.clone(),
+            },
+        ));
+        let result = runner::run(
+            runner_config(&config, &p, &g),
+            sink,
+            p.producer.clone(),
+            runner_metrics.clone(),
+            Some(ready.clone()),
+            stop.clone(),
+        )
+        .await;
+        stop.trigger();
+        watcher.abort();
+        let _ = relay.await;
+        pool.close().await;
+        result?;
+    }
+    Ok(())
+}
+
+/// Where a rebuild starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayFrom {
+    Earliest,
+    Time(chrono::DateTime<chrono::Utc>),
+    Offsets(Vec<(String, i32, i64)>),
+}
+
+impl FromStr for ReplayFrom {
+    type Err = ProjectorError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ProjectorError::From(s.to_owned());
+        if s == "earliest" {
+            return Ok(Self::Earliest);
+        }
+        if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+            return Ok(Self::Time(t.with_timezone(&chrono::Utc)));
+        }
+        s.split(',')
+            .map(|part| {
+                let mut it = part.rsplitn(3, ':');
+                let offset = it.next().and_then(|o| o.parse().ok()).ok_or_else(bad)?;
+                let partition = it.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+                let topic = it.next().filter(|t| !t.is_empty()).ok_or_else(bad)?;
+                Ok((topic.to_owned(), partition, offset))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self::Offsets)
+    }
+}
+
+/// What a rebuild did.
+#[derive(Debug, Clone)]
+pub struct Rebuilt {
+    pub generation: i32,
+    pub digest: String,
+}
+
+/// Partition → (low, high) watermarks of the projected topics.
+fn watermarks(
+    kafka: &KafkaArgs,
+    topics: &[String],
+) -> Result<HashMap<TopicPartition, (i64, i64)>, ProjectorError> {
+    let c: BaseConsumer = cdp_runtime::kafka::client_config(kafka)
+        .map_err(cdp_runtime::kafka::KafkaSetupError::from)?
+        .create()?;
+    let mut out = HashMap::new();
+    for t in topics {
+        let md = c.fetch_metadata(Some(t), Duration::from_secs(10))?;
+        for mt in md.topics() {
+            for part in mt.partitions() {
+                let w = c.fetch_watermarks(t, part.id(), Duration::from_secs(10))?;
+                out.insert(
+                    TopicPartition {
+                        topic: t.clone(),
+                        partition: part.id(),
+                    },
+                    w,
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn offsets_for_time(
+    kafka: &KafkaArgs,
+    parts: &[TopicPartition],
+    t: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<(TopicPartition, i64)>, ProjectorError> {
+    let c: BaseConsumer = cdp_runtime::kafka::client_config(kafka)
+        .map_err(cdp_runtime::kafka::KafkaSetupError::from)?
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in parts {
+        tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(t.timestamp_millis()))?;
+    }
+    let found = c.offsets_for_times(tpl, Duration::from_secs(10))?;
+    Ok(found
+        .elements()
+        .iter()
+        .filter_map(|e| {
+            let tp = TopicPartition {
+                topic: e.topic().to_owned(),
+                partition: e.partition(),
+            };
+            match e.offset() {
+                Offset::Offset(o) => Some((tp, o)),
+                // No record at or after the time: nothing to replay on that partition.
+                Offset::End => None,
+                _ => None,
+            }
+        })
+        .collect())
+}
+
+/// Rebuilds the read models from the log into a new generation and swaps it in once it has
+/// caught up with the log as it was when the rebuild started. `earliest` starts empty; a
+/// time or offsets start from a copy of the live generation and re-apply from there.
+pub async fn rebuild(
+    config: ProjectorConfig,
+    from: ReplayFrom,
+    shutdown: Shutdown,
+) -> Result<Rebuilt, ProjectorError> {
+    let p = parts(&config).await?;
+    let prefix = &config.projector.schema_prefix;
+    let live = generation::live(&p.admin, prefix).await?;
+    let g = generation::create(&p.admin, &config.pg, prefix).await?;
+    let pool = g.pool(&config.pg).await?;
+    let group = g.group(&config.projector.group);
+    let topics = vec![
+        p.names.customer.clone(),
+        p.names.capsule.clone(),
+        p.names.identity.clone(),
+    ];
+    let marks = {
+        let (kafka, topics) = (config.kafka.clone(), topics.clone());
+        tokio::task::spawn_blocking(move || watermarks(&kafka, &topics))
+            .await
+            .map_err(|e| ProjectorError::Serve(std::io::Error::other(e)))??
+    };
+    if from != ReplayFrom::Earliest {
+        if let Some(live) = &live {
+            for t in generation::TABLES {
+                sqlx::query(&format!(
+                    "INSERT INTO \"{}\".{t} SELECT * FROM \"{}\".{t}",
+                    g.schema(),
+                    live.schema()
+                ))
+                .execute(&p.admin)
+                .await?;
+            }
+        }
+        let starts: Vec<(TopicPartition, i64)> = match &from {
+            ReplayFrom::Time(t) => {
+                let (kafka, parts, t) = (
+                    config.kafka.clone(),
+                    marks.keys().cloned().collect::<Vec<_>>(),
+                    *t,
+                );
+                tokio::task::spawn_blocking(move || offsets_for_time(&kafka, &parts, t))
+                    .await
+                    .map_err(|e| ProjectorError::Serve(std::io::Error::other(e)))??
+            }
+            ReplayFrom::Offsets(list) => list
+                .iter()
+                .map(|(t, part, o)| {
+                    (
+                        TopicPartition {
+                            topic: t.clone(),
+                            partition: *part,
+                        },
+                        *o,
+                    )
+                })
+                .collect(),
+            ReplayFrom::Earliest => Vec::new(),
+        };
+        // Partitions not named start where the live generation stands.
+        let mut positions: HashMap<TopicPartition, i64> = match &live {
+            Some(l) => pg::stored_positions(&p.admin, &l.group(&config.projector.group)).await?,
+            None => HashMap::new(),
+        };
+        for (tp, o) in starts {
+            positions.insert(tp, o);
+        }
+        for (tp, o) in positions {
+            sqlx::query(
+                "INSERT INTO cdp_consumer_offsets (group_id, topic, partition, next_offset) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (group_id, topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset",
+            )
+            .bind(&group)
+            .bind(&tp.topic)
+            .bind(tp.partition)
+            .bind(o)
+            .execute(&p.admin)
+            .await?;
+        }
+    }
+    let stop = Shutdown::new();
+    let sink = Arc::new(PgSink::new(
+        pool.clone(),
+        group.clone(),
+        ProjectorHandler {
+            topics: p.names.clone(),
+            keys: p.keys.clone(),
+        },
+    ));
+    let task = tokio::spawn(runner::run(
+        runner_config(&config, &p, &g),
+        sink,
+        p.producer.clone(),
+        RunnerMetrics::register(&Metrics::new()),
+        None,
+        stop.clone(),
+    ));
+    loop {
+        if shutdown.is_triggered() || task.is_finished() {
+            stop.trigger();
+            task.await
+                .map_err(|e| ProjectorError::Serve(std::io::Error::other(e)))??;
+            return Err(ProjectorError::From(
+                "rebuild interrupted before it caught up".to_owned(),
+            ));
+        }
+        let stored = pg::stored_positions(&p.admin, &group).await?;
+        let caught_up = marks
+            .iter()
+            .all(|(tp, (low, high))| high <= low || stored.get(tp).is_some_and(|s| s >= high));
+        if caught_up {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.trigger();
+    task.await
+        .map_err(|e| ProjectorError::Serve(std::io::Error::other(e)))??;
+    let (digest, _) = digest::digest(&pool).await?;
+    generation::swap(&p.admin, &g).await?;
+    pool.close().await;
+    tracing::info!(generation = g.number, %digest, "rebuilt generation is live");
+    Ok(Rebuilt {
+        generation: g.number,
+        digest,
+    })
+}
+
+/// The digest of the live generation.
+pub async fn live_digest(
+    pg_args: &PostgresArgs,
+    prefix: &str,
+) -> Result<Option<(String, Vec<(String, String, i64)>)>, ProjectorError> {
+    let admin = pg::connect(pg_args).await?;
+    generation::shared_migrator().run(&admin).await?;
+    let Some(g) = generation::live(&admin, prefix).await? else {
+        return Ok(None);
+    };
+    let pool = g.pool(pg_args).await?;
+    let d = digest::digest(&pool).await?;
+    pool.close().await;
+    Ok(Some(d))
+}
+
+/// Parses `principal:role:secret` entries.
+pub fn tokens(entries: &[String]) -> Result<HashMap<String, api::Principal>, ProjectorError> {
+    entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| !e.trim().is_empty())
+        .map(|(i, e)| {
+            let mut it = e.trim().splitn(3, ':');
+            match (it.next(), it.next(), it.next()) {
+                (Some(n), Some(r), Some(s)) if !n.is_empty() && !r.is_empty() && !s.is_empty() => {
+                    Ok((
+                        s.to_owned(),
+                        api::Principal {
+                            name: n.to_owned(),
+                            role: r.to_owned(),
+                        },
+                    ))
+                }
+                _ => Err(ProjectorError::Token(i)),
+            }
+        })
+        .collect()
+}
+
+/// Binds the profile API over the `<prefix>_read` views; the future serves until shutdown.
+pub async fn bind_api(
+    pg_args: &PostgresArgs,
+    keys: &KeyArgs,
+    prefix: &str,
+    api: &ApiArgs,
+    shutdown: Shutdown,
+) -> Result<
+    (
+        SocketAddr,
+        impl std::future::Future<Output = Result<(), ProjectorError>>,
+    ),
+    ProjectorError,
+> {
+    generation::check_prefix(prefix)?;
+    let admin = pg::connect(pg_args).await?;
+    migrate(&admin).await?;
+    admin.close().await;
+    let opts = sqlx::postgres::PgConnectOptions::from_str(&pg_args.database_url)?.options([(
+        "search_path",
+        format!("{},public", generation::read_schema(prefix)),
+    )]);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(pg_args.max_connections)
+        .connect_with(opts)
+        .await?;
+    let state = Arc::new(api::ApiState {
+        pool,
+        hasher: keys.hasher()?,
+        tokens: tokens(&api.tokens)?,
+    });
+    let listener = tokio::net::TcpListener::bind(api.addr)
+        .await
+        .map_err(|source| ProjectorError::Bind {
+            addr: api.addr,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(ProjectorError::Serve)?;
+    let serve = async move {
+        axum::serve(listener, api::router(state))
+            .with_graceful_shutdown(async move { shutdown.wait().await })
+            .await
+            .map_err(ProjectorError::Serve)
+    };
+    Ok((addr, serve))
+}

@@ -1,0 +1,280 @@
+//! Rows a batch produces, folded in memory first so each statement touches a key once and
+//! the result does not depend on arrival order: per-key values keep the latest by
+//! (event time, event id); first/last seen keep the min/max.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+/// (event time, event id): the order of assertions, the same on every replay.
+pub type Stamp = (DateTime<Utc>, Uuid);
+
+#[derive(Debug, Clone)]
+pub struct CustomerRow {
+    pub first: Stamp,
+    pub last_seen: DateTime<Utc>,
+    pub data_source: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct TraitRow {
+    pub value: Option<String>,
+    pub sealed: Option<Vec<u8>>,
+    pub subject_id: String,
+    pub stamp: Stamp,
+}
+
+#[derive(Debug, Clone)]
+pub struct IdentityRow {
+    pub profile_id: Uuid,
+    pub first_seen: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct InteractionRow {
+    pub event_id: Uuid,
+    pub profile_id: Uuid,
+    pub occurred_at: DateTime<Utc>,
+    pub interaction_type: String,
+    pub channel: Option<String>,
+    pub touchpoint: Option<String>,
+    pub duration_ms: Option<i64>,
+    pub outcome: Option<String>,
+    pub properties: Option<serde_json::Value>,
+    pub source: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct TransactionRow {
+    pub event_id: Uuid,
+    pub profile_id: Uuid,
+    pub occurred_at: DateTime<Utc>,
+    pub order_id: String,
+    pub status: String,
+    pub amount: String,
+    pub currency: String,
+    pub items: serde_json::Value,
+    pub payment_method: Option<String>,
+    pub coupon: Option<String>,
+    pub source: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsentRow {
+    pub status: String,
+    pub basis: String,
+    pub policy_version: Option<String>,
+    pub stamp: Stamp,
+}
+
+#[derive(Debug, Clone)]
+pub struct CapsuleCreatedRow {
+    pub owner_profile_id: Uuid,
+    pub title: String,
+    pub content_type: String,
+    pub storage_path: Option<String>,
+    pub settings: serde_json::Value,
+    pub stamp: Stamp,
+}
+
+#[derive(Debug, Clone)]
+pub struct CapsuleContentRow {
+    pub content_id: Uuid,
+    pub capsule_id: Uuid,
+    pub content_type: String,
+    pub storage_path: Option<String>,
+    pub size_bytes: Option<i64>,
+    pub body: Option<String>,
+    pub stamp: Stamp,
+}
+
+#[derive(Debug, Clone)]
+pub struct CapsuleViewRow {
+    pub event_id: Uuid,
+    pub capsule_id: Uuid,
+    pub profile_id: Uuid,
+    pub occurred_at: DateTime<Utc>,
+    pub channel: Option<String>,
+    pub duration_ms: Option<i64>,
+}
+
+/// Everything one batch writes.
+#[derive(Debug, Default)]
+pub struct Rows {
+    pub customers: BTreeMap<Uuid, CustomerRow>,
+    pub traits: BTreeMap<(Uuid, String), TraitRow>,
+    pub identities: BTreeMap<(String, String, String), IdentityRow>,
+    pub interactions: BTreeMap<Uuid, InteractionRow>,
+    pub transactions: BTreeMap<Uuid, TransactionRow>,
+    pub consents: BTreeMap<(Uuid, String), ConsentRow>,
+    pub capsules_created: BTreeMap<Uuid, CapsuleCreatedRow>,
+    /// capsule → (visibility, stamp): the latest publication.
+    pub capsules_published: BTreeMap<Uuid, (String, Stamp)>,
+    /// capsule → (reason, stamp): the first deletion.
+    pub capsules_deleted: BTreeMap<Uuid, (Option<String>, Stamp)>,
+    pub contents: BTreeMap<Uuid, CapsuleContentRow>,
+    pub views: BTreeMap<Uuid, CapsuleViewRow>,
+    /// Profiles whose snapshot changes.
+    pub touched: BTreeSet<Uuid>,
+}
+
+impl Rows {
+    pub fn seen(&mut self, profile: Uuid, stamp: Stamp, source: &str) {
+        self.touched.insert(profile);
+        let e = self
+            .customers
+            .entry(profile)
+            .or_insert_with(|| CustomerRow {
+                first: stamp,
+                last_seen: stamp.0,
+                data_source: source.to_owned(),
+            });
+        if stamp < e.first {
+            e.first = stamp;
+            e.data_source = source.to_owned();
+        }
+        if stamp.0 > e.last_seen {
+            e.last_seen = stamp.0;
+        }
+    }
+
+    pub fn trait_value(&mut self, profile: Uuid, name: &str, row: TraitRow) {
+        let key = (profile, name.to_owned());
+        match self.traits.get(&key) {
+            Some(old) if old.stamp >= row.stamp => {}
+            _ => {
+                self.traits.insert(key, row);
+            }
+        }
+    }
+
+    pub fn identity(
+        &mut self,
+        kind: &str,
+        namespace: &str,
+        hash: &str,
+        profile: Uuid,
+        at: DateTime<Utc>,
+    ) {
+        let key = (kind.to_owned(), namespace.to_owned(), hash.to_owned());
+        let e = self.identities.entry(key).or_insert(IdentityRow {
+            profile_id: profile,
+            first_seen: at,
+            last_seen: at,
+        });
+        // An identifier two profiles claim belongs to the one that showed it first (ties: id).
+        if (at, profile) < (e.first_seen, e.profile_id) {
+            e.profile_id = profile;
+        }
+        e.first_seen = e.first_seen.min(at);
+        e.last_seen = e.last_seen.max(at);
+    }
+
+    pub fn consent(&mut self, profile: Uuid, purpose: &str, row: ConsentRow) {
+        let key = (profile, purpose.to_owned());
+        match self.consents.get(&key) {
+            Some(old) if old.stamp >= row.stamp => {}
+            _ => {
+                self.consents.insert(key, row);
+            }
+        }
+    }
+
+    pub fn created(&mut self, capsule: Uuid, row: CapsuleCreatedRow) {
+        match self.capsules_created.get(&capsule) {
+            Some(old) if old.stamp <= row.stamp => {}
+            _ => {
+                self.capsules_created.insert(capsule, row);
+            }
+        }
+    }
+
+    pub fn published(&mut self, capsule: Uuid, visibility: String, stamp: Stamp) {
+        match self.capsules_published.get(&capsule) {
+            Some((_, old)) if *old >= stamp => {}
+            _ => {
+                self.capsules_published.insert(capsule, (visibility, stamp));
+            }
+        }
+    }
+
+    pub fn deleted(&mut self, capsule: Uuid, reason: Option<String>, stamp: Stamp) {
+        match self.capsules_deleted.get(&capsule) {
+            Some((_, old)) if *old <= stamp => {}
+            _ => {
+                self.capsules_deleted.insert(capsule, (reason, stamp));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp(secs: i64, id: u128) -> Stamp {
+        (
+            DateTime::from_timestamp(secs, 0).unwrap_or_default(),
+            Uuid::from_u128(id),
+        )
+    }
+
+    fn traits_in(order: &[(i64, u128, &str)]) -> Option<String> {
+        let mut rows = Rows::default();
+        let p = Uuid::from_u128(1);
+        for (t, id, v) in order {
+            rows.trait_value(
+                p,
+                "email",
+                TraitRow {
+                    value: Some((*v).to_owned()),
+                    sealed: None,
+                    subject_id: "s".into(),
+                    stamp: stamp(*t, *id),
+                },
+            );
+        }
+        rows.traits
+            .get(&(p, "email".to_owned()))
+            .and_then(|r| r.value.clone())
+    }
+
+    #[test]
+    fn the_latest_assertion_wins_whatever_the_arrival_order() {
+        let events = [
+            (10, 1, "a"),
+            (30, 2, "c"),
+            (20, 3, "b"),
+            (30, 1, "c-tie-lower-id"),
+        ];
+        let forward = traits_in(&events);
+        let mut rev = events;
+        rev.reverse();
+        assert_eq!(forward, traits_in(&rev));
+        assert_eq!(
+            forward.as_deref(),
+            Some("c"),
+            "same time: the higher event id wins"
+        );
+    }
+
+    #[test]
+    fn first_seen_and_source_come_from_the_earliest_event() {
+        let mut rows = Rows::default();
+        let p = Uuid::from_u128(1);
+        rows.seen(p, stamp(20, 1), "late-app");
+        rows.seen(p, stamp(10, 2), "early-app");
+        rows.seen(p, stamp(30, 3), "later-app");
+        let c = &rows.customers[&p];
+        assert_eq!(
+            (
+                c.first.0.timestamp(),
+                c.last_seen.timestamp(),
+                c.data_source.as_str()
+            ),
+            (10, 30, "early-app")
+        );
+    }
+}

@@ -1,0 +1,378 @@
+//! The SQL that applies a batch's rows: one multi-row statement per table, each guarded so
+//! that re-applying or applying out of order converges to the same rows.
+
+use std::collections::HashMap;
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::rows::Rows;
+
+type Db = Result<(), sqlx::Error>;
+
+/// Follows the merges: the profile each of `ids` belongs to now.
+pub async fn resolve(
+    tx: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, Uuid>, sqlx::Error> {
+    let rows: Vec<(Uuid, Uuid)> =
+        sqlx::query_as("SELECT loser, winner FROM profile_merges WHERE loser = ANY($1)")
+            .bind(ids)
+            .fetch_all(&mut *tx)
+            .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Applies one merge: the loser's rows now belong to the winner. Idempotent.
+pub async fn merge(
+    tx: &mut PgConnection,
+    loser: Uuid,
+    winner: Uuid,
+    link_id: Uuid,
+    cause: Uuid,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    // Where the winner itself went, and whether this merge is new.
+    let winner = resolve(tx, &[winner])
+        .await?
+        .get(&winner)
+        .copied()
+        .unwrap_or(winner);
+    if winner == loser {
+        return Ok(None);
+    }
+    let inserted = sqlx::query(
+        "INSERT INTO profile_merges (loser, winner, link_id, cause_event_id) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+    )
+    .bind(loser)
+    .bind(winner)
+    .bind(link_id)
+    .bind(cause)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        return Ok(None);
+    }
+    // Keep chains flat: whatever was merged into the loser now points at the winner.
+    sqlx::query("UPDATE profile_merges SET winner = $2 WHERE winner = $1")
+        .bind(loser)
+        .bind(winner)
+        .execute(&mut *tx)
+        .await?;
+    for table in [
+        "interactions",
+        "transactions",
+        "capsule_views",
+        "customer_identities",
+    ] {
+        sqlx::query(&format!(
+            "UPDATE {table} SET profile_id = $2 WHERE profile_id = $1"
+        ))
+        .bind(loser)
+        .bind(winner)
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query("UPDATE capsules SET owner_profile_id = $2 WHERE owner_profile_id = $1")
+        .bind(loser)
+        .bind(winner)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO customer_traits (profile_id, trait, value, sealed, subject_id, asserted_at, event_id)
+         SELECT $2, trait, value, sealed, subject_id, asserted_at, event_id FROM customer_traits WHERE profile_id = $1
+         ON CONFLICT (profile_id, trait) DO UPDATE SET value = EXCLUDED.value, sealed = EXCLUDED.sealed,
+             subject_id = EXCLUDED.subject_id, asserted_at = EXCLUDED.asserted_at, event_id = EXCLUDED.event_id
+         WHERE (EXCLUDED.asserted_at, EXCLUDED.event_id) > (customer_traits.asserted_at, customer_traits.event_id)",
+    )
+    .bind(loser)
+    .bind(winner)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM customer_traits WHERE profile_id = $1")
+        .bind(loser)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO consents (profile_id, purpose, status, basis, policy_version, changed_at, evidence_event_id)
+         SELECT $2, purpose, status, basis, policy_version, changed_at, evidence_event_id FROM consents WHERE profile_id = $1
+         ON CONFLICT (profile_id, purpose) DO UPDATE SET status = EXCLUDED.status, basis = EXCLUDED.basis,
+             policy_version = EXCLUDED.policy_version, changed_at = EXCLUDED.changed_at, evidence_event_id = EXCLUDED.evidence_event_id
+         WHERE (EXCLUDED.changed_at, EXCLUDED.evidence_event_id) > (consents.changed_at, consents.evidence_event_id)",
+    )
+    .bind(loser)
+    .bind(winner)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM consents WHERE profile_id = $1")
+        .bind(loser)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO customers (profile_id, first_seen, last_seen, data_source, first_event_id, active)
+         SELECT $2, first_seen, last_seen, data_source, first_event_id, true FROM customers WHERE profile_id = $1
+         ON CONFLICT (profile_id) DO UPDATE SET
+             data_source = CASE WHEN (EXCLUDED.first_seen, EXCLUDED.first_event_id) < (customers.first_seen, customers.first_event_id)
+                                THEN EXCLUDED.data_source ELSE customers.data_source END,
+             first_event_id = CASE WHEN (EXCLUDED.first_seen, EXCLUDED.first_event_id) < (customers.first_seen, customers.first_event_id)
+                                THEN EXCLUDED.first_event_id ELSE customers.first_event_id END,
+             first_seen = LEAST(customers.first_seen, EXCLUDED.first_seen),
+             last_seen = GREATEST(customers.last_seen, EXCLUDED.last_seen)",
+    )
+    .bind(loser)
+    .bind(winner)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM customers WHERE profile_id = $1")
+        .bind(loser)
+        .execute(&mut *tx)
+        .await?;
+    enqueue(tx, &[loser], true).await?;
+    enqueue(tx, &[winner], false).await?;
+    Ok(Some(winner))
+}
+
+/// Marks profiles for (re)publication; `deleted` publishes a tombstone.
+pub async fn enqueue(tx: &mut PgConnection, ids: &[Uuid], deleted: bool) -> Db {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO profile_outbox (profile_id, deleted) SELECT x, $2 FROM UNNEST($1::uuid[]) AS x
+         ON CONFLICT (profile_id) DO UPDATE SET deleted = EXCLUDED.deleted",
+    )
+    .bind(ids)
+    .bind(deleted)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+fn col<T, R, F: Fn(&T) -> R>(items: &[T], f: F) -> Vec<R> {
+    items.iter().map(f).collect()
+}
+
+pub async fn apply(tx: &mut PgConnection, rows: &Rows) -> Db {
+    let customers: Vec<_> = rows.customers.iter().collect();
+    if !customers.is_empty() {
+        sqlx::query(
+            "INSERT INTO customers (profile_id, first_seen, last_seen, data_source, first_event_id)
+             SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::uuid[])
+             ON CONFLICT (profile_id) DO UPDATE SET
+                 data_source = CASE WHEN (EXCLUDED.first_seen, EXCLUDED.first_event_id) < (customers.first_seen, customers.first_event_id)
+                                    THEN EXCLUDED.data_source ELSE customers.data_source END,
+                 first_event_id = CASE WHEN (EXCLUDED.first_seen, EXCLUDED.first_event_id) < (customers.first_seen, customers.first_event_id)
+                                    THEN EXCLUDED.first_event_id ELSE customers.first_event_id END,
+                 first_seen = LEAST(customers.first_seen, EXCLUDED.first_seen),
+                 last_seen = GREATEST(customers.last_seen, EXCLUDED.last_seen)",
+        )
+        .bind(col(&customers, |(p, _)| **p))
+        .bind(col(&customers, |(_, c)| c.first.0))
+        .bind(col(&customers, |(_, c)| c.last_seen))
+        .bind(col(&customers, |(_, c)| c.data_source.clone()))
+        .bind(col(&customers, |(_, c)| c.first.1))
+        .execute(&mut *tx)
+        .await?;
+    }
+    let traits: Vec<_> = rows.traits.iter().collect();
+    if !traits.is_empty() {
+        sqlx::query(
+            "INSERT INTO customer_traits (profile_id, trait, value, sealed, subject_id, asserted_at, event_id)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::timestamptz[], $7::uuid[])
+             ON CONFLICT (profile_id, trait) DO UPDATE SET value = EXCLUDED.value, sealed = EXCLUDED.sealed,
+                 subject_id = EXCLUDED.subject_id, asserted_at = EXCLUDED.asserted_at, event_id = EXCLUDED.event_id
+             WHERE (EXCLUDED.asserted_at, EXCLUDED.event_id) > (customer_traits.asserted_at, customer_traits.event_id)",
+        )
+        .bind(col(&traits, |((p, _), _)| *p))
+        .bind(col(&traits, |((_, n), _)| n.clone()))
+        .bind(col(&traits, |(_, t)| t.value.clone()))
+        .bind(col(&traits, |(_, t)| t.sealed.clone()))
+        .bind(col(&traits, |(_, t)| t.subject_id.clone()))
+        .bind(col(&traits, |(_, t)| t.stamp.0))
+        .bind(col(&traits, |(_, t)| t.stamp.1))
+        .execute(&mut *tx)
+        .await?;
+    }
+    let ids: Vec<_> = rows.identities.iter().collect();
+    if !ids.is_empty() {
+        sqlx::query(
+            "INSERT INTO customer_identities (kind, namespace, value_hash, profile_id, first_seen, last_seen)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::timestamptz[], $6::timestamptz[])
+             ON CONFLICT (kind, namespace, value_hash) DO UPDATE SET
+                 profile_id = CASE WHEN (EXCLUDED.first_seen, EXCLUDED.profile_id) < (customer_identities.first_seen, customer_identities.profile_id)
+                                   THEN EXCLUDED.profile_id ELSE customer_identities.profile_id END,
+                 first_seen = LEAST(customer_identities.first_seen, EXCLUDED.first_seen),
+                 last_seen = GREATEST(customer_identities.last_seen, EXCLUDED.last_seen)",
+        )
+        .bind(col(&ids, |((k, _, _), _)| k.clone()))
+        .bind(col(&ids, |((_, n, _), _)| n.clone()))
+        .bind(col(&ids, |((_, _, h), _)| h.clone()))
+        .bind(col(&ids, |(_, r)| r.profile_id))
+        .bind(col(&ids, |(_, r)| r.first_seen))
+        .bind(col(&ids, |(_, r)| r.last_seen))
+        .execute(&mut *tx)
+        .await?;
+    }
+    let it: Vec<_> = rows.interactions.values().collect();
+    if !it.is_empty() {
+        sqlx::query(
+            "INSERT INTO interactions (event_id, profile_id, occurred_at, interaction_type, channel, touchpoint, duration_ms, outcome, properties, source)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::text[], $9::jsonb[], $10::text[])
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(col(&it, |r| r.event_id))
+        .bind(col(&it, |r| r.profile_id))
+        .bind(col(&it, |r| r.occurred_at))
+        .bind(col(&it, |r| r.interaction_type.clone()))
+        .bind(col(&it, |r| r.channel.clone()))
+        .bind(col(&it, |r| r.touchpoint.clone()))
+        .bind(col(&it, |r| r.duration_ms))
+        .bind(col(&it, |r| r.outcome.clone()))
+        .bind(col(&it, |r| r.properties.clone()))
+        .bind(col(&it, |r| r.source.clone()))
+        .execute(&mut *tx)
+        .await?;
+    }
+    let tr: Vec<_> = rows.transactions.values().collect();
+    if !tr.is_empty() {
+        sqlx::query(
+            "INSERT INTO transactions (event_id, profile_id, occurred_at, order_id, status, amount, currency, items, payment_method, coupon, source)
+             SELECT e, p, t, o, s, a::numeric, c, i, pm, cp, src
+               FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::text[], $8::jsonb[], $9::text[], $10::text[], $11::text[])
+                 AS x(e, p, t, o, s, a, c, i, pm, cp, src)
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(col(&tr, |r| r.event_id))
+        .bind(col(&tr, |r| r.profile_id))
+        .bind(col(&tr, |r| r.occurred_at))
+        .bind(col(&tr, |r| r.order_id.clone()))
+        .bind(col(&tr, |r| r.status.clone()))
+        .bind(col(&tr, |r| r.amount.clone()))
+        .bind(col(&tr, |r| r.currency.clone()))
+        .bind(col(&tr, |r| r.items.clone()))
+        .bind(col(&tr, |r| r.payment_method.clone()))
+        .bind(col(&tr, |r| r.coupon.clone()))
+        .bind(col(&tr, |r| r.source.clone()))
+        .execute(&mut *tx)
+        .await?;
+    }
+    let cs: Vec<_> = rows.consents.iter().collect();
+    if !cs.is_empty() {
+        sqlx::query(
+            "INSERT INTO consents (profile_id, purpose, status, basis, policy_version, changed_at, evidence_event_id)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::uuid[])
+             ON CONFLICT (profile_id, purpose) DO UPDATE SET status = EXCLUDED.status, basis = EXCLUDED.basis,
+                 policy_version = EXCLUDED.policy_version, changed_at = EXCLUDED.changed_at, evidence_event_id = EXCLUDED.evidence_event_id
+             WHERE (EXCLUDED.changed_at, EXCLUDED.evidence_event_id) > (consents.changed_at, consents.evidence_event_id)",
+        )
+        .bind(col(&cs, |((p, _), _)| *p))
+        .bind(col(&cs, |((_, n), _)| n.clone()))
+        .bind(col(&cs, |(_, c)| c.status.clone()))
+        .bind(col(&cs, |(_, c)| c.basis.clone()))
+        .bind(col(&cs, |(_, c)| c.policy_version.clone()))
+        .bind(col(&cs, |(_, c)| c.stamp.0))
+        .bind(col(&cs, |(_, c)| c.stamp.1))
+        .execute(&mut *tx)
+        .await?;
+    }
+    apply_capsules(tx, rows).await?;
+    let touched: Vec<Uuid> = rows.touched.iter().copied().collect();
+    enqueue(tx, &touched, false).await
+}
+
+async fn apply_capsules(tx: &mut PgConnection, rows: &Rows) -> Db {
+    let created: Vec<_> = rows.capsules_created.iter().collect();
+    if !created.is_empty() {
+        sqlx::query(
+            "INSERT INTO capsules (capsule_id, owner_profile_id, title, content_type, storage_path, settings, created_at, created_event_id)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::timestamptz[], $8::uuid[])
+             ON CONFLICT (capsule_id) DO UPDATE SET owner_profile_id = EXCLUDED.owner_profile_id, title = EXCLUDED.title,
+                 content_type = EXCLUDED.content_type, storage_path = EXCLUDED.storage_path, settings = EXCLUDED.settings,
+                 created_at = EXCLUDED.created_at, created_event_id = EXCLUDED.created_event_id
+             WHERE capsules.created_at IS NULL
+                OR (EXCLUDED.created_at, EXCLUDED.created_event_id) < (capsules.created_at, capsules.created_event_id)",
+        )
+        .bind(col(&created, |(c, _)| **c))
+        .bind(col(&created, |(_, r)| r.owner_profile_id))
+        .bind(col(&created, |(_, r)| r.title.clone()))
+        .bind(col(&created, |(_, r)| r.content_type.clone()))
+        .bind(col(&created, |(_, r)| r.storage_path.clone()))
+        .bind(col(&created, |(_, r)| r.settings.clone()))
+        .bind(col(&created, |(_, r)| r.stamp.0))
+        .bind(col(&created, |(_, r)| r.stamp.1))
+        .execute(&mut *tx)
+        .await?;
+    }
+    let published: Vec<_> = rows.capsules_published.iter().collect();
+    if !published.is_empty() {
+        sqlx::query(
+            "INSERT INTO capsules (capsule_id, visibility, published_at, published_event_id)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::uuid[])
+             ON CONFLICT (capsule_id) DO UPDATE SET visibility = EXCLUDED.visibility, published_at = EXCLUDED.published_at,
+                 published_event_id = EXCLUDED.published_event_id
+             WHERE capsules.published_at IS NULL
+                OR (EXCLUDED.published_at, EXCLUDED.published_event_id) > (capsules.published_at, capsules.published_event_id)",
+        )
+        .bind(col(&published, |(c, _)| **c))
+        .bind(col(&published, |(_, (v, _))| v.clone()))
+        .bind(col(&published, |(_, (_, s))| s.0))
+        .bind(col(&published, |(_, (_, s))| s.1))
+        .execute(&mut *tx)
+        .await?;
+    }
+    let deleted: Vec<_> = rows.capsules_deleted.iter().collect();
+    if !deleted.is_empty() {
+        sqlx::query(
+            "INSERT INTO capsules (capsule_id, deleted_reason, deleted_at, deleted_event_id)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::uuid[])
+             ON CONFLICT (capsule_id) DO UPDATE SET deleted_reason = EXCLUDED.deleted_reason, deleted_at = EXCLUDED.deleted_at,
+                 deleted_event_id = EXCLUDED.deleted_event_id
+             WHERE capsules.deleted_at IS NULL
+                OR (EXCLUDED.deleted_at, EXCLUDED.deleted_event_id) < (capsules.deleted_at, capsules.deleted_event_id)",
+        )
+        .bind(col(&deleted, |(c, _)| **c))
+        .bind(col(&deleted, |(_, (r, _))| r.clone()))
+        .bind(col(&deleted, |(_, (_, s))| s.0))
+        .bind(col(&deleted, |(_, (_, s))| s.1))
+        .execute(&mut *tx)
+        .await?;
+    }
+    let contents: Vec<_> = rows.contents.values().collect();
+    if !contents.is_empty() {
+        sqlx::query(
+            "INSERT INTO capsule_contents (content_id, capsule_id, content_type, storage_path, size_bytes, body, added_at, event_id)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::timestamptz[], $8::uuid[])
+             ON CONFLICT (content_id) DO UPDATE SET capsule_id = EXCLUDED.capsule_id, content_type = EXCLUDED.content_type,
+                 storage_path = EXCLUDED.storage_path, size_bytes = EXCLUDED.size_bytes, body = EXCLUDED.body,
+                 added_at = EXCLUDED.added_at, event_id = EXCLUDED.event_id
+             WHERE (EXCLUDED.added_at, EXCLUDED.event_id) > (capsule_contents.added_at, capsule_contents.event_id)",
+        )
+        .bind(col(&contents, |r| r.content_id))
+        .bind(col(&contents, |r| r.capsule_id))
+        .bind(col(&contents, |r| r.content_type.clone()))
+        .bind(col(&contents, |r| r.storage_path.clone()))
+        .bind(col(&contents, |r| r.size_bytes))
+        .bind(col(&contents, |r| r.body.clone()))
+        .bind(col(&contents, |r| r.stamp.0))
+        .bind(col(&contents, |r| r.stamp.1))
+        .execute(&mut *tx)
+        .await?;
+    }
+    let views: Vec<_> = rows.views.values().collect();
+    if !views.is_empty() {
+        sqlx::query(
+            "INSERT INTO capsule_views (event_id, capsule_id, profile_id, occurred_at, channel, duration_ms)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::timestamptz[], $5::text[], $6::bigint[])
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(col(&views, |r| r.event_id))
+        .bind(col(&views, |r| r.capsule_id))
+        .bind(col(&views, |r| r.profile_id))
+        .bind(col(&views, |r| r.occurred_at))
+        .bind(col(&views, |r| r.channel.clone()))
+        .bind(col(&views, |r| r.duration_ms))
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
