@@ -65,3 +65,240 @@ async fn replaying_from_earliest_rebuilds_the_same_models_and_duplicates_change_
     let _ = Topic::Profiles;
     slice.db.drop_db().await
 }
+
+fn probe(slice: &Slice, config: &cdp_projector::ProjectorConfig) -> anyhow::Result<std::process::Child> {
+    Ok(std::process::Command::new(env!("CARGO_BIN_EXE_projector-probe"))
+        .env("CDP_KAFKA_BROKERS", brokers())
+        .env("CDP_TOPIC_PREFIX", &config.kafka.topic_prefix)
+        .env("CDP_DATABASE_URL", &slice.db.url)
+        .env("CDP_MASTER_KEY", &slice.key_args.master_key)
+        .env("CDP_IDENTIFIER_KEY", &slice.key_args.identifier_key)
+        .env("CDP_PROJECTOR_GROUP", &config.projector.group)
+        .env("CDP_PROJECTOR_SCHEMA", &config.projector.schema_prefix)
+        .env("CDP_BATCH_SIZE", "200")
+        .env("CDP_KAFKA_PROPERTIES", "session.timeout.ms=6000,heartbeat.interval.ms=500")
+        .stdin(std::process::Stdio::null())
+        .spawn()?)
+}
+
+async fn applied(slice: &Slice, config: &cdp_projector::ProjectorConfig) -> anyhow::Result<i64> {
+    let Some(g) = cdp_projector::generation::live(&slice.db.pool, &config.projector.schema_prefix).await? else {
+        return Ok(0);
+    };
+    let stored = cdp_runtime::pg::stored_positions(&slice.db.pool, &g.group(&config.projector.group)).await?;
+    Ok(stored.values().sum())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_gives_the_same_models_as_an_uninterrupted_run() -> anyhow::Result<()> {
+    use rand::Rng;
+    const N: u64 = 50_000;
+    let slice = Slice::create().await?;
+    let events = slice.prepare(0..N, 1_999).await?;
+    slice.produce(&events, |i| Some((i % 6) as i32)).await?;
+
+    let reference = slice.config("reference");
+    let (stop, task) = spawn(reference.clone());
+    slice.caught_up(&reference, Duration::from_secs(240)).await?;
+    stop.trigger();
+    task.await??;
+    let want = slice.digest(&reference).await?;
+
+    let killed = slice.config("killed");
+    let mut rng = rand::rng();
+    let mut points: Vec<i64> = (0..6).map(|_| rng.random_range(2_000..(N as i64) * 9 / 10)).collect();
+    points.sort_unstable();
+    for (i, point) in points.iter().enumerate() {
+        let mut child = probe(&slice, &killed)?;
+        wait_until(&format!("{point} applied before kill {}", i + 1), Duration::from_secs(240), || async {
+            Ok(applied(&slice, &killed).await? >= *point)
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..60))).await;
+        child.kill()?;
+        child.wait()?;
+        let done = applied(&slice, &killed).await?;
+        eprintln!("kill {}: SIGKILL at >= {point} applied; {done} after", i + 1);
+        assert!(done < N as i64, "finished before kill {}", i + 1);
+    }
+    let mut child = probe(&slice, &killed)?;
+    slice.caught_up(&killed, Duration::from_secs(240)).await?;
+    child.kill()?;
+    child.wait()?;
+    assert_eq!(slice.digest(&killed).await?, want, "six SIGKILLs change nothing in the read models");
+    slice.db.drop_db().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_events_in_another_order_give_identical_profiles() -> anyhow::Result<()> {
+    let slice = Slice::create().await?;
+    let events = slice.prepare(0..2_000, 97).await?;
+    // Forward, one partition each topic.
+    slice.produce(&events, |_| Some(0)).await?;
+    let forward = slice.config("forward");
+    let (stop, task) = spawn(forward.clone());
+    slice.caught_up(&forward, Duration::from_secs(120)).await?;
+    stop.trigger();
+    task.await??;
+
+    // The same records, reversed and spread over partitions, on a second set of topics.
+    let prefix2 = format!("{}.", unique("proj-rev"));
+    let mut kafka2 = slice.kafka.clone();
+    kafka2.topic_prefix = prefix2.clone();
+    let topics2 = cdp_runtime::topics::Topics::new(&prefix2);
+    cdp_runtime::topics::ensure(&kafka2, &cdp_runtime::topics::catalogue(&topics2)).await?;
+    let mut reversed = events.clone();
+    reversed.reverse();
+    for p in &mut reversed {
+        p.topic = p.topic.replacen(&slice.kafka.topic_prefix, &prefix2, 1);
+    }
+    slice.produce(&reversed, |i| Some((i % 6) as i32)).await?;
+    let mut backward = slice.config("backward");
+    backward.kafka = kafka2;
+    let (stop, task) = spawn(backward.clone());
+    let marks_ok = wait_until("the reversed run caught up", Duration::from_secs(120), || async {
+        let Some(g) = cdp_projector::generation::live(&slice.db.pool, "p_backward").await? else { return Ok(false) };
+        let stored = cdp_runtime::pg::stored_positions(&slice.db.pool, &g.group(&backward.projector.group)).await?;
+        Ok(stored.values().sum::<i64>() >= events.len() as i64)
+    })
+    .await;
+    stop.trigger();
+    task.await??;
+    marks_ok?;
+    assert_eq!(slice.digest(&backward).await?, slice.digest(&forward).await?, "arrival order does not matter");
+    let (a,): (String,) = sqlx::query_as("SELECT md5(string_agg(x::text, ',' ORDER BY x.profile_id)) FROM p_forward_read.customer_360 x").fetch_one(&slice.db.pool).await?;
+    let (b,): (String,) = sqlx::query_as("SELECT md5(string_agg(x::text, ',' ORDER BY x.profile_id)) FROM p_backward_read.customer_360 x").fetch_one(&slice.db.pool).await?;
+    assert_eq!(a, b);
+    slice.db.drop_db().await
+}
+
+fn merge_event(winner: uuid::Uuid, loser: uuid::Uuid) -> anyhow::Result<Vec<u8>> {
+    use cdp_schemas::model::identity::*;
+    let mut e = cdp_schemas::fixtures::identity_events().remove(1);
+    e.envelope.event_id = uuid::Uuid::now_v7();
+    e.envelope.partition_key = winner.to_string();
+    e.payload = cdp_schemas::IdentityPayload::ProfilesMerged(ProfilesMerged {
+        winner_profile_id: winner,
+        loser_profile_id: loser,
+        link_id: uuid::Uuid::from_u128(7),
+        cause_event_id: uuid::Uuid::from_u128(8),
+    });
+    Ok(cdp_schemas::encode(&e)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_repoints_rows_and_applying_it_twice_changes_nothing() -> anyhow::Result<()> {
+    let slice = Slice::create().await?;
+    slice.produce(&slice.prepare(0..1_000, 49).await?, |_| None).await?;
+    let config = slice.config("merge");
+    let (stop, task) = spawn(config.clone());
+    slice.caught_up(&config, Duration::from_secs(120)).await?;
+    let hasher = slice.key_args.hasher()?;
+    let profile = |u: &str| cdp_schemas::profile_id_of(&hasher.hash(cdp_schemas::IdentifierKind::UserId, None, u));
+    let (winner, loser) = (profile("user-1"), profile("user-2"));
+    let count = |p: uuid::Uuid| {
+        let pool = slice.db.pool.clone();
+        async move {
+            let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM p_merge_read.interactions WHERE profile_id = $1")
+                .bind(p)
+                .fetch_one(&pool)
+                .await?;
+            anyhow::Ok(n)
+        }
+    };
+    let (w0, l0) = (count(winner).await?, count(loser).await?);
+    assert!(w0 > 0 && l0 > 0);
+    let identity = slice.topic(Topic::Identity);
+    let record = merge_event(winner, loser)?;
+    let send = || async {
+        slice
+            .producer
+            .send(cdp_runtime::kafka::producer::OutgoingRecord {
+                topic: &identity,
+                key: Some(winner.to_string().as_bytes()),
+                value: Some(&record),
+                ..Default::default()
+            })
+            .await
+    };
+    send().await?;
+    slice.caught_up(&config, Duration::from_secs(60)).await?;
+    assert_eq!((count(winner).await?, count(loser).await?), (w0 + l0, 0), "the loser's rows belong to the winner");
+    let (gone,): (i64,) = sqlx::query_as("SELECT count(*) FROM p_merge_read.customers WHERE profile_id = $1").bind(loser).fetch_one(&slice.db.pool).await?;
+    assert_eq!(gone, 0);
+    let after = slice.digest(&config).await?;
+    send().await?;
+    slice.caught_up(&config, Duration::from_secs(60)).await?;
+    assert_eq!(slice.digest(&config).await?, after, "the same merge again changes nothing");
+    // Later events of the merged-away subject land on the winner.
+    slice.produce(&slice.prepare(1_000..1_050, 49).await?, |_| None).await?;
+    slice.caught_up(&config, Duration::from_secs(60)).await?;
+    assert_eq!(count(loser).await?, 0);
+
+    // Subscribers: a snapshot for the winner, a tombstone for the loser, on the profiles topic.
+    let profiles = slice.topic(Topic::Profiles);
+    let loser_key = loser.to_string();
+    wait_until("the loser's tombstone", Duration::from_secs(60), || async {
+        let n = topic_len(&profiles).await? as usize;
+        let recs = consume(&profiles, n, Duration::from_secs(30)).await?;
+        Ok(recs.iter().any(|r| r.key.as_deref() == Some(loser_key.as_bytes()) && r.value.is_none()))
+    })
+    .await?;
+    let n = topic_len(&profiles).await? as usize;
+    let recs = consume(&profiles, n, Duration::from_secs(30)).await?;
+    let latest = recs
+        .iter()
+        .rev()
+        .find(|r| r.key.as_deref() == Some(winner.to_string().as_bytes()) && r.value.is_some())
+        .ok_or_else(|| anyhow::anyhow!("no snapshot of the winner"))?;
+    let snap: cdp_schemas::ProfileEvent = cdp_schemas::decode(latest.value.as_deref().unwrap_or_default())?;
+    let cdp_schemas::ProfilePayload::Snapshot(s) = snap.payload;
+    assert_eq!(s.profile_id, winner);
+    let email = s.traits.iter().find(|t| t.name == "email").ok_or_else(|| anyhow::anyhow!("no email trait"))?;
+    assert!(email.value.is_none(), "PII travels sealed only");
+    let sealed = email.sealed.clone().ok_or_else(|| anyhow::anyhow!("unsealed"))?;
+    let version = cdp_keystore::crypto::sealed_version(&sealed)?;
+    let key = slice.keys.key(&email.subject_id, version).await?.ok_or_else(|| anyhow::anyhow!("no key"))?;
+    let plain = String::from_utf8(key.open(&cdp_keystore::crypto::field_aad(&email.subject_id, "email"), &sealed)?)?;
+    assert!(plain.ends_with("@example.org"));
+    stop.trigger();
+    task.await??;
+    slice.db.drop_db().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erased_subjects_events_write_no_pii_on_replay() -> anyhow::Result<()> {
+    let slice = Slice::create().await?;
+    slice.produce(&slice.prepare(0..1_000, 49).await?, |_| None).await?;
+    let config = slice.config("erase");
+    let (stop, task) = spawn(config.clone());
+    slice.caught_up(&config, Duration::from_secs(120)).await?;
+    stop.trigger();
+    task.await??;
+    let hasher = slice.key_args.hasher()?;
+    let subject = hasher.hash(cdp_schemas::IdentifierKind::UserId, None, "user-3");
+    let profile = cdp_schemas::profile_id_of(&subject);
+    assert!(slice.keys.destroy(&subject).await? >= 1);
+    let rebuilt = cdp_projector::rebuild(config.clone(), cdp_projector::ReplayFrom::Earliest, cdp_runtime::Shutdown::new()).await?;
+    assert_eq!(rebuilt.generation, 2);
+    let traits: Vec<(String, Option<String>)> = sqlx::query_as("SELECT trait, value FROM p_erase_read.customer_traits WHERE profile_id = $1 ORDER BY trait")
+        .bind(profile)
+        .fetch_all(&slice.db.pool)
+        .await?;
+    assert_eq!(traits.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(), vec!["country"], "only non-PII traits remain");
+    let (props,): (i64,) = sqlx::query_as("SELECT count(*) FROM p_erase_read.interactions WHERE profile_id = $1 AND properties IS NOT NULL")
+        .bind(profile)
+        .fetch_one(&slice.db.pool)
+        .await?;
+    assert_eq!(props, 0, "sealed properties are dropped");
+    let (facts,): (i64,) = sqlx::query_as("SELECT count(*) FROM p_erase_read.transactions WHERE profile_id = $1")
+        .bind(profile)
+        .fetch_one(&slice.db.pool)
+        .await?;
+    assert!(facts > 0, "non-personal facts stay");
+    let (others,): (i64,) = sqlx::query_as("SELECT count(*) FROM p_erase_read.customer_360 WHERE email IS NOT NULL")
+        .fetch_one(&slice.db.pool)
+        .await?;
+    assert_eq!(others, 48, "every other subject keeps its PII");
+    slice.db.drop_db().await
+}
