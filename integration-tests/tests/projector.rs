@@ -302,3 +302,103 @@ async fn an_erased_subjects_events_write_no_pii_on_replay() -> anyhow::Result<()
     assert_eq!(others, 48, "every other subject keeps its PII");
     slice.db.drop_db().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_profile_api_looks_up_pages_caches_audits_and_refuses_strangers() -> anyhow::Result<()> {
+    let slice = Slice::create().await?;
+    slice.produce(&slice.prepare(0..2_000, 49).await?, |_| None).await?;
+    let config = slice.config("api");
+    let (stop, task) = spawn(config.clone());
+    slice.caught_up(&config, Duration::from_secs(120)).await?;
+    let shutdown = cdp_runtime::Shutdown::new();
+    let api_args = cdp_projector::ApiArgs {
+        addr: "127.0.0.1:0".parse()?,
+        tokens: vec!["analyst:read:s3cret".into(), "collector:ingest:other".into()],
+    };
+    let (addr, serve) = cdp_projector::bind_api(&slice.db.args(), &slice.key_args, "p_api", &api_args, shutdown.clone()).await?;
+    let server = tokio::spawn(serve);
+    let base = format!("http://{addr}");
+    let client = reqwest::Client::new();
+    let get = |path: String, token: Option<&'static str>| {
+        let mut req = client.get(format!("{base}{path}"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+    };
+    let hasher = slice.key_args.hasher()?;
+    let user7 = cdp_schemas::profile_id_of(&hasher.hash(cdp_schemas::IdentifierKind::UserId, None, "user-7"));
+
+    // Lookup by each identifier (values normalized like at ingest).
+    for q in ["user_id=user-7", "email=%20User-7-1%40Example.ORG%20", "anonymous_id=anon-7"] {
+        let resp = get(format!("/v1/profiles?{q}"), Some("s3cret")).await?;
+        assert_eq!(resp.status().as_u16(), 200, "{q}");
+        let body: serde_json::Value = resp.json().await?;
+        assert_eq!(body["profile_id"], user7.to_string(), "{q}");
+    }
+    let user5 = cdp_schemas::profile_id_of(&hasher.hash(cdp_schemas::IdentifierKind::UserId, None, "user-5"));
+    let resp = get("/v1/profiles?phone=%2B44%2020%207123%200005".into(), Some("s3cret")).await?;
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.json::<serde_json::Value>().await?["profile_id"], user5.to_string());
+
+    // The 360: traits opened, identities hashed, consents, totals, capsules.
+    let resp = get(format!("/v1/profiles/{user7}"), Some("s3cret")).await?;
+    assert_eq!(resp.status().as_u16(), 200);
+    let etag = resp.headers().get("etag").and_then(|v| v.to_str().ok()).map(str::to_owned).unwrap_or_default();
+    let body: serde_json::Value = resp.json().await?;
+    assert!(body["traits"]["email"].as_str().is_some_and(|e| e.starts_with("user-7-")));
+    assert!(body["identities"].as_array().is_some_and(|a| a.iter().all(|i| i["value_hash"].as_str().is_some_and(|h| h.len() == 64))));
+    assert!(!body["consents"].as_array().map(Vec::is_empty).unwrap_or(true));
+    assert_eq!(body["transaction_totals"][0]["currency"], "EUR");
+    assert!(body["last_interactions"].as_array().is_some_and(|a| a.len() == 10));
+    let cached = client.get(format!("{base}/v1/profiles/{user7}")).bearer_auth("s3cret").header("If-None-Match", &etag).send().await?;
+    assert_eq!(cached.status().as_u16(), 304, "ETag revalidation");
+
+    // Pagination with cursors walks every interaction once, newest first.
+    let (total,): (i64,) = sqlx::query_as("SELECT count(*) FROM p_api_read.interactions WHERE profile_id = $1").bind(user7).fetch_one(&slice.db.pool).await?;
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/profiles/{user7}/interactions?limit=7&cursor={c}"),
+            None => format!("/v1/profiles/{user7}/interactions?limit=7"),
+        };
+        let page: serde_json::Value = get(path, Some("s3cret")).await?.json().await?;
+        for i in page["items"].as_array().cloned().unwrap_or_default() {
+            seen.push((i["occurred_at"].as_str().unwrap_or("").to_owned(), i["event_id"].as_str().unwrap_or("").to_owned()));
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len() as i64, total);
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.reverse();
+    sorted.dedup();
+    assert_eq!(sorted, seen, "newest first, no repeats");
+    let tx: serde_json::Value = get(format!("/v1/profiles/{user7}/transactions?limit=2"), Some("s3cret")).await?.json().await?;
+    assert_eq!(tx["items"].as_array().map(Vec::len), Some(2));
+
+    // Unknown profiles, strangers, the wrong role.
+    assert_eq!(get(format!("/v1/profiles/{}", uuid::Uuid::new_v4()), Some("s3cret")).await?.status().as_u16(), 404);
+    assert_eq!(get("/v1/profiles?email=nobody%40example.org".into(), Some("s3cret")).await?.status().as_u16(), 404);
+    assert_eq!(get(format!("/v1/profiles/{user7}"), None).await?.status().as_u16(), 401);
+    assert_eq!(get(format!("/v1/profiles/{user7}"), Some("wrong")).await?.status().as_u16(), 401);
+    assert_eq!(get(format!("/v1/profiles/{user7}"), Some("other")).await?.status().as_u16(), 403);
+
+    // Every access is audited, without the looked-up values.
+    let (audited,): (i64,) = sqlx::query_as("SELECT count(*) FROM profile_access_audit WHERE principal = 'analyst' AND profile_id = $1")
+        .bind(user7)
+        .fetch_one(&slice.db.pool)
+        .await?;
+    assert!(audited >= 5, "{audited}");
+    let (leaks,): (i64,) = sqlx::query_as("SELECT count(*) FROM profile_access_audit WHERE lookup LIKE '%@%'").fetch_one(&slice.db.pool).await?;
+    assert_eq!(leaks, 0);
+    shutdown.trigger();
+    server.await??;
+    stop.trigger();
+    task.await??;
+    slice.db.drop_db().await
+}
