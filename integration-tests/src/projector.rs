@@ -51,12 +51,21 @@ pub fn draft(n: u64, subjects: u64) -> (Option<Draft<CustomerEvent>>, Option<Dra
     match n % 10 {
         // Identify links the email (and some phones); tracks link an anonymous id.
         0 | 1 => {
-            ids.push(RawIdentifier::new(IdentifierKind::Email, format!("{user}-{}@example.org", n % 3)));
+            ids.push(RawIdentifier::new(
+                IdentifierKind::Email,
+                format!("{user}-{}@example.org", n % 3),
+            ));
             if s % 5 == 0 {
-                ids.push(RawIdentifier::new(IdentifierKind::Phone, format!("+44207123{s:04}")));
+                ids.push(RawIdentifier::new(
+                    IdentifierKind::Phone,
+                    format!("+44207123{s:04}"),
+                ));
             }
         }
-        2..=5 => ids.push(RawIdentifier::new(IdentifierKind::AnonymousId, format!("anon-{s}"))),
+        2..=5 => ids.push(RawIdentifier::new(
+            IdentifierKind::AnonymousId,
+            format!("anon-{s}"),
+        )),
         _ => {}
     }
     let env = envelope(id, at(n), at(n), "test");

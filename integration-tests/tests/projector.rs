@@ -66,31 +66,44 @@ async fn replaying_from_earliest_rebuilds_the_same_models_and_duplicates_change_
     slice.db.drop_db().await
 }
 
-fn probe(slice: &Slice, config: &cdp_projector::ProjectorConfig) -> anyhow::Result<std::process::Child> {
-    Ok(std::process::Command::new(env!("CARGO_BIN_EXE_projector-probe"))
-        .env("CDP_KAFKA_BROKERS", brokers())
-        .env("CDP_TOPIC_PREFIX", &config.kafka.topic_prefix)
-        .env("CDP_DATABASE_URL", &slice.db.url)
-        .env("CDP_MASTER_KEY", &slice.key_args.master_key)
-        .env("CDP_IDENTIFIER_KEY", &slice.key_args.identifier_key)
-        .env("CDP_PROJECTOR_GROUP", &config.projector.group)
-        .env("CDP_PROJECTOR_SCHEMA", &config.projector.schema_prefix)
-        .env("CDP_BATCH_SIZE", "200")
-        .env("CDP_KAFKA_PROPERTIES", "session.timeout.ms=6000,heartbeat.interval.ms=500")
-        .stdin(std::process::Stdio::null())
-        .spawn()?)
+fn probe(
+    slice: &Slice,
+    config: &cdp_projector::ProjectorConfig,
+) -> anyhow::Result<std::process::Child> {
+    Ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_projector-probe"))
+            .env("CDP_KAFKA_BROKERS", brokers())
+            .env("CDP_TOPIC_PREFIX", &config.kafka.topic_prefix)
+            .env("CDP_DATABASE_URL", &slice.db.url)
+            .env("CDP_MASTER_KEY", &slice.key_args.master_key)
+            .env("CDP_IDENTIFIER_KEY", &slice.key_args.identifier_key)
+            .env("CDP_PROJECTOR_GROUP", &config.projector.group)
+            .env("CDP_PROJECTOR_SCHEMA", &config.projector.schema_prefix)
+            .env("CDP_BATCH_SIZE", "200")
+            .env(
+                "CDP_KAFKA_PROPERTIES",
+                "session.timeout.ms=6000,heartbeat.interval.ms=500",
+            )
+            .stdin(std::process::Stdio::null())
+            .spawn()?,
+    )
 }
 
 async fn applied(slice: &Slice, config: &cdp_projector::ProjectorConfig) -> anyhow::Result<i64> {
-    let Some(g) = cdp_projector::generation::live(&slice.db.pool, &config.projector.schema_prefix).await? else {
+    let Some(g) =
+        cdp_projector::generation::live(&slice.db.pool, &config.projector.schema_prefix).await?
+    else {
         return Ok(0);
     };
-    let stored = cdp_runtime::pg::stored_positions(&slice.db.pool, &g.group(&config.projector.group)).await?;
+    let stored =
+        cdp_runtime::pg::stored_positions(&slice.db.pool, &g.group(&config.projector.group))
+            .await?;
     Ok(stored.values().sum())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_at_random_moments_gives_the_same_models_as_an_uninterrupted_run() -> anyhow::Result<()> {
+async fn kill_9_at_random_moments_gives_the_same_models_as_an_uninterrupted_run(
+) -> anyhow::Result<()> {
     use rand::Rng;
     const N: u64 = 50_000;
     let slice = Slice::create().await?;
@@ -99,33 +112,46 @@ async fn kill_9_at_random_moments_gives_the_same_models_as_an_uninterrupted_run(
 
     let reference = slice.config("reference");
     let (stop, task) = spawn(reference.clone());
-    slice.caught_up(&reference, Duration::from_secs(240)).await?;
+    slice
+        .caught_up(&reference, Duration::from_secs(240))
+        .await?;
     stop.trigger();
     task.await??;
     let want = slice.digest(&reference).await?;
 
     let killed = slice.config("killed");
     let mut rng = rand::rng();
-    let mut points: Vec<i64> = (0..6).map(|_| rng.random_range(2_000..(N as i64) * 9 / 10)).collect();
+    let mut points: Vec<i64> = (0..6)
+        .map(|_| rng.random_range(2_000..(N as i64) * 9 / 10))
+        .collect();
     points.sort_unstable();
     for (i, point) in points.iter().enumerate() {
         let mut child = probe(&slice, &killed)?;
-        wait_until(&format!("{point} applied before kill {}", i + 1), Duration::from_secs(240), || async {
-            Ok(applied(&slice, &killed).await? >= *point)
-        })
+        wait_until(
+            &format!("{point} applied before kill {}", i + 1),
+            Duration::from_secs(240),
+            || async { Ok(applied(&slice, &killed).await? >= *point) },
+        )
         .await?;
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..60))).await;
         child.kill()?;
         child.wait()?;
         let done = applied(&slice, &killed).await?;
-        eprintln!("kill {}: SIGKILL at >= {point} applied; {done} after", i + 1);
+        eprintln!(
+            "kill {}: SIGKILL at >= {point} applied; {done} after",
+            i + 1
+        );
         assert!(done < N as i64, "finished before kill {}", i + 1);
     }
     let mut child = probe(&slice, &killed)?;
     slice.caught_up(&killed, Duration::from_secs(240)).await?;
     child.kill()?;
     child.wait()?;
-    assert_eq!(slice.digest(&killed).await?, want, "six SIGKILLs change nothing in the read models");
+    assert_eq!(
+        slice.digest(&killed).await?,
+        want,
+        "six SIGKILLs change nothing in the read models"
+    );
     slice.db.drop_db().await
 }
 
@@ -156,16 +182,31 @@ async fn the_same_events_in_another_order_give_identical_profiles() -> anyhow::R
     let mut backward = slice.config("backward");
     backward.kafka = kafka2;
     let (stop, task) = spawn(backward.clone());
-    let marks_ok = wait_until("the reversed run caught up", Duration::from_secs(120), || async {
-        let Some(g) = cdp_projector::generation::live(&slice.db.pool, "p_backward").await? else { return Ok(false) };
-        let stored = cdp_runtime::pg::stored_positions(&slice.db.pool, &g.group(&backward.projector.group)).await?;
-        Ok(stored.values().sum::<i64>() >= events.len() as i64)
-    })
+    let marks_ok = wait_until(
+        "the reversed run caught up",
+        Duration::from_secs(120),
+        || async {
+            let Some(g) = cdp_projector::generation::live(&slice.db.pool, "p_backward").await?
+            else {
+                return Ok(false);
+            };
+            let stored = cdp_runtime::pg::stored_positions(
+                &slice.db.pool,
+                &g.group(&backward.projector.group),
+            )
+            .await?;
+            Ok(stored.values().sum::<i64>() >= events.len() as i64)
+        },
+    )
     .await;
     stop.trigger();
     task.await??;
     marks_ok?;
-    assert_eq!(slice.digest(&backward).await?, slice.digest(&forward).await?, "arrival order does not matter");
+    assert_eq!(
+        slice.digest(&backward).await?,
+        slice.digest(&forward).await?,
+        "arrival order does not matter"
+    );
     let (a,): (String,) = sqlx::query_as("SELECT md5(string_agg(x::text, ',' ORDER BY x.profile_id)) FROM p_forward_read.customer_360 x").fetch_one(&slice.db.pool).await?;
     let (b,): (String,) = sqlx::query_as("SELECT md5(string_agg(x::text, ',' ORDER BY x.profile_id)) FROM p_backward_read.customer_360 x").fetch_one(&slice.db.pool).await?;
     assert_eq!(a, b);
@@ -189,20 +230,26 @@ fn merge_event(winner: uuid::Uuid, loser: uuid::Uuid) -> anyhow::Result<Vec<u8>>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merge_repoints_rows_and_applying_it_twice_changes_nothing() -> anyhow::Result<()> {
     let slice = Slice::create().await?;
-    slice.produce(&slice.prepare(0..1_000, 49).await?, |_| None).await?;
+    slice
+        .produce(&slice.prepare(0..1_000, 49).await?, |_| None)
+        .await?;
     let config = slice.config("merge");
     let (stop, task) = spawn(config.clone());
     slice.caught_up(&config, Duration::from_secs(120)).await?;
     let hasher = slice.key_args.hasher()?;
-    let profile = |u: &str| cdp_schemas::profile_id_of(&hasher.hash(cdp_schemas::IdentifierKind::UserId, None, u));
+    let profile = |u: &str| {
+        cdp_schemas::profile_id_of(&hasher.hash(cdp_schemas::IdentifierKind::UserId, None, u))
+    };
     let (winner, loser) = (profile("user-1"), profile("user-2"));
     let count = |p: uuid::Uuid| {
         let pool = slice.db.pool.clone();
         async move {
-            let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM p_merge_read.interactions WHERE profile_id = $1")
-                .bind(p)
-                .fetch_one(&pool)
-                .await?;
+            let (n,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM p_merge_read.interactions WHERE profile_id = $1",
+            )
+            .bind(p)
+            .fetch_one(&pool)
+            .await?;
             anyhow::Ok(n)
         }
     };
@@ -223,15 +270,29 @@ async fn a_merge_repoints_rows_and_applying_it_twice_changes_nothing() -> anyhow
     };
     send().await?;
     slice.caught_up(&config, Duration::from_secs(60)).await?;
-    assert_eq!((count(winner).await?, count(loser).await?), (w0 + l0, 0), "the loser's rows belong to the winner");
-    let (gone,): (i64,) = sqlx::query_as("SELECT count(*) FROM p_merge_read.customers WHERE profile_id = $1").bind(loser).fetch_one(&slice.db.pool).await?;
+    assert_eq!(
+        (count(winner).await?, count(loser).await?),
+        (w0 + l0, 0),
+        "the loser's rows belong to the winner"
+    );
+    let (gone,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM p_merge_read.customers WHERE profile_id = $1")
+            .bind(loser)
+            .fetch_one(&slice.db.pool)
+            .await?;
     assert_eq!(gone, 0);
     let after = slice.digest(&config).await?;
     send().await?;
     slice.caught_up(&config, Duration::from_secs(60)).await?;
-    assert_eq!(slice.digest(&config).await?, after, "the same merge again changes nothing");
+    assert_eq!(
+        slice.digest(&config).await?,
+        after,
+        "the same merge again changes nothing"
+    );
     // Later events of the merged-away subject land on the winner.
-    slice.produce(&slice.prepare(1_000..1_050, 49).await?, |_| None).await?;
+    slice
+        .produce(&slice.prepare(1_000..1_050, 49).await?, |_| None)
+        .await?;
     slice.caught_up(&config, Duration::from_secs(60)).await?;
     assert_eq!(count(loser).await?, 0);
 
@@ -241,7 +302,9 @@ async fn a_merge_repoints_rows_and_applying_it_twice_changes_nothing() -> anyhow
     wait_until("the loser's tombstone", Duration::from_secs(60), || async {
         let n = topic_len(&profiles).await? as usize;
         let recs = consume(&profiles, n, Duration::from_secs(30)).await?;
-        Ok(recs.iter().any(|r| r.key.as_deref() == Some(loser_key.as_bytes()) && r.value.is_none()))
+        Ok(recs
+            .iter()
+            .any(|r| r.key.as_deref() == Some(loser_key.as_bytes()) && r.value.is_none()))
     })
     .await?;
     let n = topic_len(&profiles).await? as usize;
@@ -251,15 +314,30 @@ async fn a_merge_repoints_rows_and_applying_it_twice_changes_nothing() -> anyhow
         .rev()
         .find(|r| r.key.as_deref() == Some(winner.to_string().as_bytes()) && r.value.is_some())
         .ok_or_else(|| anyhow::anyhow!("no snapshot of the winner"))?;
-    let snap: cdp_schemas::ProfileEvent = cdp_schemas::decode(latest.value.as_deref().unwrap_or_default())?;
+    let snap: cdp_schemas::ProfileEvent =
+        cdp_schemas::decode(latest.value.as_deref().unwrap_or_default())?;
     let cdp_schemas::ProfilePayload::Snapshot(s) = snap.payload;
     assert_eq!(s.profile_id, winner);
-    let email = s.traits.iter().find(|t| t.name == "email").ok_or_else(|| anyhow::anyhow!("no email trait"))?;
+    let email = s
+        .traits
+        .iter()
+        .find(|t| t.name == "email")
+        .ok_or_else(|| anyhow::anyhow!("no email trait"))?;
     assert!(email.value.is_none(), "PII travels sealed only");
-    let sealed = email.sealed.clone().ok_or_else(|| anyhow::anyhow!("unsealed"))?;
+    let sealed = email
+        .sealed
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("unsealed"))?;
     let version = cdp_keystore::crypto::sealed_version(&sealed)?;
-    let key = slice.keys.key(&email.subject_id, version).await?.ok_or_else(|| anyhow::anyhow!("no key"))?;
-    let plain = String::from_utf8(key.open(&cdp_keystore::crypto::field_aad(&email.subject_id, "email"), &sealed)?)?;
+    let key = slice
+        .keys
+        .key(&email.subject_id, version)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no key"))?;
+    let plain = String::from_utf8(key.open(
+        &cdp_keystore::crypto::field_aad(&email.subject_id, "email"),
+        &sealed,
+    )?)?;
     assert!(plain.ends_with("@example.org"));
     stop.trigger();
     task.await??;
@@ -269,7 +347,9 @@ async fn a_merge_repoints_rows_and_applying_it_twice_changes_nothing() -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erased_subjects_events_write_no_pii_on_replay() -> anyhow::Result<()> {
     let slice = Slice::create().await?;
-    slice.produce(&slice.prepare(0..1_000, 49).await?, |_| None).await?;
+    slice
+        .produce(&slice.prepare(0..1_000, 49).await?, |_| None)
+        .await?;
     let config = slice.config("erase");
     let (stop, task) = spawn(config.clone());
     slice.caught_up(&config, Duration::from_secs(120)).await?;
@@ -279,43 +359,67 @@ async fn an_erased_subjects_events_write_no_pii_on_replay() -> anyhow::Result<()
     let subject = hasher.hash(cdp_schemas::IdentifierKind::UserId, None, "user-3");
     let profile = cdp_schemas::profile_id_of(&subject);
     assert!(slice.keys.destroy(&subject).await? >= 1);
-    let rebuilt = cdp_projector::rebuild(config.clone(), cdp_projector::ReplayFrom::Earliest, cdp_runtime::Shutdown::new()).await?;
+    let rebuilt = cdp_projector::rebuild(
+        config.clone(),
+        cdp_projector::ReplayFrom::Earliest,
+        cdp_runtime::Shutdown::new(),
+    )
+    .await?;
     assert_eq!(rebuilt.generation, 2);
     let traits: Vec<(String, Option<String>)> = sqlx::query_as("SELECT trait, value FROM p_erase_read.customer_traits WHERE profile_id = $1 ORDER BY trait")
         .bind(profile)
         .fetch_all(&slice.db.pool)
         .await?;
-    assert_eq!(traits.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(), vec!["country"], "only non-PII traits remain");
+    assert_eq!(
+        traits.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
+        vec!["country"],
+        "only non-PII traits remain"
+    );
     let (props,): (i64,) = sqlx::query_as("SELECT count(*) FROM p_erase_read.interactions WHERE profile_id = $1 AND properties IS NOT NULL")
         .bind(profile)
         .fetch_one(&slice.db.pool)
         .await?;
     assert_eq!(props, 0, "sealed properties are dropped");
-    let (facts,): (i64,) = sqlx::query_as("SELECT count(*) FROM p_erase_read.transactions WHERE profile_id = $1")
-        .bind(profile)
-        .fetch_one(&slice.db.pool)
-        .await?;
+    let (facts,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM p_erase_read.transactions WHERE profile_id = $1")
+            .bind(profile)
+            .fetch_one(&slice.db.pool)
+            .await?;
     assert!(facts > 0, "non-personal facts stay");
-    let (others,): (i64,) = sqlx::query_as("SELECT count(*) FROM p_erase_read.customer_360 WHERE email IS NOT NULL")
-        .fetch_one(&slice.db.pool)
-        .await?;
+    let (others,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM p_erase_read.customer_360 WHERE email IS NOT NULL")
+            .fetch_one(&slice.db.pool)
+            .await?;
     assert_eq!(others, 48, "every other subject keeps its PII");
     slice.db.drop_db().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_profile_api_looks_up_pages_caches_audits_and_refuses_strangers() -> anyhow::Result<()> {
+async fn the_profile_api_looks_up_pages_caches_audits_and_refuses_strangers() -> anyhow::Result<()>
+{
     let slice = Slice::create().await?;
-    slice.produce(&slice.prepare(0..2_000, 49).await?, |_| None).await?;
+    slice
+        .produce(&slice.prepare(0..2_000, 49).await?, |_| None)
+        .await?;
     let config = slice.config("api");
     let (stop, task) = spawn(config.clone());
     slice.caught_up(&config, Duration::from_secs(120)).await?;
     let shutdown = cdp_runtime::Shutdown::new();
     let api_args = cdp_projector::ApiArgs {
-        addr: "127.0.0.1:0".parse()?,
-        tokens: vec!["analyst:read:s3cret".into(), "collector:ingest:other".into()],
+        api_addr: "127.0.0.1:0".parse()?,
+        api_tokens: vec![
+            "analyst:read:s3cret".into(),
+            "collector:ingest:other".into(),
+        ],
     };
-    let (addr, serve) = cdp_projector::bind_api(&slice.db.args(), &slice.key_args, "p_api", &api_args, shutdown.clone()).await?;
+    let (addr, serve) = cdp_projector::bind_api(
+        &slice.db.args(),
+        &slice.key_args,
+        "p_api",
+        &api_args,
+        shutdown.clone(),
+    )
+    .await?;
     let server = tokio::spawn(serve);
     let base = format!("http://{addr}");
     let client = reqwest::Client::new();
@@ -327,35 +431,77 @@ async fn the_profile_api_looks_up_pages_caches_audits_and_refuses_strangers() ->
         req.send()
     };
     let hasher = slice.key_args.hasher()?;
-    let user7 = cdp_schemas::profile_id_of(&hasher.hash(cdp_schemas::IdentifierKind::UserId, None, "user-7"));
+    let user7 = cdp_schemas::profile_id_of(&hasher.hash(
+        cdp_schemas::IdentifierKind::UserId,
+        None,
+        "user-7",
+    ));
 
     // Lookup by each identifier (values normalized like at ingest).
-    for q in ["user_id=user-7", "email=%20User-7-1%40Example.ORG%20", "anonymous_id=anon-7"] {
+    for q in [
+        "user_id=user-7",
+        "email=%20User-7-1%40Example.ORG%20",
+        "anonymous_id=anon-7",
+    ] {
         let resp = get(format!("/v1/profiles?{q}"), Some("s3cret")).await?;
         assert_eq!(resp.status().as_u16(), 200, "{q}");
         let body: serde_json::Value = resp.json().await?;
         assert_eq!(body["profile_id"], user7.to_string(), "{q}");
     }
-    let user5 = cdp_schemas::profile_id_of(&hasher.hash(cdp_schemas::IdentifierKind::UserId, None, "user-5"));
-    let resp = get("/v1/profiles?phone=%2B44%2020%207123%200005".into(), Some("s3cret")).await?;
+    let user5 = cdp_schemas::profile_id_of(&hasher.hash(
+        cdp_schemas::IdentifierKind::UserId,
+        None,
+        "user-5",
+    ));
+    let resp = get(
+        "/v1/profiles?phone=%2B44%2020%207123%200005".into(),
+        Some("s3cret"),
+    )
+    .await?;
     assert_eq!(resp.status().as_u16(), 200);
-    assert_eq!(resp.json::<serde_json::Value>().await?["profile_id"], user5.to_string());
+    assert_eq!(
+        resp.json::<serde_json::Value>().await?["profile_id"],
+        user5.to_string()
+    );
 
     // The 360: traits opened, identities hashed, consents, totals, capsules.
     let resp = get(format!("/v1/profiles/{user7}"), Some("s3cret")).await?;
     assert_eq!(resp.status().as_u16(), 200);
-    let etag = resp.headers().get("etag").and_then(|v| v.to_str().ok()).map(str::to_owned).unwrap_or_default();
+    let etag = resp
+        .headers()
+        .get("etag")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_default();
     let body: serde_json::Value = resp.json().await?;
-    assert!(body["traits"]["email"].as_str().is_some_and(|e| e.starts_with("user-7-")));
-    assert!(body["identities"].as_array().is_some_and(|a| a.iter().all(|i| i["value_hash"].as_str().is_some_and(|h| h.len() == 64))));
-    assert!(!body["consents"].as_array().map(Vec::is_empty).unwrap_or(true));
+    assert!(body["traits"]["email"]
+        .as_str()
+        .is_some_and(|e| e.starts_with("user-7-")));
+    assert!(body["identities"].as_array().is_some_and(|a| a
+        .iter()
+        .all(|i| i["value_hash"].as_str().is_some_and(|h| h.len() == 64))));
+    assert!(!body["consents"]
+        .as_array()
+        .map(Vec::is_empty)
+        .unwrap_or(true));
     assert_eq!(body["transaction_totals"][0]["currency"], "EUR");
-    assert!(body["last_interactions"].as_array().is_some_and(|a| a.len() == 10));
-    let cached = client.get(format!("{base}/v1/profiles/{user7}")).bearer_auth("s3cret").header("If-None-Match", &etag).send().await?;
+    assert!(body["last_interactions"]
+        .as_array()
+        .is_some_and(|a| a.len() == 10));
+    let cached = client
+        .get(format!("{base}/v1/profiles/{user7}"))
+        .bearer_auth("s3cret")
+        .header("If-None-Match", &etag)
+        .send()
+        .await?;
     assert_eq!(cached.status().as_u16(), 304, "ETag revalidation");
 
     // Pagination with cursors walks every interaction once, newest first.
-    let (total,): (i64,) = sqlx::query_as("SELECT count(*) FROM p_api_read.interactions WHERE profile_id = $1").bind(user7).fetch_one(&slice.db.pool).await?;
+    let (total,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM p_api_read.interactions WHERE profile_id = $1")
+            .bind(user7)
+            .fetch_one(&slice.db.pool)
+            .await?;
     let mut seen = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
@@ -365,7 +511,10 @@ async fn the_profile_api_looks_up_pages_caches_audits_and_refuses_strangers() ->
         };
         let page: serde_json::Value = get(path, Some("s3cret")).await?.json().await?;
         for i in page["items"].as_array().cloned().unwrap_or_default() {
-            seen.push((i["occurred_at"].as_str().unwrap_or("").to_owned(), i["event_id"].as_str().unwrap_or("").to_owned()));
+            seen.push((
+                i["occurred_at"].as_str().unwrap_or("").to_owned(),
+                i["event_id"].as_str().unwrap_or("").to_owned(),
+            ));
         }
         match page["next_cursor"].as_str() {
             Some(c) => cursor = Some(c.to_owned()),
@@ -378,23 +527,70 @@ async fn the_profile_api_looks_up_pages_caches_audits_and_refuses_strangers() ->
     sorted.reverse();
     sorted.dedup();
     assert_eq!(sorted, seen, "newest first, no repeats");
-    let tx: serde_json::Value = get(format!("/v1/profiles/{user7}/transactions?limit=2"), Some("s3cret")).await?.json().await?;
+    let tx: serde_json::Value = get(
+        format!("/v1/profiles/{user7}/transactions?limit=2"),
+        Some("s3cret"),
+    )
+    .await?
+    .json()
+    .await?;
     assert_eq!(tx["items"].as_array().map(Vec::len), Some(2));
 
     // Unknown profiles, strangers, the wrong role.
-    assert_eq!(get(format!("/v1/profiles/{}", uuid::Uuid::new_v4()), Some("s3cret")).await?.status().as_u16(), 404);
-    assert_eq!(get("/v1/profiles?email=nobody%40example.org".into(), Some("s3cret")).await?.status().as_u16(), 404);
-    assert_eq!(get(format!("/v1/profiles/{user7}"), None).await?.status().as_u16(), 401);
-    assert_eq!(get(format!("/v1/profiles/{user7}"), Some("wrong")).await?.status().as_u16(), 401);
-    assert_eq!(get(format!("/v1/profiles/{user7}"), Some("other")).await?.status().as_u16(), 403);
+    assert_eq!(
+        get(
+            format!("/v1/profiles/{}", uuid::Uuid::new_v4()),
+            Some("s3cret")
+        )
+        .await?
+        .status()
+        .as_u16(),
+        404
+    );
+    assert_eq!(
+        get(
+            "/v1/profiles?email=nobody%40example.org".into(),
+            Some("s3cret")
+        )
+        .await?
+        .status()
+        .as_u16(),
+        404
+    );
+    assert_eq!(
+        get(format!("/v1/profiles/{user7}"), None)
+            .await?
+            .status()
+            .as_u16(),
+        401
+    );
+    assert_eq!(
+        get(format!("/v1/profiles/{user7}"), Some("wrong"))
+            .await?
+            .status()
+            .as_u16(),
+        401
+    );
+    assert_eq!(
+        get(format!("/v1/profiles/{user7}"), Some("other"))
+            .await?
+            .status()
+            .as_u16(),
+        403
+    );
 
     // Every access is audited, without the looked-up values.
-    let (audited,): (i64,) = sqlx::query_as("SELECT count(*) FROM profile_access_audit WHERE principal = 'analyst' AND profile_id = $1")
-        .bind(user7)
-        .fetch_one(&slice.db.pool)
-        .await?;
+    let (audited,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM profile_access_audit WHERE principal = 'analyst' AND profile_id = $1",
+    )
+    .bind(user7)
+    .fetch_one(&slice.db.pool)
+    .await?;
     assert!(audited >= 5, "{audited}");
-    let (leaks,): (i64,) = sqlx::query_as("SELECT count(*) FROM profile_access_audit WHERE lookup LIKE '%@%'").fetch_one(&slice.db.pool).await?;
+    let (leaks,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM profile_access_audit WHERE lookup LIKE '%@%'")
+            .fetch_one(&slice.db.pool)
+            .await?;
     assert_eq!(leaks, 0);
     shutdown.trigger();
     server.await??;

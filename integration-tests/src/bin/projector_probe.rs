@@ -37,7 +37,10 @@ async fn main() -> anyhow::Result<()> {
             key_cache_ttl_secs: 60,
         },
         runner: RunnerArgs {
-            batch_size: var("CDP_BATCH_SIZE").ok().and_then(|b| b.parse().ok()).unwrap_or(500),
+            batch_size: var("CDP_BATCH_SIZE")
+                .ok()
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(500),
             batch_linger_ms: 50,
             ..RunnerArgs::default()
         },

@@ -170,3 +170,12 @@ pub enum SchemasCommand {
     /// List every schema version with its fingerprint.
     List,
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

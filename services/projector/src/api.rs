@@ -36,7 +36,7 @@ fn error(status: StatusCode, reason: &str) -> Response {
     (status, Json(json!({"error": reason}))).into_response()
 }
 
-fn authorize(state: &ApiState, headers: &HeaderMap) -> Result<Principal, Response> {
+fn authorize(state: &ApiState, headers: &HeaderMap) -> Result<Principal, Box<Response>> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -46,10 +46,13 @@ fn authorize(state: &ApiState, headers: &HeaderMap) -> Result<Principal, Respons
         let mut r = error(StatusCode::UNAUTHORIZED, "a bearer token is required");
         r.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return Err(r);
+        return Err(Box::new(r));
     };
     if p.role != "read" {
-        return Err(error(StatusCode::FORBIDDEN, "the read role is required"));
+        return Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            "the read role is required",
+        )));
     }
     Ok(p.clone())
 }
@@ -127,17 +130,17 @@ pub async fn profile_json(pool: &PgPool, id: Uuid) -> Result<Option<Value>, sqlx
             (k, v)
         })
         .collect();
-    let identities: Vec<(String, String, String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT kind, namespace, value_hash, first_seen, last_seen FROM customer_identities WHERE profile_id = $1 ORDER BY kind, namespace, value_hash",
+    let (identities, consents): (Value, Value) = sqlx::query_as(
+        "SELECT
+           (SELECT coalesce(jsonb_agg(jsonb_build_object('kind', kind, 'namespace', nullif(namespace, ''), 'value_hash', value_hash,
+                    'first_seen', first_seen, 'last_seen', last_seen) ORDER BY kind, namespace, value_hash), '[]')
+              FROM customer_identities WHERE profile_id = $1),
+           (SELECT coalesce(jsonb_agg(jsonb_build_object('purpose', purpose, 'status', status, 'basis', basis,
+                    'policy_version', policy_version, 'changed_at', changed_at, 'evidence_event_id', evidence_event_id) ORDER BY purpose), '[]')
+              FROM consents WHERE profile_id = $1)",
     )
     .bind(id)
-    .fetch_all(pool)
-    .await?;
-    let consents: Vec<(String, String, String, Option<String>, DateTime<Utc>, Uuid)> = sqlx::query_as(
-        "SELECT purpose, status, basis, policy_version, changed_at, evidence_event_id FROM consents WHERE profile_id = $1 ORDER BY purpose",
-    )
-    .bind(id)
-    .fetch_all(pool)
+    .fetch_one(pool)
     .await?;
     let totals: Vec<(String, String, i64)> = sqlx::query_as(
         "SELECT currency, sum(CASE WHEN status = 'REFUNDED' THEN -amount ELSE amount END)::text, count(*)
@@ -146,11 +149,15 @@ pub async fn profile_json(pool: &PgPool, id: Uuid) -> Result<Option<Value>, sqlx
     .bind(id)
     .fetch_all(pool)
     .await?;
-    let capsules: Vec<(Uuid, Option<String>, Option<String>, Option<DateTime<Utc>>, Option<DateTime<Utc>>, Option<DateTime<Utc>>)> = sqlx::query_as(
-        "SELECT capsule_id, title, visibility, created_at, published_at, deleted_at FROM capsules WHERE owner_profile_id = $1 ORDER BY capsule_id",
+    let (capsules,): (Value,) = sqlx::query_as(
+        "SELECT coalesce(jsonb_agg(jsonb_build_object('capsule_id', capsule_id, 'title', title, 'visibility', visibility,
+                'created_at', created_at, 'published_at', published_at, 'deleted_at', deleted_at,
+                'status', CASE WHEN deleted_at IS NOT NULL THEN 'DELETED' WHEN published_at IS NOT NULL THEN 'PUBLISHED' ELSE 'DRAFT' END)
+                ORDER BY capsule_id), '[]')
+           FROM capsules WHERE owner_profile_id = $1",
     )
     .bind(id)
-    .fetch_all(pool)
+    .fetch_one(pool)
     .await?;
     let last = page(pool, Table::Interactions, id, 10, None).await?;
     Ok(Some(json!({
@@ -160,12 +167,11 @@ pub async fn profile_json(pool: &PgPool, id: Uuid) -> Result<Option<Value>, sqlx
         "active": active,
         "data_source": data_source,
         "traits": traits,
-        "identities": identities.into_iter().map(|(k, n, h, f, l)| json!({"kind": k, "namespace": if n.is_empty() { None } else { Some(n) }, "value_hash": h, "first_seen": f, "last_seen": l})).collect::<Vec<_>>(),
-        "consents": consents.into_iter().map(|(p, s, b, v, t, e)| json!({"purpose": p, "status": s, "basis": b, "policy_version": v, "changed_at": t, "evidence_event_id": e})).collect::<Vec<_>>(),
+        "identities": identities,
+        "consents": consents,
         "last_interactions": last["items"],
         "transaction_totals": totals.into_iter().map(|(c, a, n)| json!({"currency": c, "net_amount": a, "count": n})).collect::<Vec<_>>(),
-        "capsules": capsules.into_iter().map(|(c, t, v, cr, p, d)| json!({"capsule_id": c, "title": t, "visibility": v, "created_at": cr, "published_at": p, "deleted_at": d,
-            "status": if d.is_some() { "DELETED" } else if p.is_some() { "PUBLISHED" } else { "DRAFT" }})).collect::<Vec<_>>(),
+        "capsules": capsules,
     })))
 }
 
@@ -240,7 +246,7 @@ async fn get_profile(
 ) -> Response {
     let who = match authorize(&s, &headers) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Ok(id) = Uuid::parse_str(&id) else {
         return error(StatusCode::NOT_FOUND, "no such profile");
@@ -273,7 +279,7 @@ async fn lookup(
 ) -> Response {
     let who = match authorize(&s, &headers) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let by = [
         ("email", IdentifierKind::Email),
@@ -323,7 +329,7 @@ async fn list(
 ) -> Response {
     let who = match authorize(&s, &headers) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Ok(id) = Uuid::parse_str(&id) else {
         return error(StatusCode::NOT_FOUND, "no such profile");

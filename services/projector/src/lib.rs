@@ -60,7 +60,7 @@ pub struct ApiArgs {
         env = "CDP_API_ADDR",
         default_value = "127.0.0.1:8089"
     )]
-    pub addr: SocketAddr,
+    pub api_addr: SocketAddr,
     /// API tokens, `principal:role:secret` comma-separated; the `read` role reads profiles.
     /// Secret.
     #[arg(
@@ -70,16 +70,16 @@ pub struct ApiArgs {
         hide_env_values = true,
         required = true
     )]
-    pub tokens: Vec<String>,
+    pub api_tokens: Vec<String>,
 }
 
 impl std::fmt::Debug for ApiArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "ApiArgs {{ addr: {}, tokens: <{} secret> }}",
-            self.addr,
-            self.tokens.len()
+            "ApiArgs {{ api_addr: {}, api_tokens: <{} secret> }}",
+            self.api_addr,
+            self.api_tokens.len()
         )
     }
 }
@@ -559,12 +559,12 @@ pub async fn bind_api(
     let state = Arc::new(api::ApiState {
         pool,
         hasher: keys.hasher()?,
-        tokens: tokens(&api.tokens)?,
+        tokens: tokens(&api.api_tokens)?,
     });
-    let listener = tokio::net::TcpListener::bind(api.addr)
+    let listener = tokio::net::TcpListener::bind(api.api_addr)
         .await
         .map_err(|source| ProjectorError::Bind {
-            addr: api.addr,
+            addr: api.api_addr,
             source,
         })?;
     let addr = listener.local_addr().map_err(ProjectorError::Serve)?;

@@ -23,6 +23,15 @@ pub enum RelayError {
     Produce(#[from] cdp_runtime::kafka::producer::ProduceError),
 }
 
+#[derive(sqlx::FromRow)]
+struct TraitRecord {
+    trait_name: String,
+    value: Option<String>,
+    sealed: Option<Vec<u8>>,
+    subject_id: String,
+    asserted_at: DateTime<Utc>,
+}
+
 /// The snapshot of one profile, or `None` when it no longer exists.
 pub async fn snapshot(
     pool: &PgPool,
@@ -52,8 +61,8 @@ pub async fn snapshot(
             })
         })
         .collect();
-    let traits: Vec<(String, Option<String>, Option<Vec<u8>>, String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT trait, value, sealed, subject_id, asserted_at FROM customer_traits WHERE profile_id = $1 ORDER BY trait",
+    let traits: Vec<TraitRecord> = sqlx::query_as(
+        "SELECT trait AS trait_name, value, sealed, subject_id, asserted_at FROM customer_traits WHERE profile_id = $1 ORDER BY trait",
     )
     .bind(profile_id)
     .fetch_all(pool)
@@ -70,7 +79,10 @@ pub async fn snapshot(
     .bind(profile_id)
     .fetch_one(pool)
     .await?;
-    let subject_id = traits.first().map(|t| t.3.clone()).unwrap_or_default();
+    let subject_id = traits
+        .first()
+        .map(|t| t.subject_id.clone())
+        .unwrap_or_default();
     let snapshot = ProfileSnapshot {
         profile_id,
         first_seen,
@@ -78,16 +90,14 @@ pub async fn snapshot(
         identifiers: identifiers.clone(),
         traits: traits
             .into_iter()
-            .map(
-                |(name, value, sealed, subject_id, asserted_at)| TraitValue {
-                    // PII travels sealed, as its subject sealed it; only non-PII in plaintext.
-                    value: if sealed.is_some() { None } else { value },
-                    sealed: sealed.map(Sealed::from_bytes),
-                    name,
-                    subject_id,
-                    asserted_at,
-                },
-            )
+            .map(|t| TraitValue {
+                // PII travels sealed, as its subject sealed it; only non-PII in plaintext.
+                value: if t.sealed.is_some() { None } else { t.value },
+                sealed: t.sealed.map(Sealed::from_bytes),
+                name: t.trait_name,
+                subject_id: t.subject_id,
+                asserted_at: t.asserted_at,
+            })
             .collect(),
         consents: consents
             .into_iter()
