@@ -548,10 +548,15 @@ pub async fn bind_api(
     let admin = pg::connect(pg_args).await?;
     migrate(&admin).await?;
     admin.close().await;
-    let opts = sqlx::postgres::PgConnectOptions::from_str(&pg_args.database_url)?.options([(
-        "search_path",
-        format!("{},public", generation::read_schema(prefix)),
-    )]);
+    let opts = sqlx::postgres::PgConnectOptions::from_str(&pg_args.database_url)?.options([
+        (
+            "search_path",
+            format!("{},public", generation::read_schema(prefix)),
+        ),
+        // The API's only writes are access-audit rows: they need not wait for the WAL flush
+        // (a Postgres crash may lose the last fraction of a second of them).
+        ("synchronous_commit", "off".to_owned()),
+    ]);
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(pg_args.max_connections)
         .connect_with(opts)

@@ -2,6 +2,7 @@
 //! in the same transaction as the rows), then deletes those outbox rows. A crash between
 //! producing and deleting republishes the same snapshot: harmless on a compacted topic.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use cdp_runtime::kafka::producer::{OutgoingRecord, Producer};
@@ -24,12 +25,127 @@ pub enum RelayError {
 }
 
 #[derive(sqlx::FromRow)]
-struct TraitRecord {
-    trait_name: String,
-    value: Option<String>,
-    sealed: Option<Vec<u8>>,
-    subject_id: String,
-    asserted_at: DateTime<Utc>,
+struct SnapshotRow {
+    profile_id: Uuid,
+    first_seen: DateTime<Utc>,
+    last_seen: DateTime<Utc>,
+    identifiers: serde_json::Value,
+    traits: serde_json::Value,
+    consents: serde_json::Value,
+    interactions: i64,
+    transactions: i64,
+}
+
+fn s(v: &serde_json::Value) -> String {
+    v.as_str().unwrap_or_default().to_owned()
+}
+
+fn t(v: &serde_json::Value) -> DateTime<Utc> {
+    v.as_str()
+        .and_then(|x| DateTime::parse_from_rfc3339(x).ok())
+        .map(|x| x.with_timezone(&Utc))
+        .unwrap_or_default()
+}
+
+fn items(v: &serde_json::Value) -> &[serde_json::Value] {
+    v.as_array().map(Vec::as_slice).unwrap_or_default()
+}
+
+/// Snapshots of many profiles in one query; profiles that no longer exist are absent.
+pub async fn snapshots(
+    pool: &PgPool,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, ProfileEvent>, sqlx::Error> {
+    let rows: Vec<SnapshotRow> = sqlx::query_as(
+        "SELECT c.profile_id, c.first_seen, c.last_seen,
+           (SELECT coalesce(jsonb_agg(jsonb_build_array(kind, namespace, value_hash) ORDER BY kind, namespace, value_hash), '[]')
+              FROM customer_identities i WHERE i.profile_id = c.profile_id) AS identifiers,
+           (SELECT coalesce(jsonb_agg(jsonb_build_array(trait, value, encode(sealed, 'hex'), subject_id, asserted_at) ORDER BY trait), '[]')
+              FROM customer_traits t WHERE t.profile_id = c.profile_id) AS traits,
+           (SELECT coalesce(jsonb_agg(jsonb_build_array(purpose, status, basis, changed_at) ORDER BY purpose), '[]')
+              FROM consents k WHERE k.profile_id = c.profile_id) AS consents,
+           (SELECT count(*) FROM interactions x WHERE x.profile_id = c.profile_id) AS interactions,
+           (SELECT count(*) FROM transactions x WHERE x.profile_id = c.profile_id) AS transactions
+         FROM customers c WHERE c.profile_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    let mut out = HashMap::with_capacity(rows.len());
+    for r in rows {
+        let identifiers: Vec<Identifier> = items(&r.identifiers)
+            .iter()
+            .filter_map(|i| {
+                let ns = s(&i[1]);
+                IdentifierKind::from_symbol(&s(&i[0])).map(|kind| Identifier {
+                    kind,
+                    namespace: (!ns.is_empty()).then_some(ns),
+                    value_hash: s(&i[2]),
+                })
+            })
+            .collect();
+        let traits: Vec<TraitValue> = items(&r.traits)
+            .iter()
+            .map(|x| {
+                let sealed = x[2]
+                    .as_str()
+                    .and_then(|h| hex::decode(h).ok())
+                    .map(Sealed::from_bytes);
+                TraitValue {
+                    name: s(&x[0]),
+                    // PII travels sealed, as its subject sealed it; only non-PII in plaintext.
+                    value: if sealed.is_some() {
+                        None
+                    } else {
+                        x[1].as_str().map(str::to_owned)
+                    },
+                    sealed,
+                    subject_id: s(&x[3]),
+                    asserted_at: t(&x[4]),
+                }
+            })
+            .collect();
+        let consents: Vec<ConsentState> = items(&r.consents)
+            .iter()
+            .filter_map(|x| {
+                Some(ConsentState {
+                    purpose: s(&x[0]),
+                    status: ConsentStatus::from_symbol(x[1].as_str()?)?,
+                    basis: LegalBasis::from_symbol(x[2].as_str()?)?,
+                    changed_at: t(&x[3]),
+                })
+            })
+            .collect();
+        let subject_id = traits
+            .first()
+            .map(|t| t.subject_id.clone())
+            .unwrap_or_default();
+        let event = ProfileEvent {
+            envelope: Envelope {
+                event_id: Uuid::now_v7(),
+                occurred_at: r.last_seen,
+                received_at: Utc::now(),
+                source: "projector".to_owned(),
+                subject: Subject {
+                    subject_id,
+                    identifiers: identifiers.clone(),
+                },
+                partition_key: r.profile_id.to_string(),
+            },
+            payload: ProfilePayload::Snapshot(ProfileSnapshot {
+                profile_id: r.profile_id,
+                first_seen: r.first_seen,
+                last_seen: r.last_seen,
+                identifiers,
+                traits,
+                consents,
+                interactions: r.interactions,
+                transactions: r.transactions,
+            }),
+        };
+        out.insert(r.profile_id, event);
+    }
+    Ok(out)
 }
 
 /// The snapshot of one profile, or `None` when it no longer exists.
@@ -37,96 +153,7 @@ pub async fn snapshot(
     pool: &PgPool,
     profile_id: Uuid,
 ) -> Result<Option<ProfileEvent>, sqlx::Error> {
-    let row: Option<(DateTime<Utc>, DateTime<Utc>)> =
-        sqlx::query_as("SELECT first_seen, last_seen FROM customers WHERE profile_id = $1")
-            .bind(profile_id)
-            .fetch_optional(pool)
-            .await?;
-    let Some((first_seen, last_seen)) = row else {
-        return Ok(None);
-    };
-    let ids: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT kind, namespace, value_hash FROM customer_identities WHERE profile_id = $1 ORDER BY kind, namespace, value_hash",
-    )
-    .bind(profile_id)
-    .fetch_all(pool)
-    .await?;
-    let identifiers: Vec<Identifier> = ids
-        .into_iter()
-        .filter_map(|(k, n, h)| {
-            IdentifierKind::from_symbol(&k).map(|kind| Identifier {
-                kind,
-                namespace: (!n.is_empty()).then_some(n),
-                value_hash: h,
-            })
-        })
-        .collect();
-    let traits: Vec<TraitRecord> = sqlx::query_as(
-        "SELECT trait AS trait_name, value, sealed, subject_id, asserted_at FROM customer_traits WHERE profile_id = $1 ORDER BY trait",
-    )
-    .bind(profile_id)
-    .fetch_all(pool)
-    .await?;
-    let consents: Vec<(String, String, String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT purpose, status, basis, changed_at FROM consents WHERE profile_id = $1 ORDER BY purpose",
-    )
-    .bind(profile_id)
-    .fetch_all(pool)
-    .await?;
-    let (interactions, transactions): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM interactions WHERE profile_id = $1), (SELECT count(*) FROM transactions WHERE profile_id = $1)",
-    )
-    .bind(profile_id)
-    .fetch_one(pool)
-    .await?;
-    let subject_id = traits
-        .first()
-        .map(|t| t.subject_id.clone())
-        .unwrap_or_default();
-    let snapshot = ProfileSnapshot {
-        profile_id,
-        first_seen,
-        last_seen,
-        identifiers: identifiers.clone(),
-        traits: traits
-            .into_iter()
-            .map(|t| TraitValue {
-                // PII travels sealed, as its subject sealed it; only non-PII in plaintext.
-                value: if t.sealed.is_some() { None } else { t.value },
-                sealed: t.sealed.map(Sealed::from_bytes),
-                name: t.trait_name,
-                subject_id: t.subject_id,
-                asserted_at: t.asserted_at,
-            })
-            .collect(),
-        consents: consents
-            .into_iter()
-            .filter_map(|(purpose, status, basis, changed_at)| {
-                Some(ConsentState {
-                    purpose,
-                    status: ConsentStatus::from_symbol(&status)?,
-                    basis: LegalBasis::from_symbol(&basis)?,
-                    changed_at,
-                })
-            })
-            .collect(),
-        interactions,
-        transactions,
-    };
-    Ok(Some(ProfileEvent {
-        envelope: Envelope {
-            event_id: Uuid::now_v7(),
-            occurred_at: last_seen,
-            received_at: Utc::now(),
-            source: "projector".to_owned(),
-            subject: Subject {
-                subject_id,
-                identifiers,
-            },
-            partition_key: profile_id.to_string(),
-        },
-        payload: ProfilePayload::Snapshot(snapshot),
-    }))
+    Ok(snapshots(pool, &[profile_id]).await?.remove(&profile_id))
 }
 
 /// Publishes up to `limit` pending snapshots; returns how many.
@@ -146,15 +173,18 @@ pub async fn relay_once(
     if pending.is_empty() {
         return Ok(0);
     }
+    let live: Vec<Uuid> = pending
+        .iter()
+        .filter(|(_, d)| !d)
+        .map(|(id, _)| *id)
+        .collect();
+    let mut snaps = snapshots(pool, &live).await?;
     let mut values: Vec<(String, Option<Vec<u8>>)> = Vec::with_capacity(pending.len());
-    for (id, deleted) in &pending {
-        let value = if *deleted {
-            None
-        } else {
-            match snapshot(pool, *id).await? {
-                Some(s) => Some(cdp_schemas::encode(&s)?),
-                None => None,
-            }
+    for (id, _) in &pending {
+        // Deleted or gone: a tombstone.
+        let value = match snaps.remove(id) {
+            Some(s) => Some(cdp_schemas::encode(&s)?),
+            None => None,
         };
         values.push((id.to_string(), value));
     }
@@ -184,14 +214,14 @@ pub async fn relay(
     topic: String,
     shutdown: Shutdown,
 ) {
-    let mut backoff = Duration::from_millis(200);
+    // A profile changed by many batches in a row is published once per interval, not once
+    // per batch: the outbox coalesces, the relay drains it every `interval`.
+    let interval = Duration::from_millis(500);
+    let mut backoff = interval;
     while !shutdown.is_triggered() {
-        match relay_once(&pool, &producer, &topic, 500).await {
-            Ok(n) if n > 0 => {
-                backoff = Duration::from_millis(200);
-                continue;
-            }
-            Ok(_) => {}
+        match relay_once(&pool, &producer, &topic, 2_000).await {
+            Ok(2_000) => continue,
+            Ok(_) => backoff = interval,
             Err(e) => {
                 tracing::warn!(error = %cdp_runtime::sink::Rejection::from_error("relay", &e).reason, "profile snapshot relay failed; retrying");
                 backoff = (backoff * 2).min(Duration::from_secs(10));

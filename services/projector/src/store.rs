@@ -139,7 +139,8 @@ pub async fn enqueue(tx: &mut PgConnection, ids: &[Uuid], deleted: bool) -> Db {
     }
     sqlx::query(
         "INSERT INTO profile_outbox (profile_id, deleted) SELECT x, $2 FROM UNNEST($1::uuid[]) AS x
-         ON CONFLICT (profile_id) DO UPDATE SET deleted = EXCLUDED.deleted",
+         ON CONFLICT (profile_id) DO UPDATE SET deleted = EXCLUDED.deleted
+         WHERE profile_outbox.deleted IS DISTINCT FROM EXCLUDED.deleted",
     )
     .bind(ids)
     .bind(deleted)
@@ -164,7 +165,9 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows) -> Db {
                  first_event_id = CASE WHEN (EXCLUDED.first_seen, EXCLUDED.first_event_id) < (customers.first_seen, customers.first_event_id)
                                     THEN EXCLUDED.first_event_id ELSE customers.first_event_id END,
                  first_seen = LEAST(customers.first_seen, EXCLUDED.first_seen),
-                 last_seen = GREATEST(customers.last_seen, EXCLUDED.last_seen)",
+                 last_seen = GREATEST(customers.last_seen, EXCLUDED.last_seen)
+             WHERE EXCLUDED.last_seen > customers.last_seen
+                OR (EXCLUDED.first_seen, EXCLUDED.first_event_id) < (customers.first_seen, customers.first_event_id)",
         )
         .bind(col(&customers, |(p, _)| **p))
         .bind(col(&customers, |(_, c)| c.first.0))
@@ -202,7 +205,9 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows) -> Db {
                  profile_id = CASE WHEN (EXCLUDED.first_seen, EXCLUDED.profile_id) < (customer_identities.first_seen, customer_identities.profile_id)
                                    THEN EXCLUDED.profile_id ELSE customer_identities.profile_id END,
                  first_seen = LEAST(customer_identities.first_seen, EXCLUDED.first_seen),
-                 last_seen = GREATEST(customer_identities.last_seen, EXCLUDED.last_seen)",
+                 last_seen = GREATEST(customer_identities.last_seen, EXCLUDED.last_seen)
+             WHERE EXCLUDED.last_seen > customer_identities.last_seen
+                OR (EXCLUDED.first_seen, EXCLUDED.profile_id) < (customer_identities.first_seen, customer_identities.profile_id)",
         )
         .bind(col(&ids, |((k, _, _), _)| k.clone()))
         .bind(col(&ids, |((_, n, _), _)| n.clone()))

@@ -1,0 +1,221 @@
+//! Benchmark of the projector (not a test).
+//!
+//! 1. Projection: N realistic sealed events (40% track, 20% identify, 10% each order,
+//!    consent, capsule created, capsule viewed) over 6 partitions, projected from the start
+//!    by `cdp_projector::run` (decode, open PII, fold, upsert, offsets, outbox).
+//! 2. Ceiling: Postgres `COPY` of the very rows the projection wrote, into the same tables of
+//!    a fresh generation, in the same run.
+//! 3. Profile API: a generation with P profiles (one email identity and three traits each,
+//!    loaded by COPY), lookups by id and by email at a fixed rate; p50/p99.
+//!
+//! ```sh
+//! CDP_STACK_DIR=.stack-bench CDP_KAFKA_PORT=9192 CDP_BROKER_STORAGE=memory scripts/stack up
+//! cargo build --release -p cdp-integration-tests --bin bench-projector
+//! CDP_TEST_KAFKA_BROKERS=127.0.0.1:9192 target/release/bench-projector [events] [profiles] [requests/s]
+//! ```
+
+use std::time::{Duration, Instant};
+
+use cdp_integration_tests::projector::{spawn, Slice};
+use cdp_projector::generation;
+use cdp_schemas::IdentifierKind;
+use futures_util::StreamExt;
+use sqlx::PgConnection;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn copy_out(conn: &mut PgConnection, sql: &str) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut stream = conn.copy_out_raw(sql).await?;
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk?);
+    }
+    Ok(out)
+}
+
+async fn copy_in(conn: &mut PgConnection, sql: &str, data: &[u8]) -> anyhow::Result<u64> {
+    let mut copy = conn.copy_in_raw(sql).await?;
+    for chunk in data.chunks(1 << 20) {
+        copy.send(chunk).await?;
+    }
+    Ok(copy.finish().await?)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let n: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
+    let profiles: i64 = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
+    let rate: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1_000);
+    let slice = Slice::create().await?;
+    let events = slice.prepare(0..n, 9_999).await?;
+    slice.produce(&events, |i| Some((i % 6) as i32)).await?;
+
+    // 1. Projection.
+    let mut config = slice.config("bench");
+    config.runner.batch_size = 1_000;
+    let started = Instant::now();
+    let (stop, task) = spawn(config.clone());
+    slice.caught_up(&config, Duration::from_secs(1_800)).await?;
+    let projected = started.elapsed();
+    stop.trigger();
+    task.await??;
+
+    // 2. COPY ceiling: the same rows into the same tables of a fresh generation.
+    let live = generation::live(&slice.db.pool, "p_bench")
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no live generation"))?;
+    let fresh = generation::create(&slice.db.pool, &slice.db.args(), "p_bench").await?;
+    let mut conn = slice.db.pool.acquire().await?;
+    let mut dumps = Vec::new();
+    let mut rows = 0u64;
+    for t in generation::TABLES {
+        let data = copy_out(
+            &mut conn,
+            &format!("COPY \"{}\".{t} TO STDOUT", live.schema()),
+        )
+        .await?;
+        dumps.push((t, data));
+    }
+    let started = Instant::now();
+    for (t, data) in &dumps {
+        rows += copy_in(
+            &mut conn,
+            &format!("COPY \"{}\".{t} FROM STDIN", fresh.schema()),
+            data,
+        )
+        .await?;
+    }
+    let copied = started.elapsed();
+    drop(conn);
+
+    // 3. The profile API on a large table.
+    let hasher = slice.key_args.hasher()?;
+    let api_gen = generation::create(&slice.db.pool, &slice.db.args(), "p_apibench").await?;
+    let s = api_gen.schema();
+    sqlx::query(&format!(
+        "INSERT INTO \"{s}\".customers (profile_id, first_seen, last_seen, data_source, first_event_id)
+         SELECT md5('p' || i)::uuid, now() - interval '1 day', now(), 'bench', md5('e' || i)::uuid FROM generate_series(1, $1) i"
+    ))
+    .bind(profiles)
+    .execute(&slice.db.pool)
+    .await?;
+    sqlx::query(&format!(
+        "INSERT INTO \"{s}\".customer_traits (profile_id, trait, value, subject_id, asserted_at, event_id)
+         SELECT md5('p' || i)::uuid, t, t || '-' || i, 'bench', now(), md5('e' || i)::uuid
+           FROM generate_series(1, $1) i, unnest(ARRAY['first_name', 'city', 'country']) t"
+    ))
+    .bind(profiles)
+    .execute(&slice.db.pool)
+    .await?;
+    let (ids,): (Vec<uuid::Uuid>,) = sqlx::query_as(
+        "SELECT array_agg(md5('p' || i)::uuid ORDER BY i) FROM generate_series(1, $1) i",
+    )
+    .bind(profiles)
+    .fetch_one(&slice.db.pool)
+    .await?;
+    let mut identities = Vec::with_capacity(profiles as usize * 140);
+    for (i, id) in ids.iter().enumerate() {
+        let hash = hasher.hash(
+            IdentifierKind::Email,
+            None,
+            &format!("user{}@example.org", i + 1),
+        );
+        identities.extend_from_slice(
+            format!("EMAIL\t\t{hash}\t{id}\t2026-01-01 00:00:00+00\t2026-01-02 00:00:00+00\n")
+                .as_bytes(),
+        );
+    }
+    let mut conn = slice.db.pool.acquire().await?;
+    copy_in(
+        &mut conn,
+        &format!("COPY \"{s}\".customer_identities FROM STDIN"),
+        &identities,
+    )
+    .await?;
+    drop(conn);
+    sqlx::query(&format!(
+        "ANALYZE \"{s}\".customers, \"{s}\".customer_identities, \"{s}\".customer_traits"
+    ))
+    .execute(&slice.db.pool)
+    .await?;
+    generation::swap(&slice.db.pool, &api_gen).await?;
+    let shutdown = cdp_runtime::Shutdown::new();
+    let api = cdp_projector::ApiArgs {
+        api_addr: "127.0.0.1:0".parse()?,
+        api_tokens: vec!["bench:read:bench-token".into()],
+    };
+    let mut pg = slice.db.args();
+    pg.max_connections = 8;
+    let (addr, serve) =
+        cdp_projector::bind_api(&pg, &slice.key_args, "p_apibench", &api, shutdown.clone()).await?;
+    let server = tokio::spawn(serve);
+    let client = reqwest::Client::new();
+    let total = rate * 10;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let mut tasks = Vec::with_capacity(total as usize);
+    let t0 = Instant::now();
+    for k in 0..total {
+        tokio::time::sleep_until((t0 + interval * k as u32).into()).await;
+        let i = (k * 7_919) % profiles as u64;
+        let url = if k % 2 == 0 {
+            format!("http://{addr}/v1/profiles/{}", ids[i as usize])
+        } else {
+            format!(
+                "http://{addr}/v1/profiles?email=user{}%40example.org",
+                i + 1
+            )
+        };
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let r = client.get(url).bearer_auth("bench-token").send().await?;
+            anyhow::ensure!(r.status().is_success(), "status {}", r.status());
+            let _ = r.bytes().await?;
+            Ok::<_, anyhow::Error>((k % 2, t.elapsed()))
+        }));
+    }
+    let (mut by_id, mut by_email) = (Vec::new(), Vec::new());
+    for t in tasks {
+        let (kind, d) = t.await??;
+        if kind == 0 {
+            by_id.push(d)
+        } else {
+            by_email.push(d)
+        }
+    }
+    let achieved = total as f64 / t0.elapsed().as_secs_f64();
+    by_id.sort();
+    by_email.sort();
+    shutdown.trigger();
+    server.await??;
+
+    let eps = n as f64 / projected.as_secs_f64();
+    println!(
+        "events: {n} over 6 partitions, batch 1000, broker {}",
+        cdp_integration_tests::brokers()
+    );
+    println!(
+        "projection: {:.1} s, {eps:.0} events/s",
+        projected.as_secs_f64()
+    );
+    println!(
+        "COPY ceiling: {rows} rows (the projection's) in {:.2} s",
+        copied.as_secs_f64()
+    );
+    println!(
+        "projection / COPY ceiling (time of COPY over time of projection): {:.2}",
+        copied.as_secs_f64() / projected.as_secs_f64()
+    );
+    println!("profile API on {profiles} profiles at {achieved:.0} req/s: by id p50 {:?} p99 {:?}; by email p50 {:?} p99 {:?}",
+        percentile(&by_id, 0.5), percentile(&by_id, 0.99), percentile(&by_email, 0.5), percentile(&by_email, 0.99));
+    slice.db.drop_db().await
+}
