@@ -449,40 +449,14 @@ impl PgHandler for ProjectorHandler {
             let p = profile_id_of(subject);
             merged.get(&p).copied().unwrap_or(p)
         };
-        let mut rows = Rows::default();
-        let mut rejected = Vec::new();
-        for (index, d) in batch.iter().enumerate() {
-            let result = match &d.event {
-                Projected::Customer(e) => self.fold_customer(
-                    e,
-                    profile(&e.envelope.subject.subject_id),
-                    &opener,
-                    &mut rows,
-                ),
-                Projected::Capsule(e) => self.fold_capsule(
-                    e,
-                    profile(&e.envelope.subject.subject_id),
-                    &opener,
-                    &mut rows,
-                ),
-                Projected::Identity(_) | Projected::Tombstone => Ok(()),
-            };
-            if let Err(e) = result {
-                rejected.push(Rejected {
-                    index,
-                    rejection: Rejection::from_error("unopenable_pii", &e),
-                });
-            }
-        }
-        if !rejected.is_empty() {
-            // Fold again without the rejected records, so they have no effect at all.
-            let skip: BTreeSet<usize> = rejected.iter().map(|r| r.index).collect();
-            rows = Rows::default();
+        let fold = |skip: &BTreeSet<usize>| {
+            let mut rows = Rows::default();
+            let mut failed = Vec::new();
             for (index, d) in batch.iter().enumerate() {
                 if skip.contains(&index) {
                     continue;
                 }
-                let _ = match &d.event {
+                let result = match &d.event {
                     Projected::Customer(e) => self.fold_customer(
                         e,
                         profile(&e.envelope.subject.subject_id),
@@ -495,9 +469,21 @@ impl PgHandler for ProjectorHandler {
                         &opener,
                         &mut rows,
                     ),
-                    _ => Ok(()),
+                    Projected::Identity(_) | Projected::Tombstone => Ok(()),
                 };
+                if let Err(e) = result {
+                    failed.push(Rejected {
+                        index,
+                        rejection: Rejection::from_error("unopenable_pii", &e),
+                    });
+                }
             }
+            (rows, failed)
+        };
+        let (mut rows, rejected) = fold(&BTreeSet::new());
+        if !rejected.is_empty() {
+            // Fold again without the rejected records, so they have no effect at all.
+            rows = fold(&rejected.iter().map(|r| r.index).collect()).0;
         }
         store::apply(tx, &rows).await.map_err(classify)?;
         Ok(rejected)

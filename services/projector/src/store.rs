@@ -10,6 +10,25 @@ use crate::rows::Rows;
 
 type Db = Result<(), sqlx::Error>;
 
+/// The guards that make per-profile rows order-independent; merges and batches use the same.
+const TRAITS_CONFLICT: &str = "ON CONFLICT (profile_id, trait) DO UPDATE SET value = EXCLUDED.value, sealed = EXCLUDED.sealed,
+     subject_id = EXCLUDED.subject_id, asserted_at = EXCLUDED.asserted_at, event_id = EXCLUDED.event_id
+ WHERE (EXCLUDED.asserted_at, EXCLUDED.event_id) > (customer_traits.asserted_at, customer_traits.event_id)";
+
+const CONSENTS_CONFLICT: &str = "ON CONFLICT (profile_id, purpose) DO UPDATE SET status = EXCLUDED.status, basis = EXCLUDED.basis,
+     policy_version = EXCLUDED.policy_version, changed_at = EXCLUDED.changed_at, evidence_event_id = EXCLUDED.evidence_event_id
+ WHERE (EXCLUDED.changed_at, EXCLUDED.evidence_event_id) > (consents.changed_at, consents.evidence_event_id)";
+
+const CUSTOMERS_CONFLICT: &str = "ON CONFLICT (profile_id) DO UPDATE SET
+     data_source = CASE WHEN (EXCLUDED.first_seen, EXCLUDED.first_event_id) < (customers.first_seen, customers.first_event_id)
+                        THEN EXCLUDED.data_source ELSE customers.data_source END,
+     first_event_id = CASE WHEN (EXCLUDED.first_seen, EXCLUDED.first_event_id) < (customers.first_seen, customers.first_event_id)
+                        THEN EXCLUDED.first_event_id ELSE customers.first_event_id END,
+     first_seen = LEAST(customers.first_seen, EXCLUDED.first_seen),
+     last_seen = GREATEST(customers.last_seen, EXCLUDED.last_seen)
+ WHERE EXCLUDED.last_seen > customers.last_seen
+    OR (EXCLUDED.first_seen, EXCLUDED.first_event_id) < (customers.first_seen, customers.first_event_id)";
+
 /// Follows the merges: the profile each of `ids` belongs to now.
 pub async fn resolve(
     tx: &mut PgConnection,
@@ -79,11 +98,11 @@ pub async fn merge(
         .execute(&mut *tx)
         .await?;
     sqlx::query(
+        &format!(
         "INSERT INTO customer_traits (profile_id, trait, value, sealed, subject_id, asserted_at, event_id)
          SELECT $2, trait, value, sealed, subject_id, asserted_at, event_id FROM customer_traits WHERE profile_id = $1
-         ON CONFLICT (profile_id, trait) DO UPDATE SET value = EXCLUDED.value, sealed = EXCLUDED.sealed,
-             subject_id = EXCLUDED.subject_id, asserted_at = EXCLUDED.asserted_at, event_id = EXCLUDED.event_id
-         WHERE (EXCLUDED.asserted_at, EXCLUDED.event_id) > (customer_traits.asserted_at, customer_traits.event_id)",
+         {TRAITS_CONFLICT}"
+    ),
     )
     .bind(loser)
     .bind(winner)
@@ -94,11 +113,11 @@ pub async fn merge(
         .execute(&mut *tx)
         .await?;
     sqlx::query(
+        &format!(
         "INSERT INTO consents (profile_id, purpose, status, basis, policy_version, changed_at, evidence_event_id)
          SELECT $2, purpose, status, basis, policy_version, changed_at, evidence_event_id FROM consents WHERE profile_id = $1
-         ON CONFLICT (profile_id, purpose) DO UPDATE SET status = EXCLUDED.status, basis = EXCLUDED.basis,
-             policy_version = EXCLUDED.policy_version, changed_at = EXCLUDED.changed_at, evidence_event_id = EXCLUDED.evidence_event_id
-         WHERE (EXCLUDED.changed_at, EXCLUDED.evidence_event_id) > (consents.changed_at, consents.evidence_event_id)",
+         {CONSENTS_CONFLICT}"
+    ),
     )
     .bind(loser)
     .bind(winner)
@@ -109,15 +128,11 @@ pub async fn merge(
         .execute(&mut *tx)
         .await?;
     sqlx::query(
+        &format!(
         "INSERT INTO customers (profile_id, first_seen, last_seen, data_source, first_event_id, active)
          SELECT $2, first_seen, last_seen, data_source, first_event_id, true FROM customers WHERE profile_id = $1
-         ON CONFLICT (profile_id) DO UPDATE SET
-             data_source = CASE WHEN (EXCLUDED.first_seen, EXCLUDED.first_event_id) < (customers.first_seen, customers.first_event_id)
-                                THEN EXCLUDED.data_source ELSE customers.data_source END,
-             first_event_id = CASE WHEN (EXCLUDED.first_seen, EXCLUDED.first_event_id) < (customers.first_seen, customers.first_event_id)
-                                THEN EXCLUDED.first_event_id ELSE customers.first_event_id END,
-             first_seen = LEAST(customers.first_seen, EXCLUDED.first_seen),
-             last_seen = GREATEST(customers.last_seen, EXCLUDED.last_seen)",
+         {CUSTOMERS_CONFLICT}"
+    ),
     )
     .bind(loser)
     .bind(winner)
@@ -157,17 +172,11 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows) -> Db {
     let customers: Vec<_> = rows.customers.iter().collect();
     if !customers.is_empty() {
         sqlx::query(
-            "INSERT INTO customers (profile_id, first_seen, last_seen, data_source, first_event_id)
+            &format!(
+        "INSERT INTO customers (profile_id, first_seen, last_seen, data_source, first_event_id)
              SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::uuid[])
-             ON CONFLICT (profile_id) DO UPDATE SET
-                 data_source = CASE WHEN (EXCLUDED.first_seen, EXCLUDED.first_event_id) < (customers.first_seen, customers.first_event_id)
-                                    THEN EXCLUDED.data_source ELSE customers.data_source END,
-                 first_event_id = CASE WHEN (EXCLUDED.first_seen, EXCLUDED.first_event_id) < (customers.first_seen, customers.first_event_id)
-                                    THEN EXCLUDED.first_event_id ELSE customers.first_event_id END,
-                 first_seen = LEAST(customers.first_seen, EXCLUDED.first_seen),
-                 last_seen = GREATEST(customers.last_seen, EXCLUDED.last_seen)
-             WHERE EXCLUDED.last_seen > customers.last_seen
-                OR (EXCLUDED.first_seen, EXCLUDED.first_event_id) < (customers.first_seen, customers.first_event_id)",
+         {CUSTOMERS_CONFLICT}"
+    ),
         )
         .bind(col(&customers, |(p, _)| **p))
         .bind(col(&customers, |(_, c)| c.first.0))
@@ -180,11 +189,11 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows) -> Db {
     let traits: Vec<_> = rows.traits.iter().collect();
     if !traits.is_empty() {
         sqlx::query(
-            "INSERT INTO customer_traits (profile_id, trait, value, sealed, subject_id, asserted_at, event_id)
+            &format!(
+        "INSERT INTO customer_traits (profile_id, trait, value, sealed, subject_id, asserted_at, event_id)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::timestamptz[], $7::uuid[])
-             ON CONFLICT (profile_id, trait) DO UPDATE SET value = EXCLUDED.value, sealed = EXCLUDED.sealed,
-                 subject_id = EXCLUDED.subject_id, asserted_at = EXCLUDED.asserted_at, event_id = EXCLUDED.event_id
-             WHERE (EXCLUDED.asserted_at, EXCLUDED.event_id) > (customer_traits.asserted_at, customer_traits.event_id)",
+         {TRAITS_CONFLICT}"
+    ),
         )
         .bind(col(&traits, |((p, _), _)| *p))
         .bind(col(&traits, |((_, n), _)| n.clone()))
@@ -264,11 +273,11 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows) -> Db {
     let cs: Vec<_> = rows.consents.iter().collect();
     if !cs.is_empty() {
         sqlx::query(
-            "INSERT INTO consents (profile_id, purpose, status, basis, policy_version, changed_at, evidence_event_id)
+            &format!(
+        "INSERT INTO consents (profile_id, purpose, status, basis, policy_version, changed_at, evidence_event_id)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::uuid[])
-             ON CONFLICT (profile_id, purpose) DO UPDATE SET status = EXCLUDED.status, basis = EXCLUDED.basis,
-                 policy_version = EXCLUDED.policy_version, changed_at = EXCLUDED.changed_at, evidence_event_id = EXCLUDED.evidence_event_id
-             WHERE (EXCLUDED.changed_at, EXCLUDED.evidence_event_id) > (consents.changed_at, consents.evidence_event_id)",
+         {CONSENTS_CONFLICT}"
+    ),
         )
         .bind(col(&cs, |((p, _), _)| *p))
         .bind(col(&cs, |((_, n), _)| n.clone()))
