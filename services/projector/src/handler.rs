@@ -147,16 +147,10 @@ impl ProjectorHandler {
             };
         match &e.payload {
             CustomerPayload::Identify(t) => {
-                let mut clone = t.clone();
-                let sealed: Vec<(&'static str, Option<Sealed>)> =
-                    CustomerPayload::Identify(t.clone())
-                        .pii_mut()
-                        .into_iter()
-                        .map(|(f, s)| (f, s.clone()))
-                        .collect();
-                for (field, s) in sealed {
-                    let Some(s) = s else { continue };
-                    if let Opened::Value(v, bytes) = opener.open(subject, field, &s, id)? {
+                let mut payload = e.payload.clone();
+                for (field, s) in payload.pii_mut() {
+                    let Some(s) = s.as_ref() else { continue };
+                    if let Opened::Value(v, bytes) = opener.open(subject, field, s, id)? {
                         rows.trait_value(
                             profile,
                             field,
@@ -169,7 +163,7 @@ impl ProjectorHandler {
                         );
                     }
                 }
-                if let Some(c) = clone.country.take() {
+                if let Some(c) = t.country.clone() {
                     rows.trait_value(
                         profile,
                         "country",
@@ -198,10 +192,9 @@ impl ProjectorHandler {
                 let mut props = json_of(opener.text(subject, "properties", &p.properties, id)?)
                     .and_then(|v| v.as_object().cloned())
                     .unwrap_or_default();
-                for (k, v) in [("url", &p.url), ("referrer", &p.referrer)] {
-                    let field = if k == "url" { "url" } else { "referrer" };
+                for (field, v) in [("url", &p.url), ("referrer", &p.referrer)] {
                     if let Some(text) = opener.text(subject, field, v, id)? {
-                        props.insert(k.to_owned(), serde_json::Value::String(text));
+                        props.insert(field.to_owned(), serde_json::Value::String(text));
                     }
                 }
                 for (k, v) in [("title", &p.title), ("category", &p.category)] {

@@ -104,6 +104,10 @@ pub enum ProjectorError {
     Token(usize),
     #[error("`{0}` is not earliest, an RFC 3339 time or topic:partition:offset,...")]
     From(String),
+    #[error("the rebuild stopped before it caught up with the log")]
+    Interrupted,
+    #[error("a background task failed")]
+    Join(#[from] tokio::task::JoinError),
     #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -380,9 +384,7 @@ pub async fn rebuild(
     ];
     let marks = {
         let (kafka, topics) = (config.kafka.clone(), topics.clone());
-        tokio::task::spawn_blocking(move || watermarks(&kafka, &topics))
-            .await
-            .map_err(|e| ProjectorError::Serve(std::io::Error::other(e)))??
+        tokio::task::spawn_blocking(move || watermarks(&kafka, &topics)).await??
     };
     if from != ReplayFrom::Earliest {
         if let Some(live) = &live {
@@ -403,9 +405,7 @@ pub async fn rebuild(
                     marks.keys().cloned().collect::<Vec<_>>(),
                     *t,
                 );
-                tokio::task::spawn_blocking(move || offsets_for_time(&kafka, &parts, t))
-                    .await
-                    .map_err(|e| ProjectorError::Serve(std::io::Error::other(e)))??
+                tokio::task::spawn_blocking(move || offsets_for_time(&kafka, &parts, t)).await??
             }
             ReplayFrom::Offsets(list) => list
                 .iter()
@@ -462,11 +462,8 @@ pub async fn rebuild(
     loop {
         if shutdown.is_triggered() || task.is_finished() {
             stop.trigger();
-            task.await
-                .map_err(|e| ProjectorError::Serve(std::io::Error::other(e)))??;
-            return Err(ProjectorError::From(
-                "rebuild interrupted before it caught up".to_owned(),
-            ));
+            task.await??;
+            return Err(ProjectorError::Interrupted);
         }
         let stored = pg::stored_positions(&p.admin, &group).await?;
         let caught_up = marks
@@ -478,8 +475,7 @@ pub async fn rebuild(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     stop.trigger();
-    task.await
-        .map_err(|e| ProjectorError::Serve(std::io::Error::other(e)))??;
+    task.await??;
     let (digest, _) = digest::digest(&pool).await?;
     generation::swap(&p.admin, &g).await?;
     pool.close().await;

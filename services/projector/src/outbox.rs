@@ -148,14 +148,6 @@ pub async fn snapshots(
     Ok(out)
 }
 
-/// The snapshot of one profile, or `None` when it no longer exists.
-pub async fn snapshot(
-    pool: &PgPool,
-    profile_id: Uuid,
-) -> Result<Option<ProfileEvent>, sqlx::Error> {
-    Ok(snapshots(pool, &[profile_id]).await?.remove(&profile_id))
-}
-
 /// Publishes up to `limit` pending snapshots; returns how many.
 pub async fn relay_once(
     pool: &PgPool,
