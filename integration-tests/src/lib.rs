@@ -18,6 +18,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use sqlx::{PgConnection, PgPool};
 
+pub mod archive;
 pub mod ingest;
 pub mod projector;
 

@@ -5,6 +5,7 @@
 //! them, and the codec that frames each datum with Avro single-object encoding. It has no
 //! async and no Kafka dependency, so producers in any process can use it.
 
+pub mod archive;
 pub mod catalog;
 pub mod codec;
 pub mod error;

@@ -2,13 +2,14 @@
 
 use clap::{Args, Parser, Subcommand};
 
+use cdp_archiver::{ArchiverArgs, StoreArgs};
 use cdp_ingest::config::IngestArgs;
 use cdp_keystore::config::KeyArgs;
 use cdp_projector::{ApiArgs, ProjectorArgs};
 use cdp_runtime::config::{AdminArgs, KafkaArgs, PostgresArgs, RunnerArgs, TelemetryArgs};
 
 /// Services `cdp all` runs in one process. Grows as services arrive.
-pub const SERVICES: &[&str] = &["ingest", "projector", "api"];
+pub const SERVICES: &[&str] = &["ingest", "projector", "api", "archiver"];
 
 #[derive(Parser, Debug)]
 #[command(
@@ -27,6 +28,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of the biggest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Kafka topics of the catalogue.
@@ -45,8 +48,8 @@ pub enum Command {
         command: SchemasCommand,
     },
     /// Run the platform in one process: create missing topics, migrate, serve the admin
-    /// endpoints and every service built so far (ingest, projector, profile API), until
-    /// SIGINT/SIGTERM.
+    /// endpoints and every service built so far (ingest, projector, profile API, archiver),
+    /// until SIGINT/SIGTERM.
     All {
         #[command(flatten)]
         args: IngestCommand,
@@ -56,6 +59,50 @@ pub enum Command {
         projector: ProjectorArgs,
         #[command(flatten)]
         api: ApiArgs,
+        #[command(flatten)]
+        archiver: ArchiverArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// The archiver: every event and compliance topic into Avro container files on a local
+    /// directory or S3, gapless across crashes (its positions are the archive itself).
+    Archive {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        runner: RunnerArgs,
+        #[command(flatten)]
+        archiver: ArchiverArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Produce archived records back into a topic (original keys, values, headers and
+    /// timestamps; same partition numbers; offset order). The target must be empty.
+    Restore {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The archived topic (full name, with its prefix).
+        #[arg(long)]
+        topic: String,
+        /// Only this partition.
+        #[arg(long)]
+        partition: Option<i32>,
+        /// Only records with a timestamp at or after this RFC 3339 time.
+        #[arg(long)]
+        from: Option<String>,
+        /// Only records with a timestamp before this RFC 3339 time.
+        #[arg(long)]
+        to: Option<String>,
+        /// The topic to produce into (created with the archived partition count if missing).
+        #[arg(long)]
+        into: String,
+        /// Allow a target partition that already holds records.
+        #[arg(long)]
+        allow_nonempty: bool,
     },
     /// The projector: events into the Postgres read models (effectively once), and profile
     /// snapshots onto the profiles topic.
@@ -78,7 +125,7 @@ pub enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Rebuild a service's state from the log.
+    /// Rebuild a service's state from the log, or move its stored positions.
     Replay {
         #[command(subcommand)]
         service: ReplayCommand,
@@ -135,17 +182,52 @@ pub struct ProjectCommand {
     pub projector: ProjectorArgs,
 }
 
+/// How to move a consumer's stored positions.
+#[derive(Args, Debug, Clone)]
+pub struct MoveArgs {
+    /// Show the current and target offset of every partition and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Move even while the group has live members (they may overwrite the move).
+    #[arg(long)]
+    pub force: bool,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum ReplayCommand {
-    /// Rebuild the read models from the log into a fresh schema and swap it in atomically
-    /// once caught up; readers never see a half-built model. A running projector follows.
+    /// The projector. `--from` rebuilds the read models from the log into a fresh schema and
+    /// swaps it in atomically once caught up (readers never see a half-built model; a
+    /// running projector follows). `--to` moves the live projector's stored offsets in
+    /// Postgres instead (re-applying is harmless: every write is idempotent).
+    #[command(group = clap::ArgGroup::new("how").required(true).args(["from", "to"]))]
     Projector {
         #[command(flatten)]
         args: ProjectCommand,
         /// `earliest` (rebuild from nothing), an RFC 3339 time, or `topic:partition:offset,...`
         /// (start from a copy of the live models and re-apply from there).
-        #[arg(long, default_value = "earliest")]
-        from: String,
+        #[arg(long)]
+        from: Option<String>,
+        /// `earliest`, `latest`, an RFC 3339 time, or `[topic:]partition:offset,...`.
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        how: MoveArgs,
+    },
+    /// Any consumer group whose positions are Kafka committed offsets (consumers outside
+    /// the platform, such as subscribers of the profiles topic).
+    Group {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// The consumer group.
+        group: String,
+        /// Topics whose offsets to move (full names), comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        topics: Vec<String>,
+        /// `earliest`, `latest`, an RFC 3339 time, or `[topic:]partition:offset,...`.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        how: MoveArgs,
     },
 }
 

@@ -133,6 +133,19 @@ impl Platform {
         Box::pin(async move { cdp_ingest::run(config, &m, &r, s).await.context("ingest") })
     }
 
+    fn archiver(&self, config: cdp_archiver::ArchiverConfig) -> Service {
+        let (m, r, s) = (
+            self.metrics.clone(),
+            self.readiness.clone(),
+            self.shutdown.clone(),
+        );
+        Box::pin(async move {
+            cdp_archiver::run(config, &m, &r, s)
+                .await
+                .context("archiver")
+        })
+    }
+
     fn projector(&self, config: cdp_projector::ProjectorConfig) -> Service {
         let (m, r, s) = (
             self.metrics.clone(),
@@ -251,10 +264,87 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .await?;
             platform.run(vec![api]).await
         }
-        Command::Replay {
-            service: ReplayCommand::Projector { args, from },
+        Command::Archive {
+            kafka,
+            runner,
+            archiver,
+            store,
+            admin,
         } => {
-            let from: cdp_projector::ReplayFrom = from.parse()?;
+            let platform = Platform::start(&admin).await?;
+            let archiver = platform.archiver(cdp_archiver::ArchiverConfig {
+                kafka,
+                runner,
+                archiver,
+                store,
+            });
+            platform.run(vec![archiver]).await
+        }
+        Command::Restore {
+            kafka,
+            store,
+            topic,
+            partition,
+            from,
+            to,
+            into,
+            allow_nonempty,
+        } => {
+            let time =
+                |s: Option<String>| -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
+                    s.map(|s| {
+                        chrono::DateTime::parse_from_rfc3339(&s)
+                            .map(|t| t.with_timezone(&chrono::Utc))
+                            .with_context(|| format!("{s:?} is not an RFC 3339 time"))
+                    })
+                    .transpose()
+                };
+            let req = cdp_archiver::restore::RestoreRequest {
+                topic,
+                partition,
+                from: time(from)?,
+                to: time(to)?,
+                into,
+                allow_nonempty,
+            };
+            let archive = cdp_archiver::Archive::open(&store)?;
+            restore(&kafka, &archive, &req).await
+        }
+        Command::Replay {
+            service:
+                ReplayCommand::Projector {
+                    args,
+                    from: None,
+                    to: Some(to),
+                    how,
+                },
+        } => {
+            let target: cdp_runtime::replay::Target = to.parse()?;
+            let Some((store, topics)) =
+                cdp_projector::position_store(&projector_config(&args)).await?
+            else {
+                anyhow::bail!("no live projector generation: nothing to move (run the projector or `cdp replay projector --from earliest`)");
+            };
+            move_positions(&args.kafka, &store, &topics, &target, &how).await
+        }
+        Command::Replay {
+            service:
+                ReplayCommand::Group {
+                    kafka,
+                    group,
+                    topics,
+                    to,
+                    how,
+                },
+        } => {
+            let target: cdp_runtime::replay::Target = to.parse()?;
+            let store = cdp_runtime::replay::PositionStore::Kafka { group };
+            move_positions(&kafka, &store, &topics, &target, &how).await
+        }
+        Command::Replay {
+            service: ReplayCommand::Projector { args, from, .. },
+        } => {
+            let from: cdp_projector::ReplayFrom = from.as_deref().unwrap_or("earliest").parse()?;
             let shutdown = Shutdown::new();
             shutdown
                 .listen_for_signals()
@@ -313,6 +403,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             runner,
             projector,
             api,
+            archiver,
+            store,
         } => {
             let topics = Topics::new(&args.kafka.topic_prefix);
             topics::ensure(&args.kafka, &topics::catalogue(&topics))
@@ -325,17 +417,111 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 kafka: args.kafka.clone(),
                 pg: args.pg.clone(),
                 keys: args.keys.clone(),
-                runner,
+                runner: runner.clone(),
                 projector: projector.clone(),
             });
+            let archive = cdp_archiver::ArchiverConfig {
+                kafka: args.kafka.clone(),
+                runner,
+                archiver,
+                store,
+            };
             let services = vec![
                 platform.ingest(ingest_config(&args)),
                 platform.projector(project),
                 platform
                     .api(&args.pg, &args.keys, &projector.schema_prefix, &api)
                     .await?,
+                platform.archiver(archive),
             ];
             platform.run(services).await
         }
     }
+}
+
+/// Plans a move of stored positions, prints it, and applies it unless it is a dry run.
+async fn move_positions(
+    kafka: &cdp_runtime::config::KafkaArgs,
+    store: &cdp_runtime::replay::PositionStore,
+    topics: &[String],
+    target: &cdp_runtime::replay::Target,
+    how: &cli::MoveArgs,
+) -> anyhow::Result<()> {
+    let plan = cdp_runtime::replay::plan(kafka, store, topics, target).await?;
+    let where_ = match store {
+        cdp_runtime::replay::PositionStore::Postgres { .. } => "Postgres",
+        cdp_runtime::replay::PositionStore::Kafka { .. } => "Kafka",
+    };
+    println!("group {} (positions in {where_})", plan.group);
+    println!(
+        "{:<40} {:>9} {:>12} {:>12} {:>12} {:>12}",
+        "topic", "partition", "current", "target", "delta", "log end"
+    );
+    for m in &plan.moves {
+        let current = m.current.map_or_else(|| "-".to_owned(), |c| c.to_string());
+        let delta = m
+            .current
+            .map_or_else(|| "-".to_owned(), |c| format!("{:+}", m.target - c));
+        println!(
+            "{:<40} {:>9} {:>12} {:>12} {:>12} {:>12}",
+            m.partition.topic, m.partition.partition, current, m.target, delta, m.watermarks.1
+        );
+    }
+    if !plan.members.is_empty() {
+        println!("live members: {}", plan.members.join(", "));
+    }
+    if how.dry_run {
+        println!("dry run: nothing changed");
+        return Ok(());
+    }
+    cdp_runtime::replay::apply(kafka, store, &plan, how.force).await?;
+    println!("moved {} partition(s)", plan.moves.len());
+    Ok(())
+}
+
+/// Runs a restore with a progress line on a terminal and a summary at the end.
+async fn restore(
+    kafka: &cdp_runtime::config::KafkaArgs,
+    archive: &cdp_archiver::Archive,
+    req: &cdp_archiver::restore::RestoreRequest,
+) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stderr().is_terminal();
+    let started = std::time::Instant::now();
+    let summary = cdp_archiver::restore::restore(kafka, archive, req, |p| {
+        if tty {
+            let width = 30usize;
+            let done = (p.files_done * width)
+                .checked_div(p.files_total)
+                .unwrap_or(width);
+            eprint!(
+                "\r[{}{}] {}/{} files, {} records, {:.1} MB, {:.0?}   ",
+                "#".repeat(done),
+                " ".repeat(width - done),
+                p.files_done,
+                p.files_total,
+                p.records,
+                p.bytes as f64 / 1e6,
+                started.elapsed()
+            );
+            let _ = std::io::stderr().flush();
+        }
+    })
+    .await
+    .with_context(|| format!("restoring {} from {archive} into {}", req.topic, req.into))?;
+    if tty {
+        eprintln!();
+    }
+    let secs = summary.elapsed.as_secs_f64().max(1e-9);
+    println!(
+        "restored {} records from {} files ({:.1} MB) of {} partition(s) into {} in {:.1} s ({:.0} records/s)",
+        summary.records,
+        summary.files,
+        summary.bytes as f64 / 1e6,
+        summary.partitions,
+        req.into,
+        secs,
+        summary.records as f64 / secs
+    );
+    Ok(())
 }

@@ -24,11 +24,10 @@ use cdp_runtime::kafka::producer::Producer;
 use cdp_runtime::kafka::runner::{self, RunnerConfig, RunnerError, StartFrom};
 use cdp_runtime::metrics::{Metrics, RunnerMetrics};
 use cdp_runtime::pg::PgSink;
+use cdp_runtime::replay::{self, PositionStore};
 use cdp_runtime::topics::{Topic, Topics};
 use cdp_runtime::{pg, Shutdown, TopicPartition};
 use clap::Args;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 
 use generation::{Generation, GenerationError};
@@ -98,6 +97,8 @@ pub enum ProjectorError {
     Kafka(#[from] cdp_runtime::kafka::KafkaSetupError),
     #[error("Kafka metadata")]
     Metadata(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Replay(#[from] cdp_runtime::replay::ReplayError),
     #[error(transparent)]
     Runner(#[from] RunnerError),
     #[error("CDP_API_TOKENS entry {0} is not principal:role:secret")]
@@ -266,6 +267,27 @@ pub async fn run(
     Ok(())
 }
 
+/// Where the live projector keeps its positions and which topics it consumes, for moving
+/// them (`cdp replay projector --to`). `None` when no generation is live yet.
+pub async fn position_store(
+    config: &ProjectorConfig,
+) -> Result<Option<(PositionStore, Vec<String>)>, ProjectorError> {
+    generation::check_prefix(&config.projector.schema_prefix)?;
+    let admin = pg::connect(&config.pg).await?;
+    migrate(&admin).await?;
+    let Some(live) = generation::live(&admin, &config.projector.schema_prefix).await? else {
+        return Ok(None);
+    };
+    let (_, names) = topic_names(&config.kafka);
+    Ok(Some((
+        PositionStore::Postgres {
+            pool: admin,
+            group: live.group(&config.projector.group),
+        },
+        vec![names.customer, names.capsule, names.identity],
+    )))
+}
+
 /// Where a rebuild starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplayFrom {
@@ -277,24 +299,20 @@ pub enum ReplayFrom {
 impl FromStr for ReplayFrom {
     type Err = ProjectorError;
 
+    /// The same syntax as a replay target, minus `latest` (nothing to rebuild) and with
+    /// every offset naming its topic.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || ProjectorError::From(s.to_owned());
-        if s == "earliest" {
-            return Ok(Self::Earliest);
+        match s.parse::<replay::Target>().map_err(|_| bad())? {
+            replay::Target::Earliest => Ok(Self::Earliest),
+            replay::Target::Time(t) => Ok(Self::Time(t)),
+            replay::Target::Latest => Err(bad()),
+            replay::Target::Offsets(list) => list
+                .into_iter()
+                .map(|(topic, partition, offset)| Ok((topic.ok_or_else(bad)?, partition, offset)))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Self::Offsets),
         }
-        if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
-            return Ok(Self::Time(t.with_timezone(&chrono::Utc)));
-        }
-        s.split(',')
-            .map(|part| {
-                let mut it = part.rsplitn(3, ':');
-                let offset = it.next().and_then(|o| o.parse().ok()).ok_or_else(bad)?;
-                let partition = it.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
-                let topic = it.next().filter(|t| !t.is_empty()).ok_or_else(bad)?;
-                Ok((topic.to_owned(), partition, offset))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Self::Offsets)
     }
 }
 
@@ -303,64 +321,6 @@ impl FromStr for ReplayFrom {
 pub struct Rebuilt {
     pub generation: i32,
     pub digest: String,
-}
-
-/// Partition → (low, high) watermarks of the projected topics.
-fn watermarks(
-    kafka: &KafkaArgs,
-    topics: &[String],
-) -> Result<HashMap<TopicPartition, (i64, i64)>, ProjectorError> {
-    let c: BaseConsumer = cdp_runtime::kafka::client_config(kafka)
-        .map_err(cdp_runtime::kafka::KafkaSetupError::from)?
-        .create()?;
-    let mut out = HashMap::new();
-    for t in topics {
-        let md = c.fetch_metadata(Some(t), Duration::from_secs(10))?;
-        for mt in md.topics() {
-            for part in mt.partitions() {
-                let w = c.fetch_watermarks(t, part.id(), Duration::from_secs(10))?;
-                out.insert(
-                    TopicPartition {
-                        topic: t.clone(),
-                        partition: part.id(),
-                    },
-                    w,
-                );
-            }
-        }
-    }
-    Ok(out)
-}
-
-fn offsets_for_time(
-    kafka: &KafkaArgs,
-    parts: &[TopicPartition],
-    t: chrono::DateTime<chrono::Utc>,
-) -> Result<Vec<(TopicPartition, i64)>, ProjectorError> {
-    let c: BaseConsumer = cdp_runtime::kafka::client_config(kafka)
-        .map_err(cdp_runtime::kafka::KafkaSetupError::from)?
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    for p in parts {
-        tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(t.timestamp_millis()))?;
-    }
-    let found = c.offsets_for_times(tpl, Duration::from_secs(10))?;
-    Ok(found
-        .elements()
-        .iter()
-        .filter_map(|e| {
-            let tp = TopicPartition {
-                topic: e.topic().to_owned(),
-                partition: e.partition(),
-            };
-            match e.offset() {
-                Offset::Offset(o) => Some((tp, o)),
-                // No record at or after the time: nothing to replay on that partition.
-                Offset::End => None,
-                _ => None,
-            }
-        })
-        .collect())
 }
 
 /// Rebuilds the read models from the log into a new generation and swaps it in once it has
@@ -384,7 +344,7 @@ pub async fn rebuild(
     ];
     let marks = {
         let (kafka, topics) = (config.kafka.clone(), topics.clone());
-        tokio::task::spawn_blocking(move || watermarks(&kafka, &topics)).await??
+        tokio::task::spawn_blocking(move || replay::watermarks(&kafka, &topics)).await??
     };
     if from != ReplayFrom::Earliest {
         if let Some(live) = &live {
@@ -405,7 +365,8 @@ pub async fn rebuild(
                     marks.keys().cloned().collect::<Vec<_>>(),
                     *t,
                 );
-                tokio::task::spawn_blocking(move || offsets_for_time(&kafka, &parts, t)).await??
+                tokio::task::spawn_blocking(move || replay::offsets_for_time(&kafka, &parts, t))
+                    .await??
             }
             ReplayFrom::Offsets(list) => list
                 .iter()

@@ -12,6 +12,7 @@ pub mod dlq;
 pub mod kafka;
 pub mod metrics;
 pub mod pg;
+pub mod replay;
 pub mod shutdown;
 pub mod sink;
 pub mod telemetry;

@@ -1,7 +1,7 @@
 //! Prometheus metrics: one registry per process, typed metric families with bounded labels.
 //! Names follow `cdp_<subsystem>_<name>_<unit>` (counters get `_total` on exposition).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -14,12 +14,15 @@ use prometheus_client::registry::{Metric, Registry};
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Mutex<Registry>>,
+    /// The runners' families, registered once however many consumers the process runs.
+    runner: Arc<OnceLock<RunnerMetrics>>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self {
             registry: Arc::new(Mutex::new(Registry::with_prefix("cdp"))),
+            runner: Arc::new(OnceLock::new()),
         }
     }
 }
@@ -69,7 +72,8 @@ pub struct GroupLabels {
     pub group: String,
 }
 
-fn batch_histogram() -> Histogram {
+/// Buckets for durations from 1 ms to about 30 s, doubling.
+pub fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
@@ -85,12 +89,21 @@ pub struct RunnerMetrics {
 }
 
 impl RunnerMetrics {
+    /// The process's runner metrics (registered on first use; every consumer shares them,
+    /// told apart by the `group` label).
     pub fn register(metrics: &Metrics) -> Self {
+        metrics
+            .runner
+            .get_or_init(|| Self::register_new(metrics))
+            .clone()
+    }
+
+    fn register_new(metrics: &Metrics) -> Self {
         let m = Self {
             records: Family::default(),
             batches: Family::default(),
             batch_retries: Family::default(),
-            batch_duration: Family::new_with_constructor(batch_histogram as fn() -> Histogram),
+            batch_duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
             assigned_partitions: Family::default(),
             rebalances: Family::default(),
         };

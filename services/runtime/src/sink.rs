@@ -105,4 +105,11 @@ pub trait Sink: Send + Sync + 'static {
         batch: &'a [RawRecord],
         dlq: &'a DeadLetters,
     ) -> impl Future<Output = Result<ApplyStats, SinkError>> + Send + 'a;
+
+    /// Called by the runner about once a second while no batch is pending, for sinks that
+    /// hold records back until a time-based rule releases them (the archiver closes the
+    /// files at the tail of the log). Does nothing by default.
+    fn tick(&self) -> impl Future<Output = Result<(), SinkError>> + Send + '_ {
+        async { Ok(()) }
+    }
 }

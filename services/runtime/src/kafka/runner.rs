@@ -33,6 +33,9 @@ use crate::metrics::{GroupLabels, Outcome, RecordLabels, RunnerMetrics};
 use crate::shutdown::Shutdown;
 use crate::sink::{Sink, SinkError};
 
+/// How often an idle runner lets its sink act on time.
+const TICK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Where a partition the sink has never seen starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StartFrom {
@@ -203,6 +206,22 @@ impl<S: Sink> Shared<S> {
                     })
                 }
             }
+        }
+    }
+
+    /// Lets the sink act on time (see [`Sink::tick`]). Retryable failures are logged and
+    /// tried again at the next tick.
+    fn tick(&self) -> Result<(), RunnerError> {
+        match self.handle.block_on(self.sink.tick()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(group = %self.group, error = %crate::sink::Rejection::from_error("retry", &e).reason, "sink tick failed, will retry");
+                Ok(())
+            }
+            Err(source) => Err(RunnerError::Sink {
+                group: self.group.clone(),
+                source,
+            }),
         }
     }
 
@@ -434,6 +453,7 @@ fn poll_loop<S: Sink>(
     tuning: RunnerArgs,
 ) -> Result<(), RunnerError> {
     let mut batch_started: Option<Instant> = None;
+    let mut last_tick = Instant::now();
     let linger = tuning.batch_linger();
     let take_fatal = || lock(&shared.fatal).take();
     loop {
@@ -460,16 +480,21 @@ fn poll_loop<S: Sink>(
             }
         }
         let len = lock(&shared.pending).len();
-        if len == 0 {
-            batch_started = None;
-            continue;
-        }
-        let due = batch_started.is_some_and(|t| t.elapsed() >= linger);
-        if len >= tuning.batch_size || due {
-            if let Flushed::Abandoned = shared.flush(&consumer)? {
-                break;
+        if len > 0 {
+            let due = batch_started.is_some_and(|t| t.elapsed() >= linger);
+            if len >= tuning.batch_size || due {
+                if let Flushed::Abandoned = shared.flush(&consumer)? {
+                    break;
+                }
+                batch_started = None;
             }
+        } else {
             batch_started = None;
+        }
+        // Between batches (also under steady load, so quiet partitions are not starved).
+        if last_tick.elapsed() >= TICK_INTERVAL && lock(&shared.pending).is_empty() {
+            last_tick = Instant::now();
+            shared.tick()?;
         }
     }
     // Shutdown: finish the in-flight batch, then leave the group.

@@ -1,0 +1,180 @@
+//! Archiver benchmark: archived records/s and MB/s to a local directory and to the S3
+//! server, next to the raw consume ceiling (rdkafka reading the same topic without writing)
+//! measured in the same run; then restore records/s.
+//!
+//!   CDP_TEST_KAFKA_BROKERS=127.0.0.1:9192 target/release/bench-archiver [records]
+//!
+//! Needs the broker (a memory broker for stable figures, see docs/benchmarks.md) and the
+//! stack's S3 server on 127.0.0.1:3900.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use cdp_archiver::restore::{restore, RestoreRequest};
+use cdp_archiver::{Archive, ArchiverArgs, ArchiverConfig, StoreArgs};
+use cdp_integration_tests::archive::{local_store, produce_mix, require_s3, s3_endpoint, s3_store};
+use cdp_integration_tests::{brokers, create_topics, kafka_args, unique};
+use cdp_runtime::admin::Readiness;
+use cdp_runtime::config::RunnerArgs;
+use cdp_runtime::metrics::Metrics;
+use cdp_runtime::Shutdown;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+/// Timestamps well in the past, so the tail files close as soon as the log goes quiet.
+const T0: i64 = 1_700_000_000_000;
+
+/// Raw consume of the whole topic: (records, payload bytes, seconds).
+fn consume_ceiling(topic: &str, n: usize) -> anyhow::Result<(usize, u64, f64)> {
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("bench-ceiling"))
+        .set("enable.auto.commit", "false")
+        .set("queued.max.messages.kbytes", "16384")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..6 {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    c.assign(&tpl)?;
+    let started = Instant::now();
+    let (mut count, mut bytes) = (0usize, 0u64);
+    while count < n {
+        ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "ceiling read timed out"
+        );
+        if let Some(m) = c.poll(Duration::from_millis(100)) {
+            let m = m?;
+            bytes += (m.payload_len() + m.key().map_or(0, <[u8]>::len)) as u64;
+            count += 1;
+        }
+    }
+    Ok((count, bytes, started.elapsed().as_secs_f64()))
+}
+
+fn records_archived(metrics: &Metrics) -> anyhow::Result<f64> {
+    Ok(metrics
+        .encode()?
+        .lines()
+        .filter(|l| l.starts_with("cdp_archive_records_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// Archives the topic from scratch into `store`: (seconds, archive bytes).
+async fn archive_run(topic: &str, store: StoreArgs, n: usize) -> anyhow::Result<(f64, u64)> {
+    let metrics = Metrics::new();
+    let shutdown = Shutdown::new();
+    let config = ArchiverConfig {
+        kafka: kafka_args(""),
+        runner: RunnerArgs {
+            batch_size: 2_000,
+            batch_linger_ms: 20,
+            ..RunnerArgs::default()
+        },
+        archiver: ArchiverArgs {
+            group: unique("bench-archiver"),
+            topics: vec![topic.to_owned()],
+            codec: cdp_archiver::ocf::Codec::Zstandard,
+            max_records: 100_000,
+            max_bytes: 64 * 1024 * 1024,
+            window_secs: 300,
+            grace_ms: 0,
+        },
+        store: store.clone(),
+    };
+    let started = Instant::now();
+    let task = {
+        let (m, s) = (metrics.clone(), shutdown.clone());
+        tokio::spawn(async move { cdp_archiver::run(config, &m, &Readiness::default(), s).await })
+    };
+    while records_archived(&metrics)? < n as f64 {
+        ensure!(!task.is_finished(), "the archiver stopped");
+        ensure!(
+            started.elapsed() < Duration::from_secs(900),
+            "archiving timed out"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    shutdown.trigger();
+    task.await??;
+    let archive = Archive::open(&store)?;
+    let bytes = archive
+        .list(topic, None)
+        .await?
+        .iter()
+        .map(|f| f.size)
+        .sum();
+    Ok((secs, bytes))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let n: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()
+        .context("records")?
+        .unwrap_or(500_000);
+    let endpoint = s3_endpoint();
+    require_s3(&endpoint).await?;
+    let topic = unique("bench-archive");
+    create_topics(&[(&topic, 6)]).await?;
+    let t = Instant::now();
+    produce_mix(&topic, 6, n, T0).await?;
+    println!("produced {n} records in {:.1} s", t.elapsed().as_secs_f64());
+
+    let (count, payload, secs) = {
+        let topic = topic.clone();
+        tokio::task::spawn_blocking(move || consume_ceiling(&topic, n)).await??
+    };
+    let ceiling = count as f64 / secs;
+    let mb = payload as f64 / 1e6;
+    println!(
+        "ceiling  raw consume           {ceiling:>10.0} records/s  {:>7.1} MB/s",
+        mb / secs
+    );
+    let (local, dir) = local_store();
+    let (secs_local, bytes_local) = archive_run(&topic, local.clone(), n).await?;
+    println!(
+        "archive  local directory       {:>10.0} records/s  {:>7.1} MB/s  = {:.2} of ceiling  ({:.1} MB of files)",
+        n as f64 / secs_local,
+        mb / secs_local,
+        (n as f64 / secs_local) / ceiling,
+        bytes_local as f64 / 1e6
+    );
+    let (secs_s3, bytes_s3) = archive_run(&topic, s3_store(&endpoint), n).await?;
+    println!(
+        "archive  S3 (garage)           {:>10.0} records/s  {:>7.1} MB/s  = {:.2} of ceiling  ({:.1} MB of objects)",
+        n as f64 / secs_s3,
+        mb / secs_s3,
+        (n as f64 / secs_s3) / ceiling,
+        bytes_s3 as f64 / 1e6
+    );
+    let archive = Archive::open(&local)?;
+    let summary = restore(
+        &kafka_args(""),
+        &archive,
+        &RestoreRequest {
+            topic: topic.clone(),
+            partition: None,
+            from: None,
+            to: None,
+            into: unique("bench-restored"),
+            allow_nonempty: false,
+        },
+        |_| {},
+    )
+    .await?;
+    println!(
+        "restore  local directory       {:>10.0} records/s  ({} records, {} files)",
+        summary.records as f64 / summary.elapsed.as_secs_f64(),
+        summary.records,
+        summary.files
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
