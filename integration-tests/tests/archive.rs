@@ -602,3 +602,34 @@ async fn replay_moves_offsets_refuses_live_members_and_dry_run_changes_nothing(
     db.drop_db().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_archivers_in_one_group_hand_partitions_over_without_gap_or_duplicate(
+) -> anyhow::Result<()> {
+    let topic = unique("archive-pair");
+    create_topics(&[(&topic, 6)]).await?;
+    produce_mix(&topic, 6, 20_000, T0).await?;
+    let (store, dir) = local_store();
+    let archive = Archive::open(&store)?;
+    let args = archiver_args(&topic, cdp_archiver::ocf::Codec::Zstandard, 700);
+    let first = Running::start(args.clone(), store.clone(), &Metrics::new());
+    wait_until("a first part archived", Duration::from_secs(60), || async {
+        Ok(archived_count(&archive, &topic).await? >= 4_000)
+    })
+    .await?;
+    // A second member joins (the partitions are split), more records arrive, then the first
+    // leaves (the second takes everything).
+    let second = Running::start(args, store, &Metrics::new());
+    produce_mix(&topic, 6, 10_000, T0 + 20_000).await?;
+    wait_until("more archived", Duration::from_secs(60), || async {
+        Ok(archived_count(&archive, &topic).await? >= 12_000)
+    })
+    .await?;
+    first.stop().await?;
+    produce_mix(&topic, 6, 5_000, T0 + 30_000).await?;
+    let log = read_log(&topic).await?;
+    wait_gapless(&archive, &topic, &log, Duration::from_secs(120)).await?;
+    second.stop().await?;
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}

@@ -208,6 +208,15 @@ impl Sink for ArchiveSink {
         Ok(stats)
     }
 
+    async fn revoked(&self, partitions: &[TopicPartition]) {
+        // Another archiver owns them now: what this one held is not written by it (a tail
+        // file closed here could differ from the new owner's cut).
+        let mut state = self.state.lock().await;
+        for tp in partitions {
+            state.remove(tp);
+        }
+    }
+
     async fn tick(&self) -> Result<(), SinkError> {
         let mut state = self.state.lock().await;
         let now_ms = chrono::Utc::now().timestamp_millis();

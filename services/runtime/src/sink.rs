@@ -112,4 +112,15 @@ pub trait Sink: Send + Sync + 'static {
     fn tick(&self) -> impl Future<Output = Result<(), SinkError>> + Send + '_ {
         async { Ok(()) }
     }
+
+    /// Called when partitions go to another consumer, after the in-flight batch was
+    /// applied: a sink holding records back must forget them (the new owner starts from
+    /// the sink's positions). Does nothing by default.
+    fn revoked<'a>(
+        &'a self,
+        partitions: &'a [TopicPartition],
+    ) -> impl Future<Output = ()> + Send + 'a {
+        let _ = partitions;
+        async {}
+    }
 }

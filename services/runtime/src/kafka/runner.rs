@@ -326,6 +326,7 @@ impl<S: Sink> Shared<S> {
             })
             .collect();
         tracing::info!(group = %self.group, partitions = revoked.len(), "partitions revoked");
+        self.handle.block_on(self.sink.revoked(&revoked));
         let result = match consumer.rebalance_protocol() {
             RebalanceProtocol::Cooperative => consumer.incremental_unassign(tpl),
             _ => consumer.unassign(),
