@@ -11,7 +11,6 @@ use cdp_archiver::{Archive, StoreArgs};
 use cdp_runtime::kafka::producer::{OutgoingRecord, Producer};
 use cdp_runtime::RawRecord;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientConfig;
 
 use crate::{brokers, kafka_args, unique};
@@ -121,19 +120,18 @@ pub async fn read_log_from(
             .set("bootstrap.servers", &brokers)
             .set("group.id", unique("log-reader"))
             .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
             .create()?;
         let md = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
         let mut ends = BTreeMap::new();
-        let mut tpl = TopicPartitionList::new();
         for t in md.topics() {
             for p in t.partitions() {
-                let (lo, hi) = c.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
+                let (_, hi) = c.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
                 ends.insert(p.id(), hi);
-                tpl.add_partition_offset(&topic, p.id(), Offset::Offset(lo))?;
             }
         }
         ensure!(!ends.is_empty(), "topic {topic} has no partitions");
-        c.assign(&tpl)?;
+        c.subscribe(&[&topic])?;
         let mut out: BTreeMap<i32, Vec<RawRecord>> = ends.keys().map(|p| (*p, vec![])).collect();
         let started = Instant::now();
         let done = |out: &BTreeMap<i32, Vec<RawRecord>>| {
@@ -251,6 +249,18 @@ pub fn check_gapless(
     Ok(())
 }
 
+/// Records archived for a topic so far, from the file headers (cheap: no file is read).
+pub async fn archived_count(archive: &Archive, topic: &str) -> anyhow::Result<u64> {
+    let mut n = 0;
+    for f in archive.list(topic, None).await? {
+        let h = archive.header(&f).await?;
+        n += h
+            .number(cdp_archiver::ocf::meta::RECORD_COUNT)
+            .context("record count")? as u64;
+    }
+    Ok(n)
+}
+
 /// Waits until the archive covers the log exactly (as read once, now).
 pub async fn wait_gapless(
     archive: &Archive,
@@ -259,7 +269,13 @@ pub async fn wait_gapless(
     timeout: Duration,
 ) -> anyhow::Result<Archived> {
     let started = Instant::now();
+    let total: u64 = log.values().map(|v| v.len() as u64).sum();
     loop {
+        // Read everything only once the headers say enough is there.
+        if archived_count(archive, topic).await? < total && started.elapsed() < timeout {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            continue;
+        }
         let archived = read_archive(archive, topic).await?;
         match check_gapless(&archived, log) {
             Ok(()) => return Ok(archived),

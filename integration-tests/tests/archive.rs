@@ -10,8 +10,8 @@ use anyhow::{ensure, Context};
 use cdp_archiver::restore::{restore, RestoreRequest};
 use cdp_archiver::{Archive, ArchiverArgs, ArchiverConfig, StoreArgs};
 use cdp_integration_tests::archive::{
-    check_gapless, local_store, produce_mix, read_archive, read_log, require_s3, s3_endpoint,
-    s3_store, wait_gapless, OwnS3,
+    archived_count, check_gapless, local_store, produce_mix, read_archive, read_log, require_s3,
+    s3_endpoint, s3_store, wait_gapless, OwnS3,
 };
 use cdp_integration_tests::{brokers, create_topics, kafka_args, unique, wait_until};
 use cdp_runtime::admin::Readiness;
@@ -94,7 +94,13 @@ fn spawn_probe(topic: &str, group: &str, store: &StoreArgs) -> anyhow::Result<Ch
         .env("CDP_ARCHIVE_MAX_RECORDS", "1500")
         .env("CDP_ARCHIVE_GRACE_MS", "500")
         .env("CDP_ARCHIVE_WINDOW_SECS", "3600")
-        .env("CDP_BATCH_SIZE", "700")
+        .env("CDP_BATCH_SIZE", "200")
+        // A killed member holds its partitions until its session times out; small fetches
+        // keep the archiver slow enough for the kills to land mid-run.
+        .env(
+            "CDP_KAFKA_PROPERTIES",
+            "session.timeout.ms=6000,heartbeat.interval.ms=500,max.partition.fetch.bytes=4096",
+        )
         .env("CDP_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -102,13 +108,22 @@ fn spawn_probe(topic: &str, group: &str, store: &StoreArgs) -> anyhow::Result<Ch
         .context("spawning archiver-probe")
 }
 
-async fn archived_count(archive: &Archive, topic: &str) -> anyhow::Result<usize> {
-    Ok(read_archive(archive, topic)
-        .await?
-        .records
-        .values()
-        .map(Vec::len)
-        .sum())
+/// A child process that is SIGKILLed when the test ends, passed or failed.
+struct KillOnDrop(Child);
+
+impl KillOnDrop {
+    fn kill_now(&mut self) -> anyhow::Result<()> {
+        self.0.kill()?;
+        self.0.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -116,28 +131,37 @@ async fn kill_9_at_random_moments_leaves_no_gap_and_no_duplicate() -> anyhow::Re
     const N: usize = 100_000;
     let topic = unique("archive-kill");
     create_topics(&[(&topic, 6)]).await?;
+    let t = std::time::Instant::now();
     produce_mix(&topic, 6, N, T0).await?;
+    eprintln!("[{:?}] produced", t.elapsed());
     let log = read_log(&topic).await?;
+    eprintln!("[{:?}] log read", t.elapsed());
     ensure!(log.values().map(Vec::len).sum::<usize>() == N);
     let (store, dir) = local_store();
     let archive = Archive::open(&store)?;
     let group = unique("archiver-kill");
     let mut rng = rand::rng();
-    let mut points: Vec<usize> = (0..5).map(|_| rng.random_range(5_000..85_000)).collect();
-    points.sort_unstable();
+    // One kill in each fifth of the run, at a random point within it.
+    let points: Vec<usize> = (0..5)
+        .map(|k| 3_000 + k * 18_000 + rng.random_range(0..15_000))
+        .collect();
     for (i, point) in points.iter().enumerate() {
-        let mut child = spawn_probe(&topic, &group, &store)?;
+        // Each run archives something of its own before it dies.
+        let target = (*point as u64)
+            .max(archived_count(&archive, &topic).await? + 1_000)
+            .min(N as u64 - 1);
+        let mut child = KillOnDrop(spawn_probe(&topic, &group, &store)?);
         wait_until(
-            &format!("{point} records archived before kill {}", i + 1),
+            &format!("{target} records archived before kill {}", i + 1),
             Duration::from_secs(120),
-            || async { Ok(archived_count(&archive, &topic).await? >= *point) },
+            || async { Ok(archived_count(&archive, &topic).await? >= target) },
         )
         .await?;
         // A random extra moment, so the kill lands in any phase (consuming, encoding,
         // uploading, renaming).
-        tokio::time::sleep(Duration::from_millis(rng.random_range(0..400))).await;
-        child.kill()?;
-        child.wait()?;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..100))).await;
+        child.kill_now()?;
+        eprintln!("[{:?}] kill {} at >= {target}", t.elapsed(), i + 1);
         // What is there after every kill is already gapless up to where it stops.
         let archived = read_archive(&archive, &topic).await?;
         for (p, files) in &archived.files {
@@ -151,11 +175,9 @@ async fn kill_9_at_random_moments_leaves_no_gap_and_no_duplicate() -> anyhow::Re
             }
         }
     }
-    let mut child = spawn_probe(&topic, &group, &store)?;
-    let archived = wait_gapless(&archive, &topic, &log, Duration::from_secs(180)).await;
-    child.kill()?;
-    child.wait()?;
-    let archived = archived?;
+    let mut child = KillOnDrop(spawn_probe(&topic, &group, &store)?);
+    let archived = wait_gapless(&archive, &topic, &log, Duration::from_secs(180)).await?;
+    child.kill_now()?;
     let files: usize = archived.files.values().map(Vec::len).sum();
     ensure!(files >= 6 * 2, "expected many files, got {files}");
     let _ = std::fs::remove_dir_all(dir);
