@@ -15,6 +15,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaErrorCode;
 
 use cdp_runtime::config::KafkaArgs;
@@ -95,7 +97,7 @@ pub enum RestoreError {
         has: usize,
         needs: usize,
     },
-    #[error("partition {partition} of {topic} already holds {records} records; restore into an empty topic (or allow a non-empty one)")]
+    #[error("partition {partition} of {topic} already holds records (at least {records}); restore into an empty topic (or allow a non-empty one)")]
     NotEmpty {
         topic: String,
         partition: i32,
@@ -255,17 +257,37 @@ async fn prepare_target(
     }
     let (kafka, topic, partitions) = (kafka.clone(), topic.to_owned(), partitions.to_vec());
     tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
+        // A group id is needed to consume; nothing is ever committed under it.
         let c: BaseConsumer = client_config(&kafka)
             .map_err(KafkaSetupError::from)?
+            .set("group.id", format!("cdp-restore-check.{topic}"))
+            .set("enable.auto.commit", "false")
             .create()
             .map_err(KafkaSetupError::from)?;
-        for p in partitions {
-            let (lo, hi) = c.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+        for p in &partitions {
+            let (lo, hi) = c.fetch_watermarks(&topic, *p, Duration::from_secs(10))?;
             if hi > lo {
                 return Err(RestoreError::NotEmpty {
                     topic: topic.clone(),
-                    partition: p,
+                    partition: *p,
                     records: hi - lo,
+                });
+            }
+        }
+        // Watermarks can lag behind acknowledged writes on a busy broker (seen with the
+        // test broker): confirm emptiness by trying to read.
+        let mut tpl = TopicPartitionList::new();
+        for p in &partitions {
+            tpl.add_partition_offset(&topic, *p, Offset::Beginning)?;
+        }
+        c.assign(&tpl)?;
+        let until = std::time::Instant::now() + Duration::from_secs(2);
+        while std::time::Instant::now() < until {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+                return Err(RestoreError::NotEmpty {
+                    topic: topic.clone(),
+                    partition: m.partition(),
+                    records: m.offset() + 1,
                 });
             }
         }
