@@ -75,8 +75,18 @@ pub async fn produce_mix(
     for i in 0..n {
         let key = (i % 13 != 0).then(|| format!("subject-{}", i % 997).into_bytes());
         let value = (i % 17 != 5).then(|| {
-            let mut v = format!("event-{i}-").into_bytes();
-            v.resize(40 + (i * 7919) % 400, (i % 251) as u8);
+            // Half text-like, half random bytes (like sealed PII and ids): compresses as
+            // real events do, not as a run of one byte.
+            let len = 40 + (i * 7919) % 400;
+            let mut v = format!("{{\"event\":\"Order Completed\",\"n\":{i},\"p\":\"").into_bytes();
+            let mut x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            while v.len() < len {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                v.extend_from_slice(&x.to_le_bytes()[..4]);
+            }
+            v.truncate(len);
             v
         });
         payloads.push((key, value, i));

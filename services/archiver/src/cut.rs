@@ -109,12 +109,18 @@ impl OpenFile {
         }
     }
 
-    pub fn append(&mut self, r: &RawRecord, policy: &CutPolicy) -> Result<(), OcfError> {
+    /// Appends a record; `now` is when its batch is applied (one clock read per batch).
+    pub fn append(
+        &mut self,
+        r: &RawRecord,
+        policy: &CutPolicy,
+        now: Instant,
+    ) -> Result<(), OcfError> {
         self.writer.append(r)?;
         self.bytes += payload_size(r);
         self.records += 1;
         self.last_offset = r.offset;
-        self.last_append = Instant::now();
+        self.last_append = now;
         if let Some(t) = r.timestamp_ms {
             if self.window.is_none() {
                 self.window = Some(policy.window_of(t));
@@ -205,7 +211,7 @@ mod tests {
                     files.push((f.first_offset, f.last_offset));
                 }
                 open.get_or_insert_with(|| OpenFile::start(r, Codec::Null))
-                    .append(r, &p)
+                    .append(r, &p, Instant::now())
                     .expect("append");
             }
         }
@@ -253,7 +259,8 @@ mod tests {
             ..policy()
         };
         let mut f = OpenFile::start(&rec(0, Some(1_000), 1), Codec::Null);
-        f.append(&rec(0, Some(1_000), 1), &p).expect("append");
+        f.append(&rec(0, Some(1_000), 1), &p, Instant::now())
+            .expect("append");
         assert!(!f.idle_expired(&p, 59_999));
         assert!(f.idle_expired(&p, 60_000));
         let quiet = CutPolicy {
@@ -268,7 +275,8 @@ mod tests {
         let p = policy();
         let mut f = OpenFile::start(&rec(7, Some(10), 1), Codec::Zstandard);
         for o in 7..10 {
-            f.append(&rec(o, Some(10 + o), 1), &p).expect("append");
+            f.append(&rec(o, Some(10 + o), 1), &p, Instant::now())
+                .expect("append");
         }
         let sealed = f.seal().expect("seal");
         let (h, records) = ocf::read_all(&sealed.bytes).expect("readable");

@@ -66,62 +66,71 @@ impl ArchiveSink {
         }
     }
 
-    /// Uploads every sealed file, each partition in offset order. A failure leaves the
-    /// remaining files queued (the runner retries the batch; its records are already held
-    /// and are skipped).
+    /// Uploads every sealed file: partitions concurrently, each partition's files in offset
+    /// order. A failure leaves that partition's remaining files queued (the runner retries
+    /// the batch; its records are already held and are skipped).
     async fn upload_sealed(
         &self,
         state: &mut HashMap<TopicPartition, PartitionState>,
     ) -> Result<(), SinkError> {
-        for ps in state.values_mut() {
-            while let Some(file) = ps.sealed.front() {
-                let path = layout::object_path(
-                    self.archive.prefix(),
-                    &file.topic,
-                    file.partition,
-                    file.first_offset,
-                    file.first_timestamp_ms,
-                );
-                let labels = TopicLabels {
-                    topic: file.topic.clone(),
-                };
-                let started = Instant::now();
-                if let Err(e) = self.archive.put(&path, file.bytes.clone()).await {
-                    self.metrics.upload_failures.get_or_create(&labels).inc();
-                    tracing::warn!(
-                        topic = %file.topic,
-                        partition = file.partition,
-                        offset = file.first_offset,
-                        error = %e,
-                        "upload failed"
-                    );
-                    return Err(store_error(e));
-                }
-                self.metrics
-                    .upload_duration
-                    .get_or_create(&labels)
-                    .observe(started.elapsed().as_secs_f64());
-                self.metrics.files.get_or_create(&labels).inc();
-                self.metrics
-                    .records
-                    .get_or_create(&labels)
-                    .inc_by(file.records);
-                self.metrics
-                    .bytes
-                    .get_or_create(&labels)
-                    .inc_by(file.bytes.len() as u64);
-                tracing::info!(
+        let uploads = state
+            .values_mut()
+            .filter(|ps| !ps.sealed.is_empty())
+            .map(|ps| self.upload_partition(ps));
+        futures::future::join_all(uploads)
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    async fn upload_partition(&self, ps: &mut PartitionState) -> Result<(), SinkError> {
+        while let Some(file) = ps.sealed.front() {
+            let path = layout::object_path(
+                self.archive.prefix(),
+                &file.topic,
+                file.partition,
+                file.first_offset,
+                file.first_timestamp_ms,
+            );
+            let labels = TopicLabels {
+                topic: file.topic.clone(),
+            };
+            let started = Instant::now();
+            if let Err(e) = self.archive.put(&path, file.bytes.clone()).await {
+                self.metrics.upload_failures.get_or_create(&labels).inc();
+                tracing::warn!(
                     topic = %file.topic,
                     partition = file.partition,
                     offset = file.first_offset,
-                    last_offset = file.last_offset,
-                    records = file.records,
-                    bytes = file.bytes.len(),
-                    object = %path,
-                    "archived"
+                    error = %e,
+                    "upload failed"
                 );
-                ps.sealed.pop_front();
+                return Err(store_error(e));
             }
+            self.metrics
+                .upload_duration
+                .get_or_create(&labels)
+                .observe(started.elapsed().as_secs_f64());
+            self.metrics.files.get_or_create(&labels).inc();
+            self.metrics
+                .records
+                .get_or_create(&labels)
+                .inc_by(file.records);
+            self.metrics
+                .bytes
+                .get_or_create(&labels)
+                .inc_by(file.bytes.len() as u64);
+            tracing::info!(
+                topic = %file.topic,
+                partition = file.partition,
+                offset = file.first_offset,
+                last_offset = file.last_offset,
+                records = file.records,
+                bytes = file.bytes.len(),
+                object = %path,
+                "archived"
+            );
+            ps.sealed.pop_front();
         }
         Ok(())
     }
@@ -167,6 +176,7 @@ impl Sink for ArchiveSink {
     ) -> Result<ApplyStats, SinkError> {
         let mut state = self.state.lock().await;
         let mut stats = ApplyStats::default();
+        let now = Instant::now();
         for r in batch {
             let tp = r.topic_partition();
             if !state.contains_key(&tp) {
@@ -199,7 +209,7 @@ impl Sink for ArchiveSink {
             }
             ps.open
                 .get_or_insert_with(|| OpenFile::start(r, self.codec))
-                .append(r, &self.policy)
+                .append(r, &self.policy, now)
                 .map_err(|e| SinkError::Fatal(Box::new(e)))?;
             ps.next = Some(r.offset + 1);
             stats.topic(&r.topic).applied += 1;

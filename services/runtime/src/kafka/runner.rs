@@ -426,7 +426,12 @@ fn create_consumer<S: Sink>(
             },
         )
         // Bound what librdkafka prefetches per partition (memory, and work lost on revoke).
-        .set("queued.max.messages.kbytes", "16384");
+        .set("queued.max.messages.kbytes", "16384")
+        // When that bound is reached librdkafka (>= 2.4) pauses fetching for
+        // `fetch.queue.backoff.ms`, 1 s by default: a consumer slower than the broker then
+        // drains its queue and waits idle for most of that second (measured: the runner
+        // fetched ~95k records/s instead of ~300k). Resume fetching soon instead.
+        .set("fetch.queue.backoff.ms", "10");
     // The operator's properties win over the defaults above.
     for (k, v) in config
         .kafka
