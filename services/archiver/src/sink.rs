@@ -177,24 +177,35 @@ impl Sink for ArchiveSink {
         let mut state = self.state.lock().await;
         let mut stats = ApplyStats::default();
         let now = Instant::now();
+        // Per-record bookkeeping without allocations: counts by topic name, and the
+        // partition key rebuilt only when the partition changes (batches come in runs).
+        let mut counts: HashMap<&str, (u64, u64)> = HashMap::new();
+        let mut current: Option<TopicPartition> = None;
         for r in batch {
-            let tp = r.topic_partition();
-            if !state.contains_key(&tp) {
-                let next = self.next_offset(&tp).await?;
-                state.insert(
-                    tp.clone(),
-                    PartitionState {
-                        next,
-                        ..Default::default()
-                    },
-                );
+            if current
+                .as_ref()
+                .is_none_or(|c| c.partition != r.partition || c.topic != r.topic)
+            {
+                let tp = r.topic_partition();
+                if !state.contains_key(&tp) {
+                    let next = self.next_offset(&tp).await?;
+                    state.insert(
+                        tp.clone(),
+                        PartitionState {
+                            next,
+                            ..Default::default()
+                        },
+                    );
+                }
+                current = Some(tp);
             }
-            let Some(ps) = state.get_mut(&tp) else {
+            let Some(ps) = current.as_ref().and_then(|tp| state.get_mut(tp)) else {
                 continue;
             };
+            let count = counts.entry(r.topic.as_str()).or_default();
             if ps.next.is_some_and(|n| r.offset < n) {
                 // Already archived, or already held from an earlier attempt of this batch.
-                stats.topic(&r.topic).skipped += 1;
+                count.1 += 1;
                 continue;
             }
             if ps
@@ -212,7 +223,12 @@ impl Sink for ArchiveSink {
                 .append(r, &self.policy, now)
                 .map_err(|e| SinkError::Fatal(Box::new(e)))?;
             ps.next = Some(r.offset + 1);
-            stats.topic(&r.topic).applied += 1;
+            count.0 += 1;
+        }
+        for (topic, (applied, skipped)) in counts {
+            let c = stats.topic(topic);
+            c.applied += applied;
+            c.skipped += skipped;
         }
         self.upload_sealed(&mut state).await?;
         Ok(stats)

@@ -228,14 +228,13 @@ impl<S: Sink> Shared<S> {
     /// Mirrors the sink's positions into the group's Kafka offsets, for lag tooling only.
     fn mirror_commit(&self, consumer: &BaseConsumer<RunnerContext<S>>, batch: &[RawRecord]) {
         let mut tpl = TopicPartitionList::new();
-        let mut last: std::collections::BTreeMap<TopicPartition, i64> = Default::default();
+        let mut last: std::collections::BTreeMap<(&str, i32), i64> = Default::default();
         for r in batch {
-            let e = last.entry(r.topic_partition()).or_insert(r.offset);
+            let e = last.entry((&r.topic, r.partition)).or_insert(r.offset);
             *e = (*e).max(r.offset);
         }
-        for (tp, o) in last {
-            if let Err(e) = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(o + 1))
-            {
+        for ((topic, partition), o) in last {
+            if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(o + 1)) {
                 tracing::debug!(error = %e, "cannot build commit list");
             }
         }
@@ -498,7 +497,7 @@ fn poll_loop<S: Sink>(
             batch_started = None;
         }
         // Between batches (also under steady load, so quiet partitions are not starved).
-        if last_tick.elapsed() >= TICK_INTERVAL && lock(&shared.pending).is_empty() {
+        if lock(&shared.pending).is_empty() && last_tick.elapsed() >= TICK_INTERVAL {
             last_tick = Instant::now();
             shared.tick()?;
         }
