@@ -48,6 +48,7 @@ pub struct ArchiverArgs {
     /// Kafka offsets only mirror them for lag tools).
     #[arg(
         id = "archiver_group",
+        value_name = "GROUP",
         long = "archiver-group",
         env = "CDP_ARCHIVER_GROUP",
         default_value = "cdp-archiver"
@@ -57,6 +58,7 @@ pub struct ArchiverArgs {
     /// topics (customer-events, capsule-events, compliance, identity, audit) with the prefix.
     #[arg(
         id = "archive_topics",
+        value_name = "TOPICS",
         long = "archive-topics",
         env = "CDP_ARCHIVE_TOPICS",
         value_delimiter = ','
@@ -65,6 +67,7 @@ pub struct ArchiverArgs {
     /// Block compression of archive files.
     #[arg(
         id = "archive_codec",
+        value_name = "CODEC",
         long = "archive-codec",
         env = "CDP_ARCHIVE_CODEC",
         value_enum,
@@ -74,6 +77,7 @@ pub struct ArchiverArgs {
     /// A file closes at this many records.
     #[arg(
         id = "archive_max_records",
+        value_name = "N",
         long = "archive-max-records",
         env = "CDP_ARCHIVE_MAX_RECORDS",
         default_value_t = 100_000
@@ -81,12 +85,14 @@ pub struct ArchiverArgs {
     pub max_records: u64,
     /// A file closes before its key, value and header bytes would pass this (held in memory
     /// per partition until uploaded).
-    #[arg(id = "archive_max_bytes", long = "archive-max-bytes", env = "CDP_ARCHIVE_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    #[arg(id = "archive_max_bytes",
+        value_name = "BYTES", long = "archive-max-bytes", env = "CDP_ARCHIVE_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_bytes: u64,
     /// A file holds records of one time window (by record timestamp, aligned to the epoch):
     /// a record of a later window starts a new file.
     #[arg(
         id = "archive_window_secs",
+        value_name = "SECS",
         long = "archive-window-secs",
         env = "CDP_ARCHIVE_WINDOW_SECS",
         default_value_t = 300
@@ -96,6 +102,7 @@ pub struct ArchiverArgs {
     /// partition has been quiet this long (milliseconds).
     #[arg(
         id = "archive_grace_ms",
+        value_name = "MS",
         long = "archive-grace-ms",
         env = "CDP_ARCHIVE_GRACE_MS",
         default_value_t = 30_000
