@@ -271,32 +271,24 @@ pub async fn archived_count(archive: &Archive, topic: &str) -> anyhow::Result<u6
     Ok(n)
 }
 
-/// Waits until the archive covers the log exactly (as read once, now).
+/// Waits until the file headers count as many records as the log (as read once, now), then
+/// checks that the archive covers it exactly.
 pub async fn wait_gapless(
     archive: &Archive,
     topic: &str,
     log: &BTreeMap<i32, Vec<RawRecord>>,
     timeout: Duration,
 ) -> anyhow::Result<Archived> {
-    let started = Instant::now();
     let total: u64 = log.values().map(|v| v.len() as u64).sum();
-    loop {
-        // Read everything only once the headers say enough is there.
-        if archived_count(archive, topic).await? < total && started.elapsed() < timeout {
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            continue;
-        }
-        let archived = read_archive(archive, topic).await?;
-        match check_gapless(&archived, log) {
-            Ok(()) => return Ok(archived),
-            Err(e) if started.elapsed() > timeout => {
-                return Err(e.context(format!(
-                    "archive of {topic} still incomplete after {timeout:?}"
-                )))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
+    crate::wait_until(
+        &format!("{total} records of {topic} archived"),
+        timeout,
+        || async { Ok(archived_count(archive, topic).await? >= total) },
+    )
+    .await?;
+    let archived = read_archive(archive, topic).await?;
+    check_gapless(&archived, log)?;
+    Ok(archived)
 }
 
 /// A garage S3 server of the test's own (`scripts/s3-node` on a free port and a temporary

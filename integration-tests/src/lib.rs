@@ -32,6 +32,16 @@ pub fn admin_database_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
+/// The sum of a metric family's samples in a registry's exposition (counters end in `_total`).
+pub fn metric_sum(metrics: &cdp_runtime::metrics::Metrics, family: &str) -> anyhow::Result<f64> {
+    Ok(metrics
+        .encode()?
+        .lines()
+        .filter(|l| l.starts_with(family) && l[family.len()..].starts_with('{'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
 /// A name no other test run uses.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())

@@ -13,7 +13,7 @@ use cdp_integration_tests::archive::{
     archived_count, check_gapless, local_store, produce_mix, read_archive, read_log, require_s3,
     s3_endpoint, s3_store, wait_gapless, OwnS3,
 };
-use cdp_integration_tests::{brokers, create_topics, kafka_args, unique, wait_until};
+use cdp_integration_tests::{brokers, create_topics, kafka_args, metric_sum, unique, wait_until};
 use cdp_runtime::admin::Readiness;
 use cdp_runtime::config::RunnerArgs;
 use cdp_runtime::metrics::Metrics;
@@ -424,12 +424,7 @@ async fn a_30_second_s3_outage_loses_nothing_and_duplicates_nothing() -> anyhow:
     let archived = wait_gapless(&archive, &topic, &log, Duration::from_secs(120)).await?;
     running.stop().await?;
     check_gapless(&archived, &log)?;
-    let exposition = metrics.encode()?;
-    let failures: f64 = exposition
-        .lines()
-        .filter(|l| l.starts_with("cdp_archive_upload_failures_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let failures = metric_sum(&metrics, "cdp_archive_upload_failures_total")?;
     ensure!(
         failures > 0.0,
         "the outage was noticed (upload failures counted)"

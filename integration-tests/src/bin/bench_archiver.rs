@@ -13,7 +13,7 @@ use anyhow::{ensure, Context};
 use cdp_archiver::restore::{restore, RestoreRequest};
 use cdp_archiver::{Archive, ArchiverArgs, ArchiverConfig, StoreArgs};
 use cdp_integration_tests::archive::{local_store, produce_mix, require_s3, s3_endpoint, s3_store};
-use cdp_integration_tests::{brokers, create_topics, kafka_args, unique};
+use cdp_integration_tests::{brokers, create_topics, kafka_args, metric_sum, unique};
 use cdp_runtime::admin::Readiness;
 use cdp_runtime::config::RunnerArgs;
 use cdp_runtime::metrics::Metrics;
@@ -32,17 +32,12 @@ fn consume_ceiling(topic: &str, n: usize) -> anyhow::Result<(usize, u64, f64)> {
         .set("group.id", unique("bench-ceiling"))
         .set("enable.auto.commit", "false")
         .set("queued.max.messages.kbytes", "16384")
-        .set("auto.offset.reset", "earliest")
         .create()?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..6 {
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
-    if std::env::var_os("BENCH_CEILING_SUBSCRIBE").is_some() {
-        c.subscribe(&[topic])?;
-    } else {
-        c.assign(&tpl)?;
-    }
+    c.assign(&tpl)?;
     let started = Instant::now();
     let (mut count, mut bytes) = (0usize, 0u64);
     while count < n {
@@ -59,31 +54,14 @@ fn consume_ceiling(topic: &str, n: usize) -> anyhow::Result<(usize, u64, f64)> {
     Ok((count, bytes, started.elapsed().as_secs_f64()))
 }
 
-/// The sum of a metric family's samples.
-fn metric(metrics: &Metrics, family: &str) -> anyhow::Result<f64> {
-    Ok(metrics
-        .encode()?
-        .lines()
-        .filter(|l| l.starts_with(family) && l[family.len()..].starts_with('{'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
-}
-
 /// Archives the topic from scratch into `store`: (seconds, archive bytes).
 async fn archive_run(topic: &str, store: StoreArgs, n: usize) -> anyhow::Result<(f64, u64)> {
     let metrics = Metrics::new();
     let shutdown = Shutdown::new();
-    let mut kafka = kafka_args("");
-    kafka.properties = std::env::var("BENCH_KAFKA_PROPERTIES")
-        .map(|p| p.split(',').map(str::to_owned).collect())
-        .unwrap_or_default();
     let config = ArchiverConfig {
-        kafka,
+        kafka: kafka_args(""),
         runner: RunnerArgs {
-            batch_size: std::env::var("BENCH_BATCH")
-                .ok()
-                .and_then(|b| b.parse().ok())
-                .unwrap_or(2_000),
+            batch_size: 2_000,
             batch_linger_ms: 20,
             ..RunnerArgs::default()
         },
@@ -106,13 +84,13 @@ async fn archive_run(topic: &str, store: StoreArgs, n: usize) -> anyhow::Result<
     // archiving, and the ceiling does not join one) and stops when the last file is
     // uploaded (the tail files close at the first tick after the log goes quiet).
     let joining = Instant::now();
-    while metric(&metrics, "cdp_consumer_assigned_partitions")? < 6.0 {
+    while metric_sum(&metrics, "cdp_consumer_assigned_partitions")? < 6.0 {
         ensure!(!task.is_finished(), "the archiver stopped");
         ensure!(joining.elapsed() < Duration::from_secs(60), "no assignment");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let started = Instant::now();
-    while metric(&metrics, "cdp_archive_records_total")? < n as f64 {
+    while metric_sum(&metrics, "cdp_archive_records_total")? < n as f64 {
         ensure!(!task.is_finished(), "the archiver stopped");
         ensure!(
             started.elapsed() < Duration::from_secs(900),
@@ -121,16 +99,6 @@ async fn archive_run(topic: &str, store: StoreArgs, n: usize) -> anyhow::Result<
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let secs = started.elapsed().as_secs_f64();
-    if std::env::var_os("BENCH_VERBOSE").is_some() {
-        let text = metrics.encode()?;
-        for l in text.lines().filter(|l| {
-            l.starts_with("cdp_consumer_batch_duration_seconds_sum")
-                || l.starts_with("cdp_consumer_batch_duration_seconds_count")
-                || l.starts_with("cdp_archive_upload_duration_seconds_sum")
-        }) {
-            eprintln!("  {l}");
-        }
-    }
     shutdown.trigger();
     task.await??;
     let archive = Archive::open(&store)?;

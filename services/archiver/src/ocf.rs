@@ -61,14 +61,7 @@ impl Codec {
         }
     }
 
-    /// Compresses `data` onto `out`; `zstd` keeps one compression context per file (creating
-    /// a context per block cost more than the compression itself).
-    fn compress(
-        self,
-        data: &[u8],
-        out: &mut Vec<u8>,
-        zstd: &mut Option<zstd::bulk::Compressor<'static>>,
-    ) -> std::io::Result<()> {
+    fn compress(self, data: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
         match self {
             Codec::Null => {
                 out.extend_from_slice(data);
@@ -81,12 +74,7 @@ impl Codec {
                 enc.finish().map(|_| ())
             }
             Codec::Zstandard => {
-                let c = match zstd {
-                    Some(c) => c,
-                    None => zstd.insert(zstd::bulk::Compressor::new(ZSTD_LEVEL)?),
-                };
-                out.reserve(zstd::zstd_safe::compress_bound(data.len()));
-                c.compress_to_buffer(data, out)?;
+                out.extend_from_slice(&zstd::bulk::compress(data, ZSTD_LEVEL)?);
                 Ok(())
             }
         }
@@ -312,6 +300,7 @@ pub fn sync_marker(topic: &str, partition: i32, first_offset: i64) -> [u8; 16] {
 }
 
 /// A container file being filled: compressed blocks so far plus the open block.
+#[derive(Debug)]
 pub struct FileWriter {
     codec: Codec,
     sync: [u8; 16],
@@ -319,18 +308,6 @@ pub struct FileWriter {
     block: Vec<u8>,
     block_records: i64,
     scratch: Vec<u8>,
-    zstd: Option<zstd::bulk::Compressor<'static>>,
-}
-
-impl std::fmt::Debug for FileWriter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileWriter")
-            .field("codec", &self.codec)
-            .field("body_bytes", &self.body.len())
-            .field("block_bytes", &self.block.len())
-            .field("block_records", &self.block_records)
-            .finish()
-    }
 }
 
 impl FileWriter {
@@ -342,7 +319,6 @@ impl FileWriter {
             block: Vec::with_capacity(BLOCK_BYTES + 4096),
             block_records: 0,
             scratch: Vec::new(),
-            zstd: None,
         }
     }
 
@@ -363,8 +339,7 @@ impl FileWriter {
             return Ok(());
         }
         self.scratch.clear();
-        self.codec
-            .compress(&self.block, &mut self.scratch, &mut self.zstd)?;
+        self.codec.compress(&self.block, &mut self.scratch)?;
         put_long(&mut self.body, self.block_records);
         put_long(&mut self.body, self.scratch.len() as i64);
         self.body.extend_from_slice(&self.scratch);

@@ -22,6 +22,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use cdp_runtime::config::KafkaArgs;
 use cdp_runtime::kafka::producer::{OutgoingRecord, ProduceError, Producer};
 use cdp_runtime::kafka::{client_config, KafkaSetupError};
+use cdp_runtime::replay::{self, ReplayError};
 
 use crate::ocf::{meta, ArchivedRecord};
 use crate::store::{Archive, Listed, StoreError};
@@ -83,6 +84,8 @@ pub enum RestoreError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
+    Replay(#[from] ReplayError),
+    #[error(transparent)]
     Setup(#[from] KafkaSetupError),
     #[error("Kafka: {0}")]
     Kafka(#[from] KafkaError),
@@ -120,10 +123,7 @@ pub async fn restore(
     mut progress: impl FnMut(&Progress),
 ) -> Result<RestoreSummary, RestoreError> {
     let started = Instant::now();
-    let mut files = archive.list(&req.topic, req.partition).await?;
-    if let Some(p) = req.partition {
-        files.retain(|f| f.name.partition == p);
-    }
+    let files = archive.list(&req.topic, req.partition).await?;
     if files.is_empty() {
         return Err(RestoreError::NothingArchived {
             topic: req.topic.clone(),
@@ -220,62 +220,62 @@ async fn prepare_target(
     partitions: &[i32],
     allow_nonempty: bool,
 ) -> Result<(), RestoreError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(kafka)
-        .map_err(KafkaSetupError::from)?
-        .create()
-        .map_err(KafkaSetupError::from)?;
-    let partitions_now = {
-        let (kafka, topic) = (kafka.clone(), topic.to_owned());
-        tokio::task::spawn_blocking(move || partition_count(&kafka, &topic)).await??
+    let marks = {
+        let (kafka, topics) = (kafka.clone(), vec![topic.to_owned()]);
+        tokio::task::spawn_blocking(move || replay::watermarks(&kafka, &topics)).await?
     };
-    match partitions_now {
-        0 => {
+    let marks = match marks {
+        Ok(marks) => marks,
+        Err(ReplayError::UnknownTopic(_)) => {
+            let admin: AdminClient<DefaultClientContext> = client_config(kafka)
+                .map_err(KafkaSetupError::from)?
+                .create()
+                .map_err(KafkaSetupError::from)?;
             let new = NewTopic::new(
                 topic,
                 needs as i32,
                 TopicReplication::Fixed(kafka.topic_replication),
             );
-            let results = admin.create_topics([&new], &AdminOptions::new()).await?;
-            for r in results {
+            for r in admin.create_topics([&new], &AdminOptions::new()).await? {
                 match r {
                     Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                     Err((topic, code)) => return Err(RestoreError::CreateTopic { topic, code }),
                 }
             }
+            Default::default()
         }
-        has if has < needs => {
-            return Err(RestoreError::TooFewPartitions {
-                topic: topic.to_owned(),
-                has,
-                needs,
-            })
-        }
-        _ => {}
+        Err(e) => return Err(e.into()),
+    };
+    if !marks.is_empty() && marks.len() < needs {
+        return Err(RestoreError::TooFewPartitions {
+            topic: topic.to_owned(),
+            has: marks.len(),
+            needs,
+        });
     }
     if allow_nonempty {
         return Ok(());
     }
+    for (tp, (lo, hi)) in &marks {
+        if hi > lo && partitions.contains(&tp.partition) {
+            return Err(RestoreError::NotEmpty {
+                topic: topic.to_owned(),
+                partition: tp.partition,
+                records: hi - lo,
+            });
+        }
+    }
     let (kafka, topic, partitions) = (kafka.clone(), topic.to_owned(), partitions.to_vec());
     tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
-        // A group id is needed to consume; nothing is ever committed under it.
+        // Watermarks can lag behind acknowledged writes on a busy broker (seen with the
+        // test broker): confirm emptiness by trying to read. A group id is needed to
+        // consume; nothing is ever committed under it.
         let c: BaseConsumer = client_config(&kafka)
             .map_err(KafkaSetupError::from)?
             .set("group.id", format!("cdp-restore-check.{topic}"))
             .set("enable.auto.commit", "false")
             .create()
             .map_err(KafkaSetupError::from)?;
-        for p in &partitions {
-            let (lo, hi) = c.fetch_watermarks(&topic, *p, Duration::from_secs(10))?;
-            if hi > lo {
-                return Err(RestoreError::NotEmpty {
-                    topic: topic.clone(),
-                    partition: *p,
-                    records: hi - lo,
-                });
-            }
-        }
-        // Watermarks can lag behind acknowledged writes on a busy broker (seen with the
-        // test broker): confirm emptiness by trying to read.
         let mut tpl = TopicPartitionList::new();
         for p in &partitions {
             tpl.add_partition_offset(&topic, *p, Offset::Beginning)?;
@@ -294,20 +294,6 @@ async fn prepare_target(
         Ok(())
     })
     .await?
-}
-
-/// Partitions of a topic (0 when it does not exist).
-fn partition_count(kafka: &KafkaArgs, topic: &str) -> Result<usize, RestoreError> {
-    let c: BaseConsumer = client_config(kafka)
-        .map_err(KafkaSetupError::from)?
-        .create()
-        .map_err(KafkaSetupError::from)?;
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    Ok(md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map_or(0, |t| t.partitions().len()))
 }
 
 #[cfg(test)]

@@ -135,11 +135,25 @@ impl ArchiveSink {
         Ok(())
     }
 
-    async fn next_offset(&self, tp: &TopicPartition) -> Result<Option<i64>, SinkError> {
-        self.archive
+    /// (Re)starts a partition from the archive's position, dropping whatever was held.
+    async fn load(
+        &self,
+        state: &mut HashMap<TopicPartition, PartitionState>,
+        tp: &TopicPartition,
+    ) -> Result<Option<i64>, SinkError> {
+        let next = self
+            .archive
             .next_offset(&tp.topic, tp.partition)
             .await
-            .map_err(store_error)
+            .map_err(store_error)?;
+        state.insert(
+            tp.clone(),
+            PartitionState {
+                next,
+                ..Default::default()
+            },
+        );
+        Ok(next)
     }
 }
 
@@ -153,16 +167,7 @@ impl Sink for ArchiveSink {
         for tp in partitions {
             // Whatever this process held for the partition is read again from the
             // archive's position: drop it.
-            state.remove(tp);
-            let next = self.next_offset(tp).await?;
-            state.insert(
-                tp.clone(),
-                PartitionState {
-                    next,
-                    ..Default::default()
-                },
-            );
-            if let Some(n) = next {
+            if let Some(n) = self.load(&mut state, tp).await? {
                 out.insert(tp.clone(), n);
             }
         }
@@ -188,14 +193,7 @@ impl Sink for ArchiveSink {
             {
                 let tp = r.topic_partition();
                 if !state.contains_key(&tp) {
-                    let next = self.next_offset(&tp).await?;
-                    state.insert(
-                        tp.clone(),
-                        PartitionState {
-                            next,
-                            ..Default::default()
-                        },
-                    );
+                    self.load(&mut state, &tp).await?;
                 }
                 current = Some(tp);
             }

@@ -223,7 +223,7 @@ impl Archive {
             })
             .try_collect()
             .await?;
-        files.retain(|f| f.name.topic == topic);
+        files.retain(|f| f.name.topic == topic && partition.is_none_or(|p| f.name.partition == p));
         files.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(files)
     }
@@ -255,7 +255,7 @@ impl Archive {
         partition: i32,
     ) -> Result<Option<i64>, StoreError> {
         let files = self.list(topic, Some(partition)).await?;
-        let Some(last) = files.iter().rfind(|f| f.name.partition == partition) else {
+        let Some(last) = files.last() else {
             return Ok(None);
         };
         let header = self.header(last).await?;
