@@ -62,7 +62,8 @@ pub struct OpenFile {
     writer: FileWriter,
 }
 
-/// A closed file, ready to upload.
+/// A closed file, ready to upload. Its bytes are produced by [`SealedFile::encode`]
+/// (compression), which the archiver runs off the consuming thread.
 #[derive(Debug)]
 pub struct SealedFile {
     pub topic: String,
@@ -71,7 +72,32 @@ pub struct SealedFile {
     pub last_offset: i64,
     pub first_timestamp_ms: Option<i64>,
     pub records: u64,
-    pub bytes: bytes::Bytes,
+    body: Body,
+}
+
+#[derive(Debug)]
+enum Body {
+    Pending {
+        writer: FileWriter,
+        metadata: BTreeMap<String, String>,
+    },
+    Encoded(bytes::Bytes),
+}
+
+impl SealedFile {
+    /// The file's bytes (compressing it the first time), with the file to keep for a retry.
+    /// CPU-bound: run it on a blocking thread.
+    pub fn encoded(self) -> Result<(SealedFile, bytes::Bytes), OcfError> {
+        let bytes = match self.body {
+            Body::Pending { writer, metadata } => bytes::Bytes::from(writer.finish(&metadata)?),
+            Body::Encoded(b) => b,
+        };
+        let file = SealedFile {
+            body: Body::Encoded(bytes.clone()),
+            ..self
+        };
+        Ok((file, bytes))
+    }
 }
 
 impl OpenFile {
@@ -110,13 +136,8 @@ impl OpenFile {
     }
 
     /// Appends a record; `now` is when its batch is applied (one clock read per batch).
-    pub fn append(
-        &mut self,
-        r: &RawRecord,
-        policy: &CutPolicy,
-        now: Instant,
-    ) -> Result<(), OcfError> {
-        self.writer.append(r)?;
+    pub fn append(&mut self, r: &RawRecord, policy: &CutPolicy, now: Instant) {
+        self.writer.append(r);
         self.bytes += payload_size(r);
         self.records += 1;
         self.last_offset = r.offset;
@@ -128,7 +149,6 @@ impl OpenFile {
             self.min_timestamp_ms = Some(self.min_timestamp_ms.map_or(t, |m| m.min(t)));
             self.max_timestamp_ms = Some(self.max_timestamp_ms.map_or(t, |m| m.max(t)));
         }
-        Ok(())
     }
 
     /// Whether the tail rule closes this file now.
@@ -147,7 +167,7 @@ impl OpenFile {
         }
     }
 
-    pub fn seal(self) -> Result<SealedFile, OcfError> {
+    pub fn seal(self) -> SealedFile {
         let mut m = BTreeMap::new();
         m.insert(meta::TOPIC.to_owned(), self.topic.clone());
         m.insert(meta::PARTITION.to_owned(), self.partition.to_string());
@@ -160,16 +180,18 @@ impl OpenFile {
         if let Some(t) = self.max_timestamp_ms {
             m.insert(meta::MAX_TIMESTAMP.to_owned(), t.to_string());
         }
-        let bytes = bytes::Bytes::from(self.writer.finish(&m)?);
-        Ok(SealedFile {
+        SealedFile {
             topic: self.topic,
             partition: self.partition,
             first_offset: self.first_offset,
             last_offset: self.last_offset,
             first_timestamp_ms: self.first_timestamp_ms,
             records: self.records,
-            bytes,
-        })
+            body: Body::Pending {
+                writer: self.writer,
+                metadata: m,
+            },
+        }
     }
 }
 
@@ -211,8 +233,7 @@ mod tests {
                     files.push((f.first_offset, f.last_offset));
                 }
                 open.get_or_insert_with(|| OpenFile::start(r, Codec::Null))
-                    .append(r, &p, Instant::now())
-                    .expect("append");
+                    .append(r, &p, Instant::now());
             }
         }
         if let Some(f) = open {
@@ -259,8 +280,7 @@ mod tests {
             ..policy()
         };
         let mut f = OpenFile::start(&rec(0, Some(1_000), 1), Codec::Null);
-        f.append(&rec(0, Some(1_000), 1), &p, Instant::now())
-            .expect("append");
+        f.append(&rec(0, Some(1_000), 1), &p, Instant::now());
         assert!(!f.idle_expired(&p, 59_999));
         assert!(f.idle_expired(&p, 60_000));
         let quiet = CutPolicy {
@@ -275,11 +295,10 @@ mod tests {
         let p = policy();
         let mut f = OpenFile::start(&rec(7, Some(10), 1), Codec::Zstandard);
         for o in 7..10 {
-            f.append(&rec(o, Some(10 + o), 1), &p, Instant::now())
-                .expect("append");
+            f.append(&rec(o, Some(10 + o), 1), &p, Instant::now());
         }
-        let sealed = f.seal().expect("seal");
-        let (h, records) = ocf::read_all(&sealed.bytes).expect("readable");
+        let (_, bytes) = f.seal().encoded().expect("encoded");
+        let (h, records) = ocf::read_all(&bytes).expect("readable");
         assert_eq!(h.number(meta::FIRST_OFFSET), Some(7));
         assert_eq!(h.number(meta::LAST_OFFSET), Some(9));
         assert_eq!(h.number(meta::RECORD_COUNT), Some(3));

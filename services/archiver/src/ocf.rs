@@ -299,15 +299,15 @@ pub fn sync_marker(topic: &str, partition: i32, first_offset: i64) -> [u8; 16] {
     marker
 }
 
-/// A container file being filled: compressed blocks so far plus the open block.
+/// A container file being filled: its blocks, compressed only when it is finished.
 #[derive(Debug)]
 pub struct FileWriter {
     codec: Codec,
     sync: [u8; 16],
-    body: Vec<u8>,
+    /// Full blocks, encoded but not yet compressed: (record count, bytes).
+    blocks: Vec<(i64, Vec<u8>)>,
     block: Vec<u8>,
     block_records: i64,
-    scratch: Vec<u8>,
 }
 
 impl FileWriter {
@@ -315,44 +315,40 @@ impl FileWriter {
         Self {
             codec,
             sync,
-            body: Vec::new(),
+            blocks: Vec::new(),
             block: Vec::with_capacity(BLOCK_BYTES + 4096),
             block_records: 0,
-            scratch: Vec::new(),
         }
     }
 
-    /// Appends one record; returns its encoded (uncompressed) size.
-    pub fn append(&mut self, r: &cdp_runtime::RawRecord) -> Result<usize, OcfError> {
+    /// Appends one record; returns its encoded (uncompressed) size. Cheap: compression
+    /// happens in [`FileWriter::finish`], which the archiver runs off the consuming thread.
+    pub fn append(&mut self, r: &cdp_runtime::RawRecord) -> usize {
         let before = self.block.len();
         encode_record(&mut self.block, r);
         self.block_records += 1;
         let size = self.block.len() - before;
         if self.block.len() >= BLOCK_BYTES {
-            self.close_block()?;
+            self.close_block();
         }
-        Ok(size)
+        size
     }
 
-    fn close_block(&mut self) -> Result<(), OcfError> {
+    fn close_block(&mut self) {
         if self.block_records == 0 {
-            return Ok(());
+            return;
         }
-        self.scratch.clear();
-        self.codec.compress(&self.block, &mut self.scratch)?;
-        put_long(&mut self.body, self.block_records);
-        put_long(&mut self.body, self.scratch.len() as i64);
-        self.body.extend_from_slice(&self.scratch);
-        self.body.extend_from_slice(&self.sync);
-        self.block.clear();
+        let block = std::mem::replace(&mut self.block, Vec::with_capacity(BLOCK_BYTES + 4096));
+        self.blocks.push((self.block_records, block));
         self.block_records = 0;
-        Ok(())
     }
 
-    /// The complete file: header (schema, codec and `metadata`, in key order) and blocks.
+    /// The complete file: header (schema, codec and `metadata`, in key order) and the
+    /// compressed blocks.
     pub fn finish(mut self, metadata: &BTreeMap<String, String>) -> Result<Vec<u8>, OcfError> {
-        self.close_block()?;
-        let mut out = Vec::with_capacity(self.body.len() + ARCHIVED_RECORD_SCHEMA.len() + 512);
+        self.close_block();
+        let raw: usize = self.blocks.iter().map(|(_, b)| b.len()).sum();
+        let mut out = Vec::with_capacity(raw / 2 + ARCHIVED_RECORD_SCHEMA.len() + 512);
         out.extend_from_slice(MAGIC);
         let mut entries: BTreeMap<&str, &[u8]> = BTreeMap::new();
         entries.insert("avro.schema", ARCHIVED_RECORD_SCHEMA.as_bytes());
@@ -367,7 +363,15 @@ impl FileWriter {
         }
         put_long(&mut out, 0);
         out.extend_from_slice(&self.sync);
-        out.extend_from_slice(&self.body);
+        let mut compressed = Vec::new();
+        for (records, block) in &self.blocks {
+            compressed.clear();
+            self.codec.compress(block, &mut compressed)?;
+            put_long(&mut out, *records);
+            put_long(&mut out, compressed.len() as i64);
+            out.extend_from_slice(&compressed);
+            out.extend_from_slice(&self.sync);
+        }
         Ok(out)
     }
 }
@@ -498,7 +502,7 @@ mod tests {
     fn build(codec: Codec, n: i64) -> Vec<u8> {
         let mut w = FileWriter::new(codec, sync_marker("t", 3, 0));
         for o in 0..n {
-            w.append(&sample(o)).expect("append");
+            w.append(&sample(o));
         }
         let mut meta = BTreeMap::new();
         meta.insert(meta::LAST_OFFSET.to_owned(), (n - 1).to_string());

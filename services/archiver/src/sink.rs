@@ -10,6 +10,15 @@
 //!   the previous succeeded, so the archive never holds a later file without the earlier;
 //! - file boundaries depend on the records, not on timing (see [`crate::cut`]), and names
 //!   on the first offset, so a repeated upload writes the same bytes to the same name.
+//!
+//! Uploads overlap with consumption: each partition has at most one upload task in flight,
+//! which takes every file sealed so far and writes them in order while the next batches are
+//! read and encoded. Files sealed meanwhile wait for that task; when more than
+//! [`MAX_WAITING_FILES`] wait, the batch waits for the upload (back-pressure, so memory is
+//! bounded). A failed upload hands its files back and surfaces as a retryable error at the
+//! next batch or tick, which uploads them again. Before a partition is read again from the
+//! archive (assignment) or handed to another archiver (revocation), its upload task is
+//! awaited, so a late upload from this process can never land after the new owner's files.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
@@ -18,6 +27,7 @@ use cdp_runtime::dlq::DeadLetters;
 use cdp_runtime::sink::{ApplyStats, Sink, SinkError};
 use cdp_runtime::{RawRecord, TopicPartition};
 use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
 
 use crate::cut::{CutPolicy, OpenFile, SealedFile};
 use crate::layout;
@@ -25,13 +35,28 @@ use crate::metrics::{ArchiverMetrics, TopicLabels};
 use crate::ocf::Codec;
 use crate::store::{Archive, StoreError};
 
+/// Sealed files a partition may hold while its upload is in flight before batches wait.
+pub const MAX_WAITING_FILES: usize = 2;
+
+/// An upload task's failure: the files it did not write (the failed one first).
+#[derive(Debug)]
+struct UploadFailed {
+    files: VecDeque<SealedFile>,
+    error: SinkError,
+}
+
+type Upload = JoinHandle<Result<(), UploadFailed>>;
+
 #[derive(Debug, Default)]
 struct PartitionState {
     /// The next offset to archive; `None` until the partition's first record when nothing
     /// of it is archived yet.
     next: Option<i64>,
     open: Option<OpenFile>,
+    /// Sealed, not yet handed to an upload task, in offset order.
     sealed: VecDeque<SealedFile>,
+    /// The partition's upload in flight; it holds files older than `sealed`.
+    upload: Option<Upload>,
 }
 
 pub struct ArchiveSink {
@@ -47,6 +72,96 @@ fn store_error(e: StoreError) -> SinkError {
         SinkError::Retryable(Box::new(e))
     } else {
         SinkError::Fatal(Box::new(e))
+    }
+}
+
+/// Compresses and writes `files` in order, stopping at the first failure. Compression runs
+/// on a blocking thread, in parallel with consumption.
+async fn upload_files(
+    archive: Archive,
+    metrics: ArchiverMetrics,
+    mut files: VecDeque<SealedFile>,
+) -> Result<(), UploadFailed> {
+    while let Some(file) = files.pop_front() {
+        let (file, bytes) = match tokio::task::spawn_blocking(move || file.encoded()).await {
+            Ok(Ok(encoded)) => encoded,
+            Ok(Err(e)) => {
+                return Err(UploadFailed {
+                    files,
+                    error: SinkError::Fatal(Box::new(e)),
+                })
+            }
+            Err(e) => {
+                return Err(UploadFailed {
+                    files,
+                    error: SinkError::Fatal(Box::new(e)),
+                })
+            }
+        };
+        let path = layout::object_path(
+            archive.prefix(),
+            &file.topic,
+            file.partition,
+            file.first_offset,
+            file.first_timestamp_ms,
+        );
+        let labels = TopicLabels {
+            topic: file.topic.clone(),
+        };
+        let started = Instant::now();
+        if let Err(e) = archive.put(&path, bytes.clone()).await {
+            metrics.upload_failures.get_or_create(&labels).inc();
+            tracing::warn!(
+                topic = %file.topic,
+                partition = file.partition,
+                offset = file.first_offset,
+                error = %e,
+                "upload failed"
+            );
+            files.push_front(file);
+            return Err(UploadFailed {
+                files,
+                error: store_error(e),
+            });
+        }
+        metrics
+            .upload_duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        metrics.files.get_or_create(&labels).inc();
+        metrics.records.get_or_create(&labels).inc_by(file.records);
+        metrics
+            .bytes
+            .get_or_create(&labels)
+            .inc_by(bytes.len() as u64);
+        tracing::info!(
+            topic = %file.topic,
+            partition = file.partition,
+            offset = file.first_offset,
+            last_offset = file.last_offset,
+            records = file.records,
+            bytes = bytes.len(),
+            object = %path,
+            "archived"
+        );
+    }
+    Ok(())
+}
+
+/// Waits for a partition's upload in flight. A failure puts its files back in front of
+/// the sealed ones.
+async fn settle(ps: &mut PartitionState) -> Result<(), SinkError> {
+    let Some(upload) = ps.upload.take() else {
+        return Ok(());
+    };
+    match upload.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(UploadFailed { mut files, error })) => {
+            files.append(&mut ps.sealed);
+            ps.sealed = files;
+            Err(error)
+        }
+        Err(join) => Err(SinkError::Fatal(Box::new(join))),
     }
 }
 
@@ -66,81 +181,49 @@ impl ArchiveSink {
         }
     }
 
-    /// Uploads every sealed file: partitions concurrently, each partition's files in offset
-    /// order. A failure leaves that partition's remaining files queued (the runner retries
-    /// the batch; its records are already held and are skipped).
-    async fn upload_sealed(
+    /// Moves every partition's uploads along: collects finished uploads, waits for one
+    /// whose partition has too many files waiting, and starts a task for the files sealed
+    /// since. Partitions proceed independently; the first failure is returned after all
+    /// were moved along.
+    async fn pump(
         &self,
         state: &mut HashMap<TopicPartition, PartitionState>,
     ) -> Result<(), SinkError> {
-        let uploads = state
-            .values_mut()
-            .filter(|ps| !ps.sealed.is_empty())
-            .map(|ps| self.upload_partition(ps));
-        futures::future::join_all(uploads)
-            .await
-            .into_iter()
-            .collect()
+        let moves = state.values_mut().map(|ps| self.pump_partition(ps));
+        futures::future::join_all(moves).await.into_iter().collect()
     }
 
-    async fn upload_partition(&self, ps: &mut PartitionState) -> Result<(), SinkError> {
-        while let Some(file) = ps.sealed.front() {
-            let path = layout::object_path(
-                self.archive.prefix(),
-                &file.topic,
-                file.partition,
-                file.first_offset,
-                file.first_timestamp_ms,
-            );
-            let labels = TopicLabels {
-                topic: file.topic.clone(),
-            };
-            let started = Instant::now();
-            if let Err(e) = self.archive.put(&path, file.bytes.clone()).await {
-                self.metrics.upload_failures.get_or_create(&labels).inc();
-                tracing::warn!(
-                    topic = %file.topic,
-                    partition = file.partition,
-                    offset = file.first_offset,
-                    error = %e,
-                    "upload failed"
-                );
-                return Err(store_error(e));
-            }
-            self.metrics
-                .upload_duration
-                .get_or_create(&labels)
-                .observe(started.elapsed().as_secs_f64());
-            self.metrics.files.get_or_create(&labels).inc();
-            self.metrics
-                .records
-                .get_or_create(&labels)
-                .inc_by(file.records);
-            self.metrics
-                .bytes
-                .get_or_create(&labels)
-                .inc_by(file.bytes.len() as u64);
-            tracing::info!(
-                topic = %file.topic,
-                partition = file.partition,
-                offset = file.first_offset,
-                last_offset = file.last_offset,
-                records = file.records,
-                bytes = file.bytes.len(),
-                object = %path,
-                "archived"
-            );
-            ps.sealed.pop_front();
+    async fn pump_partition(&self, ps: &mut PartitionState) -> Result<(), SinkError> {
+        if ps
+            .upload
+            .as_ref()
+            .is_some_and(|u| u.is_finished() || ps.sealed.len() > MAX_WAITING_FILES)
+        {
+            settle(ps).await?;
+        }
+        if ps.upload.is_none() && !ps.sealed.is_empty() {
+            let files = std::mem::take(&mut ps.sealed);
+            ps.upload = Some(tokio::spawn(upload_files(
+                self.archive.clone(),
+                self.metrics.clone(),
+                files,
+            )));
         }
         Ok(())
     }
 
-    /// (Re)starts a partition from the archive's position, dropping whatever was held.
+    /// (Re)starts a partition from the archive's position, dropping whatever was held
+    /// (after its upload in flight, if any, finished: the position must include it).
     async fn load(
         &self,
         state: &mut HashMap<TopicPartition, PartitionState>,
         tp: &TopicPartition,
     ) -> Result<Option<i64>, SinkError> {
+        if let Some(mut old) = state.remove(tp) {
+            if let Err(e) = settle(&mut old).await {
+                tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %e, "an upload of this partition failed; its records are read again");
+            }
+        }
         let next = self
             .archive
             .next_offset(&tp.topic, tp.partition)
@@ -212,14 +295,12 @@ impl Sink for ArchiveSink {
                 .is_some_and(|f| f.must_close_before(r, &self.policy))
             {
                 if let Some(f) = ps.open.take() {
-                    ps.sealed
-                        .push_back(f.seal().map_err(|e| SinkError::Fatal(Box::new(e)))?);
+                    ps.sealed.push_back(f.seal());
                 }
             }
             ps.open
                 .get_or_insert_with(|| OpenFile::start(r, self.codec))
-                .append(r, &self.policy, now)
-                .map_err(|e| SinkError::Fatal(Box::new(e)))?;
+                .append(r, &self.policy, now);
             ps.next = Some(r.offset + 1);
             count.0 += 1;
         }
@@ -228,16 +309,21 @@ impl Sink for ArchiveSink {
             c.applied += applied;
             c.skipped += skipped;
         }
-        self.upload_sealed(&mut state).await?;
+        self.pump(&mut state).await?;
         Ok(stats)
     }
 
     async fn revoked(&self, partitions: &[TopicPartition]) {
         // Another archiver owns them now: what this one held is not written by it (a tail
         // file closed here could differ from the new owner's cut).
+        // Its upload in flight is awaited first, so it cannot land after the new owner's.
         let mut state = self.state.lock().await;
         for tp in partitions {
-            state.remove(tp);
+            if let Some(mut ps) = state.remove(tp) {
+                if let Err(e) = settle(&mut ps).await {
+                    tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %e, "an upload failed as the partition left; the new owner archives its records");
+                }
+            }
         }
     }
 
@@ -251,11 +337,10 @@ impl Sink for ArchiveSink {
                 .is_some_and(|f| f.idle_expired(&self.policy, now_ms))
             {
                 if let Some(f) = ps.open.take() {
-                    ps.sealed
-                        .push_back(f.seal().map_err(|e| SinkError::Fatal(Box::new(e)))?);
+                    ps.sealed.push_back(f.seal());
                 }
             }
         }
-        self.upload_sealed(&mut state).await
+        self.pump(&mut state).await
     }
 }

@@ -106,7 +106,7 @@ pub trait Sink: Send + Sync + 'static {
         dlq: &'a DeadLetters,
     ) -> impl Future<Output = Result<ApplyStats, SinkError>> + Send + 'a;
 
-    /// Called by the runner about once a second while no batch is pending, for sinks that
+    /// Called by the runner about five times a second while no batch is pending, for sinks that
     /// hold records back until a time-based rule releases them (the archiver closes the
     /// files at the tail of the log). Does nothing by default.
     fn tick(&self) -> impl Future<Output = Result<(), SinkError>> + Send + '_ {
@@ -114,8 +114,10 @@ pub trait Sink: Send + Sync + 'static {
     }
 
     /// Called when partitions go to another consumer, after the in-flight batch was
-    /// applied: a sink holding records back must forget them (the new owner starts from
-    /// the sink's positions). Does nothing by default.
+    /// applied, and for every held partition at shutdown before the group is left: a sink
+    /// holding records back must forget them, and finish or give up whatever it still does
+    /// for them in the background (the new owner starts from the sink's positions). Does
+    /// nothing by default.
     fn revoked<'a>(
         &'a self,
         partitions: &'a [TopicPartition],
