@@ -148,7 +148,10 @@ pub async fn snapshots(
     Ok(out)
 }
 
-/// Publishes up to `limit` pending snapshots; returns how many.
+/// Publishes the snapshots of the profiles named by up to `limit` outbox rows; returns how
+/// many rows it consumed. One relay at a time (a transaction-scoped advisory lock; another
+/// relay finding it taken does nothing), so a profile's publications follow the order of its
+/// changes: every snapshot is read after the rows that asked for it were committed.
 pub async fn relay_once(
     pool: &PgPool,
     producer: &Producer,
@@ -156,15 +159,28 @@ pub async fn relay_once(
     limit: i64,
 ) -> Result<usize, RelayError> {
     let mut tx = pool.begin().await?;
-    let pending: Vec<(Uuid, bool)> = sqlx::query_as(
-        "SELECT profile_id, deleted FROM profile_outbox ORDER BY profile_id LIMIT $1 FOR UPDATE SKIP LOCKED",
+    let (mine,): (bool,) = sqlx::query_as(
+        "SELECT pg_try_advisory_xact_lock(hashtext(current_schema() || '.profile_outbox'))",
     )
-    .bind(limit)
-    .fetch_all(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
-    if pending.is_empty() {
+    if !mine {
         return Ok(0);
     }
+    let rows: Vec<(i64, Uuid, bool)> =
+        sqlx::query_as("SELECT seq, profile_id, deleted FROM profile_outbox ORDER BY seq LIMIT $1")
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    // Coalesce: a profile named by several rows is published once, as its latest row says.
+    let mut latest: std::collections::BTreeMap<Uuid, bool> = Default::default();
+    for (_, id, deleted) in &rows {
+        latest.insert(*id, *deleted);
+    }
+    let pending: Vec<(Uuid, bool)> = latest.into_iter().collect();
     let live: Vec<Uuid> = pending
         .iter()
         .filter(|(_, d)| !d)
@@ -190,13 +206,15 @@ pub async fn relay_once(
         })
         .collect();
     producer.send_all(&recs).await?;
-    let ids: Vec<Uuid> = pending.iter().map(|(id, _)| *id).collect();
-    sqlx::query("DELETE FROM profile_outbox WHERE profile_id = ANY($1)")
-        .bind(&ids)
+    // Exactly the rows read: a batch that took a lower number but committed later is
+    // still waiting, and is published next time.
+    let seqs: Vec<i64> = rows.iter().map(|(seq, _, _)| *seq).collect();
+    sqlx::query("DELETE FROM profile_outbox WHERE seq = ANY($1)")
+        .bind(&seqs)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    Ok(pending.len())
+    Ok(rows.len())
 }
 
 /// Relays until shutdown, backing off on errors.

@@ -152,10 +152,9 @@ pub async fn enqueue(tx: &mut PgConnection, ids: &[Uuid], deleted: bool) -> Db {
     if ids.is_empty() {
         return Ok(());
     }
+    // Append-only: never waits on the rows the relay is publishing.
     sqlx::query(
-        "INSERT INTO profile_outbox (profile_id, deleted) SELECT x, $2 FROM UNNEST($1::uuid[]) AS x
-         ON CONFLICT (profile_id) DO UPDATE SET deleted = EXCLUDED.deleted
-         WHERE profile_outbox.deleted IS DISTINCT FROM EXCLUDED.deleted",
+        "INSERT INTO profile_outbox (profile_id, deleted) SELECT x, $2 FROM UNNEST($1::uuid[]) AS x",
     )
     .bind(ids)
     .bind(deleted)
