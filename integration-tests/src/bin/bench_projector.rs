@@ -11,7 +11,7 @@
 //! ```sh
 //! CDP_STACK_DIR=.stack-bench CDP_KAFKA_PORT=9192 CDP_BROKER_STORAGE=memory scripts/stack up
 //! cargo build --release -p cdp-integration-tests --bin bench-projector
-//! CDP_TEST_KAFKA_BROKERS=127.0.0.1:9192 target/release/bench-projector [events] [profiles] [requests/s]
+//! CDP_TEST_KAFKA_BROKERS=127.0.0.1:9192 target/release/bench-projector [events] [profiles] [requests/s] [batch size]
 //! ```
 
 use std::time::{Duration, Instant};
@@ -55,13 +55,14 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|a| a.parse().ok())
         .unwrap_or(1_000_000);
     let rate: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1_000);
+    let batch: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1_000);
     let slice = Slice::create().await?;
     let events = slice.prepare(0..n, 9_999).await?;
     slice.produce(&events, |i| Some((i % 6) as i32)).await?;
 
     // 1. Projection.
     let mut config = slice.config("bench");
-    config.runner.batch_size = 1_000;
+    config.runner.batch_size = batch;
     let started = Instant::now();
     let (stop, task) = spawn(config.clone());
     slice.caught_up(&config, Duration::from_secs(1_800)).await?;
@@ -200,7 +201,7 @@ async fn main() -> anyhow::Result<()> {
 
     let eps = n as f64 / projected.as_secs_f64();
     println!(
-        "events: {n} over 6 partitions, batch 1000, broker {}",
+        "events: {n} over 6 partitions, batch {batch}, broker {}",
         cdp_integration_tests::brokers()
     );
     println!(

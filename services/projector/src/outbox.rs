@@ -148,6 +148,14 @@ pub async fn snapshots(
     Ok(out)
 }
 
+/// Outbox rows one relay pass reads. Large, so that when the relay lags (the outbox grows
+/// by one row per batch and changed profile) a pass coalesces many batches' rows into one
+/// snapshot per profile: its cost follows the profiles that changed, not the batches.
+const ROWS_PER_PASS: i64 = 20_000;
+
+/// Profiles per snapshot query.
+const SNAPSHOTS_PER_QUERY: usize = 2_000;
+
 /// Publishes the snapshots of the profiles named by up to `limit` outbox rows; returns how
 /// many rows it consumed. One relay at a time (a transaction-scoped advisory lock; another
 /// relay finding it taken does nothing), so a profile's publications follow the order of its
@@ -186,7 +194,10 @@ pub async fn relay_once(
         .filter(|(_, d)| !d)
         .map(|(id, _)| *id)
         .collect();
-    let mut snaps = snapshots(pool, &live).await?;
+    let mut snaps = HashMap::with_capacity(live.len());
+    for chunk in live.chunks(SNAPSHOTS_PER_QUERY) {
+        snaps.extend(snapshots(pool, chunk).await?);
+    }
     let mut values: Vec<(String, Option<Vec<u8>>)> = Vec::with_capacity(pending.len());
     for (id, _) in &pending {
         // Deleted or gone: a tombstone.
@@ -229,8 +240,8 @@ pub async fn relay(
     let interval = Duration::from_millis(500);
     let mut backoff = interval;
     while !shutdown.is_triggered() {
-        match relay_once(&pool, &producer, &topic, 2_000).await {
-            Ok(2_000) => continue,
+        match relay_once(&pool, &producer, &topic, ROWS_PER_PASS).await {
+            Ok(n) if n as i64 == ROWS_PER_PASS => continue,
             Ok(_) => backoff = interval,
             Err(e) => {
                 tracing::warn!(error = %cdp_runtime::sink::Rejection::from_error("relay", &e).reason, "profile snapshot relay failed; retrying");
