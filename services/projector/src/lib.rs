@@ -205,6 +205,9 @@ pub async fn run(
             generation::ensure_live(&p.admin, &config.pg, &config.projector.schema_prefix).await?;
         tracing::info!(schema = %g.schema(), "projecting into the live generation");
         let pool = g.pool(&config.pg).await?;
+        // A generation created by an older release gets the read-model migrations added
+        // since (they are written to apply to a live generation; sqlx serializes replicas).
+        generation::migrator().run(&pool).await?;
         let stop = Shutdown::new();
         let watcher = {
             let (admin, prefix, g, stop, outer) = (
