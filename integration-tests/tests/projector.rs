@@ -89,6 +89,23 @@ fn probe(
     )
 }
 
+/// Waits until the profiles topic holds a tombstone for `profile`.
+async fn tombstone_published(profiles: &str, profile: uuid::Uuid) -> anyhow::Result<()> {
+    let key = profile.to_string();
+    wait_until(
+        "the profile's tombstone",
+        Duration::from_secs(60),
+        || async {
+            let n = topic_len(profiles).await? as usize;
+            let recs = consume(profiles, n, Duration::from_secs(30)).await?;
+            Ok(recs
+                .iter()
+                .any(|r| r.key.as_deref() == Some(key.as_bytes()) && r.value.is_none()))
+        },
+    )
+    .await
+}
+
 async fn applied(slice: &Slice, config: &cdp_projector::ProjectorConfig) -> anyhow::Result<i64> {
     let Some(g) =
         cdp_projector::generation::live(&slice.db.pool, &config.projector.schema_prefix).await?
@@ -298,15 +315,7 @@ async fn a_merge_repoints_rows_and_applying_it_twice_changes_nothing() -> anyhow
 
     // Subscribers: a snapshot for the winner, a tombstone for the loser, on the profiles topic.
     let profiles = slice.topic(Topic::Profiles);
-    let loser_key = loser.to_string();
-    wait_until("the loser's tombstone", Duration::from_secs(60), || async {
-        let n = topic_len(&profiles).await? as usize;
-        let recs = consume(&profiles, n, Duration::from_secs(30)).await?;
-        Ok(recs
-            .iter()
-            .any(|r| r.key.as_deref() == Some(loser_key.as_bytes()) && r.value.is_none()))
-    })
-    .await?;
+    tombstone_published(&profiles, loser).await?;
     let n = topic_len(&profiles).await? as usize;
     let recs = consume(&profiles, n, Duration::from_secs(30)).await?;
     let latest = recs
@@ -645,19 +654,7 @@ async fn a_generation_from_an_older_release_is_migrated_and_its_outbox_published
     .await?;
     assert!(migrated, "the live generation's outbox was not migrated");
     let profiles = slice.topic(Topic::Profiles);
-    let key = waiting.to_string();
-    wait_until(
-        "the waiting profile's tombstone",
-        Duration::from_secs(60),
-        || async {
-            let n = topic_len(&profiles).await? as usize;
-            let recs = consume(&profiles, n, Duration::from_secs(30)).await?;
-            Ok(recs
-                .iter()
-                .any(|r| r.key.as_deref() == Some(key.as_bytes()) && r.value.is_none()))
-        },
-    )
-    .await?;
+    tombstone_published(&profiles, waiting).await?;
     // The batches projected after the upgrade were published too.
     let n = topic_len(&profiles).await? as usize;
     let snapshots = consume(&profiles, n, Duration::from_secs(30))
