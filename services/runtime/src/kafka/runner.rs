@@ -475,17 +475,20 @@ fn poll_loop<S: Sink>(
             return Err(e);
         }
         let idle = polled.is_none();
-        match polled {
-            None => {}
+        // One lock of the pending batch per record: push and size together.
+        let mut len = match polled {
+            None => lock(&shared.pending).len(),
             Some(Ok(record)) => {
-                lock(&shared.pending).push(record);
                 batch_started.get_or_insert_with(Instant::now);
+                let mut pending = lock(&shared.pending);
+                pending.push(record);
+                pending.len()
             }
             Some(Err(e)) => {
                 tracing::warn!(group = %shared.group, error = %e, "consumer error");
+                lock(&shared.pending).len()
             }
-        }
-        let len = lock(&shared.pending).len();
+        };
         if len > 0 {
             // The linger clock is read when the log pauses and every 64 records, not for
             // every record (clock reads were a tenth of this thread's time at full speed).
@@ -495,13 +498,15 @@ fn poll_loop<S: Sink>(
                 if let Flushed::Abandoned = shared.flush(&consumer)? {
                     break;
                 }
+                // A flush takes the whole pending batch.
+                len = 0;
                 batch_started = None;
             }
         } else {
             batch_started = None;
         }
         // Between batches (also under steady load, so quiet partitions are not starved).
-        if lock(&shared.pending).is_empty() && last_tick.elapsed() >= TICK_INTERVAL {
+        if len == 0 && last_tick.elapsed() >= TICK_INTERVAL {
             last_tick = Instant::now();
             shared.tick()?;
         }
