@@ -62,7 +62,7 @@ pub struct OpenFile {
     writer: FileWriter,
 }
 
-/// A closed file, ready to upload. Its bytes are produced by [`SealedFile::encode`]
+/// A closed file, ready to upload. Its bytes are produced by [`SealedFile::encoded`]
 /// (compression), which the archiver runs off the consuming thread.
 #[derive(Debug)]
 pub struct SealedFile {

@@ -83,20 +83,13 @@ async fn upload_files(
     mut files: VecDeque<SealedFile>,
 ) -> Result<(), UploadFailed> {
     while let Some(file) = files.pop_front() {
-        let (file, bytes) = match tokio::task::spawn_blocking(move || file.encoded()).await {
-            Ok(Ok(encoded)) => encoded,
-            Ok(Err(e)) => {
-                return Err(UploadFailed {
-                    files,
-                    error: SinkError::Fatal(Box::new(e)),
-                })
-            }
-            Err(e) => {
-                return Err(UploadFailed {
-                    files,
-                    error: SinkError::Fatal(Box::new(e)),
-                })
-            }
+        let encoded = match tokio::task::spawn_blocking(move || file.encoded()).await {
+            Ok(result) => result.map_err(|e| SinkError::Fatal(Box::new(e))),
+            Err(join) => Err(SinkError::Fatal(Box::new(join))),
+        };
+        let (file, bytes) = match encoded {
+            Ok(encoded) => encoded,
+            Err(error) => return Err(UploadFailed { files, error }),
         };
         let path = layout::object_path(
             archive.prefix(),
@@ -165,6 +158,17 @@ async fn settle(ps: &mut PartitionState) -> Result<(), SinkError> {
     }
 }
 
+/// Forgets a partition, after its upload in flight (if any) finished: whoever reads its
+/// position from the archive next must see that upload. A failed upload only means its
+/// records are read from Kafka again.
+async fn release(state: &mut HashMap<TopicPartition, PartitionState>, tp: &TopicPartition) {
+    if let Some(mut ps) = state.remove(tp) {
+        if let Err(e) = settle(&mut ps).await {
+            tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %e, "an upload failed; its records are archived again from Kafka");
+        }
+    }
+}
+
 impl ArchiveSink {
     pub fn new(
         archive: Archive,
@@ -219,11 +223,7 @@ impl ArchiveSink {
         state: &mut HashMap<TopicPartition, PartitionState>,
         tp: &TopicPartition,
     ) -> Result<Option<i64>, SinkError> {
-        if let Some(mut old) = state.remove(tp) {
-            if let Err(e) = settle(&mut old).await {
-                tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %e, "an upload of this partition failed; its records are read again");
-            }
-        }
+        release(state, tp).await;
         let next = self
             .archive
             .next_offset(&tp.topic, tp.partition)
@@ -319,11 +319,7 @@ impl Sink for ArchiveSink {
         // Its upload in flight is awaited first, so it cannot land after the new owner's.
         let mut state = self.state.lock().await;
         for tp in partitions {
-            if let Some(mut ps) = state.remove(tp) {
-                if let Err(e) = settle(&mut ps).await {
-                    tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %e, "an upload failed as the partition left; the new owner archives its records");
-                }
-            }
+            release(&mut state, tp).await;
         }
     }
 
