@@ -2,7 +2,7 @@
 //! in the same transaction as the rows), then deletes those outbox rows. A crash between
 //! producing and deleting republishes the same snapshot: harmless on a compacted topic.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use cdp_runtime::kafka::producer::{OutgoingRecord, Producer};
@@ -184,7 +184,7 @@ pub async fn relay_once(
         return Ok(0);
     }
     // Coalesce: a profile named by several rows is published once, as its latest row says.
-    let mut latest: std::collections::BTreeMap<Uuid, bool> = Default::default();
+    let mut latest: BTreeMap<Uuid, bool> = BTreeMap::new();
     for (_, id, deleted) in &rows {
         latest.insert(*id, *deleted);
     }
