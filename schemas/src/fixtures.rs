@@ -281,6 +281,16 @@ pub fn identity_events() -> Vec<IdentityEvent> {
                 cause_event_id: id(1),
             }),
         ),
+        e(
+            33,
+            IdentityPayload::ProfileSplit(ProfileSplit {
+                from_profile_id: id(0xA1),
+                to_profile_id: id(0xA2),
+                moved_profile_ids: vec![id(0xA2), id(0xA3)],
+                reason: "severed".to_owned(),
+                cause_event_id: id(1),
+            }),
+        ),
     ]
 }
 

@@ -288,6 +288,22 @@ impl Fields {
         }
     }
 
+    pub(crate) fn uuid_array(&mut self, field: &'static str) -> Result<Vec<Uuid>, ContractError> {
+        self.array(field)?
+            .into_iter()
+            .map(|v| match v {
+                Value::Uuid(u) => Ok(u),
+                Value::String(s) => Uuid::parse_str(&s).map_err(|_| ContractError::WrongType {
+                    record: self.record,
+                    field,
+                    expected: "uuid",
+                    found: "malformed uuid string".to_owned(),
+                }),
+                v => Err(self.wrong(field, "array of uuid", &v)),
+            })
+            .collect()
+    }
+
     pub(crate) fn string_map(
         &mut self,
         field: &'static str,

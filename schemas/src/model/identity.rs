@@ -17,6 +17,7 @@ pub struct IdentityEvent {
 pub enum IdentityPayload {
     IdentifiersLinked(IdentifiersLinked),
     ProfilesMerged(ProfilesMerged),
+    ProfileSplit(ProfileSplit),
 }
 
 /// Two identifiers were linked into one profile by an event that carried both.
@@ -38,18 +39,31 @@ pub struct ProfilesMerged {
     pub cause_event_id: Uuid,
 }
 
+/// Subjects left a profile and now make up another (since schema version 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileSplit {
+    pub from_profile_id: Uuid,
+    pub to_profile_id: Uuid,
+    /// The moved subjects' own profile ids.
+    pub moved_profile_ids: Vec<Uuid>,
+    /// `severed` or `rederived`.
+    pub reason: String,
+    pub cause_event_id: Uuid,
+}
+
 impl IdentityPayload {
     /// These events carry no PII fields.
     pub fn pii_mut(&mut self) -> Vec<(&'static str, &mut Option<crate::model::common::Sealed>)> {
         Vec::new()
     }
 
-    pub(crate) const BRANCHES: usize = 2;
+    pub(crate) const BRANCHES: usize = 3;
 
     pub fn event_type(&self) -> &'static str {
         match self {
             Self::IdentifiersLinked(_) => "identity.identifiers_linked",
             Self::ProfilesMerged(_) => "identity.profiles_merged",
+            Self::ProfileSplit(_) => "identity.profile_split",
         }
     }
 
@@ -74,6 +88,19 @@ impl IdentityPayload {
                     ("cause_event_id", value::uuid(&p.cause_event_id)),
                 ],
             ),
+            Self::ProfileSplit(p) => (
+                2,
+                vec![
+                    ("from_profile_id", value::uuid(&p.from_profile_id)),
+                    ("to_profile_id", value::uuid(&p.to_profile_id)),
+                    (
+                        "moved_profile_ids",
+                        Value::Array(p.moved_profile_ids.iter().map(value::uuid).collect()),
+                    ),
+                    ("reason", Value::String(p.reason.clone())),
+                    ("cause_event_id", value::uuid(&p.cause_event_id)),
+                ],
+            ),
         };
         Value::Union(i, Box::new(value::record(fields)))
     }
@@ -90,12 +117,22 @@ impl IdentityPayload {
                     cause_event_id: f.uuid("cause_event_id")?,
                 })
             }
-            _ => {
+            1 => {
                 let mut f = Fields::new("ProfilesMerged", v)?;
                 Self::ProfilesMerged(ProfilesMerged {
                     winner_profile_id: f.uuid("winner_profile_id")?,
                     loser_profile_id: f.uuid("loser_profile_id")?,
                     link_id: f.uuid("link_id")?,
+                    cause_event_id: f.uuid("cause_event_id")?,
+                })
+            }
+            _ => {
+                let mut f = Fields::new("ProfileSplit", v)?;
+                Self::ProfileSplit(ProfileSplit {
+                    from_profile_id: f.uuid("from_profile_id")?,
+                    to_profile_id: f.uuid("to_profile_id")?,
+                    moved_profile_ids: f.uuid_array("moved_profile_ids")?,
+                    reason: f.string("reason")?,
                     cause_event_id: f.uuid("cause_event_id")?,
                 })
             }

@@ -59,13 +59,22 @@ contract!(
     IdentityPayload,
     "identity-event",
     "IdentityEvent",
-    &[(
-        1,
-        include_str!(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/avro/history/identity-event/v1.avsc"
-        ))
-    )]
+    &[
+        (
+            1,
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/avro/history/identity-event/v1.avsc"
+            ))
+        ),
+        (
+            2,
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/avro/history/identity-event/v2.avsc"
+            ))
+        )
+    ]
 );
 contract!(
     ProfileEvent,
