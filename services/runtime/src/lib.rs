@@ -11,6 +11,7 @@ pub mod config;
 pub mod dlq;
 pub mod kafka;
 pub mod metrics;
+pub mod outbox;
 pub mod pg;
 pub mod replay;
 pub mod shutdown;

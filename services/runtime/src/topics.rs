@@ -33,6 +33,7 @@ pub enum Topic {
     CapsuleEvents,
     Compliance,
     Identity,
+    ResolvedEvents,
     Profiles,
     Audit,
     DeadLetter,
@@ -52,11 +53,12 @@ pub struct TopicSpec {
 const DAY_MS: i64 = 86_400_000;
 
 impl Topic {
-    pub const ALL: [Topic; 7] = [
+    pub const ALL: [Topic; 8] = [
         Topic::CustomerEvents,
         Topic::CapsuleEvents,
         Topic::Compliance,
         Topic::Identity,
+        Topic::ResolvedEvents,
         Topic::Profiles,
         Topic::Audit,
         Topic::DeadLetter,
@@ -91,6 +93,13 @@ impl Topic {
                 Cleanup::Compact,
                 -1,
                 "identity graph changes, keyed by profile id",
+            ),
+            Topic::ResolvedEvents => (
+                "customer-events-resolved",
+                6,
+                Cleanup::Delete,
+                -1,
+                "customer events once each (duplicates removed), stamped with their profile id, keyed by it",
             ),
             Topic::Profiles => (
                 "profiles",
