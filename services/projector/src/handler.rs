@@ -122,6 +122,7 @@ impl ProjectorHandler {
         let subject = env.subject.subject_id.as_str();
         let stamp: Stamp = (env.occurred_at, env.event_id);
         let id = env.event_id;
+        let origin = profile_id_of(subject);
         rows.seen(profile, stamp, &env.source);
         for i in &env.subject.identifiers {
             rows.identity(
@@ -129,6 +130,7 @@ impl ProjectorHandler {
                 i.namespace.as_deref().unwrap_or(""),
                 &i.value_hash,
                 profile,
+                origin,
                 env.occurred_at,
             );
         }
@@ -136,6 +138,7 @@ impl ProjectorHandler {
             |t: &str, channel, touchpoint, duration_ms, outcome, properties| InteractionRow {
                 event_id: id,
                 profile_id: profile,
+                origin,
                 occurred_at: env.occurred_at,
                 interaction_type: t.to_owned(),
                 channel,
@@ -243,6 +246,7 @@ impl ProjectorHandler {
                     TransactionRow {
                         event_id: id,
                         profile_id: profile,
+                        origin,
                         occurred_at: env.occurred_at,
                         order_id: t.order_id.clone(),
                         status: t.status.as_str().to_owned(),
@@ -271,6 +275,7 @@ impl ProjectorHandler {
                     a.previous.namespace.as_deref().unwrap_or(""),
                     &a.previous.value_hash,
                     profile,
+                    origin,
                     env.occurred_at,
                 );
             }
@@ -328,6 +333,7 @@ impl ProjectorHandler {
                         event_id: env.event_id,
                         capsule_id: v.capsule_id,
                         profile_id: profile,
+                        origin: profile_id_of(&env.subject.subject_id),
                         occurred_at: env.occurred_at,
                         channel: v.channel.clone(),
                         duration_ms: v.duration_ms,
@@ -405,19 +411,33 @@ impl PgHandler for ProjectorHandler {
         tx: &mut PgConnection,
         batch: &[Decoded<'_, Projected>],
     ) -> Result<Vec<Rejected>, SinkError> {
-        // Merges first: everything written below already follows them.
+        // Merges and splits first, in log order: everything written below already follows them.
         for d in batch {
             if let Projected::Identity(e) = &d.event {
-                if let IdentityPayload::ProfilesMerged(m) = &e.payload {
-                    store::merge(
-                        tx,
-                        m.loser_profile_id,
-                        m.winner_profile_id,
-                        m.link_id,
-                        m.cause_event_id,
-                    )
-                    .await
-                    .map_err(classify)?;
+                match &e.payload {
+                    IdentityPayload::ProfilesMerged(m) => {
+                        store::merge(
+                            tx,
+                            m.loser_profile_id,
+                            m.winner_profile_id,
+                            m.link_id,
+                            m.cause_event_id,
+                        )
+                        .await
+                        .map_err(classify)?;
+                    }
+                    IdentityPayload::ProfileSplit(s) => {
+                        store::split(
+                            tx,
+                            s.from_profile_id,
+                            s.to_profile_id,
+                            &s.moved_profile_ids,
+                            s.cause_event_id,
+                        )
+                        .await
+                        .map_err(classify)?;
+                    }
+                    IdentityPayload::IdentifiersLinked(_) => {}
                 }
             }
         }

@@ -28,6 +28,8 @@ pub struct TraitRow {
 #[derive(Debug, Clone)]
 pub struct IdentityRow {
     pub profile_id: Uuid,
+    /// The profile of the subject whose event showed it (follows splits).
+    pub origin: Uuid,
     pub first_seen: DateTime<Utc>,
     pub last_seen: DateTime<Utc>,
 }
@@ -36,6 +38,8 @@ pub struct IdentityRow {
 pub struct InteractionRow {
     pub event_id: Uuid,
     pub profile_id: Uuid,
+    /// The event subject's own profile id: which rows leave when a profile is split.
+    pub origin: Uuid,
     pub occurred_at: DateTime<Utc>,
     pub interaction_type: String,
     pub channel: Option<String>,
@@ -50,6 +54,7 @@ pub struct InteractionRow {
 pub struct TransactionRow {
     pub event_id: Uuid,
     pub profile_id: Uuid,
+    pub origin: Uuid,
     pub occurred_at: DateTime<Utc>,
     pub order_id: String,
     pub status: String,
@@ -95,6 +100,7 @@ pub struct CapsuleViewRow {
     pub event_id: Uuid,
     pub capsule_id: Uuid,
     pub profile_id: Uuid,
+    pub origin: Uuid,
     pub occurred_at: DateTime<Utc>,
     pub channel: Option<String>,
     pub duration_ms: Option<i64>,
@@ -156,17 +162,20 @@ impl Rows {
         namespace: &str,
         hash: &str,
         profile: Uuid,
+        origin: Uuid,
         at: DateTime<Utc>,
     ) {
         let key = (kind.to_owned(), namespace.to_owned(), hash.to_owned());
         let e = self.identities.entry(key).or_insert(IdentityRow {
             profile_id: profile,
+            origin,
             first_seen: at,
             last_seen: at,
         });
         // An identifier two profiles claim belongs to the one that showed it first (ties: id).
         if (at, profile) < (e.first_seen, e.profile_id) {
             e.profile_id = profile;
+            e.origin = origin;
         }
         e.first_seen = e.first_seen.min(at);
         e.last_seen = e.last_seen.max(at);

@@ -50,6 +50,13 @@ pub async fn merge(
     link_id: Uuid,
     cause: Uuid,
 ) -> Result<Option<Uuid>, sqlx::Error> {
+    // A merge the other way round (the identity graph re-derived which subject came first):
+    // the winner stops being the loser's loser.
+    sqlx::query("DELETE FROM profile_merges WHERE loser = $1 AND winner = $2")
+        .bind(winner)
+        .bind(loser)
+        .execute(&mut *tx)
+        .await?;
     // Where the winner itself went, and whether this merge is new.
     let winner = resolve(tx, &[winner])
         .await?
@@ -147,6 +154,87 @@ pub async fn merge(
     Ok(Some(winner))
 }
 
+/// Applies one split: the subjects `moved` (their own profile ids) left `from` and make up
+/// `to`. The rows their events wrote (by origin) and the traits they asserted move with them;
+/// consents and capsules stay (they record no origin), and a trait value a merge had
+/// superseded is not restored. Idempotent.
+pub async fn split(tx: &mut PgConnection, from: Uuid, to: Uuid, moved: &[Uuid], cause: Uuid) -> Db {
+    if from == to || moved.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("DELETE FROM profile_merges WHERE loser = ANY($1)")
+        .bind(moved)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO profile_merges (loser, winner, link_id, cause_event_id)
+         SELECT m, $2, $3, $4 FROM UNNEST($1::uuid[]) AS m WHERE m <> $2
+         ON CONFLICT (loser) DO UPDATE SET winner = EXCLUDED.winner",
+    )
+    .bind(moved)
+    .bind(to)
+    .bind(Uuid::nil())
+    .bind(cause)
+    .execute(&mut *tx)
+    .await?;
+    for table in [
+        "interactions",
+        "transactions",
+        "capsule_views",
+        "customer_identities",
+    ] {
+        sqlx::query(&format!(
+            "UPDATE {table} SET profile_id = $2 WHERE profile_id = $1 AND origin = ANY($3)"
+        ))
+        .bind(from)
+        .bind(to)
+        .bind(moved)
+        .execute(&mut *tx)
+        .await?;
+    }
+    // Traits name the subject that asserted them.
+    let traits: Vec<(String, String)> =
+        sqlx::query_as("SELECT trait, subject_id FROM customer_traits WHERE profile_id = $1")
+            .bind(from)
+            .fetch_all(&mut *tx)
+            .await?;
+    let leaving: Vec<String> = traits
+        .into_iter()
+        .filter(|(_, s)| moved.contains(&cdp_schemas::profile_id_of(s)))
+        .map(|(t, _)| t)
+        .collect();
+    if !leaving.is_empty() {
+        sqlx::query(&format!(
+            "INSERT INTO customer_traits (profile_id, trait, value, sealed, subject_id, asserted_at, event_id)
+             SELECT $2, trait, value, sealed, subject_id, asserted_at, event_id FROM customer_traits
+              WHERE profile_id = $1 AND trait = ANY($3)
+             {TRAITS_CONFLICT}"
+        ))
+        .bind(from)
+        .bind(to)
+        .bind(&leaving)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM customer_traits WHERE profile_id = $1 AND trait = ANY($2)")
+            .bind(from)
+            .bind(&leaving)
+            .execute(&mut *tx)
+            .await?;
+    }
+    // The new profile starts as the old one's row says (first and last seen, source); the
+    // events that follow refine it.
+    sqlx::query(
+        "INSERT INTO customers (profile_id, first_seen, last_seen, data_source, first_event_id, active)
+         SELECT $2, first_seen, last_seen, data_source, first_event_id, true FROM customers WHERE profile_id = $1
+         ON CONFLICT (profile_id) DO NOTHING",
+    )
+    .bind(from)
+    .bind(to)
+    .execute(&mut *tx)
+    .await?;
+    enqueue(tx, &[from, to], false).await
+}
+
 /// Marks profiles for (re)publication; `deleted` publishes a tombstone.
 pub async fn enqueue(tx: &mut PgConnection, ids: &[Uuid], deleted: bool) -> Db {
     if ids.is_empty() {
@@ -207,11 +295,13 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows) -> Db {
     let ids: Vec<_> = rows.identities.iter().collect();
     if !ids.is_empty() {
         sqlx::query(
-            "INSERT INTO customer_identities (kind, namespace, value_hash, profile_id, first_seen, last_seen)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::timestamptz[], $6::timestamptz[])
+            "INSERT INTO customer_identities (kind, namespace, value_hash, profile_id, first_seen, last_seen, origin)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::timestamptz[], $6::timestamptz[], $7::uuid[])
              ON CONFLICT (kind, namespace, value_hash) DO UPDATE SET
                  profile_id = CASE WHEN (EXCLUDED.first_seen, EXCLUDED.profile_id) < (customer_identities.first_seen, customer_identities.profile_id)
                                    THEN EXCLUDED.profile_id ELSE customer_identities.profile_id END,
+                 origin = CASE WHEN (EXCLUDED.first_seen, EXCLUDED.profile_id) < (customer_identities.first_seen, customer_identities.profile_id)
+                                   THEN EXCLUDED.origin ELSE customer_identities.origin END,
                  first_seen = LEAST(customer_identities.first_seen, EXCLUDED.first_seen),
                  last_seen = GREATEST(customer_identities.last_seen, EXCLUDED.last_seen)
              WHERE EXCLUDED.last_seen > customer_identities.last_seen
@@ -223,14 +313,15 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows) -> Db {
         .bind(col(&ids, |(_, r)| r.profile_id))
         .bind(col(&ids, |(_, r)| r.first_seen))
         .bind(col(&ids, |(_, r)| r.last_seen))
+        .bind(col(&ids, |(_, r)| r.origin))
         .execute(&mut *tx)
         .await?;
     }
     let it: Vec<_> = rows.interactions.values().collect();
     if !it.is_empty() {
         sqlx::query(
-            "INSERT INTO interactions (event_id, profile_id, occurred_at, interaction_type, channel, touchpoint, duration_ms, outcome, properties, source)
-             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::text[], $9::jsonb[], $10::text[])
+            "INSERT INTO interactions (event_id, profile_id, occurred_at, interaction_type, channel, touchpoint, duration_ms, outcome, properties, source, origin)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::text[], $9::jsonb[], $10::text[], $11::uuid[])
              ON CONFLICT (event_id) DO NOTHING",
         )
         .bind(col(&it, |r| r.event_id))
@@ -243,16 +334,17 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows) -> Db {
         .bind(col(&it, |r| r.outcome.clone()))
         .bind(col(&it, |r| r.properties.clone()))
         .bind(col(&it, |r| r.source.clone()))
+        .bind(col(&it, |r| r.origin))
         .execute(&mut *tx)
         .await?;
     }
     let tr: Vec<_> = rows.transactions.values().collect();
     if !tr.is_empty() {
         sqlx::query(
-            "INSERT INTO transactions (event_id, profile_id, occurred_at, order_id, status, amount, currency, items, payment_method, coupon, source)
-             SELECT e, p, t, o, s, a::numeric, c, i, pm, cp, src
-               FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::text[], $8::jsonb[], $9::text[], $10::text[], $11::text[])
-                 AS x(e, p, t, o, s, a, c, i, pm, cp, src)
+            "INSERT INTO transactions (event_id, profile_id, occurred_at, order_id, status, amount, currency, items, payment_method, coupon, source, origin)
+             SELECT e, p, t, o, s, a::numeric, c, i, pm, cp, src, og
+               FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::text[], $8::jsonb[], $9::text[], $10::text[], $11::text[], $12::uuid[])
+                 AS x(e, p, t, o, s, a, c, i, pm, cp, src, og)
              ON CONFLICT (event_id) DO NOTHING",
         )
         .bind(col(&tr, |r| r.event_id))
@@ -266,6 +358,7 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows) -> Db {
         .bind(col(&tr, |r| r.payment_method.clone()))
         .bind(col(&tr, |r| r.coupon.clone()))
         .bind(col(&tr, |r| r.source.clone()))
+        .bind(col(&tr, |r| r.origin))
         .execute(&mut *tx)
         .await?;
     }
@@ -374,8 +467,8 @@ async fn apply_capsules(tx: &mut PgConnection, rows: &Rows) -> Db {
     let views: Vec<_> = rows.views.values().collect();
     if !views.is_empty() {
         sqlx::query(
-            "INSERT INTO capsule_views (event_id, capsule_id, profile_id, occurred_at, channel, duration_ms)
-             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::timestamptz[], $5::text[], $6::bigint[])
+            "INSERT INTO capsule_views (event_id, capsule_id, profile_id, occurred_at, channel, duration_ms, origin)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::timestamptz[], $5::text[], $6::bigint[], $7::uuid[])
              ON CONFLICT (event_id) DO NOTHING",
         )
         .bind(col(&views, |r| r.event_id))
@@ -384,6 +477,7 @@ async fn apply_capsules(tx: &mut PgConnection, rows: &Rows) -> Db {
         .bind(col(&views, |r| r.occurred_at))
         .bind(col(&views, |r| r.channel.clone()))
         .bind(col(&views, |r| r.duration_ms))
+        .bind(col(&views, |r| r.origin))
         .execute(&mut *tx)
         .await?;
     }
