@@ -3,13 +3,14 @@
 use clap::{Args, Parser, Subcommand};
 
 use cdp_archiver::{ArchiverArgs, StoreArgs};
+use cdp_identity::{IdentityApiArgs, IdentityArgs};
 use cdp_ingest::config::IngestArgs;
 use cdp_keystore::config::KeyArgs;
 use cdp_projector::{ApiArgs, ProjectorArgs};
 use cdp_runtime::config::{AdminArgs, KafkaArgs, PostgresArgs, RunnerArgs, TelemetryArgs};
 
 /// Services `cdp all` runs in one process. Grows as services arrive.
-pub const SERVICES: &[&str] = &["ingest", "projector", "api", "archiver"];
+pub const SERVICES: &[&str] = &["ingest", "projector", "api", "archiver", "identity"];
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,8 +49,8 @@ pub enum Command {
         command: SchemasCommand,
     },
     /// Run the platform in one process: create missing topics, migrate, serve the admin
-    /// endpoints and every service built so far (ingest, projector, profile API, archiver),
-    /// until SIGINT/SIGTERM.
+    /// endpoints and every service built so far (ingest, projector, profile API, archiver,
+    /// identity resolution), until SIGINT/SIGTERM.
     All {
         #[command(flatten)]
         args: IngestCommand,
@@ -63,6 +64,18 @@ pub enum Command {
         archiver: ArchiverArgs,
         #[command(flatten)]
         store: StoreArgs,
+        #[command(flatten)]
+        identity: IdentityArgs,
+        #[command(flatten)]
+        identity_api: IdentityApiArgs,
+    },
+    /// Identity resolution and event dedup: the identity graph, the identity topic and the
+    /// resolved-events stream; with a subcommand, operator actions on the graph.
+    Identity {
+        #[command(flatten)]
+        args: IdentityCommand,
+        #[command(subcommand)]
+        action: Option<IdentityAction>,
     },
     /// The archiver: every event and compliance topic into Avro container files on a local
     /// directory or S3, gapless across crashes (its positions are the archive itself).
@@ -180,6 +193,50 @@ pub struct ProjectCommand {
     pub runner: RunnerArgs,
     #[command(flatten)]
     pub projector: ProjectorArgs,
+}
+
+/// What the identity service needs.
+#[derive(Args, Debug)]
+pub struct IdentityCommand {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub pg: PostgresArgs,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    #[command(flatten)]
+    pub runner: RunnerArgs,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+    #[command(flatten)]
+    pub api: IdentityApiArgs,
+    /// API tokens, `principal:role:secret` comma-separated; the `operator` role reads the
+    /// identity graph. Secret.
+    #[arg(
+        long = "api-tokens",
+        env = "CDP_API_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true,
+        default_value = ""
+    )]
+    pub api_tokens: Vec<String>,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum IdentityAction {
+    /// Remove one bad link, or an identifier, and re-derive the profiles it joined from the
+    /// remaining links (ProfileSplit events on the identity topic; the projector follows).
+    /// Rules and keys come from the same settings as the service's.
+    Split {
+        /// `link:<link id>`, `<kind>:<value>` (normalized and hashed like ingest does, e.g.
+        /// `email:test@example.com`), or `<kind>:hash:<hex>` as the identity API shows it.
+        target: cdp_identity::SplitTarget,
+        /// Why (kept with the severance).
+        #[arg(long, default_value = "")]
+        note: String,
+    },
 }
 
 /// How to move a consumer's stored positions.

@@ -159,6 +159,40 @@ impl Platform {
         })
     }
 
+    fn identity(&self, config: cdp_identity::IdentityConfig) -> Service {
+        let (m, r, s) = (
+            self.metrics.clone(),
+            self.readiness.clone(),
+            self.shutdown.clone(),
+        );
+        Box::pin(async move {
+            cdp_identity::run(config, &m, &r, s)
+                .await
+                .context("identity")
+        })
+    }
+
+    /// The identity API, unless its address is `off`.
+    async fn identity_api(
+        &self,
+        pg: &cdp_runtime::config::PostgresArgs,
+        schema: &str,
+        api: &cdp_identity::IdentityApiArgs,
+        tokens: &[String],
+    ) -> anyhow::Result<Option<Service>> {
+        let Some((addr, serve)) =
+            cdp_identity::bind_api(pg, schema, api, tokens, self.shutdown.clone())
+                .await
+                .context("identity API")?
+        else {
+            return Ok(None);
+        };
+        tracing::info!(%addr, "identity API listening");
+        Ok(Some(Box::pin(async move {
+            serve.await.context("identity API")
+        })))
+    }
+
     async fn api(
         &self,
         pg: &cdp_runtime::config::PostgresArgs,
@@ -171,6 +205,16 @@ impl Platform {
             .context("profile API")?;
         tracing::info!(%addr, "profile API listening");
         Ok(Box::pin(async move { serve.await.context("profile API") }))
+    }
+}
+
+fn identity_config(args: &cli::IdentityCommand) -> cdp_identity::IdentityConfig {
+    cdp_identity::IdentityConfig {
+        kafka: args.kafka.clone(),
+        pg: args.pg.clone(),
+        keys: args.keys.clone(),
+        runner: args.runner.clone(),
+        identity: args.identity.clone(),
     }
 }
 
@@ -398,6 +442,36 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Identity { args, action } => {
+            let config = identity_config(&args);
+            match action {
+                Some(cli::IdentityAction::Split { target, note }) => {
+                    let r = cdp_identity::split(&config, target, &note)
+                        .await
+                        .context("split")?;
+                    println!(
+                        "split: {} identifiers and {} events re-derived, {} profiles now, {} ProfileSplit events queued",
+                        r.rederived_nodes, r.rederived_events, r.profiles_after, r.splits
+                    );
+                    Ok(())
+                }
+                None => {
+                    let platform = Platform::start(&args.admin).await?;
+                    let mut services = vec![platform.identity(config)];
+                    services.extend(
+                        platform
+                            .identity_api(
+                                &args.pg,
+                                &args.identity.schema,
+                                &args.api,
+                                &args.api_tokens,
+                            )
+                            .await?,
+                    );
+                    platform.run(services).await
+                }
+            }
+        }
         Command::All {
             args,
             runner,
@@ -405,6 +479,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             api,
             archiver,
             store,
+            identity,
+            identity_api,
         } => {
             let topics = Topics::new(&args.kafka.topic_prefix);
             topics::ensure(&args.kafka, &topics::catalogue(&topics))
@@ -420,13 +496,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 runner: runner.clone(),
                 projector: projector.clone(),
             });
+            let identity_config = cdp_identity::IdentityConfig {
+                kafka: args.kafka.clone(),
+                pg: args.pg.clone(),
+                keys: args.keys.clone(),
+                runner: runner.clone(),
+                identity: identity.clone(),
+            };
             let archive = cdp_archiver::ArchiverConfig {
                 kafka: args.kafka.clone(),
                 runner,
                 archiver,
                 store,
             };
-            let services = vec![
+            let mut services = vec![
+                platform.identity(identity_config),
                 platform.ingest(ingest_config(&args)),
                 platform.projector(project),
                 platform
@@ -434,6 +518,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     .await?,
                 platform.archiver(archive),
             ];
+            services.extend(
+                platform
+                    .identity_api(&args.pg, &identity.schema, &identity_api, &api.api_tokens)
+                    .await?,
+            );
             platform.run(services).await
         }
     }

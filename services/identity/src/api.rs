@@ -1,0 +1,167 @@
+//! The operators' view of the graph: `GET /v1/identity/{profile_id}` lists a profile's
+//! identifiers (kind, hashed value, first and last seen), the links that joined them with the
+//! events that caused them, and the links the rules refused. Bearer tokens; the `operator`
+//! role is required. Values are keyed hashes: the graph holds no plaintext.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// The role the identity API requires.
+pub const ROLE: &str = "operator";
+
+pub struct ApiState {
+    /// Connections whose search_path is the identity schema.
+    pub pool: PgPool,
+    /// Bearer secret → (principal, role).
+    pub tokens: HashMap<String, (String, String)>,
+}
+
+fn error(status: StatusCode, reason: &str) -> Response {
+    (status, Json(json!({"error": reason}))).into_response()
+}
+
+fn authorize(state: &ApiState, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some((_, role)) = token.and_then(|t| state.tokens.get(t)) else {
+        let mut r = error(StatusCode::UNAUTHORIZED, "a bearer token is required");
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return Err(Box::new(r));
+    };
+    if role != ROLE {
+        return Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            "the operator role is required",
+        )));
+    }
+    Ok(())
+}
+
+type LinkRow = (Uuid, String, String, String, String, Uuid, DateTime<Utc>);
+type RefusalRow = (
+    Uuid,
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    DateTime<Utc>,
+);
+
+type NodeRow = (
+    i64,
+    String,
+    String,
+    String,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+    bool,
+);
+
+/// A profile's identity as JSON, or None when no identifier belongs to it.
+pub async fn profile_identity(pool: &PgPool, id: Uuid) -> Result<Option<Value>, sqlx::Error> {
+    let nodes: Vec<NodeRow> = sqlx::query_as(
+        "SELECT node_id, kind, namespace, value_hash, first_at, last_at, subject
+           FROM identity_nodes WHERE profile_id = $1 ORDER BY first_at, kind, value_hash",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    if nodes.is_empty() {
+        return Ok(None);
+    }
+    let ids: Vec<i64> = nodes.iter().map(|n| n.0).collect();
+    let links: Vec<LinkRow> = sqlx::query_as(
+        "SELECT l.link_id, f.kind, f.value_hash, t.kind, t.value_hash, l.cause_event_id, l.occurred_at
+           FROM identity_links l
+           JOIN identity_nodes f ON f.node_id = l.from_node
+           JOIN identity_nodes t ON t.node_id = l.to_node
+          WHERE l.from_node = ANY($1) OR l.to_node = ANY($1)
+          ORDER BY l.occurred_at, l.link_id",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    let refusals: Vec<RefusalRow> =
+        sqlx::query_as(
+            "SELECT r.event_id, n.kind, n.value_hash, o.kind, o.value_hash, r.reason, r.rule_kind, r.occurred_at
+               FROM identity_refusals r
+               JOIN identity_nodes n ON n.node_id = r.node
+               JOIN identity_nodes o ON o.node_id = r.other_node
+              WHERE r.node = ANY($1) OR r.other_node = ANY($1)
+              ORDER BY r.occurred_at DESC, r.event_id
+              LIMIT 200",
+        )
+        .bind(&ids)
+        .fetch_all(pool)
+        .await?;
+    let ident = |kind: &str, hash: &str| json!({"kind": kind, "value_hash": hash});
+    Ok(Some(json!({
+        "profile_id": id,
+        "identifiers": nodes.iter().map(|(_, kind, ns, hash, first, last, subject)| json!({
+            "kind": kind,
+            "namespace": (!ns.is_empty()).then_some(ns),
+            "value_hash": hash,
+            "first_seen": first,
+            "last_seen": last,
+            "subject": subject,
+        })).collect::<Vec<_>>(),
+        "links": links.iter().map(|(link, fk, fh, tk, th, cause, at)| json!({
+            "link_id": link,
+            "from": ident(fk, fh),
+            "to": ident(tk, th),
+            "cause_event_id": cause,
+            "occurred_at": at,
+        })).collect::<Vec<_>>(),
+        "refused": refusals.iter().map(|(event, nk, nh, ok, oh, reason, rule_kind, at)| json!({
+            "event_id": event,
+            "identifier": ident(nk, nh),
+            "other": ident(ok, oh),
+            "reason": reason,
+            "rule_kind": rule_kind,
+            "occurred_at": at,
+        })).collect::<Vec<_>>(),
+    })))
+}
+
+async fn get_identity(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = authorize(&state, &headers) {
+        return *r;
+    }
+    let Ok(id) = Uuid::parse_str(&id) else {
+        return error(StatusCode::BAD_REQUEST, "profile_id: not a UUID");
+    };
+    match profile_identity(&state.pool, id).await {
+        Ok(Some(v)) => Json(v).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, "no such profile"),
+        Err(e) => {
+            tracing::error!(error = %e, "identity API query failed");
+            error(StatusCode::INTERNAL_SERVER_ERROR, "database error")
+        }
+    }
+}
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/identity/{profile_id}", get(get_identity))
+        .with_state(state)
+}

@@ -1,0 +1,314 @@
+//! The identity service's domain logic: customer events in, the graph updated, and the
+//! identity topic and the resolved-events stream written to the outbox, all in the batch's
+//! transaction (with the consumer offsets).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use cdp_runtime::outbox::{self, Outbox, Record};
+use cdp_runtime::pg::{classify, Decoded, PgHandler, Rejected};
+use cdp_runtime::sink::{Rejection, SinkError};
+use cdp_runtime::RawRecord;
+use cdp_schemas::model::identity::{IdentifiersLinked, ProfileSplit, ProfilesMerged};
+use cdp_schemas::{
+    CustomerEvent, Envelope, Identifier, IdentifierKind, IdentityEvent, IdentityPayload, Subject,
+};
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::graph::{Key, Kind, Observation, Rules};
+use crate::metrics::IdentityMetrics;
+use crate::resolve::{resolve, Outcome, ProfileChange};
+use crate::store::{lock_graph, PgGraph};
+
+/// The identity service's outbox tables.
+pub const OUTBOX: Outbox = Outbox {
+    records: "identity_outbox",
+    state: "identity_outbox_relay",
+};
+
+/// The header of the resolved stream naming the event's profile.
+pub const PROFILE_HEADER: &str = "cdp-profile-id";
+
+/// Namespace of the identity events' ids (UUIDv5 of what they say, so a batch retried after
+/// a crash writes the same events).
+const EVENT_NAMESPACE: Uuid = Uuid::from_u128(0x7c1e_55a0_2b1d_4f8e_8a3c_9d4e_0f11_0011);
+
+#[derive(Clone, Debug)]
+pub struct OutTopics {
+    pub identity: String,
+    pub resolved: String,
+}
+
+pub struct IdentityHandler {
+    pub rules: Arc<Rules>,
+    pub kinds: BTreeSet<IdentifierKind>,
+    pub out: OutTopics,
+    pub metrics: IdentityMetrics,
+}
+
+/// A customer event, or a tombstone (erasure): tombstones carry no identifiers.
+pub enum Input {
+    Event(Box<CustomerEvent>),
+    Tombstone,
+}
+
+/// What identity resolution reads of an event.
+pub fn observation(e: &CustomerEvent, kinds: &BTreeSet<IdentifierKind>) -> Observation {
+    let keys = e
+        .envelope
+        .subject
+        .identifiers
+        .iter()
+        .filter(|i| kinds.contains(&i.kind))
+        .map(|i| Key::new(Kind::Id(i.kind), i.namespace.as_deref(), &i.value_hash))
+        .collect();
+    Observation::new(
+        e.envelope.event_id,
+        e.envelope.occurred_at.timestamp_micros(),
+        &e.envelope.subject.subject_id,
+        keys,
+    )
+}
+
+fn identifier(k: &Key) -> Identifier {
+    let kind = match k.kind {
+        Kind::Id(k) => k,
+        // A bare subject id is reported as the user id it stands for.
+        Kind::Subject => IdentifierKind::UserId,
+    };
+    Identifier {
+        kind,
+        namespace: (!k.namespace.is_empty()).then(|| k.namespace.clone()),
+        value_hash: k.hash.clone(),
+    }
+}
+
+fn identity_event(
+    payload: IdentityPayload,
+    key: Uuid,
+    name: &str,
+    occurred_at: DateTime<Utc>,
+) -> IdentityEvent {
+    IdentityEvent {
+        envelope: Envelope {
+            event_id: Uuid::new_v5(&EVENT_NAMESPACE, name.as_bytes()),
+            occurred_at,
+            received_at: Utc::now(),
+            source: "identity".to_owned(),
+            subject: Subject {
+                subject_id: key.to_string(),
+                identifiers: Vec::new(),
+            },
+            partition_key: key.to_string(),
+        },
+        payload,
+    }
+}
+
+fn record(topic: &str, e: &IdentityEvent) -> Result<Record, SinkError> {
+    let value = cdp_schemas::encode(e).map_err(|x| SinkError::Fatal(Box::new(x)))?;
+    Ok(Record {
+        topic: topic.to_owned(),
+        key: Some(e.envelope.partition_key.clone().into_bytes()),
+        value: Some(value),
+        headers: Vec::new(),
+    })
+}
+
+/// The identity topic's records for an outcome: new links, merges and splits.
+pub fn identity_records(
+    topic: &str,
+    outcome: &Outcome,
+    new_links: &HashSet<Uuid>,
+    at: &dyn Fn(&Uuid) -> DateTime<Utc>,
+    split_reason: &str,
+    metrics: &IdentityMetrics,
+) -> Result<Vec<Record>, SinkError> {
+    let mut out: Vec<Record> = Vec::new();
+    for l in outcome
+        .rederived
+        .iter()
+        .flat_map(|r| r.applied.links.iter())
+        .chain(outcome.applied.links.iter())
+        .filter(|l| new_links.contains(&l.link_id))
+    {
+        let profile = outcome.graph.profile_of(&l.from).unwrap_or_default();
+        let e = identity_event(
+            IdentityPayload::IdentifiersLinked(IdentifiersLinked {
+                link_id: l.link_id,
+                profile_id: profile,
+                from: identifier(&l.from),
+                to: identifier(&l.to),
+                cause_event_id: l.cause,
+            }),
+            profile,
+            &format!("linked:{}", l.link_id),
+            at(&l.cause),
+        );
+        out.push(record(topic, &e)?);
+    }
+    for c in &outcome.changes {
+        let e = match c {
+            ProfileChange::Merged {
+                winner,
+                loser,
+                link_id,
+                cause,
+            } => {
+                metrics.merges.inc();
+                identity_event(
+                    IdentityPayload::ProfilesMerged(ProfilesMerged {
+                        winner_profile_id: *winner,
+                        loser_profile_id: *loser,
+                        link_id: *link_id,
+                        cause_event_id: *cause,
+                    }),
+                    *loser,
+                    &format!("merged:{winner}:{loser}:{cause}"),
+                    at(cause),
+                )
+            }
+            ProfileChange::Split {
+                from,
+                to,
+                moved,
+                cause,
+            } => {
+                metrics.splits.inc();
+                identity_event(
+                    IdentityPayload::ProfileSplit(ProfileSplit {
+                        from_profile_id: *from,
+                        to_profile_id: *to,
+                        moved_profile_ids: moved.clone(),
+                        reason: split_reason.to_owned(),
+                        cause_event_id: *cause,
+                    }),
+                    *to,
+                    &format!("split:{from}:{to}:{cause}"),
+                    at(cause),
+                )
+            }
+        };
+        out.push(record(topic, &e)?);
+    }
+    Ok(out)
+}
+
+impl PgHandler for IdentityHandler {
+    type Event = Input;
+
+    fn decode(&self, record: &RawRecord) -> Result<Input, Rejection> {
+        let Some(value) = record.value.as_deref() else {
+            return Ok(Input::Tombstone);
+        };
+        cdp_schemas::decode::<CustomerEvent>(value)
+            .map(|e| Input::Event(Box::new(e)))
+            .map_err(|e| Rejection::from_error("undecodable", &e))
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        batch: &[Decoded<'_, Input>],
+    ) -> Result<Vec<Rejected>, SinkError> {
+        lock_graph(tx).await.map_err(classify)?;
+        let mut g = PgGraph::new(tx);
+        // Event-level dedup: within the batch, then against everything resolved before.
+        let mut firsts: Vec<(usize, &CustomerEvent)> = Vec::with_capacity(batch.len());
+        let mut in_batch = HashSet::with_capacity(batch.len());
+        for (i, d) in batch.iter().enumerate() {
+            if let Input::Event(e) = &d.event {
+                if in_batch.insert(e.envelope.event_id) {
+                    firsts.push((i, e));
+                }
+            }
+        }
+        let ids: Vec<Uuid> = firsts.iter().map(|(_, e)| e.envelope.event_id).collect();
+        let known = g.known_events(&ids).await.map_err(classify)?;
+        let fresh: Vec<(usize, &CustomerEvent)> = firsts
+            .into_iter()
+            .filter(|(_, e)| !known.contains(&e.envelope.event_id))
+            .collect();
+        let events = batch
+            .iter()
+            .filter(|d| matches!(d.event, Input::Event(_)))
+            .count();
+        self.metrics
+            .duplicates
+            .inc_by((events - fresh.len()) as u64);
+        if fresh.is_empty() {
+            return Ok(Vec::new());
+        }
+        let observations: Vec<Observation> = fresh
+            .iter()
+            .map(|(_, e)| observation(e, &self.kinds))
+            .collect();
+        let severed = g.severed().await.map_err(classify)?;
+        let outcome = resolve(&mut g, &self.rules, &severed, observations.clone(), &[])
+            .await
+            .map_err(classify)?;
+        let stats = g.commit(&observations, &outcome).await.map_err(classify)?;
+
+        let when: HashMap<Uuid, DateTime<Utc>> = fresh
+            .iter()
+            .map(|(_, e)| (e.envelope.event_id, e.envelope.occurred_at))
+            .collect();
+        let at = |id: &Uuid| when.get(id).copied().unwrap_or_else(Utc::now);
+        let new_links: HashSet<Uuid> = stats.new_links.iter().copied().collect();
+        let mut out = identity_records(
+            &self.out.identity,
+            &outcome,
+            &new_links,
+            &at,
+            "rederived",
+            &self.metrics,
+        )?;
+        // The resolved stream: each new event once, in batch order, stamped with its profile.
+        for ((i, _), o) in fresh.iter().zip(&observations) {
+            let r = batch[*i].record;
+            let profile = outcome
+                .graph
+                .profile_of(&o.subject)
+                .unwrap_or_else(|| o.subject.profile_id())
+                .to_string();
+            let mut headers: Vec<(String, Vec<u8>)> = r
+                .headers
+                .iter()
+                .filter(|(k, _)| k != PROFILE_HEADER && k != outbox::SEQ_HEADER)
+                .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
+                .collect();
+            headers.push((PROFILE_HEADER.to_owned(), profile.clone().into_bytes()));
+            out.push(Record {
+                topic: self.out.resolved.clone(),
+                key: Some(profile.into_bytes()),
+                value: r.value.clone(),
+                headers,
+            });
+        }
+        outbox::push(g.conn(), OUTBOX, &out)
+            .await
+            .map_err(classify)?;
+        let refusals = outcome.applied.refusals.iter().chain(
+            outcome
+                .rederived
+                .iter()
+                .flat_map(|r| r.applied.refusals.iter()),
+        );
+        for r in refusals {
+            self.metrics.refusal(r.reason.as_str());
+        }
+        self.metrics
+            .rederived_events
+            .inc_by(stats.rederived_events as u64);
+        if stats.rederived_events > 0 {
+            tracing::debug!(
+                nodes = stats.rederived_nodes,
+                events = stats.rederived_events,
+                "late events: components re-derived"
+            );
+        }
+        Ok(Vec::new())
+    }
+}

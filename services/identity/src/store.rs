@@ -1,0 +1,499 @@
+//! The graph in Postgres: loading components and observations for [`resolve`], and writing
+//! an outcome back, inside the batch's transaction.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::graph::{Applied, Key, Kind, Micros, Observation, Position, Refusal, Seen, Severed};
+use crate::resolve::{Outcome, Source};
+
+/// Serializes the graph's writers (replicas of the service, and operator splits).
+pub async fn lock_graph(tx: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.identity_graph'))")
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+fn micros(t: DateTime<Utc>) -> Micros {
+    t.timestamp_micros()
+}
+
+fn time(m: Micros) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(m).unwrap_or_default()
+}
+
+/// What a node row held when loaded.
+#[derive(Clone, Debug, PartialEq)]
+struct Stored {
+    label: i64,
+    seen: Option<Seen>,
+    profile: Option<Uuid>,
+}
+
+type NodeRow = (
+    i64,
+    String,
+    String,
+    String,
+    i64,
+    Option<Uuid>,
+    Option<DateTime<Utc>>,
+    Option<Uuid>,
+    Option<DateTime<Utc>>,
+    Option<Uuid>,
+    bool,
+);
+
+const NODE_COLUMNS: &str =
+    "n.node_id, n.kind, n.namespace, n.value_hash, coalesce(n.label, n.node_id), n.profile_id,
+     n.first_at, n.first_event, n.last_at, n.last_event, n.subject";
+
+/// The graph's rows a batch reads and writes, keyed both ways.
+pub struct PgGraph<'c> {
+    tx: &'c mut PgConnection,
+    ids: HashMap<Key, i64>,
+    keys: HashMap<i64, Key>,
+    stored: HashMap<Key, Stored>,
+}
+
+fn key_of(kind: &str, namespace: String, hash: String) -> Option<Key> {
+    Kind::parse(kind).map(|kind| Key {
+        kind,
+        namespace,
+        hash,
+    })
+}
+
+fn columns(keys: &[Key]) -> (Vec<&str>, Vec<&str>, Vec<&str>) {
+    (
+        keys.iter().map(|k| k.kind.as_str()).collect(),
+        keys.iter().map(|k| k.namespace.as_str()).collect(),
+        keys.iter().map(|k| k.hash.as_str()).collect(),
+    )
+}
+
+impl<'c> PgGraph<'c> {
+    pub fn new(tx: &'c mut PgConnection) -> Self {
+        Self {
+            tx,
+            ids: HashMap::new(),
+            keys: HashMap::new(),
+            stored: HashMap::new(),
+        }
+    }
+
+    pub fn conn(&mut self) -> &mut PgConnection {
+        self.tx
+    }
+
+    /// Creates the nodes that do not exist yet and learns every key's node id.
+    pub async fn ensure(&mut self, keys: &[Key]) -> Result<(), sqlx::Error> {
+        let missing: Vec<Key> = keys
+            .iter()
+            .filter(|k| !self.ids.contains_key(*k))
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let (kinds, namespaces, hashes) = columns(&missing);
+        let rows: Vec<(i64, String, String, String)> = sqlx::query_as(
+            "WITH k AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]) AS k(kind, namespace, value_hash)),
+             ins AS (
+                INSERT INTO identity_nodes (kind, namespace, value_hash)
+                SELECT kind, namespace, value_hash FROM k ORDER BY kind, namespace, value_hash
+                ON CONFLICT DO NOTHING
+                RETURNING node_id, kind, namespace, value_hash)
+             SELECT node_id, kind, namespace, value_hash FROM ins
+             UNION ALL
+             SELECT n.node_id, n.kind, n.namespace, n.value_hash
+               FROM identity_nodes n JOIN k USING (kind, namespace, value_hash)",
+        )
+        .bind(&kinds)
+        .bind(&namespaces)
+        .bind(&hashes)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        for (id, kind, ns, hash) in rows {
+            if let Some(k) = key_of(&kind, ns, hash) {
+                self.ids.insert(k.clone(), id);
+                self.keys.insert(id, k);
+            }
+        }
+        Ok(())
+    }
+
+    fn ids_of(&self, keys: &[Key]) -> Vec<i64> {
+        keys.iter()
+            .filter_map(|k| self.ids.get(k).copied())
+            .collect()
+    }
+
+    /// Nodes by id (learning their keys).
+    async fn learn(&mut self, ids: &[i64]) -> Result<(), sqlx::Error> {
+        let missing: Vec<i64> = ids
+            .iter()
+            .filter(|i| !self.keys.contains_key(*i))
+            .copied()
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<(i64, String, String, String)> = sqlx::query_as(
+            "SELECT node_id, kind, namespace, value_hash FROM identity_nodes WHERE node_id = ANY($1)",
+        )
+        .bind(&missing)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        for (id, kind, ns, hash) in rows {
+            if let Some(k) = key_of(&kind, ns, hash) {
+                self.ids.insert(k.clone(), id);
+                self.keys.insert(id, k);
+            }
+        }
+        Ok(())
+    }
+
+    /// Event ids of these that were resolved before (duplicates).
+    pub async fn known_events(&mut self, ids: &[Uuid]) -> Result<HashSet<Uuid>, sqlx::Error> {
+        let rows: Vec<(Uuid,)> =
+            sqlx::query_as("SELECT event_id FROM identity_observations WHERE event_id = ANY($1)")
+                .bind(ids)
+                .fetch_all(&mut *self.tx)
+                .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    /// The operator's severances.
+    pub async fn severed(&mut self) -> Result<Severed, sqlx::Error> {
+        let rows: Vec<(i64, i64)> = sqlx::query_as("SELECT node, other_node FROM identity_severed")
+            .fetch_all(&mut *self.tx)
+            .await?;
+        if rows.is_empty() {
+            return Ok(Severed::default());
+        }
+        let ids: Vec<i64> = rows.iter().flat_map(|(a, b)| [*a, *b]).collect();
+        self.learn(&ids).await?;
+        let mut s = Severed::default();
+        for (a, b) in rows {
+            let Some(ka) = self.keys.get(&a).cloned() else {
+                continue;
+            };
+            if b == 0 {
+                s.keys.insert(ka);
+            } else if let Some(kb) = self.keys.get(&b) {
+                s.pairs.insert(Severed::pair(&ka, kb));
+            }
+        }
+        Ok(s)
+    }
+
+    /// Writes what resolving a batch produced: the batch's observations, links and refusals
+    /// (replacing those of a re-derived part), and every node whose row changed.
+    pub async fn commit(
+        &mut self,
+        batch: &[Observation],
+        out: &Outcome,
+    ) -> Result<CommitStats, sqlx::Error> {
+        let mut stats = CommitStats::default();
+        let all: Vec<Key> = out.graph.all_keys();
+        self.ensure(&all).await?;
+        // Observations.
+        let mut ev = Vec::with_capacity(batch.len());
+        let mut at = Vec::with_capacity(batch.len());
+        let mut subject = Vec::with_capacity(batch.len());
+        let mut nodes = Vec::with_capacity(batch.len());
+        for o in batch {
+            ev.push(o.event_id);
+            at.push(time(o.at));
+            subject.push(self.ids.get(&o.subject).copied().unwrap_or_default());
+            // Postgres has no arrays of ragged arrays: one text literal per observation.
+            let ids: Vec<String> = self.ids_of(&o.keys).iter().map(i64::to_string).collect();
+            nodes.push(format!("{{{}}}", ids.join(",")));
+        }
+        sqlx::query(
+            "INSERT INTO identity_observations (event_id, occurred_at, subject, nodes)
+             SELECT e, t, s, n::bigint[] FROM UNNEST($1::uuid[], $2::timestamptz[], $3::bigint[], $4::text[]) AS x(e, t, s, n)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&ev)
+        .bind(&at)
+        .bind(&subject)
+        .bind(&nodes)
+        .execute(&mut *self.tx)
+        .await?;
+        let mut previous_links: HashSet<Uuid> = HashSet::new();
+        if let Some(r) = &out.rederived {
+            let keys: Vec<Key> = r.keys.iter().cloned().collect();
+            let ids = self.ids_of(&keys);
+            let gone: Vec<(Uuid,)> = sqlx::query_as(
+                "DELETE FROM identity_links WHERE from_node = ANY($1) OR to_node = ANY($1) RETURNING link_id",
+            )
+            .bind(&ids)
+            .fetch_all(&mut *self.tx)
+            .await?;
+            previous_links.extend(gone.into_iter().map(|g| g.0));
+            let events: Vec<Uuid> = r.events.iter().copied().collect();
+            sqlx::query("DELETE FROM identity_refusals WHERE event_id = ANY($1)")
+                .bind(&events)
+                .execute(&mut *self.tx)
+                .await?;
+            self.store(&r.applied).await?;
+            stats.rederived_nodes = ids.len();
+            stats.rederived_events = events.len();
+        }
+        self.store(&out.applied).await?;
+        stats.new_links = out
+            .applied
+            .links
+            .iter()
+            .chain(out.rederived.iter().flat_map(|r| r.applied.links.iter()))
+            .filter(|l| !previous_links.contains(&l.link_id))
+            .map(|l| l.link_id)
+            .collect();
+        stats.refusals = out.applied.refusals.len()
+            + out
+                .rederived
+                .as_ref()
+                .map_or(0, |r| r.applied.refusals.len());
+        // Nodes whose row changed.
+        let mut id = Vec::new();
+        let mut label = Vec::new();
+        let mut profile: Vec<Option<Uuid>> = Vec::new();
+        let mut first_at: Vec<Option<DateTime<Utc>>> = Vec::new();
+        let mut first_ev: Vec<Option<Uuid>> = Vec::new();
+        let mut last_at: Vec<Option<DateTime<Utc>>> = Vec::new();
+        let mut last_ev: Vec<Option<Uuid>> = Vec::new();
+        let mut subj = Vec::new();
+        for a in out.graph.assignments() {
+            let (Some(nid), Some(lid)) = (self.ids.get(&a.key), self.ids.get(&a.label)) else {
+                continue;
+            };
+            let now = Stored {
+                label: *lid,
+                seen: a.seen,
+                profile: a.profile,
+            };
+            if self.stored.get(&a.key) == Some(&now) {
+                continue;
+            }
+            id.push(*nid);
+            label.push(*lid);
+            profile.push(a.profile);
+            first_at.push(a.seen.map(|s| time(s.first.0)));
+            first_ev.push(a.seen.map(|s| s.first.1));
+            last_at.push(a.seen.map(|s| time(s.last.0)));
+            last_ev.push(a.seen.map(|s| s.last.1));
+            subj.push(a.seen.is_some_and(|s| s.subject));
+        }
+        stats.nodes_written = id.len();
+        sqlx::query(
+            "UPDATE identity_nodes n SET label = x.l, profile_id = x.p, first_at = x.fa, first_event = x.fe,
+                    last_at = x.la, last_event = x.le, subject = x.s
+               FROM UNNEST($1::bigint[], $2::bigint[], $3::uuid[], $4::timestamptz[], $5::uuid[],
+                           $6::timestamptz[], $7::uuid[], $8::bool[]) AS x(i, l, p, fa, fe, la, le, s)
+              WHERE n.node_id = x.i",
+        )
+        .bind(&id)
+        .bind(&label)
+        .bind(&profile)
+        .bind(&first_at)
+        .bind(&first_ev)
+        .bind(&last_at)
+        .bind(&last_ev)
+        .bind(&subj)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(stats)
+    }
+
+    async fn store(&mut self, a: &Applied) -> Result<(), sqlx::Error> {
+        let mut link = Vec::new();
+        let mut from = Vec::new();
+        let mut to = Vec::new();
+        let mut cause = Vec::new();
+        let mut at = Vec::new();
+        for l in &a.links {
+            let (Some(f), Some(t)) = (self.ids.get(&l.from), self.ids.get(&l.to)) else {
+                continue;
+            };
+            link.push(l.link_id);
+            from.push(*f);
+            to.push(*t);
+            cause.push(l.cause);
+            at.push(time(l.at));
+        }
+        sqlx::query(
+            "INSERT INTO identity_links (link_id, from_node, to_node, cause_event_id, occurred_at)
+             SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::uuid[], $5::timestamptz[])
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&link)
+        .bind(&from)
+        .bind(&to)
+        .bind(&cause)
+        .bind(&at)
+        .execute(&mut *self.tx)
+        .await?;
+        let rows: Vec<&Refusal> = a.refusals.iter().collect();
+        let mut ev = Vec::new();
+        let mut node = Vec::new();
+        let mut other = Vec::new();
+        let mut reason = Vec::new();
+        let mut kind: Vec<Option<&str>> = Vec::new();
+        let mut at = Vec::new();
+        for r in rows {
+            let (Some(n), Some(o)) = (self.ids.get(&r.key), self.ids.get(&r.other)) else {
+                continue;
+            };
+            ev.push(r.event_id);
+            node.push(*n);
+            other.push(*o);
+            reason.push(r.reason.as_str());
+            kind.push(r.reason.kind().map(Kind::as_str));
+            at.push(time(r.at));
+        }
+        sqlx::query(
+            "INSERT INTO identity_refusals (event_id, node, other_node, reason, rule_kind, occurred_at)
+             SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::timestamptz[])
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&ev)
+        .bind(&node)
+        .bind(&other)
+        .bind(&reason)
+        .bind(&kind)
+        .bind(&at)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+}
+
+/// What a commit wrote.
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    pub new_links: Vec<Uuid>,
+    pub refusals: usize,
+    pub nodes_written: usize,
+    pub rederived_nodes: usize,
+    pub rederived_events: usize,
+}
+
+fn seen_of(
+    first_at: Option<DateTime<Utc>>,
+    first_ev: Option<Uuid>,
+    last_at: Option<DateTime<Utc>>,
+    last_ev: Option<Uuid>,
+    subject: bool,
+) -> Option<Seen> {
+    let first: Position = (micros(first_at?), first_ev?);
+    let last: Position = (micros(last_at?), last_ev?);
+    Some(Seen {
+        first,
+        last,
+        subject,
+    })
+}
+
+impl Source for PgGraph<'_> {
+    type Error = sqlx::Error;
+
+    async fn components(
+        &mut self,
+        keys: &[Key],
+    ) -> Result<Vec<crate::resolve::Members>, sqlx::Error> {
+        self.ensure(keys).await?;
+        let ids = self.ids_of(keys);
+        let rows: Vec<NodeRow> = sqlx::query_as(&format!(
+            "SELECT {NODE_COLUMNS} FROM identity_nodes n
+              WHERE coalesce(n.label, n.node_id) IN
+                    (SELECT coalesce(label, node_id) FROM identity_nodes WHERE node_id = ANY($1))"
+        ))
+        .bind(&ids)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let mut comps: HashMap<i64, Vec<(Key, Option<Seen>)>> = HashMap::new();
+        for (id, kind, ns, hash, label, profile, fa, fe, la, le, subject) in rows {
+            let Some(k) = key_of(&kind, ns, hash) else {
+                continue;
+            };
+            let seen = seen_of(fa, fe, la, le, subject);
+            self.ids.insert(k.clone(), id);
+            self.keys.insert(id, k.clone());
+            self.stored.insert(
+                k.clone(),
+                Stored {
+                    label,
+                    seen,
+                    profile,
+                },
+            );
+            comps.entry(label).or_default().push((k, seen));
+        }
+        Ok(comps.into_values().collect())
+    }
+
+    async fn observations(&mut self, keys: &[Key]) -> Result<Vec<Observation>, sqlx::Error> {
+        self.ensure(keys).await?;
+        let ids = self.ids_of(keys);
+        let rows: Vec<(Uuid, DateTime<Utc>, i64, Vec<i64>)> = sqlx::query_as(
+            "SELECT event_id, occurred_at, subject, nodes FROM identity_observations WHERE nodes && $1::bigint[]",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let referenced: Vec<i64> = rows
+            .iter()
+            .flat_map(|r| r.3.iter().copied().chain([r.2]))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        self.learn(&referenced).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(event_id, at, subject, nodes)| {
+                Some(Observation {
+                    event_id,
+                    at: micros(at),
+                    subject: self.keys.get(&subject)?.clone(),
+                    keys: nodes
+                        .iter()
+                        .filter_map(|n| self.keys.get(n).cloned())
+                        .collect(),
+                })
+            })
+            .collect())
+    }
+}
+
+/// A content digest of the graph: nodes (by key, with profile and seen times), links and
+/// refusals, all named by identifier keys (node ids depend on arrival order; these do not).
+/// Equal digests mean equal graphs.
+pub async fn digest(pool: &sqlx::PgPool) -> Result<String, sqlx::Error> {
+    let (d,): (Option<String>,) = sqlx::query_as(
+        "SELECT md5(
+            coalesce((SELECT string_agg(concat_ws('|', kind, namespace, value_hash, profile_id, first_at, first_event,
+                                                  last_at, last_event, subject), E'\\n' ORDER BY kind, namespace, value_hash)
+                        FROM identity_nodes WHERE first_at IS NOT NULL), '')
+            || '#' ||
+            coalesce((SELECT string_agg(concat_ws('|', l.link_id, f.kind, f.value_hash, t.kind, t.value_hash, l.cause_event_id, l.occurred_at),
+                                        E'\\n' ORDER BY l.link_id)
+                        FROM identity_links l JOIN identity_nodes f ON f.node_id = l.from_node
+                        JOIN identity_nodes t ON t.node_id = l.to_node), '')
+            || '#' ||
+            coalesce((SELECT string_agg(concat_ws('|', r.event_id, n.kind, n.value_hash, o.kind, o.value_hash, r.reason, r.rule_kind),
+                                        E'\\n' ORDER BY r.event_id, n.kind, n.value_hash, o.kind, o.value_hash)
+                        FROM identity_refusals r JOIN identity_nodes n ON n.node_id = r.node
+                        JOIN identity_nodes o ON o.node_id = r.other_node), ''))",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(d.unwrap_or_default())
+}
