@@ -1,0 +1,327 @@
+//! A platform slice for identity tests: its own topics, database and identifier key; customer
+//! events with chosen identifiers, produced as ingest would (hashed, keyed by subject).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cdp_identity::rules::RulesArgs;
+use cdp_identity::{IdentityArgs, IdentityConfig};
+use cdp_keystore::config::KeyArgs;
+use cdp_keystore::identifiers::{subject_id, IdentifierHasher, RawIdentifier};
+use cdp_runtime::config::{KafkaArgs, RunnerArgs};
+use cdp_runtime::kafka::producer::{OutgoingRecord, Producer};
+use cdp_runtime::topics::{self, Topic, Topics};
+use cdp_schemas::{CustomerEvent, IdentifierKind};
+use chrono::{DateTime, TimeZone, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::{unique, wait_until, TestDb};
+
+/// One event as a test describes it.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub event_id: Uuid,
+    /// Seconds after a fixed origin.
+    pub at: i64,
+    pub ids: Vec<(IdentifierKind, String)>,
+}
+
+impl Spec {
+    pub fn new(n: u128, at: i64, ids: &[(IdentifierKind, &str)]) -> Self {
+        Self {
+            event_id: Uuid::from_u128(0x1d00_0000_0000_0000_0000_0000_0000_0000 + n),
+            at,
+            ids: ids.iter().map(|(k, v)| (*k, (*v).to_owned())).collect(),
+        }
+    }
+}
+
+pub fn origin() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
+        .single()
+        .unwrap_or_default()
+}
+
+pub struct IdSlice {
+    pub kafka: KafkaArgs,
+    pub topics: Topics,
+    pub db: TestDb,
+    pub key_args: KeyArgs,
+    pub hasher: Arc<IdentifierHasher>,
+    pub producer: Arc<Producer>,
+}
+
+impl IdSlice {
+    /// A slice; `key_args` shared between slices makes their hashes (and profile ids) equal.
+    pub async fn create(key_args: Option<KeyArgs>) -> anyhow::Result<Self> {
+        let prefix = format!("{}.", unique("ident"));
+        let kafka = KafkaArgs::local(crate::brokers(), prefix.clone());
+        let topics = Topics::new(&prefix);
+        topics::ensure(&kafka, &topics::catalogue(&topics)).await?;
+        let db = TestDb::create().await?;
+        let hex = || -> String {
+            (0..32)
+                .map(|_| format!("{:02x}", rand::random::<u8>()))
+                .collect()
+        };
+        let key_args = key_args.unwrap_or_else(|| KeyArgs {
+            master_key: hex(),
+            identifier_key: hex(),
+            default_phone_region: "US".to_owned(),
+            key_cache_ttl_secs: 60,
+        });
+        let hasher = Arc::new(key_args.hasher()?);
+        let producer = Arc::new(Producer::new(&kafka)?);
+        Ok(Self {
+            kafka,
+            topics,
+            db,
+            key_args,
+            hasher,
+            producer,
+        })
+    }
+
+    pub fn topic(&self, t: Topic) -> String {
+        self.topics.name(t)
+    }
+
+    /// The default rules, as `cdp identity` parses them with no settings.
+    pub fn default_rules() -> RulesArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            rules: RulesArgs,
+        }
+        match Cli::try_parse_from(["x"]) {
+            Ok(c) => c.rules,
+            Err(e) => panic!("default rules: {e}"),
+        }
+    }
+
+    /// A configuration with its own schema and group.
+    pub fn config(&self, name: &str, rules: RulesArgs) -> IdentityConfig {
+        IdentityConfig {
+            kafka: self.kafka.clone(),
+            pg: self.db.args(),
+            keys: self.key_args.clone(),
+            runner: RunnerArgs {
+                batch_size: 500,
+                batch_linger_ms: 50,
+                ..RunnerArgs::default()
+            },
+            identity: IdentityArgs {
+                group: format!("{}.{name}", self.topic(Topic::Audit)),
+                schema: format!("id_{name}"),
+                rules,
+            },
+        }
+    }
+
+    /// The event a spec describes: a track event carrying the identifiers, hashed.
+    pub fn event(&self, s: &Spec) -> anyhow::Result<CustomerEvent> {
+        let mut e = crate::event(0, "x");
+        let mut ids = Vec::new();
+        for (k, v) in &s.ids {
+            let raw = if *k == IdentifierKind::ExternalId {
+                RawIdentifier {
+                    kind: *k,
+                    namespace: Some("crm".to_owned()),
+                    value: v.clone(),
+                }
+            } else {
+                RawIdentifier::new(*k, v.as_str())
+            };
+            ids.push(self.hasher.identifier(&raw)?.0);
+        }
+        let subject = subject_id(&ids).unwrap_or_default();
+        e.envelope.event_id = s.event_id;
+        e.envelope.occurred_at = origin() + chrono::Duration::seconds(s.at);
+        e.envelope.subject.subject_id = subject.clone();
+        e.envelope.subject.identifiers = ids;
+        e.envelope.partition_key = subject;
+        Ok(e)
+    }
+
+    /// The profile id ingest's subject rule gives an event carrying these identifiers.
+    pub fn profile_of(&self, ids: &[(IdentifierKind, &str)]) -> anyhow::Result<Uuid> {
+        let s = Spec::new(0, 0, ids);
+        let e = self.event(&s)?;
+        Ok(cdp_schemas::profile_id_of(&e.envelope.subject.subject_id))
+    }
+
+    /// Produces the events, each onto `partition(i)` (or by key when None).
+    pub async fn produce(
+        &self,
+        specs: &[Spec],
+        partition: impl Fn(usize) -> Option<i32>,
+    ) -> anyhow::Result<()> {
+        let topic = self.topic(Topic::CustomerEvents);
+        for (c, chunk) in specs.chunks(2_000).enumerate() {
+            let mut encoded = Vec::with_capacity(chunk.len());
+            for s in chunk {
+                let e = self.event(s)?;
+                encoded.push((e.envelope.partition_key.clone(), cdp_schemas::encode(&e)?));
+            }
+            let recs: Vec<OutgoingRecord<'_>> = encoded
+                .iter()
+                .enumerate()
+                .map(|(i, (k, v))| OutgoingRecord {
+                    topic: &topic,
+                    key: Some(k.as_bytes()),
+                    value: Some(v),
+                    partition: partition(c * 2_000 + i),
+                    ..Default::default()
+                })
+                .collect();
+            self.producer.send_all(&recs).await?;
+        }
+        Ok(())
+    }
+
+    /// The identity schema's pool of a configuration.
+    pub async fn pool(&self, config: &IdentityConfig) -> anyhow::Result<PgPool> {
+        Ok(cdp_identity::pool(&config.pg, &config.identity.schema).await?)
+    }
+
+    /// Waits until the service applied everything in the customer topic now and its outbox
+    /// is empty.
+    pub async fn caught_up(
+        &self,
+        config: &IdentityConfig,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let topic = self.topic(Topic::CustomerEvents);
+        let ends = crate::topic_ends(&topic).await?;
+        let pool = self.pool(config).await?;
+        wait_until(
+            "identity caught up and its outbox relayed",
+            timeout,
+            || async {
+                let stored =
+                    cdp_runtime::pg::stored_positions(&self.db.pool, &config.identity.group)
+                        .await?;
+                let applied = ends.iter().all(|(p, end)| {
+                    *end == 0
+                        || stored
+                            .get(&cdp_runtime::TopicPartition {
+                                topic: topic.clone(),
+                                partition: *p,
+                            })
+                            .is_some_and(|s| s >= end)
+                });
+                Ok(applied
+                    && cdp_runtime::outbox::pending(&pool, cdp_identity::handler::OUTBOX).await?
+                        == 0)
+            },
+        )
+        .await?;
+        pool.close().await;
+        Ok(())
+    }
+
+    /// Profile of each identifier (plaintext values hashed with this slice's key).
+    pub async fn profiles(
+        &self,
+        pool: &PgPool,
+        ids: &[(IdentifierKind, &str)],
+    ) -> anyhow::Result<Vec<Option<Uuid>>> {
+        let mut out = Vec::new();
+        for (k, v) in ids {
+            let raw = if *k == IdentifierKind::ExternalId {
+                RawIdentifier {
+                    kind: *k,
+                    namespace: Some("crm".to_owned()),
+                    value: (*v).to_owned(),
+                }
+            } else {
+                RawIdentifier::new(*k, *v)
+            };
+            let (id, _) = self.hasher.identifier(&raw)?;
+            let row: Option<(Option<Uuid>,)> = sqlx::query_as(
+                "SELECT profile_id FROM identity_nodes WHERE kind = $1 AND namespace = $2 AND value_hash = $3",
+            )
+            .bind(id.kind.as_str())
+            .bind(id.namespace.unwrap_or_default())
+            .bind(&id.value_hash)
+            .fetch_optional(pool)
+            .await?;
+            out.push(row.and_then(|r| r.0));
+        }
+        Ok(out)
+    }
+}
+
+/// Runs the identity service in-process until the returned shutdown is triggered.
+pub fn spawn(
+    config: IdentityConfig,
+) -> (
+    cdp_runtime::Shutdown,
+    tokio::task::JoinHandle<Result<(), cdp_identity::IdentityError>>,
+) {
+    let shutdown = cdp_runtime::Shutdown::new();
+    let s = shutdown.clone();
+    let task = tokio::spawn(async move {
+        cdp_identity::run(
+            config,
+            &cdp_runtime::metrics::Metrics::new(),
+            &cdp_runtime::admin::Readiness::default(),
+            s,
+        )
+        .await
+    });
+    (shutdown, task)
+}
+
+/// A realistic workload: `people` persons, each with an anonymous id, an email, a device, and
+/// for two in three a user id; most events carry the anonymous id alone, one in five carries
+/// two or more identifiers; some devices are shared by three persons and some emails are junk;
+/// event times jitter so that partitions deliver some events late.
+pub fn workload(n: usize, people: usize, seed: u64) -> Vec<Spec> {
+    let mut state = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        state >> 33
+    };
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        // Zipf-like: low person numbers are much more active.
+        let r = (next() % 1_000_000) as f64 / 1_000_000.0;
+        let p = ((people as f64).powf(r) as usize)
+            .saturating_sub(1)
+            .min(people - 1);
+        let anon = format!("anon-{p}");
+        let at = (i as i64) - (next() % 30) as i64;
+        let kind = next() % 10;
+        let ids: Vec<(IdentifierKind, String)> = match kind {
+            0 => vec![
+                (IdentifierKind::AnonymousId, anon),
+                (IdentifierKind::Email, format!("p{p}@example.org")),
+            ],
+            1 if p % 3 != 0 => vec![
+                (IdentifierKind::UserId, format!("user-{p}")),
+                (IdentifierKind::AnonymousId, anon),
+                (IdentifierKind::Email, format!("p{p}@example.org")),
+            ],
+            2 => vec![
+                (IdentifierKind::AnonymousId, anon),
+                (IdentifierKind::DeviceId, format!("dev-{}", p / 3)),
+            ],
+            3 if next() % 4 == 0 => vec![
+                (IdentifierKind::AnonymousId, anon),
+                (IdentifierKind::Email, "test@example.com".to_owned()),
+            ],
+            _ => vec![(IdentifierKind::AnonymousId, anon)],
+        };
+        out.push(Spec {
+            event_id: Uuid::from_u128(((seed as u128) << 64) | i as u128),
+            at,
+            ids,
+        });
+    }
+    out
+}

@@ -1,0 +1,459 @@
+//! Identity resolution against the real broker and Postgres: dedup and the resolved stream,
+//! the rules' refusals, the mega-merge and its split, kill -9, two instances, the API.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use cdp_identity::SplitTarget;
+use cdp_integration_tests::identity::{spawn, workload, IdSlice, Spec};
+use cdp_integration_tests::{brokers, consume, topic_len, wait_until};
+use cdp_runtime::topics::Topic;
+use cdp_schemas::{CustomerEvent, IdentifierKind, IdentityEvent, IdentityPayload};
+use uuid::Uuid;
+
+use IdentifierKind::{AnonymousId as Anon, DeviceId as Device, Email, UserId as User};
+
+const WAIT: Duration = Duration::from_secs(180);
+
+/// Every record of the resolved stream: (event id, key, profile header).
+async fn resolved(slice: &IdSlice) -> anyhow::Result<Vec<(Uuid, String, String)>> {
+    let topic = slice.topic(Topic::ResolvedEvents);
+    let n = topic_len(&topic).await? as usize;
+    let recs = consume(&topic, n, Duration::from_secs(60)).await?;
+    recs.into_iter()
+        .map(|r| {
+            let e: CustomerEvent = cdp_schemas::decode(r.value.as_deref().unwrap_or_default())?;
+            Ok((
+                e.envelope.event_id,
+                String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned(),
+                r.headers.get("cdp-profile-id").cloned().unwrap_or_default(),
+            ))
+        })
+        .collect()
+}
+
+async fn identity_events(slice: &IdSlice) -> anyhow::Result<Vec<IdentityEvent>> {
+    let topic = slice.topic(Topic::Identity);
+    let n = topic_len(&topic).await? as usize;
+    let recs = consume(&topic, n, Duration::from_secs(60)).await?;
+    recs.into_iter()
+        .filter_map(|r| r.value)
+        .map(|v| Ok(cdp_schemas::decode(&v)?))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_have_no_second_effect_and_the_resolved_stream_has_each_event_once(
+) -> anyhow::Result<()> {
+    let slice = IdSlice::create(None).await?;
+    let specs: Vec<Spec> = (0..300u128)
+        .map(|i| {
+            let anon = format!("a{}", i % 50);
+            let email = format!("p{}@example.org", i % 50);
+            if i % 7 == 0 {
+                Spec::new(i, i as i64, &[(Anon, &anon), (Email, &email)])
+            } else {
+                Spec::new(i, i as i64, &[(Anon, &anon)])
+            }
+        })
+        .collect();
+    // Every event twice: the second copies on other partitions, after the first.
+    slice.produce(&specs, |i| Some((i % 3) as i32)).await?;
+    slice.produce(&specs, |i| Some(3 + (i % 3) as i32)).await?;
+    let config = slice.config("dedup", IdSlice::default_rules());
+    let (stop, task) = spawn(config.clone());
+    slice.caught_up(&config, WAIT).await?;
+    // A third delivery after a restart: still no effect.
+    stop.trigger();
+    task.await??;
+    let pool = slice.pool(&config).await?;
+    let before = cdp_identity::store::digest(&pool).await?;
+    slice.produce(&specs[..100], |_| Some(0)).await?;
+    let (stop, task) = spawn(config.clone());
+    slice.caught_up(&config, WAIT).await?;
+    stop.trigger();
+    task.await??;
+    assert_eq!(
+        cdp_identity::store::digest(&pool).await?,
+        before,
+        "redelivery changes nothing"
+    );
+    let (observed,): (i64,) = sqlx::query_as("SELECT count(*) FROM identity_observations")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(observed, 300);
+
+    let out = resolved(&slice).await?;
+    assert_eq!(out.len(), 300, "each event once in the resolved stream");
+    let ids: BTreeSet<Uuid> = out.iter().map(|r| r.0).collect();
+    assert_eq!(ids, specs.iter().map(|s| s.event_id).collect());
+    for (_, key, header) in &out {
+        assert_eq!(key, header, "keyed by the profile it is stamped with");
+        assert!(Uuid::parse_str(header).is_ok());
+    }
+    // Anonymous ids sharing nothing stay apart; an email links only its own anonymous id.
+    let p = slice
+        .profiles(
+            &pool,
+            &[(Anon, "a0"), (Email, "p0@example.org"), (Anon, "a1")],
+        )
+        .await?;
+    assert_eq!(p[0], p[1]);
+    assert_ne!(p[0], p[2]);
+    pool.close().await;
+    slice.db.drop_db().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_rule_refuses_a_link_and_records_why() -> anyhow::Result<()> {
+    let slice = IdSlice::create(None).await?;
+    let mut rules = IdSlice::default_rules();
+    rules.limits = vec!["email=2".to_owned()];
+    rules.ttl = vec!["device_id=1h".to_owned()];
+    let specs = vec![
+        // unique: two user ids never share a profile.
+        Spec::new(1, 0, &[(User, "u1"), (Email, "shared@example.org")]),
+        Spec::new(2, 10, &[(User, "u2"), (Email, "shared@example.org")]),
+        // limit: a third email for u3.
+        Spec::new(3, 20, &[(User, "u3"), (Email, "a@example.org")]),
+        Spec::new(4, 30, &[(User, "u3"), (Email, "b@example.org")]),
+        Spec::new(5, 40, &[(User, "u3"), (Email, "c@example.org")]),
+        // blocked: the default list has test@example.com.
+        Spec::new(6, 50, &[(Anon, "x1"), (Email, "TEST@example.com")]),
+        // ttl: the device last seen two hours before.
+        Spec::new(7, 60, &[(Anon, "y1"), (Device, "d1")]),
+        Spec::new(8, 60 + 7_200, &[(Anon, "y2"), (Device, "d1")]),
+    ];
+    slice.produce(&specs, |_| Some(0)).await?;
+    let config = slice.config("rules", rules);
+    let (stop, task) = spawn(config.clone());
+    slice.caught_up(&config, WAIT).await?;
+    stop.trigger();
+    task.await??;
+    let pool = slice.pool(&config).await?;
+    let refusals: Vec<(Uuid, String, Option<String>)> = sqlx::query_as(
+        "SELECT event_id, reason, rule_kind FROM identity_refusals ORDER BY event_id",
+    )
+    .fetch_all(&pool)
+    .await?;
+    let got: BTreeMap<Uuid, (String, Option<String>)> =
+        refusals.into_iter().map(|(e, r, k)| (e, (r, k))).collect();
+    let want: BTreeMap<Uuid, (String, Option<String>)> = [
+        (
+            specs[1].event_id,
+            ("unique".to_owned(), Some("USER_ID".to_owned())),
+        ),
+        (
+            specs[4].event_id,
+            ("limit".to_owned(), Some("EMAIL".to_owned())),
+        ),
+        (specs[5].event_id, ("blocked".to_owned(), None)),
+        (specs[7].event_id, ("expired".to_owned(), None)),
+    ]
+    .into();
+    assert_eq!(got, want);
+    let p = slice
+        .profiles(
+            &pool,
+            &[
+                (User, "u1"),
+                (Email, "shared@example.org"),
+                (User, "u2"),
+                (Email, "c@example.org"),
+                (Anon, "y1"),
+                (Anon, "y2"),
+            ],
+        )
+        .await?;
+    assert_eq!(p[0], p[1], "the email stays with the first user");
+    assert_ne!(p[2], p[1]);
+    assert_eq!(p[3], None, "the third email belongs to no profile");
+    assert_ne!(p[4], p[5], "the expired device did not link");
+    pool.close().await;
+    slice.db.drop_db().await
+}
+
+/// 1,000 people, each an anonymous id and a device seen together, and each also sending the
+/// same junk email.
+fn mega(slice_specs: &mut Vec<Spec>) {
+    for p in 0..1_000u128 {
+        let anon = format!("anon-{p}");
+        let dev = format!("device-{p}");
+        slice_specs.push(Spec::new(
+            p * 2,
+            (p * 2) as i64,
+            &[(Anon, &anon), (Device, &dev)],
+        ));
+        slice_specs.push(Spec::new(
+            p * 2 + 1,
+            (p * 2 + 1) as i64,
+            &[(Anon, &anon), (Email, "test@example.com")],
+        ));
+    }
+}
+
+async fn distinct_profiles(slice: &IdSlice, pool: &sqlx::PgPool) -> anyhow::Result<usize> {
+    let mut all = BTreeSet::new();
+    for p in 0..1_000 {
+        let anon = format!("anon-{p}");
+        let dev = format!("device-{p}");
+        let got = slice
+            .profiles(pool, &[(Anon, &anon), (Device, &dev)])
+            .await?;
+        assert_eq!(got[0], got[1], "person {p}'s device stays with them");
+        all.insert(got[0]);
+    }
+    Ok(all.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_junk_email_merges_1000_people_only_when_unblocked_and_a_split_restores_them(
+) -> anyhow::Result<()> {
+    let slice = IdSlice::create(None).await?;
+    let mut specs = Vec::new();
+    mega(&mut specs);
+    slice.produce(&specs, |i| Some((i % 6) as i32)).await?;
+
+    // Blocked (the default rules): 1,000 profiles, 1,000 refusals recorded.
+    let blocked = slice.config("blocked", IdSlice::default_rules());
+    let (stop, task) = spawn(blocked.clone());
+    slice.caught_up(&blocked, WAIT).await?;
+    stop.trigger();
+    task.await??;
+    let pool = slice.pool(&blocked).await?;
+    assert_eq!(distinct_profiles(&slice, &pool).await?, 1_000);
+    let (refused,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM identity_refusals WHERE reason = 'blocked'")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(refused, 1_000);
+    pool.close().await;
+
+    // Unblocked and unlimited: one profile.
+    let mut open = IdSlice::default_rules();
+    open.blocked = Vec::new();
+    open.limits = Vec::new();
+    let unblocked = slice.config("unblocked", open);
+    let (stop, task) = spawn(unblocked.clone());
+    slice.caught_up(&unblocked, WAIT).await?;
+    let pool = slice.pool(&unblocked).await?;
+    assert_eq!(distinct_profiles(&slice, &pool).await?, 1);
+
+    // Split the junk email off: the 1,000 people again, each with their own device.
+    let report = cdp_identity::split(
+        &unblocked,
+        SplitTarget::Identifier(Email, None, "Test@Example.com".to_owned()),
+        "junk email",
+    )
+    .await?;
+    assert_eq!(report.profiles_after, 1_000);
+    assert_eq!(distinct_profiles(&slice, &pool).await?, 1_000);
+    for p in [0, 500, 999] {
+        let anon = format!("anon-{p}");
+        let got = slice.profiles(&pool, &[(Anon, &anon)]).await?;
+        assert_eq!(got[0], Some(slice.profile_of(&[(Anon, &anon)])?));
+    }
+    // The running service relays the ProfileSplit events.
+    slice.caught_up(&unblocked, WAIT).await?;
+    stop.trigger();
+    task.await??;
+    let events = identity_events(&slice).await?;
+    let moved: usize = events
+        .iter()
+        .filter_map(|e| match &e.payload {
+            IdentityPayload::ProfileSplit(s) => Some(s.moved_profile_ids.len()),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(
+        moved, 999,
+        "everyone but the surviving profile's own subject moves"
+    );
+    pool.close().await;
+    slice.db.drop_db().await
+}
+
+fn probe(
+    slice: &IdSlice,
+    config: &cdp_identity::IdentityConfig,
+) -> anyhow::Result<std::process::Child> {
+    Ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_identity-probe"))
+            .env("CDP_KAFKA_BROKERS", brokers())
+            .env("CDP_TOPIC_PREFIX", &config.kafka.topic_prefix)
+            .env("CDP_DATABASE_URL", &slice.db.url)
+            .env("CDP_MASTER_KEY", &slice.key_args.master_key)
+            .env("CDP_IDENTIFIER_KEY", &slice.key_args.identifier_key)
+            .env("CDP_IDENTITY_GROUP", &config.identity.group)
+            .env("CDP_IDENTITY_SCHEMA", &config.identity.schema)
+            .env("CDP_BATCH_SIZE", "300")
+            .stdin(std::process::Stdio::null())
+            .spawn()?,
+    )
+}
+
+async fn observed(pool: &sqlx::PgPool) -> anyhow::Result<i64> {
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM identity_observations")
+        .fetch_one(pool)
+        .await?;
+    Ok(n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_50000_events_gives_the_graph_and_stream_of_an_uninterrupted_run(
+) -> anyhow::Result<()> {
+    use rand::Rng;
+    const N: usize = 50_000;
+    let specs = workload(N, 8_000, 11);
+    let reference = IdSlice::create(None).await?;
+    let killed = IdSlice::create(Some(reference.key_args.clone())).await?;
+    reference.produce(&specs, |_| None).await?;
+    killed.produce(&specs, |_| None).await?;
+
+    let rc = reference.config("reference", IdSlice::default_rules());
+    let (stop, task) = spawn(rc.clone());
+    reference.caught_up(&rc, Duration::from_secs(300)).await?;
+    stop.trigger();
+    task.await??;
+    let want = cdp_identity::store::digest(&reference.pool(&rc).await?).await?;
+
+    let kc = killed.config("killed", IdSlice::default_rules());
+    let kpool = killed.pool(&kc).await?;
+    let mut rng = rand::rng();
+    let mut points: Vec<i64> = (0..5)
+        .map(|_| rng.random_range(2_000..(N as i64) * 9 / 10))
+        .collect();
+    points.sort_unstable();
+    for (i, point) in points.iter().enumerate() {
+        let mut child = probe(&killed, &kc)?;
+        wait_until(
+            &format!("{point} resolved before kill {}", i + 1),
+            Duration::from_secs(300),
+            || async { Ok(observed(&kpool).await? >= *point) },
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..80))).await;
+        child.kill()?;
+        child.wait()?;
+        let done = observed(&kpool).await?;
+        eprintln!(
+            "kill {}: SIGKILL at >= {point} resolved; {done} after",
+            i + 1
+        );
+        assert!(done < N as i64, "finished before kill {}", i + 1);
+    }
+    let mut child = probe(&killed, &kc)?;
+    killed.caught_up(&kc, Duration::from_secs(300)).await?;
+    child.kill()?;
+    child.wait()?;
+    assert_eq!(
+        cdp_identity::store::digest(&killed.pool(&kc).await?).await?,
+        want,
+        "five SIGKILLs change nothing in the graph"
+    );
+    let out = resolved(&killed).await?;
+    let ids: BTreeSet<Uuid> = out.iter().map(|r| r.0).collect();
+    assert_eq!(
+        ids.len(),
+        out.len(),
+        "no event twice in the resolved stream"
+    );
+    assert_eq!(ids.len(), N, "every event in the resolved stream");
+    reference.db.drop_db().await?;
+    killed.db.drop_db().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_in_one_group_give_the_graph_of_one() -> anyhow::Result<()> {
+    const N: usize = 12_000;
+    let specs = workload(N, 2_000, 5);
+    let one = IdSlice::create(None).await?;
+    let two = IdSlice::create(Some(one.key_args.clone())).await?;
+    one.produce(&specs, |_| None).await?;
+    two.produce(&specs, |_| None).await?;
+
+    let c1 = one.config("single", IdSlice::default_rules());
+    let (stop, task) = spawn(c1.clone());
+    one.caught_up(&c1, Duration::from_secs(300)).await?;
+    stop.trigger();
+    task.await??;
+
+    let c2 = two.config("pair", IdSlice::default_rules());
+    let (stop_a, task_a) = spawn(c2.clone());
+    let (stop_b, task_b) = spawn(c2.clone());
+    two.caught_up(&c2, Duration::from_secs(300)).await?;
+    stop_a.trigger();
+    stop_b.trigger();
+    task_a.await??;
+    task_b.await??;
+    assert_eq!(
+        cdp_identity::store::digest(&two.pool(&c2).await?).await?,
+        cdp_identity::store::digest(&one.pool(&c1).await?).await?
+    );
+    let out = resolved(&two).await?;
+    let ids: BTreeSet<Uuid> = out.iter().map(|r| r.0).collect();
+    assert_eq!((ids.len(), out.len()), (N, N), "each event once");
+    one.db.drop_db().await?;
+    two.db.drop_db().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_shows_a_profiles_identifiers_to_operators_only() -> anyhow::Result<()> {
+    let slice = IdSlice::create(None).await?;
+    let specs = vec![
+        Spec::new(1, 0, &[(Anon, "a1"), (Email, "ada@example.org")]),
+        Spec::new(2, 5, &[(User, "ada"), (Email, "ada@example.org")]),
+    ];
+    slice.produce(&specs, |_| Some(0)).await?;
+    let config = slice.config("api", IdSlice::default_rules());
+    let (stop, task) = spawn(config.clone());
+    slice.caught_up(&config, WAIT).await?;
+    let tokens = vec!["ops:operator:s3cret".to_owned(), "app:read:r3ad".to_owned()];
+    let api = cdp_identity::IdentityApiArgs {
+        addr: "127.0.0.1:0".to_owned(),
+    };
+    let Some((addr, serve)) = cdp_identity::bind_api(
+        &config.pg,
+        &config.identity.schema,
+        &api,
+        &tokens,
+        stop.clone(),
+    )
+    .await?
+    else {
+        anyhow::bail!("the API is on");
+    };
+    let server = tokio::spawn(serve);
+    let profile = slice.profile_of(&[(Anon, "a1")])?;
+    let http = reqwest::Client::new();
+    let url = format!("http://{addr}/v1/identity/{profile}");
+    assert_eq!(http.get(&url).send().await?.status(), 401);
+    assert_eq!(
+        http.get(&url).bearer_auth("r3ad").send().await?.status(),
+        403
+    );
+    let unknown = format!("http://{addr}/v1/identity/{}", Uuid::from_u128(9));
+    assert_eq!(
+        http.get(&unknown)
+            .bearer_auth("s3cret")
+            .send()
+            .await?
+            .status(),
+        404
+    );
+    let r = http.get(&url).bearer_auth("s3cret").send().await?;
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await?;
+    let kinds: BTreeSet<&str> = body["identifiers"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|i| i["kind"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(kinds, ["ANONYMOUS_ID", "EMAIL", "USER_ID"].into());
+    let links = body["links"].as_array().map(Vec::len).unwrap_or(0);
+    assert_eq!(links, 2, "each link with the event that made it");
+    assert!(!body.to_string().contains("ada@example.org"), "hashes only");
+    stop.trigger();
+    task.await??;
+    server.await??;
+    slice.db.drop_db().await
+}
