@@ -15,6 +15,10 @@ CREATE TABLE identity_nodes (
     first_event UUID,
     last_at     TIMESTAMPTZ,
     last_event  UUID,
+    -- The latest observation that could link it (carrying another identifier, or of a kind
+    -- with a time-to-live): an event earlier than this in its component arrives late.
+    link_at     TIMESTAMPTZ,
+    link_event  UUID,
     -- Whether an event was about this node (it names a profile of its own).
     subject     BOOLEAN     NOT NULL DEFAULT false,
     UNIQUE (kind, namespace, value_hash)
@@ -30,6 +34,8 @@ CREATE TABLE identity_observations (
     subject     BIGINT      NOT NULL,
     nodes       BIGINT[]    NOT NULL
 );
+-- Re-derivation reads the observations that can link: two nodes or more (and single ones of
+-- kinds with a time-to-live, through the same index).
 CREATE INDEX identity_observations_nodes ON identity_observations USING GIN (nodes);
 
 -- Accepted links: each joined two components; the event that carried both is the cause

@@ -259,6 +259,10 @@ pub struct Seen {
     pub last: Position,
     /// Whether an event was ever about this node (it then has a profile of its own).
     pub subject: bool,
+    /// The latest observation that could link this node: one carrying another identifier,
+    /// or any observation when its kind has a time-to-live. Only these decide links, so only
+    /// these make an observation late.
+    pub link: Option<Position>,
 }
 
 #[derive(Clone, Debug)]
@@ -314,8 +318,9 @@ impl Graph {
         }
     }
 
-    /// Forgets what was seen of these nodes and their grouping, so that their observations
-    /// can be applied again from scratch.
+    /// Forgets the grouping of these nodes' components, so that the observations that can
+    /// link them can be applied again in canonical order. First and last seen stay: they are
+    /// a minimum and a maximum, which applying an observation again does not change.
     pub fn reset(&mut self, keys: &[Key]) {
         for k in keys {
             let i = self.node(k);
@@ -323,11 +328,21 @@ impl Graph {
             if let Some(c) = self.comps.remove(&r) {
                 for m in c.members {
                     self.root[m] = m;
-                    self.seen[m] = None;
+                    if let Some(s) = &mut self.seen[m] {
+                        s.link = None;
+                    }
                     self.comps.insert(m, Component::single(m, &self.keys[m]));
+                    self.refresh(m);
                 }
             }
         }
+    }
+
+    /// Whether an observation can link anything: it carries two nodes or more, or one of a
+    /// kind with a time-to-live (its time decides later links). Others only move first and
+    /// last seen, which do not depend on order.
+    pub fn links(rules: &Rules, obs: &Observation) -> bool {
+        obs.keys.len() > 1 || obs.keys.iter().any(|k| rules.ttl.contains_key(&k.kind))
     }
 
     fn node(&mut self, key: &Key) -> usize {
@@ -428,7 +443,7 @@ impl Graph {
             .into_iter()
             .filter_map(|r| self.comps.get(&r))
             .flat_map(|c| c.members.iter())
-            .filter_map(|m| self.seen[*m].map(|s| s.last))
+            .filter_map(|m| self.seen[*m].and_then(|s| s.link))
             .max()
     }
 
@@ -441,6 +456,7 @@ impl Graph {
         out: &mut Applied,
     ) {
         let pos = obs.position();
+        let linking = Self::links(rules, obs);
         let mut ranked: Vec<usize> = obs.keys.iter().map(|k| self.node(k)).collect();
         ranked.sort_by(|a, b| {
             let (ka, kb) = (&self.keys[*a], &self.keys[*b]);
@@ -459,8 +475,10 @@ impl Graph {
                     Some(Reason::Blocked)
                 } else if severed.keys.contains(key) {
                     Some(Reason::Severed)
-                } else if let (Some(ttl), Some(seen)) = (rules.ttl.get(&key.kind), self.seen[*i]) {
-                    (seen.last.0 < obs.at.saturating_sub(*ttl)).then_some(Reason::Expired)
+                } else if let (Some(ttl), Some(last)) =
+                    (rules.ttl.get(&key.kind), self.seen[*i].and_then(|s| s.link))
+                {
+                    (last.0 < obs.at.saturating_sub(*ttl)).then_some(Reason::Expired)
                 } else {
                     None
                 }
@@ -473,11 +491,17 @@ impl Graph {
                     first: pos,
                     last: pos,
                     subject,
+                    link: linking.then_some(pos),
                 },
                 Some(s) => Seen {
                     first: s.first.min(pos),
                     last: s.last.max(pos),
                     subject: s.subject || subject,
+                    link: if linking {
+                        Some(s.link.map_or(pos, |l| l.max(pos)))
+                    } else {
+                        s.link
+                    },
                 },
             };
             self.seen[*i] = Some(s);

@@ -36,10 +36,12 @@ pub trait Source: Send {
         keys: &[Key],
     ) -> impl Future<Output = Result<Vec<Members>, Self::Error>> + Send;
 
-    /// Every stored observation carrying any of these keys.
+    /// Every stored observation carrying any of these keys that can link: those carrying two
+    /// keys or more, and those carrying one of `singles` alone.
     fn observations(
         &mut self,
         keys: &[Key],
+        singles: &[Key],
     ) -> impl Future<Output = Result<Vec<Observation>, Self::Error>> + Send;
 }
 
@@ -124,7 +126,9 @@ pub async fn resolve<S: Source>(
     let late: Vec<usize> = batch
         .iter()
         .enumerate()
-        .filter(|(_, o)| g.watermark(&o.keys).is_some_and(|w| w > o.position()))
+        .filter(|(_, o)| {
+            Graph::links(rules, o) && g.watermark(&o.keys).is_some_and(|w| w > o.position())
+        })
         .map(|(i, _)| i)
         .collect();
     // Loaded before anything changes, so every member of every touched component is here.
@@ -143,13 +147,18 @@ pub async fn resolve<S: Source>(
             let frontier: Vec<Key> = reach.iter().cloned().collect();
             load(src, &mut g, &frontier).await?;
             let members: BTreeSet<Key> = g.members_of(&frontier).into_iter().collect();
-            let stored = src
-                .observations(&members.iter().cloned().collect::<Vec<_>>())
-                .await?;
+            let list: Vec<Key> = members.iter().cloned().collect();
+            let singles: Vec<Key> = list
+                .iter()
+                .filter(|k| rules.ttl.contains_key(&k.kind))
+                .cloned()
+                .collect();
+            let stored = src.observations(&list, &singles).await?;
             let mut grew = false;
             for o in stored.into_iter().chain(
                 batch
                     .iter()
+                    .filter(|o| Graph::links(rules, o))
                     .filter(|o| o.keys.iter().any(|k| members.contains(k)))
                     .cloned(),
             ) {
@@ -346,12 +355,18 @@ impl Source for MemoryStore {
             .collect())
     }
 
-    async fn observations(&mut self, keys: &[Key]) -> Result<Vec<Observation>, Self::Error> {
+    async fn observations(
+        &mut self,
+        keys: &[Key],
+        singles: &[Key],
+    ) -> Result<Vec<Observation>, Self::Error> {
         let keys: HashSet<&Key> = keys.iter().collect();
+        let singles: HashSet<&Key> = singles.iter().collect();
         Ok(self
             .observations
             .values()
             .filter(|o| o.keys.iter().any(|k| keys.contains(k)))
+            .filter(|o| o.keys.len() > 1 || o.keys.iter().any(|k| singles.contains(k)))
             .cloned()
             .collect())
     }

@@ -46,11 +46,13 @@ type NodeRow = (
     Option<DateTime<Utc>>,
     Option<Uuid>,
     bool,
+    Option<DateTime<Utc>>,
+    Option<Uuid>,
 );
 
 const NODE_COLUMNS: &str =
     "n.node_id, n.kind, n.namespace, n.value_hash, coalesce(n.label, n.node_id), n.profile_id,
-     n.first_at, n.first_event, n.last_at, n.last_event, n.subject";
+     n.first_at, n.first_event, n.last_at, n.last_event, n.subject, n.link_at, n.link_event";
 
 /// The graph's rows a batch reads and writes, keyed both ways.
 pub struct PgGraph<'c> {
@@ -271,6 +273,8 @@ impl<'c> PgGraph<'c> {
         let mut last_at: Vec<Option<DateTime<Utc>>> = Vec::new();
         let mut last_ev: Vec<Option<Uuid>> = Vec::new();
         let mut subj = Vec::new();
+        let mut link_at: Vec<Option<DateTime<Utc>>> = Vec::new();
+        let mut link_ev: Vec<Option<Uuid>> = Vec::new();
         for a in out.graph.assignments() {
             let (Some(nid), Some(lid)) = (self.ids.get(&a.key), self.ids.get(&a.label)) else {
                 continue;
@@ -291,13 +295,16 @@ impl<'c> PgGraph<'c> {
             last_at.push(a.seen.map(|s| time(s.last.0)));
             last_ev.push(a.seen.map(|s| s.last.1));
             subj.push(a.seen.is_some_and(|s| s.subject));
+            link_at.push(a.seen.and_then(|s| s.link).map(|l| time(l.0)));
+            link_ev.push(a.seen.and_then(|s| s.link).map(|l| l.1));
         }
         stats.nodes_written = id.len();
         sqlx::query(
             "UPDATE identity_nodes n SET label = x.l, profile_id = x.p, first_at = x.fa, first_event = x.fe,
-                    last_at = x.la, last_event = x.le, subject = x.s
+                    last_at = x.la, last_event = x.le, subject = x.s, link_at = x.ka, link_event = x.ke
                FROM UNNEST($1::bigint[], $2::bigint[], $3::uuid[], $4::timestamptz[], $5::uuid[],
-                           $6::timestamptz[], $7::uuid[], $8::bool[]) AS x(i, l, p, fa, fe, la, le, s)
+                           $6::timestamptz[], $7::uuid[], $8::bool[], $9::timestamptz[], $10::uuid[])
+                    AS x(i, l, p, fa, fe, la, le, s, ka, ke)
               WHERE n.node_id = x.i",
         )
         .bind(&id)
@@ -308,6 +315,8 @@ impl<'c> PgGraph<'c> {
         .bind(&last_at)
         .bind(&last_ev)
         .bind(&subj)
+        .bind(&link_at)
+        .bind(&link_ev)
         .execute(&mut *self.tx)
         .await?;
         Ok(stats)
@@ -392,6 +401,7 @@ fn seen_of(
     last_at: Option<DateTime<Utc>>,
     last_ev: Option<Uuid>,
     subject: bool,
+    link: Option<Position>,
 ) -> Option<Seen> {
     let first: Position = (micros(first_at?), first_ev?);
     let last: Position = (micros(last_at?), last_ev?);
@@ -399,6 +409,7 @@ fn seen_of(
         first,
         last,
         subject,
+        link,
     })
 }
 
@@ -420,11 +431,12 @@ impl Source for PgGraph<'_> {
         .fetch_all(&mut *self.tx)
         .await?;
         let mut comps: HashMap<i64, Vec<(Key, Option<Seen>)>> = HashMap::new();
-        for (id, kind, ns, hash, label, profile, fa, fe, la, le, subject) in rows {
+        for (id, kind, ns, hash, label, profile, fa, fe, la, le, subject, ka, ke) in rows {
             let Some(k) = key_of(&kind, ns, hash) else {
                 continue;
             };
-            let seen = seen_of(fa, fe, la, le, subject);
+            let link = ka.zip(ke).map(|(a, e)| (micros(a), e));
+            let seen = seen_of(fa, fe, la, le, subject, link);
             self.ids.insert(k.clone(), id);
             self.keys.insert(id, k.clone());
             self.stored.insert(
@@ -440,13 +452,20 @@ impl Source for PgGraph<'_> {
         Ok(comps.into_values().collect())
     }
 
-    async fn observations(&mut self, keys: &[Key]) -> Result<Vec<Observation>, sqlx::Error> {
+    async fn observations(
+        &mut self,
+        keys: &[Key],
+        singles: &[Key],
+    ) -> Result<Vec<Observation>, sqlx::Error> {
         self.ensure(keys).await?;
         let ids = self.ids_of(keys);
+        let single_ids = self.ids_of(singles);
         let rows: Vec<(Uuid, DateTime<Utc>, i64, Vec<i64>)> = sqlx::query_as(
-            "SELECT event_id, occurred_at, subject, nodes FROM identity_observations WHERE nodes && $1::bigint[]",
+            "SELECT event_id, occurred_at, subject, nodes FROM identity_observations
+              WHERE nodes && $1::bigint[] AND (cardinality(nodes) > 1 OR nodes && $2::bigint[])",
         )
         .bind(&ids)
+        .bind(&single_ids)
         .fetch_all(&mut *self.tx)
         .await?;
         let referenced: Vec<i64> = rows
