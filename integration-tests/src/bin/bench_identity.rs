@@ -22,7 +22,7 @@ use cdp_keystore::RawIdentifier;
 use cdp_runtime::config::RunnerArgs;
 use cdp_runtime::topics::Topic;
 use cdp_schemas::model::customer::Track;
-use cdp_schemas::{CustomerEvent, CustomerPayload, IdentifierKind};
+use cdp_schemas::{CustomerEvent, CustomerPayload};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -30,6 +30,12 @@ async fn main() -> anyhow::Result<()> {
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200_000);
     let people: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
     let batch: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1_000);
+    if let Ok(filter) = std::env::var("CDP_LOG") {
+        cdp_runtime::telemetry::init(&cdp_runtime::config::TelemetryArgs {
+            log_format: cdp_runtime::config::LogFormat::Pretty,
+            log_filter: filter,
+        })?;
+    }
     let slice = Slice::create().await?;
     let specs = workload(n, people, 42);
     let multi = specs.iter().filter(|s| s.ids.len() > 1).count();
@@ -103,7 +109,8 @@ async fn main() -> anyhow::Result<()> {
     let topic = slice.topic(Topic::CustomerEvents);
     let mut resolved_at = None;
     loop {
-        let stored = cdp_runtime::pg::stored_positions(&slice.db.pool, &config.identity.group).await?;
+        let stored =
+            cdp_runtime::pg::stored_positions(&slice.db.pool, &config.identity.group).await?;
         let done = ends.iter().all(|(p, end)| {
             *end == 0
                 || stored
@@ -116,9 +123,7 @@ async fn main() -> anyhow::Result<()> {
         if done && resolved_at.is_none() {
             resolved_at = Some(started.elapsed());
         }
-        if done
-            && cdp_runtime::outbox::pending(&pool, cdp_identity::handler::OUTBOX).await? == 0
-        {
+        if done && cdp_runtime::outbox::pending(&pool, cdp_identity::handler::OUTBOX).await? == 0 {
             break;
         }
         if started.elapsed() > Duration::from_secs(3_600) {

@@ -38,8 +38,8 @@ CREATE TABLE identity_observations (
 -- kinds with a time-to-live, through the same index).
 CREATE INDEX identity_observations_nodes ON identity_observations USING GIN (nodes);
 
--- Accepted links: each joined two components; the event that carried both is the cause
--- ("why were these merged").
+-- Links: pairs of identifiers an event carried together and no rule refused, each with the
+-- earliest such event as its cause ("why were these merged").
 CREATE TABLE identity_links (
     link_id        UUID        PRIMARY KEY,
     from_node      BIGINT      NOT NULL,
@@ -61,6 +61,7 @@ CREATE TABLE identity_refusals (
     PRIMARY KEY (event_id, node, other_node)
 );
 CREATE INDEX identity_refusals_node ON identity_refusals (node);
+CREATE INDEX identity_refusals_other ON identity_refusals (other_node);
 CREATE INDEX identity_refusals_reason ON identity_refusals (reason, occurred_at);
 
 -- Operator splits: an identifier that no longer links (other_node = 0) or one pair of

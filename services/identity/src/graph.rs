@@ -215,7 +215,8 @@ impl Reason {
     }
 }
 
-/// An accepted link: it joined two components.
+/// An accepted link: a pair of identifiers an event carried together, with the earliest such
+/// event. Links that joined two components also produced a merge.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Link {
     pub link_id: Uuid,
@@ -336,6 +337,20 @@ impl Graph {
                 }
             }
         }
+    }
+
+    /// Whether the component of `key` holds no more of each kind than the rules allow (then
+    /// no proposal inside it can have been refused by a count, in any order).
+    pub fn within_rules(&self, rules: &Rules, key: &Key) -> bool {
+        let Some(c) = self
+            .index
+            .get(key)
+            .and_then(|i| self.comps.get(&self.root[*i]))
+        else {
+            return true;
+        };
+        rules.unique.iter().all(|k| c.counts[k.index()] <= 1)
+            && rules.limits.iter().all(|(k, l)| c.counts[k.index()] <= *l)
     }
 
     /// Whether an observation can link anything: it carries two nodes or more, or one of a
@@ -536,27 +551,33 @@ impl Graph {
                 continue;
             }
             let Some(a) = anchor else { continue };
-            if self.root[a] == self.root[i] {
-                continue;
-            }
             if severed.severs(&self.keys[a], &self.keys[i]) {
                 refuse(Reason::Severed, out, self);
+                continue;
+            }
+            // A link is a pair an event showed together and no rule refused; it is recorded
+            // (with its earliest event) whether or not the two were connected already, so
+            // the links do not depend on the order events arrive in.
+            let (from, to) = Severed::pair(&self.keys[a], &self.keys[i]);
+            let link = Link {
+                link_id: link_id(&from, &to),
+                from,
+                to,
+                cause: obs.event_id,
+                at: obs.at,
+            };
+            if self.root[a] == self.root[i] {
+                out.links.push(link);
                 continue;
             }
             if let Err(reason) = self.check(rules, a, i) {
                 refuse(reason, out, self);
                 continue;
             }
-            let link_id = link_id(obs.event_id, &self.keys[a], &self.keys[i]);
+            let link_id = link.link_id;
             let (ca, ci) = (self.canonical(a), self.canonical(i));
             self.union(a, i);
-            out.links.push(Link {
-                link_id,
-                from: self.keys[a].clone(),
-                to: self.keys[i].clone(),
-                cause: obs.event_id,
-                at: obs.at,
-            });
+            out.links.push(link);
             if let (Some(x), Some(y)) = (ca, ci) {
                 let (w, l) = if x <= y { (x, y) } else { (y, x) };
                 out.merges.push(Merge {
@@ -631,9 +652,9 @@ pub struct Assignment {
 }
 
 /// The link id of an accepted link: the same event linking the same pair always gets it.
-pub fn link_id(event_id: Uuid, from: &Key, to: &Key) -> Uuid {
-    let mut name = Vec::with_capacity(16 + from.hash.len() + to.hash.len() + 32);
-    name.extend_from_slice(event_id.as_bytes());
+/// The id of the link between two identifiers (the smaller key first): one per pair.
+pub fn link_id(from: &Key, to: &Key) -> Uuid {
+    let mut name = Vec::with_capacity(from.hash.len() + to.hash.len() + 32);
     for k in [from, to] {
         name.extend_from_slice(k.kind.as_str().as_bytes());
         name.push(0);

@@ -127,12 +127,13 @@ pub fn identity_records(
     metrics: &IdentityMetrics,
 ) -> Result<Vec<Record>, SinkError> {
     let mut out: Vec<Record> = Vec::new();
+    let mut announced = HashSet::new();
     for l in outcome
         .rederived
         .iter()
         .flat_map(|r| r.applied.links.iter())
         .chain(outcome.applied.links.iter())
-        .filter(|l| new_links.contains(&l.link_id))
+        .filter(|l| new_links.contains(&l.link_id) && announced.insert(l.link_id))
     {
         let profile = outcome.graph.profile_of(&l.from).unwrap_or_default();
         let e = identity_event(
@@ -246,10 +247,13 @@ impl PgHandler for IdentityHandler {
             .map(|(_, e)| observation(e, &self.kinds))
             .collect();
         let severed = g.severed().await.map_err(classify)?;
+        let t0 = std::time::Instant::now();
         let outcome = resolve(&mut g, &self.rules, &severed, observations.clone(), &[])
             .await
             .map_err(classify)?;
+        let t1 = std::time::Instant::now();
         let stats = g.commit(&observations, &outcome).await.map_err(classify)?;
+        let t2 = std::time::Instant::now();
 
         let when: HashMap<Uuid, DateTime<Utc>> = fresh
             .iter()
@@ -302,13 +306,16 @@ impl PgHandler for IdentityHandler {
         self.metrics
             .rederived_events
             .inc_by(stats.rederived_events as u64);
-        if stats.rederived_events > 0 {
-            tracing::debug!(
-                nodes = stats.rederived_nodes,
-                events = stats.rederived_events,
-                "late events: components re-derived"
-            );
-        }
+        tracing::debug!(
+            events = fresh.len(),
+            nodes = stats.nodes_written,
+            rederived_nodes = stats.rederived_nodes,
+            rederived_events = stats.rederived_events,
+            resolve_ms = (t1 - t0).as_millis() as u64,
+            commit_ms = (t2 - t1).as_millis() as u64,
+            outbox_ms = t2.elapsed().as_millis() as u64,
+            "batch resolved"
+        );
         Ok(Vec::new())
     }
 }

@@ -36,6 +36,9 @@ pub trait Source: Send {
         keys: &[Key],
     ) -> impl Future<Output = Result<Vec<Members>, Self::Error>> + Send;
 
+    /// Whether a link of any of these keys was ever refused for a count (unique or limit).
+    fn bound(&mut self, keys: &[Key]) -> impl Future<Output = Result<bool, Self::Error>> + Send;
+
     /// Every stored observation carrying any of these keys that can link: those carrying two
     /// keys or more, and those carrying one of `singles` alone.
     fn observations(
@@ -131,55 +134,73 @@ pub async fn resolve<S: Source>(
         })
         .map(|(i, _)| i)
         .collect();
+    if !late.is_empty() && force.is_empty() {
+        if let Some(out) = in_any_order(src, rules, severed, &g, &batch, &late).await? {
+            return Ok(out);
+        }
+    }
     // Loaded before anything changes, so every member of every touched component is here.
     let mut before: HashMap<Key, Option<Uuid>> = HashMap::new();
     let mut rederived = None;
     let mut rest: Vec<&Observation> = batch.iter().collect();
     if !late.is_empty() || !force.is_empty() {
         // Close over components and the observations that touch them.
+        // Blocked and severed identifiers never link: they are not a path between components.
+        let inert = |k: &Key| rules.blocked.contains(k) || severed.keys.contains(k);
         let mut reach: BTreeSet<Key> = late
             .iter()
             .flat_map(|i| batch[*i].keys.iter().cloned())
             .chain(force.iter().cloned())
+            .filter(|k| !inert(k))
             .collect();
+        let mut queried: BTreeSet<Key> = BTreeSet::new();
         let mut in_r: BTreeMap<Uuid, Observation> = BTreeMap::new();
         loop {
-            let frontier: Vec<Key> = reach.iter().cloned().collect();
+            let frontier: Vec<Key> = reach.difference(&queried).cloned().collect();
+            if frontier.is_empty() {
+                break;
+            }
             load(src, &mut g, &frontier).await?;
-            let members: BTreeSet<Key> = g.members_of(&frontier).into_iter().collect();
-            let list: Vec<Key> = members.iter().cloned().collect();
-            let singles: Vec<Key> = list
+            queried.extend(frontier.iter().cloned());
+            let members: Vec<Key> = g
+                .members_of(&frontier)
+                .into_iter()
+                .filter(|m| !queried.contains(m) || frontier.contains(m))
+                .collect();
+            queried.extend(members.iter().cloned());
+            reach.extend(members.iter().cloned());
+            let singles: Vec<Key> = members
                 .iter()
                 .filter(|k| rules.ttl.contains_key(&k.kind))
                 .cloned()
                 .collect();
-            let stored = src.observations(&list, &singles).await?;
-            let mut grew = false;
+            let stored = src.observations(&members, &singles).await?;
+            let member_set: HashSet<&Key> = members.iter().collect();
             for o in stored.into_iter().chain(
                 batch
                     .iter()
                     .filter(|o| Graph::links(rules, o))
-                    .filter(|o| o.keys.iter().any(|k| members.contains(k)))
+                    .filter(|o| o.keys.iter().any(|k| member_set.contains(k)))
                     .cloned(),
             ) {
                 for k in &o.keys {
-                    if !members.contains(k) && reach.insert(k.clone()) {
-                        grew = true;
+                    if !inert(k) && !queried.contains(k) {
+                        reach.insert(k.clone());
                     }
                 }
                 in_r.entry(o.event_id).or_insert(o);
             }
-            for m in members {
-                if reach.insert(m) {
-                    grew = true;
-                }
-            }
-            if !grew {
-                break;
-            }
         }
         let keys: Vec<Key> = reach.iter().cloned().collect();
         load(src, &mut g, &keys).await?;
+        // The blocked and severed nodes those observations carry keep what was seen of them.
+        let carried: Vec<Key> = in_r
+            .values()
+            .flat_map(|o| o.keys.iter().cloned())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        load(src, &mut g, &carried).await?;
         for k in g.members_of(&keys) {
             before.entry(k.clone()).or_insert_with(|| g.profile_of(&k));
         }
@@ -212,6 +233,65 @@ pub async fn resolve<S: Source>(
         changes,
         before,
     })
+}
+
+/// Late events whose components no rule binds need no re-derivation. A rule binds a
+/// component when it holds more of a kind than a limit or a unique kind allows, or when a
+/// link of one of its members was ever refused for a count (that refusal could go the other
+/// way in another order), or when a late event carries a kind with a time-to-live. Where
+/// none binds, every proposal inside the component is accepted in any order, so its
+/// membership, links (each pair with its earliest event) and profile are what canonical
+/// order gives: the batch is applied as it came, in canonical order within the batch.
+async fn in_any_order<S: Source>(
+    src: &mut S,
+    rules: &Rules,
+    severed: &Severed,
+    g: &Graph,
+    batch: &[Observation],
+    late: &[usize],
+) -> Result<Option<Outcome>, S::Error> {
+    let late_keys: Vec<Key> = late
+        .iter()
+        .flat_map(|i| batch[*i].keys.iter().cloned())
+        .collect();
+    if late_keys.iter().any(|k| rules.ttl.contains_key(&k.kind)) {
+        return Ok(None);
+    }
+    let mut g = g.clone();
+    let before: HashMap<Key, Option<Uuid>> = g
+        .all_keys()
+        .into_iter()
+        .map(|k| {
+            let p = g.profile_of(&k);
+            (k, p)
+        })
+        .collect();
+    let mut applied = Applied::default();
+    for o in batch {
+        g.apply(rules, severed, o, &mut applied);
+    }
+    if !late_keys.iter().all(|k| g.within_rules(rules, k)) {
+        return Ok(None);
+    }
+    let members: BTreeSet<Key> = g.members_of(&late_keys).into_iter().collect();
+    let counted = applied.refusals.iter().any(|r| {
+        r.reason.kind().is_some() && (members.contains(&r.key) || members.contains(&r.other))
+    });
+    if counted
+        || src
+            .bound(&members.iter().cloned().collect::<Vec<_>>())
+            .await?
+    {
+        return Ok(None);
+    }
+    let changes = changes(&g, &before, &applied, None, batch);
+    Ok(Some(Outcome {
+        graph: g,
+        applied,
+        rederived: None,
+        changes,
+        before,
+    }))
 }
 
 /// The profile changes between `before` and the graph now, for subjects.
@@ -320,7 +400,10 @@ impl MemoryStore {
 
     fn store(&mut self, a: &Applied) {
         for l in &a.links {
-            self.links.insert(l.link_id, l.clone());
+            let e = self.links.entry(l.link_id).or_insert_with(|| l.clone());
+            if (l.at, l.cause) < (e.at, e.cause) {
+                *e = l.clone();
+            }
         }
         self.refusals.extend(a.refusals.iter().cloned());
     }
@@ -353,6 +436,13 @@ impl Source for MemoryStore {
                     .collect()
             })
             .collect())
+    }
+
+    async fn bound(&mut self, keys: &[Key]) -> Result<bool, Self::Error> {
+        let keys: HashSet<&Key> = keys.iter().collect();
+        Ok(self.refusals.iter().any(|r| {
+            r.reason.kind().is_some() && (keys.contains(&r.key) || keys.contains(&r.other))
+        }))
     }
 
     async fn observations(
@@ -483,7 +573,7 @@ mod tests {
             m.nodes.insert(a.key, (a.label, a.seen, a.profile));
         }
         for l in applied.links {
-            m.links.insert(l.link_id, l);
+            m.links.entry(l.link_id).or_insert(l);
         }
         m.refusals = applied.refusals.into_iter().collect();
         m

@@ -246,19 +246,16 @@ impl<'c> PgGraph<'c> {
                 .bind(&events)
                 .execute(&mut *self.tx)
                 .await?;
-            self.store(&r.applied).await?;
+            stats.new_links.extend(
+                self.store(&r.applied)
+                    .await?
+                    .into_iter()
+                    .filter(|l| !previous_links.contains(l)),
+            );
             stats.rederived_nodes = ids.len();
             stats.rederived_events = events.len();
         }
-        self.store(&out.applied).await?;
-        stats.new_links = out
-            .applied
-            .links
-            .iter()
-            .chain(out.rederived.iter().flat_map(|r| r.applied.links.iter()))
-            .filter(|l| !previous_links.contains(&l.link_id))
-            .map(|l| l.link_id)
-            .collect();
+        stats.new_links.extend(self.store(&out.applied).await?);
         stats.refusals = out.applied.refusals.len()
             + out
                 .rederived
@@ -322,13 +319,22 @@ impl<'c> PgGraph<'c> {
         Ok(stats)
     }
 
-    async fn store(&mut self, a: &Applied) -> Result<(), sqlx::Error> {
+    /// Writes links (each pair keeps its earliest event) and refusals; returns the ids of
+    /// links that did not exist.
+    async fn store(&mut self, a: &Applied) -> Result<Vec<Uuid>, sqlx::Error> {
         let mut link = Vec::new();
         let mut from = Vec::new();
         let mut to = Vec::new();
         let mut cause = Vec::new();
         let mut at = Vec::new();
+        let mut earliest: HashMap<Uuid, &crate::graph::Link> = HashMap::new();
         for l in &a.links {
+            let e = earliest.entry(l.link_id).or_insert(l);
+            if (l.at, l.cause) < (e.at, e.cause) {
+                *e = l;
+            }
+        }
+        for l in earliest.into_values() {
             let (Some(f), Some(t)) = (self.ids.get(&l.from), self.ids.get(&l.to)) else {
                 continue;
             };
@@ -338,18 +344,25 @@ impl<'c> PgGraph<'c> {
             cause.push(l.cause);
             at.push(time(l.at));
         }
-        sqlx::query(
-            "INSERT INTO identity_links (link_id, from_node, to_node, cause_event_id, occurred_at)
+        let written: Vec<(Uuid, bool)> = sqlx::query_as(
+            "INSERT INTO identity_links AS l (link_id, from_node, to_node, cause_event_id, occurred_at)
              SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::uuid[], $5::timestamptz[])
-             ON CONFLICT DO NOTHING",
+             ON CONFLICT (link_id) DO UPDATE SET cause_event_id = EXCLUDED.cause_event_id, occurred_at = EXCLUDED.occurred_at
+              WHERE (EXCLUDED.occurred_at, EXCLUDED.cause_event_id) < (l.occurred_at, l.cause_event_id)
+             RETURNING link_id, xmax = 0",
         )
         .bind(&link)
         .bind(&from)
         .bind(&to)
         .bind(&cause)
         .bind(&at)
-        .execute(&mut *self.tx)
+        .fetch_all(&mut *self.tx)
         .await?;
+        let inserted: Vec<Uuid> = written
+            .into_iter()
+            .filter(|(_, new)| *new)
+            .map(|(id, _)| id)
+            .collect();
         let rows: Vec<&Refusal> = a.refusals.iter().collect();
         let mut ev = Vec::new();
         let mut node = Vec::new();
@@ -381,7 +394,7 @@ impl<'c> PgGraph<'c> {
         .bind(&at)
         .execute(&mut *self.tx)
         .await?;
-        Ok(())
+        Ok(inserted)
     }
 }
 
@@ -415,6 +428,18 @@ fn seen_of(
 
 impl Source for PgGraph<'_> {
     type Error = sqlx::Error;
+
+    async fn bound(&mut self, keys: &[Key]) -> Result<bool, sqlx::Error> {
+        let ids = self.ids_of(keys);
+        let (bound,): (bool,) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM identity_refusals
+                             WHERE (node = ANY($1) OR other_node = ANY($1)) AND reason IN ('unique', 'limit'))",
+        )
+        .bind(&ids)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        Ok(bound)
+    }
 
     async fn components(
         &mut self,
