@@ -276,9 +276,9 @@ pub fn spawn(
 }
 
 /// A realistic workload: `people` persons, each with an anonymous id, an email, a device, and
-/// for two in three a user id; most events carry the anonymous id alone, one in five carries
-/// two or more identifiers; some devices are shared by three persons and some emails are junk;
-/// event times jitter so that partitions deliver some events late.
+/// for two in three a user id; most events carry the anonymous id alone, about one in five
+/// carries two or more identifiers; one person in ten shares the previous person's device,
+/// some emails are junk; event times jitter so that partitions deliver some events late.
 pub fn workload(n: usize, people: usize, seed: u64) -> Vec<Spec> {
     let mut state = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
     let mut next = move || {
@@ -296,7 +296,7 @@ pub fn workload(n: usize, people: usize, seed: u64) -> Vec<Spec> {
             .min(people - 1);
         let anon = format!("anon-{p}");
         let at = (i as i64) - (next() % 30) as i64;
-        let kind = next() % 10;
+        let kind = next() % 14;
         let ids: Vec<(IdentifierKind, String)> = match kind {
             0 => vec![
                 (IdentifierKind::AnonymousId, anon),
@@ -309,7 +309,10 @@ pub fn workload(n: usize, people: usize, seed: u64) -> Vec<Spec> {
             ],
             2 => vec![
                 (IdentifierKind::AnonymousId, anon),
-                (IdentifierKind::DeviceId, format!("dev-{}", p / 3)),
+                (
+                    IdentifierKind::DeviceId,
+                    format!("dev-{}", if p % 10 == 1 { p - 1 } else { p }),
+                ),
             ],
             3 if next() % 4 == 0 => vec![
                 (IdentifierKind::AnonymousId, anon),

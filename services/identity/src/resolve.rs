@@ -147,11 +147,12 @@ pub async fn resolve<S: Source>(
         // Close over components and the observations that touch them.
         // Blocked and severed identifiers never link: they are not a path between components.
         let inert = |k: &Key| rules.blocked.contains(k) || severed.keys.contains(k);
+        // A forced key (just severed) is where the closure starts: its component re-derives.
         let mut reach: BTreeSet<Key> = late
             .iter()
             .flat_map(|i| batch[*i].keys.iter().cloned())
-            .chain(force.iter().cloned())
             .filter(|k| !inert(k))
+            .chain(force.iter().cloned())
             .collect();
         let mut queried: BTreeSet<Key> = BTreeSet::new();
         let mut in_r: BTreeMap<Uuid, Observation> = BTreeMap::new();
