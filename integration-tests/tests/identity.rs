@@ -457,3 +457,117 @@ async fn the_api_shows_a_profiles_identifiers_to_operators_only() -> anyhow::Res
     server.await??;
     slice.db.drop_db().await
 }
+
+/// Track events with chosen identifiers, sealed and published as ingest does.
+async fn publish_tracks(
+    slice: &cdp_integration_tests::projector::Slice,
+    specs: &[Spec],
+) -> anyhow::Result<()> {
+    use cdp_ingest::publisher::{envelope, plain, Draft};
+    use cdp_keystore::RawIdentifier;
+    use cdp_schemas::model::customer::Track;
+    use cdp_schemas::CustomerPayload;
+    let drafts: Vec<Draft<CustomerEvent>> = specs
+        .iter()
+        .map(|s| {
+            let at = cdp_integration_tests::identity::origin() + chrono::Duration::seconds(s.at);
+            Draft {
+                event: CustomerEvent {
+                    envelope: envelope(s.event_id, at, at, "test"),
+                    payload: CustomerPayload::Track(Track {
+                        interaction_type: "Product Viewed".to_owned(),
+                        channel: Some("web".to_owned()),
+                        touchpoint: None,
+                        duration_ms: None,
+                        outcome: None,
+                        properties: plain(r#"{"product_id":"p-1"}"#),
+                    }),
+                },
+                identifiers: s
+                    .ids
+                    .iter()
+                    .map(|(k, v)| RawIdentifier::new(*k, v.as_str()))
+                    .collect(),
+            }
+        })
+        .collect();
+    let prepared = slice.publisher.prepare(drafts).await?;
+    slice.produce(&prepared, |_| Some(0)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_projector_follows_a_merge_and_its_split() -> anyhow::Result<()> {
+    use cdp_integration_tests::projector::Slice;
+    let slice = Slice::create().await?;
+    publish_tracks(
+        &slice,
+        &[
+            Spec::new(1, 0, &[(Anon, "a1")]),
+            Spec::new(2, 1, &[(Anon, "a2")]),
+            Spec::new(3, 2, &[(Anon, "a1"), (Email, "family@example.org")]),
+            Spec::new(4, 3, &[(Anon, "a2"), (Email, "family@example.org")]),
+        ],
+    )
+    .await?;
+    let ic = cdp_identity::IdentityConfig {
+        kafka: slice.kafka.clone(),
+        pg: slice.db.args(),
+        keys: slice.key_args.clone(),
+        runner: cdp_runtime::config::RunnerArgs {
+            batch_size: 100,
+            batch_linger_ms: 50,
+            ..cdp_runtime::config::RunnerArgs::default()
+        },
+        identity: cdp_identity::IdentityArgs {
+            group: format!("{}.identity", slice.topic(Topic::Audit)),
+            schema: "id_follow".to_owned(),
+            rules: IdSlice::default_rules(),
+        },
+    };
+    let (stop_i, task_i) = spawn(ic.clone());
+    let pc = slice.config("follow");
+    let (stop_p, task_p) = cdp_integration_tests::projector::spawn(pc.clone());
+    let profile = |a: &str| -> anyhow::Result<Uuid> {
+        let h = slice
+            .key_args
+            .hasher()?
+            .identifier(&cdp_keystore::RawIdentifier::new(Anon, a))?
+            .0
+            .value_hash;
+        Ok(cdp_schemas::profile_id_of(&h))
+    };
+    let (p1, p2) = (profile("a1")?, profile("a2")?);
+    let count = |p: Uuid| {
+        let pool = slice.db.pool.clone();
+        async move {
+            let (n,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM p_follow_read.interactions WHERE profile_id = $1",
+            )
+            .bind(p)
+            .fetch_one(&pool)
+            .await?;
+            anyhow::Ok(n)
+        }
+    };
+    slice.caught_up(&pc, WAIT).await?;
+    wait_until("the merge reached the read model", WAIT, || async {
+        Ok(count(p1).await? == 4 && count(p2).await? == 0)
+    })
+    .await?;
+
+    cdp_identity::split(
+        &ic,
+        SplitTarget::Identifier(Email, None, "family@example.org".to_owned()),
+        "shared family email",
+    )
+    .await?;
+    wait_until("the split reached the read model", WAIT, || async {
+        Ok(count(p1).await? == 2 && count(p2).await? == 2)
+    })
+    .await?;
+    stop_i.trigger();
+    stop_p.trigger();
+    task_i.await??;
+    task_p.await??;
+    slice.db.drop_db().await
+}
