@@ -410,7 +410,7 @@ async fn the_api_shows_a_profiles_identifiers_to_operators_only() -> anyhow::Res
     slice.caught_up(&config, WAIT).await?;
     let tokens = vec!["ops:operator:s3cret".to_owned(), "app:read:r3ad".to_owned()];
     let api = cdp_identity::IdentityApiArgs {
-        addr: "127.0.0.1:0".to_owned(),
+        identity_api_addr: "127.0.0.1:0".to_owned(),
     };
     let Some((addr, serve)) = cdp_identity::bind_api(
         &config.pg,

@@ -48,6 +48,7 @@ use rules::{RulesArgs, RulesError};
 pub struct IdentityArgs {
     /// Consumer group of the identity service.
     #[arg(
+        id = "identity_group",
         long = "identity-group",
         env = "CDP_IDENTITY_GROUP",
         default_value = "cdp.identity"
@@ -55,6 +56,7 @@ pub struct IdentityArgs {
     pub group: String,
     /// Postgres schema holding the identity graph.
     #[arg(
+        id = "identity_schema",
         long = "identity-schema",
         env = "CDP_IDENTITY_SCHEMA",
         default_value = "identity"
@@ -73,7 +75,7 @@ pub struct IdentityApiArgs {
         env = "CDP_IDENTITY_API_ADDR",
         default_value = "127.0.0.1:8091"
     )]
-    pub addr: String,
+    pub identity_api_addr: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -461,7 +463,7 @@ pub async fn bind_api(
     )>,
     IdentityError,
 > {
-    if api.addr.trim() == "off" {
+    if api.identity_api_addr.trim() == "off" {
         return Ok(None);
     }
     let pool = pool(pg_args, schema).await?;
@@ -469,10 +471,10 @@ pub async fn bind_api(
         pool,
         tokens: tokens(api_tokens)?,
     });
-    let listener = tokio::net::TcpListener::bind(api.addr.trim())
+    let listener = tokio::net::TcpListener::bind(api.identity_api_addr.trim())
         .await
         .map_err(|source| IdentityError::Bind {
-            addr: api.addr.clone(),
+            addr: api.identity_api_addr.clone(),
             source,
         })?;
     let addr = listener.local_addr().map_err(IdentityError::Serve)?;

@@ -13,6 +13,7 @@ use crate::graph::{Key, Kind, Micros, Rules};
 pub struct RulesArgs {
     /// Identifier kinds that take part in identity resolution; others are ignored.
     #[arg(
+        id = "identity_kinds",
         long = "identity-kinds",
         env = "CDP_IDENTITY_KINDS",
         value_delimiter = ',',
@@ -22,6 +23,7 @@ pub struct RulesArgs {
     /// Identifier priority, highest first: in an event, the highest-ranked identifier anchors
     /// the others, so when a rule refuses a link it is the lower-ranked one that stays out.
     #[arg(
+        id = "identity_priority",
         long = "identity-priority",
         env = "CDP_IDENTITY_PRIORITY",
         value_delimiter = ',',
@@ -31,6 +33,7 @@ pub struct RulesArgs {
     /// Unique kinds: a profile holds at most one value of each, and two profiles holding
     /// different values never merge (two different user ids stay two people).
     #[arg(
+        id = "identity_unique",
         long = "identity-unique",
         env = "CDP_IDENTITY_UNIQUE",
         value_delimiter = ',',
@@ -39,6 +42,7 @@ pub struct RulesArgs {
     pub unique: Vec<String>,
     /// Most values of a kind per profile, `kind=n` comma-separated.
     #[arg(
+        id = "identity_limits",
         long = "identity-limits",
         env = "CDP_IDENTITY_LIMITS",
         value_delimiter = ',',
@@ -48,6 +52,7 @@ pub struct RulesArgs {
     /// Time-to-live per kind (`anonymous_id=90d`; units s, m, h, d): a value not seen for that
     /// long (event time) does not link until it has been seen again. Empty: none.
     #[arg(
+        id = "identity_ttl",
         long = "identity-ttl",
         env = "CDP_IDENTITY_TTL",
         value_delimiter = ',',
@@ -58,6 +63,7 @@ pub struct RulesArgs {
     /// comma-separated. Normalized and hashed with the identifier key at start, so they match
     /// however clients spell them. The graph holds only hashes, so rules match exact values.
     #[arg(
+        id = "identity_blocked",
         long = "identity-blocked",
         env = "CDP_IDENTITY_BLOCKED",
         value_delimiter = ',',
