@@ -176,7 +176,7 @@ async fn read_log_once(
         };
         while !done(&out) {
             ensure!(
-                started.elapsed() < Duration::from_secs(120),
+                started.elapsed() < Duration::from_secs(60),
                 "reading {topic} back timed out"
             );
             if let Some(m) = c.poll(Duration::from_millis(100)) {
