@@ -207,7 +207,13 @@ impl Fields {
     }
 
     pub(crate) fn uuid(&mut self, field: &'static str) -> Result<Uuid, ContractError> {
-        match self.take(field)? {
+        let v = self.take(field)?;
+        self.uuid_of(field, v)
+    }
+
+    /// A uuid value (logical type, or its string form) of `field`.
+    fn uuid_of(&self, field: &'static str, v: Value) -> Result<Uuid, ContractError> {
+        match v {
             Value::Uuid(u) => Ok(u),
             Value::String(s) => Uuid::parse_str(&s).map_err(|_| ContractError::WrongType {
                 record: self.record,
@@ -291,16 +297,7 @@ impl Fields {
     pub(crate) fn uuid_array(&mut self, field: &'static str) -> Result<Vec<Uuid>, ContractError> {
         self.array(field)?
             .into_iter()
-            .map(|v| match v {
-                Value::Uuid(u) => Ok(u),
-                Value::String(s) => Uuid::parse_str(&s).map_err(|_| ContractError::WrongType {
-                    record: self.record,
-                    field,
-                    expected: "uuid",
-                    found: "malformed uuid string".to_owned(),
-                }),
-                v => Err(self.wrong(field, "array of uuid", &v)),
-            })
+            .map(|v| self.uuid_of(field, v))
             .collect()
     }
 

@@ -122,13 +122,22 @@ impl<'c> PgGraph<'c> {
         .bind(&hashes)
         .fetch_all(&mut *self.tx)
         .await?;
+        self.remember_all(rows);
+        Ok(())
+    }
+
+    /// Learns a node's id and key, both ways.
+    fn remember(&mut self, id: i64, key: Key) {
+        self.ids.insert(key.clone(), id);
+        self.keys.insert(id, key);
+    }
+
+    fn remember_all(&mut self, rows: Vec<(i64, String, String, String)>) {
         for (id, kind, ns, hash) in rows {
             if let Some(k) = key_of(&kind, ns, hash) {
-                self.ids.insert(k.clone(), id);
-                self.keys.insert(id, k);
+                self.remember(id, k);
             }
         }
-        Ok(())
     }
 
     fn ids_of(&self, keys: &[Key]) -> Vec<i64> {
@@ -153,12 +162,7 @@ impl<'c> PgGraph<'c> {
         .bind(&missing)
         .fetch_all(&mut *self.tx)
         .await?;
-        for (id, kind, ns, hash) in rows {
-            if let Some(k) = key_of(&kind, ns, hash) {
-                self.ids.insert(k.clone(), id);
-                self.keys.insert(id, k);
-            }
-        }
+        self.remember_all(rows);
         Ok(())
     }
 
@@ -462,8 +466,7 @@ impl Source for PgGraph<'_> {
             };
             let link = ka.zip(ke).map(|(a, e)| (micros(a), e));
             let seen = seen_of(fa, fe, la, le, subject, link);
-            self.ids.insert(k.clone(), id);
-            self.keys.insert(id, k.clone());
+            self.remember(id, k.clone());
             self.stored.insert(
                 k.clone(),
                 Stored {
