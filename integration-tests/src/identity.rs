@@ -116,6 +116,7 @@ impl IdSlice {
                 group: format!("{}.{name}", self.topic(Topic::Audit)),
                 schema: format!("id_{name}"),
                 rules,
+                candidates: cdp_identity::candidates::CandidateArgs::default(),
             },
         }
     }

@@ -458,6 +458,29 @@ async fn the_api_shows_a_profiles_identifiers_to_operators_only() -> anyhow::Res
     slice.db.drop_db().await
 }
 
+/// An identity configuration beside a projector slice (same topics, database and keys).
+fn identity_for(
+    slice: &cdp_integration_tests::projector::Slice,
+    schema: &str,
+) -> cdp_identity::IdentityConfig {
+    cdp_identity::IdentityConfig {
+        kafka: slice.kafka.clone(),
+        pg: slice.db.args(),
+        keys: slice.key_args.clone(),
+        runner: cdp_runtime::config::RunnerArgs {
+            batch_size: 100,
+            batch_linger_ms: 50,
+            ..cdp_runtime::config::RunnerArgs::default()
+        },
+        identity: cdp_identity::IdentityArgs {
+            group: format!("{}.{schema}", slice.topic(Topic::Audit)),
+            schema: schema.to_owned(),
+            rules: IdSlice::default_rules(),
+            candidates: cdp_identity::candidates::CandidateArgs::default(),
+        },
+    }
+}
+
 /// Track events with chosen identifiers, sealed and published as ingest does.
 async fn publish_tracks(
     slice: &cdp_integration_tests::projector::Slice,
@@ -509,21 +532,7 @@ async fn the_projector_follows_a_merge_and_its_split() -> anyhow::Result<()> {
         ],
     )
     .await?;
-    let ic = cdp_identity::IdentityConfig {
-        kafka: slice.kafka.clone(),
-        pg: slice.db.args(),
-        keys: slice.key_args.clone(),
-        runner: cdp_runtime::config::RunnerArgs {
-            batch_size: 100,
-            batch_linger_ms: 50,
-            ..cdp_runtime::config::RunnerArgs::default()
-        },
-        identity: cdp_identity::IdentityArgs {
-            group: format!("{}.identity", slice.topic(Topic::Audit)),
-            schema: "id_follow".to_owned(),
-            rules: IdSlice::default_rules(),
-        },
-    };
+    let ic = identity_for(&slice, "id_follow");
     let (stop_i, task_i) = spawn(ic.clone());
     let pc = slice.config("follow");
     let (stop_p, task_p) = cdp_integration_tests::projector::spawn(pc.clone());
@@ -569,5 +578,356 @@ async fn the_projector_follows_a_merge_and_its_split() -> anyhow::Result<()> {
     stop_p.trigger();
     task_i.await??;
     task_p.await??;
+    slice.db.drop_db().await
+}
+
+/// One person's identify event for the candidate test.
+struct Person {
+    n: u128,
+    ids: Vec<(IdentifierKind, &'static str)>,
+    first: &'static str,
+    last: &'static str,
+    street: Option<&'static str>,
+    postal: &'static str,
+    country: &'static str,
+    birth: Option<&'static str>,
+}
+
+async fn publish_identifies(
+    slice: &cdp_integration_tests::projector::Slice,
+    people: &[Person],
+) -> anyhow::Result<()> {
+    use cdp_ingest::publisher::{envelope, plain, Draft};
+    use cdp_keystore::RawIdentifier;
+    use cdp_schemas::model::customer::Identify;
+    use cdp_schemas::CustomerPayload;
+    let drafts: Vec<Draft<CustomerEvent>> = people
+        .iter()
+        .map(|p| {
+            let at =
+                cdp_integration_tests::identity::origin() + chrono::Duration::seconds(p.n as i64);
+            let email = p.ids.iter().find(|i| i.0 == Email).map(|i| i.1);
+            Draft {
+                event: CustomerEvent {
+                    envelope: envelope(Uuid::from_u128(0xca00 + p.n), at, at, "test"),
+                    payload: CustomerPayload::Identify(Identify {
+                        first_name: plain(p.first),
+                        last_name: plain(p.last),
+                        email: email.and_then(plain),
+                        street: p.street.and_then(plain),
+                        postal_code: plain(p.postal),
+                        birth_date: p.birth.and_then(plain),
+                        country: Some(p.country.to_owned()),
+                        ..Identify::default()
+                    }),
+                },
+                identifiers: p
+                    .ids
+                    .iter()
+                    .map(|(k, v)| RawIdentifier::new(*k, *v))
+                    .collect(),
+            }
+        })
+        .collect();
+    let prepared = slice.publisher.prepare(drafts).await?;
+    slice.produce(&prepared, |i| Some((i % 3) as i32)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fuzzy_duplicates_are_scored_from_the_read_model_and_merged_only_over_the_threshold(
+) -> anyhow::Result<()> {
+    use cdp_integration_tests::projector::Slice;
+    let slice = Slice::create().await?;
+    let p = |n, ids, first, last, street, postal, country, birth| Person {
+        n,
+        ids,
+        first,
+        last,
+        street,
+        postal,
+        country,
+        birth,
+    };
+    let people = vec![
+        p(
+            1,
+            vec![(User, "u-1"), (Email, "john.smith@a.example")],
+            "John",
+            "Smith",
+            Some("12 High Street"),
+            "SW1A 1AA",
+            "GB",
+            Some("1980-01-02"),
+        ),
+        // The same man signed up again: a typo, another email, the street abbreviated.
+        p(
+            2,
+            vec![(Anon, "a-2"), (Email, "jon.smith@b.example")],
+            "Jon",
+            "Smith",
+            Some("12 High St."),
+            "sw1a1aa",
+            "GB",
+            Some("1980-01-02"),
+        ),
+        // His father: same name and address, another birth date.
+        p(
+            3,
+            vec![(Anon, "a-3"), (Email, "senior@c.example")],
+            "John",
+            "Smith",
+            Some("12 High Street"),
+            "SW1A 1AA",
+            "GB",
+            Some("1950-05-05"),
+        ),
+        p(
+            4,
+            vec![(Anon, "a-4"), (Email, "mary@d.example")],
+            "Mary",
+            "Jones",
+            Some("12 High Street"),
+            "SW1A 1AA",
+            "GB",
+            None,
+        ),
+        // A namesake elsewhere: another block.
+        p(
+            5,
+            vec![(Anon, "a-5"), (Email, "john@e.example")],
+            "John",
+            "Smith",
+            Some("1 Old Road"),
+            "EC1A 1BB",
+            "GB",
+            Some("1980-01-02"),
+        ),
+        // Similar names, nothing else to go on: reported, never merged automatically.
+        p(
+            6,
+            vec![(Anon, "a-6"), (Email, "anna@f.example")],
+            "Anna",
+            "Berg",
+            None,
+            "10115",
+            "DE",
+            None,
+        ),
+        p(
+            7,
+            vec![(Anon, "a-7"), (Email, "ana@g.example")],
+            "Ana",
+            "Berg",
+            None,
+            "10 115",
+            "DE",
+            None,
+        ),
+        // Twins of record with two user ids: a merge the unique rule refuses.
+        p(
+            8,
+            vec![(User, "u-8"), (Email, "lena@h.example")],
+            "Lena",
+            "Koch",
+            Some("Hauptstraße 5"),
+            "80331",
+            "DE",
+            Some("1990-09-09"),
+        ),
+        p(
+            9,
+            vec![(User, "u-9"), (Email, "lena.koch@i.example")],
+            "Lena",
+            "Koch",
+            Some("Hauptstrasse 5"),
+            "80331",
+            "DE",
+            Some("1990-09-09"),
+        ),
+    ];
+    publish_identifies(&slice, &people).await?;
+    let mut ic = identity_for(&slice, "id_cand");
+    ic.identity.candidates = cdp_identity::candidates::CandidateArgs {
+        source: "p_cand_read".to_owned(),
+        every_secs: 0,
+        ..cdp_identity::candidates::CandidateArgs::default()
+    };
+    let (stop_i, task_i) = spawn(ic.clone());
+    let pc = slice.config("cand");
+    let (stop_p, task_p) = cdp_integration_tests::projector::spawn(pc.clone());
+    slice.caught_up(&pc, WAIT).await?;
+    let graph = cdp_identity::pool(&ic.pg, &ic.identity.schema).await?;
+    wait_until("identity observed every event", WAIT, || async {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM identity_observations")
+            .fetch_one(&graph)
+            .await?;
+        Ok(n == people.len() as i64)
+    })
+    .await?;
+    let hasher = slice.key_args.hasher()?;
+    // The read model's profile of an email (by its hash: a merged profile keeps one email trait).
+    let profile = |email: &'static str| {
+        let pool = slice.db.pool.clone();
+        let hash = hasher
+            .identifier(&cdp_keystore::RawIdentifier::new(Email, email))
+            .map(|i| i.0.value_hash);
+        async move {
+            let (id,): (Uuid,) = sqlx::query_as(
+                "SELECT profile_id FROM p_cand_read.customer_identities WHERE kind = 'EMAIL' AND value_hash = $1",
+            )
+            .bind(hash?)
+            .fetch_one(&pool)
+            .await?;
+            anyhow::Ok(id)
+        }
+    };
+    let pair = |a: Uuid, b: Uuid| if a < b { (a, b) } else { (b, a) };
+    let smith = pair(
+        profile("john.smith@a.example").await?,
+        profile("jon.smith@b.example").await?,
+    );
+    let berg = pair(
+        profile("anna@f.example").await?,
+        profile("ana@g.example").await?,
+    );
+    let koch = pair(
+        profile("lena@h.example").await?,
+        profile("lena.koch@i.example").await?,
+    );
+    let open = || async {
+        let rows: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
+            "SELECT profile_a, profile_b, status FROM identity_candidates ORDER BY score DESC, profile_a",
+        )
+        .fetch_all(&graph)
+        .await?;
+        anyhow::Ok(
+            rows.into_iter()
+                .map(|(a, b, s)| ((a, b), s))
+                .collect::<BTreeMap<_, _>>(),
+        )
+    };
+
+    // Reported only.
+    let r = cdp_identity::sweep_candidates(&ic).await?;
+    assert!(r.swept);
+    assert_eq!(
+        (r.profiles, r.blocks, r.candidates, r.merges),
+        (9, 4, 3, 0),
+        "{r:?}"
+    );
+    let expected: BTreeMap<_, _> = [smith, berg, koch]
+        .into_iter()
+        .map(|p| (p, "open".to_owned()))
+        .collect();
+    assert_eq!(
+        open().await?,
+        expected,
+        "the father, Mary and the other John are no candidates"
+    );
+
+    // The API lists them, best first, a page at a time.
+    let tokens = vec!["ops:operator:s3cret".to_owned(), "app:read:r3ad".to_owned()];
+    let api = cdp_identity::IdentityApiArgs {
+        identity_api_addr: "127.0.0.1:0".to_owned(),
+    };
+    let Some((addr, serve)) =
+        cdp_identity::bind_api(&ic.pg, &ic.identity.schema, &api, &tokens, stop_i.clone()).await?
+    else {
+        anyhow::bail!("the API is on");
+    };
+    let server = tokio::spawn(serve);
+    let http = reqwest::Client::new();
+    let url = format!("http://{addr}/v1/identity/candidates");
+    assert_eq!(
+        http.get(&url).bearer_auth("r3ad").send().await?.status(),
+        403
+    );
+    let mut seen = Vec::new();
+    let mut next: Option<String> = None;
+    for _ in 0..5 {
+        // Cursors are digits, hex, '.', '-' and '_': nothing to escape.
+        let page = match &next {
+            Some(c) => format!("{url}?limit=2&after={c}"),
+            None => format!("{url}?limit=2"),
+        };
+        let body: serde_json::Value = http
+            .get(&page)
+            .bearer_auth("s3cret")
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        for c in body["candidates"].as_array().into_iter().flatten() {
+            seen.push((
+                c["score"].as_f64().unwrap_or(-1.0),
+                c["profile_a"].as_str().unwrap_or("").to_owned(),
+            ));
+        }
+        next = body["next"].as_str().map(str::to_owned);
+        if next.is_none() {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        3,
+        "every candidate once over the pages: {seen:?}"
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0].0 >= w[1].0),
+        "best first: {seen:?}"
+    );
+
+    // With an automatic-merge threshold: the corroborated pairs get an alias event; the
+    // graph merges the Smiths, the unique rule keeps the two user ids apart.
+    ic.identity.candidates.automerge = Some(0.95);
+    let r = cdp_identity::sweep_candidates(&ic).await?;
+    assert_eq!(r.merges, 2, "{r:?}");
+    let same_profile = || async {
+        Ok(profile("john.smith@a.example").await? == profile("jon.smith@b.example").await?)
+    };
+    wait_until(
+        "the read model follows the automatic merge",
+        WAIT,
+        same_profile,
+    )
+    .await?;
+    let (refused,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM identity_refusals r JOIN identity_candidates c ON c.merge_event_id = r.event_id
+          WHERE r.reason = 'unique'",
+    )
+    .fetch_one(&graph)
+    .await?;
+    assert_eq!(
+        refused, 1,
+        "the Kochs' alias is refused by the unique rule, and recorded"
+    );
+    assert_ne!(
+        profile("lena@h.example").await?,
+        profile("lena.koch@i.example").await?
+    );
+
+    // The next sweep publishes nothing again; the Bergs stay an open candidate.
+    slice.caught_up(&pc, WAIT).await?;
+    let r = cdp_identity::sweep_candidates(&ic).await?;
+    assert_eq!(r.merges, 0);
+    let after = open().await?;
+    assert_eq!(after.get(&berg).map(String::as_str), Some("open"));
+    assert_eq!(
+        after.get(&smith).map(String::as_str),
+        Some("alias_published")
+    );
+    assert_eq!(
+        after.get(&koch).map(String::as_str),
+        Some("alias_published")
+    );
+
+    stop_i.trigger();
+    stop_p.trigger();
+    task_i.await??;
+    task_p.await??;
+    server.await??;
+    graph.close().await;
     slice.db.drop_db().await
 }

@@ -89,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
             group: format!("{}.bench-identity", slice.topic(Topic::Audit)),
             schema: "bench_identity".to_owned(),
             rules: IdSlice::default_rules(),
+            candidates: cdp_identity::candidates::CandidateArgs::default(),
         },
     };
     let pool = cdp_identity::pool(&config.pg, &config.identity.schema).await?;

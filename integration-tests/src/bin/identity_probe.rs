@@ -44,6 +44,7 @@ async fn main() -> anyhow::Result<()> {
             group: var("CDP_IDENTITY_GROUP")?,
             schema: var("CDP_IDENTITY_SCHEMA")?,
             rules: cdp_integration_tests::identity::IdSlice::default_rules(),
+            candidates: cdp_identity::candidates::CandidateArgs::default(),
         },
     };
     let shutdown = Shutdown::new();

@@ -237,6 +237,11 @@ pub enum IdentityAction {
         #[arg(long, default_value = "")]
         note: String,
     },
+    /// Score fuzzy duplicate candidates now (names, streets and birth dates of profiles sharing
+    /// a postal code, from the projector's read model) and, with CDP_IDENTITY_AUTOMERGE set,
+    /// publish the merges that meet it. The service also sweeps every
+    /// CDP_IDENTITY_CANDIDATES_EVERY seconds.
+    Candidates,
 }
 
 /// How to move a consumer's stored positions.

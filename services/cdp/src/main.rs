@@ -455,6 +455,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     );
                     Ok(())
                 }
+                Some(cli::IdentityAction::Candidates) => {
+                    let r = cdp_identity::sweep_candidates(&config)
+                        .await
+                        .context("duplicate candidates")?;
+                    if r.swept {
+                        println!(
+                            "candidates: {} profiles with a name and postal code in {} blocks, {} open candidates, {} merged automatically",
+                            r.profiles, r.blocks, r.candidates, r.merges
+                        );
+                    } else {
+                        println!("candidates: another sweep is running; nothing done");
+                    }
+                    Ok(())
+                }
                 None => {
                     let platform = Platform::start(&args.admin).await?;
                     let mut services = vec![platform.identity(config)];

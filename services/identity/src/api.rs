@@ -2,11 +2,13 @@
 //! identifiers (kind, hashed value, first and last seen), the links that joined them with the
 //! events that caused them, and the links the rules refused. Bearer tokens; the `operator`
 //! role is required. Values are keyed hashes: the graph holds no plaintext.
+//! `GET /v1/identity/candidates` lists fuzzy duplicate candidates (profile pairs and their
+//! scores, best first, with a cursor).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -160,8 +162,124 @@ async fn get_identity(
     }
 }
 
+#[derive(serde::Deserialize)]
+struct CandidateQuery {
+    min_score: Option<f64>,
+    status: Option<String>,
+    limit: Option<i64>,
+    after: Option<String>,
+}
+
+type CandidateRow = (
+    Uuid,
+    Uuid,
+    f64,
+    f64,
+    Option<f64>,
+    Option<bool>,
+    String,
+    Option<Uuid>,
+    DateTime<Utc>,
+    DateTime<Utc>,
+);
+
+/// `<score>_<profile a>_<profile b>` of the last row of a page.
+fn parse_cursor(s: &str) -> Option<(f64, Uuid, Uuid)> {
+    let mut it = s.splitn(3, '_');
+    Some((
+        it.next()?.parse().ok()?,
+        Uuid::parse_str(it.next()?).ok()?,
+        Uuid::parse_str(it.next()?).ok()?,
+    ))
+}
+
+async fn get_candidates(
+    State(state): State<Arc<ApiState>>,
+    Query(q): Query<CandidateQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = authorize(&state, &headers) {
+        return *r;
+    }
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return error(StatusCode::BAD_REQUEST, "limit: between 1 and 500");
+    }
+    let status = q.status.as_deref().unwrap_or("open");
+    if !matches!(status, "open" | "alias_published" | "all") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "status: open, alias_published or all",
+        );
+    }
+    let after = match q.after.as_deref().map(parse_cursor) {
+        None => None,
+        Some(Some(c)) => Some(c),
+        Some(None) => return error(StatusCode::BAD_REQUEST, "after: not a cursor of this API"),
+    };
+    let rows: Result<Vec<CandidateRow>, _> = sqlx::query_as(
+        "SELECT profile_a, profile_b, score, name_score, street_score, birth_date_match,
+                status, merge_event_id, first_reported_at, scored_at
+           FROM identity_candidates
+          WHERE score >= $1 AND ($2 = 'all' OR status = $2)
+            AND ($3::float8 IS NULL OR score < $3
+                 OR (score = $3 AND (profile_a, profile_b) > ($4, $5)))
+          ORDER BY score DESC, profile_a, profile_b
+          LIMIT $6",
+    )
+    .bind(q.min_score.unwrap_or(0.0))
+    .bind(status)
+    .bind(after.map(|c| c.0))
+    .bind(after.map(|c| c.1).unwrap_or_default())
+    .bind(after.map(|c| c.2).unwrap_or_default())
+    .bind(limit)
+    .fetch_all(&state.pool)
+    .await;
+    let rows = match rows {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "candidates query failed");
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "database error");
+        }
+    };
+    let next = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| format!("{}_{}_{}", r.2, r.0, r.1)))
+        .flatten();
+    Json(json!({
+        "candidates": rows.iter().map(|(a, b, score, name, street, birth, status, merge, first, scored)| json!({
+            "profile_a": a,
+            "profile_b": b,
+            "score": score,
+            "name_score": name,
+            "street_score": street,
+            "birth_date_match": birth,
+            "status": status,
+            "merge_event_id": merge,
+            "first_reported_at": first,
+            "scored_at": scored,
+        })).collect::<Vec<_>>(),
+        "next": next,
+    }))
+    .into_response()
+}
+
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
+        .route("/v1/identity/candidates", get(get_candidates))
         .route("/v1/identity/{profile_id}", get(get_identity))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip() {
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let score = 0.912_345_678_901_234_5_f64;
+        let c = format!("{score}_{a}_{b}");
+        assert_eq!(parse_cursor(&c), Some((score, a, b)));
+        assert_eq!(parse_cursor("x_y_z"), None);
+    }
 }

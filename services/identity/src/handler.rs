@@ -11,7 +11,8 @@ use cdp_runtime::sink::{Rejection, SinkError};
 use cdp_runtime::RawRecord;
 use cdp_schemas::model::identity::{IdentifiersLinked, ProfileSplit, ProfilesMerged};
 use cdp_schemas::{
-    CustomerEvent, Envelope, Identifier, IdentifierKind, IdentityEvent, IdentityPayload, Subject,
+    CustomerEvent, CustomerPayload, Envelope, Identifier, IdentifierKind, IdentityEvent,
+    IdentityPayload, Subject,
 };
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -54,13 +55,19 @@ pub enum Input {
     Tombstone,
 }
 
-/// What identity resolution reads of an event.
+/// What identity resolution reads of an event: the subject's identifiers, and an alias's
+/// previous identifier (an alias says both are the same person).
 pub fn observation(e: &CustomerEvent, kinds: &BTreeSet<IdentifierKind>) -> Observation {
+    let previous = match &e.payload {
+        CustomerPayload::Alias(a) => Some(&a.previous),
+        _ => None,
+    };
     let keys = e
         .envelope
         .subject
         .identifiers
         .iter()
+        .chain(previous)
         .filter(|i| kinds.contains(&i.kind))
         .map(|i| Key::new(Kind::Id(i.kind), i.namespace.as_deref(), &i.value_hash))
         .collect();
@@ -317,5 +324,32 @@ impl PgHandler for IdentityHandler {
             "batch resolved"
         );
         Ok(Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_alias_links_its_previous_identifier() {
+        let id = |kind, h: &str| Identifier {
+            kind,
+            namespace: None,
+            value_hash: h.to_owned(),
+        };
+        let e = crate::candidates::merge_event(
+            &id(IdentifierKind::UserId, "aa"),
+            &id(IdentifierKind::AnonymousId, "bb"),
+            (Uuid::nil(), Uuid::nil()),
+            Utc::now(),
+        );
+        let all: BTreeSet<IdentifierKind> =
+            [IdentifierKind::UserId, IdentifierKind::AnonymousId].into();
+        let o = observation(&e, &all);
+        assert_eq!(o.keys.len(), 2);
+        assert_eq!(o.subject.hash, "aa");
+        let users: BTreeSet<IdentifierKind> = [IdentifierKind::UserId].into();
+        assert_eq!(observation(&e, &users).keys.len(), 1);
     }
 }

@@ -8,6 +8,7 @@
 //! The graph is a pure function of the events ([`graph`]), kept incrementally ([`resolve`]).
 
 pub mod api;
+pub mod candidates;
 pub mod graph;
 pub mod handler;
 pub mod metrics;
@@ -64,6 +65,8 @@ pub struct IdentityArgs {
     pub schema: String,
     #[command(flatten)]
     pub rules: RulesArgs,
+    #[command(flatten)]
+    pub candidates: candidates::CandidateArgs,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -92,6 +95,8 @@ pub enum IdentityError {
     Runner(#[from] RunnerError),
     #[error(transparent)]
     Rules(#[from] RulesError),
+    #[error(transparent)]
+    Candidates(#[from] candidates::CandidateError),
     #[error("`{0}` is not a valid schema name (lower-case letters, digits, underscores)")]
     Schema(String),
     #[error("CDP_API_TOKENS entry {0} is not principal:role:secret")]
@@ -123,7 +128,7 @@ pub struct IdentityConfig {
     pub identity: IdentityArgs,
 }
 
-fn check_schema(s: &str) -> Result<(), IdentityError> {
+pub(crate) fn check_schema(s: &str) -> Result<(), IdentityError> {
     let ok = !s.is_empty()
         && s.len() <= 48
         && s.starts_with(|c: char| c.is_ascii_lowercase())
@@ -198,10 +203,20 @@ pub async fn run(
     readiness: &Readiness,
     shutdown: Shutdown,
 ) -> Result<(), IdentityError> {
+    config.identity.candidates.check()?;
     let pool = pool(&config.pg, &config.identity.schema).await?;
-    let handler = handler(&config, IdentityMetrics::register(metrics))?;
+    let identity_metrics = IdentityMetrics::register(metrics);
+    let handler = handler(&config, identity_metrics.clone())?;
     let producer = Arc::new(Producer::new(&config.kafka)?);
     let (topics, _) = out_topics(&config.kafka);
+    let sweeps = tokio::spawn(candidates::run_sweeps(
+        pool.clone(),
+        config.identity.candidates.clone(),
+        producer.clone(),
+        topics.name(Topic::CustomerEvents),
+        identity_metrics,
+        shutdown.clone(),
+    ));
     let relay = tokio::spawn(
         Relay::new(pool.clone(), producer.clone(), config.kafka.clone(), OUTBOX).run(
             shutdown.clone(),
@@ -232,8 +247,28 @@ pub async fn run(
     .await;
     shutdown.trigger();
     let _ = relay.await;
+    let _ = sweeps.await;
     pool.close().await;
     Ok(result?)
+}
+
+/// One duplicate-candidate sweep now (`cdp identity candidates`), with the service's settings.
+pub async fn sweep_candidates(
+    config: &IdentityConfig,
+) -> Result<candidates::SweepReport, IdentityError> {
+    let pool = pool(&config.pg, &config.identity.schema).await?;
+    let producer = Producer::new(&config.kafka)?;
+    let (topics, _) = out_topics(&config.kafka);
+    let report = candidates::sweep(
+        &pool,
+        &config.identity.candidates,
+        &producer,
+        &topics.name(Topic::CustomerEvents),
+        &IdentityMetrics::default(),
+    )
+    .await;
+    pool.close().await;
+    Ok(report?)
 }
 
 /// Where the identity service keeps its positions, for `cdp replay identity`.

@@ -4,6 +4,7 @@ use cdp_runtime::metrics::Metrics;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -17,6 +18,8 @@ pub struct IdentityMetrics {
     pub merges: Counter,
     pub splits: Counter,
     pub rederived_events: Counter,
+    pub candidates: Gauge,
+    pub automerges: Counter,
 }
 
 impl IdentityMetrics {
@@ -46,6 +49,16 @@ impl IdentityMetrics {
             "identity_rederived_events",
             "Observations applied again because an event arrived late or a link was severed",
             m.rederived_events.clone(),
+        );
+        metrics.register(
+            "identity_duplicate_candidates",
+            "Open fuzzy duplicate candidates after the last sweep",
+            m.candidates.clone(),
+        );
+        metrics.register(
+            "identity_automatic_merges",
+            "Duplicate candidates merged automatically (alias events published)",
+            m.automerges.clone(),
         );
         m
     }
