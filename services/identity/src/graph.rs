@@ -462,6 +462,33 @@ impl Graph {
             .max()
     }
 
+    /// The pairs an observation asks to link (its anchor with each other identifier no
+    /// static rule refuses), when what it does depends on the graph only through them: None
+    /// when one of its kinds has a time-to-live (eligibility then depends on time) or a pair
+    /// is severed. The anchor and the verdicts are those [`Graph::apply`] computes.
+    pub fn proposals(rules: &Rules, severed: &Severed, obs: &Observation) -> Option<Vec<Uuid>> {
+        if obs.keys.iter().any(|k| rules.ttl.contains_key(&k.kind)) {
+            return None;
+        }
+        let mut ranked: Vec<&Key> = obs.keys.iter().collect();
+        ranked.sort_by(|a, b| rules.rank(a.kind).cmp(&rules.rank(b.kind)).then(a.cmp(b)));
+        ranked.dedup();
+        let free = |k: &Key| !rules.blocked.contains(k) && !severed.keys.contains(k);
+        let mut eligible = ranked.into_iter().filter(|k| free(k));
+        let Some(anchor) = eligible.next() else {
+            return Some(Vec::new());
+        };
+        let mut out = Vec::new();
+        for k in eligible {
+            if severed.severs(anchor, k) {
+                return None;
+            }
+            let (from, to) = Severed::pair(anchor, k);
+            out.push(link_id(&from, &to));
+        }
+        Some(out)
+    }
+
     /// Applies one observation. Callers apply observations in canonical order.
     pub fn apply(
         &mut self,

@@ -39,6 +39,13 @@ pub trait Source: Send {
     /// Whether a link of any of these keys was ever refused for a count (unique or limit).
     fn bound(&mut self, keys: &[Key]) -> impl Future<Output = Result<bool, Self::Error>> + Send;
 
+    /// The position (time, cause event) of each of these stored links; unknown ones are left
+    /// out.
+    fn link_positions(
+        &mut self,
+        links: &[Uuid],
+    ) -> impl Future<Output = Result<HashMap<Uuid, crate::graph::Position>, Self::Error>> + Send;
+
     /// Every stored observation carrying any of these keys that can link: those carrying two
     /// keys or more, and those carrying one of `singles` alone.
     fn observations(
@@ -126,7 +133,7 @@ pub async fn resolve<S: Source>(
         .into_iter()
         .collect();
     load(src, &mut g, &keys).await?;
-    let late: Vec<usize> = batch
+    let mut late: Vec<usize> = batch
         .iter()
         .enumerate()
         .filter(|(_, o)| {
@@ -134,6 +141,9 @@ pub async fn resolve<S: Source>(
         })
         .map(|(i, _)| i)
         .collect();
+    if !late.is_empty() {
+        late = unsettled(src, rules, severed, &batch, late).await?;
+    }
     if !late.is_empty() && force.is_empty() {
         if let Some(out) = in_any_order(src, rules, severed, &g, &batch, &late).await? {
             return Ok(out);
@@ -234,6 +244,47 @@ pub async fn resolve<S: Source>(
         changes,
         before,
     })
+}
+
+/// The late observations that can change the graph. One whose every proposed pair is a
+/// stored link caused before it cannot: in canonical order those pairs were connected when
+/// it comes (components only grow), so it links nothing new, and its other effects — what
+/// was seen of its identifiers (minima and maxima) and refusals by static rules (blocked) —
+/// do not depend on order. Applied as it comes, it gives what re-derivation would.
+async fn unsettled<S: Source>(
+    src: &mut S,
+    rules: &Rules,
+    severed: &Severed,
+    batch: &[Observation],
+    late: Vec<usize>,
+) -> Result<Vec<usize>, S::Error> {
+    let proposals: Vec<Option<Vec<Uuid>>> = late
+        .iter()
+        .map(|i| Graph::proposals(rules, severed, &batch[*i]))
+        .collect();
+    let ids: Vec<Uuid> = proposals
+        .iter()
+        .flatten()
+        .flatten()
+        .copied()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let stored = if ids.is_empty() {
+        HashMap::new()
+    } else {
+        src.link_positions(&ids).await?
+    };
+    Ok(late
+        .into_iter()
+        .zip(proposals)
+        .filter(|(i, p)| {
+            let Some(p) = p else { return true };
+            let at = batch[*i].position();
+            !p.iter().all(|l| stored.get(l).is_some_and(|s| *s < at))
+        })
+        .map(|(i, _)| i)
+        .collect())
 }
 
 /// Late events whose components no rule binds need no re-derivation. A rule binds a
@@ -444,6 +495,16 @@ impl Source for MemoryStore {
         Ok(self.refusals.iter().any(|r| {
             r.reason.kind().is_some() && (keys.contains(&r.key) || keys.contains(&r.other))
         }))
+    }
+
+    async fn link_positions(
+        &mut self,
+        links: &[Uuid],
+    ) -> Result<HashMap<Uuid, crate::graph::Position>, Self::Error> {
+        Ok(links
+            .iter()
+            .filter_map(|id| self.links.get(id).map(|l| (*id, (l.at, l.cause))))
+            .collect())
     }
 
     async fn observations(

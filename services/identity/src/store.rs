@@ -60,6 +60,9 @@ pub struct PgGraph<'c> {
     ids: HashMap<Key, i64>,
     keys: HashMap<i64, Key>,
     stored: HashMap<Key, Stored>,
+    /// Time spent reading in each Source call (bound, components, observations).
+    pub read_time: [std::time::Duration; 3],
+    pub read_rows: [usize; 3],
 }
 
 fn key_of(kind: &str, namespace: String, hash: String) -> Option<Key> {
@@ -85,6 +88,8 @@ impl<'c> PgGraph<'c> {
             ids: HashMap::new(),
             keys: HashMap::new(),
             stored: HashMap::new(),
+            read_time: Default::default(),
+            read_rows: Default::default(),
         }
     }
 
@@ -434,6 +439,58 @@ impl Source for PgGraph<'_> {
     type Error = sqlx::Error;
 
     async fn bound(&mut self, keys: &[Key]) -> Result<bool, sqlx::Error> {
+        let t = std::time::Instant::now();
+        let r = self.bound_(keys).await;
+        self.read_time[0] += t.elapsed();
+        r
+    }
+
+    async fn components(
+        &mut self,
+        keys: &[Key],
+    ) -> Result<Vec<crate::resolve::Members>, sqlx::Error> {
+        let t = std::time::Instant::now();
+        let r = self.components_(keys).await;
+        self.read_time[1] += t.elapsed();
+        if let Ok(c) = &r {
+            self.read_rows[1] += c.iter().map(Vec::len).sum::<usize>();
+        }
+        r
+    }
+
+    async fn link_positions(
+        &mut self,
+        links: &[Uuid],
+    ) -> Result<HashMap<Uuid, Position>, sqlx::Error> {
+        let rows: Vec<(Uuid, DateTime<Utc>, Uuid)> = sqlx::query_as(
+            "SELECT link_id, occurred_at, cause_event_id FROM identity_links WHERE link_id = ANY($1)",
+        )
+        .bind(links)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, at, cause)| (id, (micros(at), cause)))
+            .collect())
+    }
+
+    async fn observations(
+        &mut self,
+        keys: &[Key],
+        singles: &[Key],
+    ) -> Result<Vec<Observation>, sqlx::Error> {
+        let t = std::time::Instant::now();
+        let r = self.observations_(keys, singles).await;
+        self.read_time[2] += t.elapsed();
+        if let Ok(c) = &r {
+            self.read_rows[2] += c.len();
+        }
+        r
+    }
+}
+
+impl PgGraph<'_> {
+    async fn bound_(&mut self, keys: &[Key]) -> Result<bool, sqlx::Error> {
         let ids = self.ids_of(keys);
         let (bound,): (bool,) = sqlx::query_as(
             "SELECT EXISTS (SELECT 1 FROM identity_refusals
@@ -445,7 +502,7 @@ impl Source for PgGraph<'_> {
         Ok(bound)
     }
 
-    async fn components(
+    async fn components_(
         &mut self,
         keys: &[Key],
     ) -> Result<Vec<crate::resolve::Members>, sqlx::Error> {
@@ -480,7 +537,7 @@ impl Source for PgGraph<'_> {
         Ok(comps.into_values().collect())
     }
 
-    async fn observations(
+    async fn observations_(
         &mut self,
         keys: &[Key],
         singles: &[Key],
@@ -490,7 +547,10 @@ impl Source for PgGraph<'_> {
         let single_ids = self.ids_of(singles);
         let rows: Vec<(Uuid, DateTime<Utc>, i64, Vec<i64>)> = sqlx::query_as(
             "SELECT event_id, occurred_at, subject, nodes FROM identity_observations
-              WHERE nodes && $1::bigint[] AND (cardinality(nodes) > 1 OR nodes && $2::bigint[])",
+              WHERE cardinality(nodes) > 1 AND nodes && $1::bigint[]
+             UNION ALL
+             SELECT event_id, occurred_at, subject, nodes FROM identity_observations
+              WHERE cardinality(nodes) = 1 AND nodes && $2::bigint[]",
         )
         .bind(&ids)
         .bind(&single_ids)
