@@ -44,6 +44,8 @@ fn hex_key() -> String {
 pub struct Options {
     pub brokers: String,
     pub produce_timeout_ms: u64,
+    /// `CDP_IDENTITY_BLOCKED_PATTERNS` entries.
+    pub blocked_patterns: Vec<String>,
 }
 
 impl Default for Options {
@@ -51,6 +53,7 @@ impl Default for Options {
         Self {
             brokers: brokers(),
             produce_timeout_ms: 10_000,
+            blocked_patterns: Vec::new(),
         }
     }
 }
@@ -84,6 +87,7 @@ impl Ingest {
                 max_future_secs: 3600,
                 produce_timeout_ms: opts.produce_timeout_ms,
                 retry_after_secs: 5,
+                blocked_patterns: opts.blocked_patterns,
             },
         };
         let metrics = Metrics::new();

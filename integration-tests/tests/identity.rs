@@ -931,3 +931,106 @@ async fn fuzzy_duplicates_are_scored_from_the_read_model_and_merged_only_over_th
     graph.close().await;
     slice.db.drop_db().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identifiers_a_pattern_blocks_at_ingest_never_link_and_the_refusal_is_recorded(
+) -> anyhow::Result<()> {
+    use cdp_integration_tests::ingest::{Ingest, Options};
+    let ing = Ingest::start_with(Options {
+        blocked_patterns: vec![r"email:^test(\+.*)?@example\.com$".to_owned()],
+        ..Options::default()
+    })
+    .await?;
+    // Two visitors give the same junk email (spelled differently), two others share a real one.
+    let people = [
+        ("a-1", " Test+Promo@Example.com"),
+        ("a-2", "test+promo@example.com"),
+        ("a-3", "shared@corp.example"),
+        ("a-4", "Shared@Corp.example"),
+    ];
+    for (anon, email) in people {
+        let body = serde_json::json!({"anonymousId": anon, "traits": {"email": email}});
+        let (status, answer) = ing.post("/v1/identify", &body).await?;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let config = cdp_identity::IdentityConfig {
+        kafka: ing.kafka.clone(),
+        pg: ing.db.args(),
+        keys: ing.key_args.clone(),
+        runner: cdp_runtime::config::RunnerArgs {
+            batch_size: 100,
+            batch_linger_ms: 50,
+            ..cdp_runtime::config::RunnerArgs::default()
+        },
+        identity: cdp_identity::IdentityArgs {
+            group: format!("{}.identity", ing.topic(Topic::Audit)),
+            schema: "id_patterns".to_owned(),
+            rules: IdSlice::default_rules(),
+            candidates: cdp_identity::candidates::CandidateArgs::default(),
+        },
+    };
+    let (stop, task) = spawn(config.clone());
+    let pool = cdp_identity::pool(&config.pg, &config.identity.schema).await?;
+    wait_until("identity observed the four events", WAIT, || async {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM identity_observations")
+            .fetch_one(&pool)
+            .await?;
+        Ok(n == 4)
+    })
+    .await?;
+    let profile = |anon: &str| {
+        let hash = ing
+            .hasher
+            .identifier(&cdp_keystore::RawIdentifier::new(Anon, anon))
+            .map(|i| i.0.value_hash);
+        let pool = pool.clone();
+        async move {
+            let (p,): (Option<Uuid>,) = sqlx::query_as(
+                "SELECT profile_id FROM identity_nodes WHERE kind = 'ANONYMOUS_ID' AND value_hash = $1",
+            )
+            .bind(hash?)
+            .fetch_one(&pool)
+            .await?;
+            anyhow::Ok(p)
+        }
+    };
+    assert_ne!(
+        profile("a-1").await?,
+        profile("a-2").await?,
+        "the junk email links no one"
+    );
+    assert_eq!(
+        profile("a-3").await?,
+        profile("a-4").await?,
+        "a real shared email links"
+    );
+    let refused: Vec<(String, String)> = sqlx::query_as(
+        "SELECT n.kind, r.reason FROM identity_refusals r JOIN identity_nodes n ON n.node_id = r.node
+          ORDER BY r.event_id",
+    )
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(
+        refused,
+        vec![("EMAIL".to_owned(), "blocked".to_owned()); 2],
+        "each junk email event's refusal is recorded"
+    );
+    // The identifier itself stays on the event (and in read models): only linking is refused.
+    let records = consume(&ing.topic(Topic::CustomerEvents), 4, WAIT).await?;
+    let flagged = records
+        .iter()
+        .filter(|r| {
+            r.headers
+                .get(cdp_keystore::identifiers::BLOCKED_HEADER)
+                .is_some_and(|v| !v.is_empty())
+        })
+        .count();
+    assert_eq!(
+        flagged, 2,
+        "ingest names the junk email in the header of its two events"
+    );
+    stop.trigger();
+    task.await??;
+    pool.close().await;
+    ing.stop().await
+}

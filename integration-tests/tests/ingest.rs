@@ -707,6 +707,7 @@ async fn a_dead_broker_means_503_in_bounded_time_and_nothing_accepted_is_lost() 
     let ing = Ingest::start_with(cdp_integration_tests::ingest::Options {
         brokers: broker.brokers(),
         produce_timeout_ms: 3_000,
+        ..Default::default()
     })
     .await?;
     let send = |n: u32| {

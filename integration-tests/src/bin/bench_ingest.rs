@@ -157,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
         max_future_secs: 3600,
         produce_timeout_ms: 10_000,
         retry_after_secs: 5,
+        blocked_patterns: Vec::new(),
     }
     .limits();
     let hasher = key_args.hasher()?;

@@ -101,6 +101,9 @@ pub struct Observation {
     pub subject: Key,
     /// Every node the event carries, the subject included, without repeats.
     pub keys: Vec<Key>,
+    /// Those of `keys` a blocked pattern matched where the plaintext was (ingest): they
+    /// never link in this event.
+    pub blocked: Vec<Key>,
 }
 
 impl Observation {
@@ -127,7 +130,26 @@ impl Observation {
             at,
             subject,
             keys,
+            blocked: Vec::new(),
         }
+    }
+
+    /// Marks the keys whose value hash is in `hashes` as blocked in this event.
+    pub fn block(mut self, hashes: &[&str]) -> Self {
+        self.blocked = self
+            .keys
+            .iter()
+            .filter(|k| hashes.contains(&k.hash.as_str()))
+            .cloned()
+            .collect();
+        self.blocked.sort();
+        self
+    }
+
+    /// Whether a key never links in this event (a configured blocked value, or a pattern
+    /// matched it).
+    pub fn blocks(&self, rules: &Rules, key: &Key) -> bool {
+        rules.blocked.contains(key) || (!self.blocked.is_empty() && self.blocked.contains(key))
     }
 
     pub fn position(&self) -> Position {
@@ -473,7 +495,7 @@ impl Graph {
         let mut ranked: Vec<&Key> = obs.keys.iter().collect();
         ranked.sort_by(|a, b| rules.rank(a.kind).cmp(&rules.rank(b.kind)).then(a.cmp(b)));
         ranked.dedup();
-        let free = |k: &Key| !rules.blocked.contains(k) && !severed.keys.contains(k);
+        let free = |k: &Key| !obs.blocks(rules, k) && !severed.keys.contains(k);
         let mut eligible = ranked.into_iter().filter(|k| free(k));
         let Some(anchor) = eligible.next() else {
             return Some(Vec::new());
@@ -513,7 +535,7 @@ impl Graph {
             .iter()
             .map(|i| {
                 let key = &self.keys[*i];
-                if rules.blocked.contains(key) {
+                if obs.blocks(rules, key) {
                     Some(Reason::Blocked)
                 } else if severed.keys.contains(key) {
                     Some(Reason::Severed)

@@ -79,6 +79,19 @@ pub fn observation(e: &CustomerEvent, kinds: &BTreeSet<IdentifierKind>) -> Obser
     )
 }
 
+/// The value hashes ingest named in the record's `cdp-blocked-identifiers` header (a blocked
+/// pattern matched their plaintext).
+pub fn blocked_hashes(record: &RawRecord) -> Vec<&str> {
+    record
+        .headers
+        .iter()
+        .filter(|(k, _)| k == cdp_keystore::identifiers::BLOCKED_HEADER)
+        .filter_map(|(_, v)| v.as_deref())
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .flat_map(|v| v.split(',').map(str::trim).filter(|h| !h.is_empty()))
+        .collect()
+}
+
 fn identifier(k: &Key) -> Identifier {
     let kind = match k.kind {
         Kind::Id(k) => k,
@@ -251,7 +264,7 @@ impl PgHandler for IdentityHandler {
         }
         let observations: Vec<Observation> = fresh
             .iter()
-            .map(|(_, e)| observation(e, &self.kinds))
+            .map(|(i, e)| observation(e, &self.kinds).block(&blocked_hashes(batch[*i].record)))
             .collect();
         let severed = g.severed().await.map_err(classify)?;
         let t0 = std::time::Instant::now();

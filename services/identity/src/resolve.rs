@@ -158,9 +158,13 @@ pub async fn resolve<S: Source>(
         // Blocked and severed identifiers never link: they are not a path between components.
         let inert = |k: &Key| rules.blocked.contains(k) || severed.keys.contains(k);
         // A forced key (just severed) is where the closure starts: its component re-derives.
+        // Nor are identifiers a pattern blocked in the event carrying them.
         let mut reach: BTreeSet<Key> = late
             .iter()
-            .flat_map(|i| batch[*i].keys.iter().cloned())
+            .flat_map(|i| {
+                let o = &batch[*i];
+                o.keys.iter().filter(|k| !o.blocks(rules, k)).cloned()
+            })
             .filter(|k| !inert(k))
             .chain(force.iter().cloned())
             .collect();
@@ -195,7 +199,7 @@ pub async fn resolve<S: Source>(
                     .cloned(),
             ) {
                 for k in &o.keys {
-                    if !inert(k) && !queried.contains(k) {
+                    if !inert(k) && !o.blocks(rules, k) && !queried.contains(k) {
                         reach.insert(k.clone());
                     }
                 }
@@ -564,21 +568,31 @@ mod tests {
         }
     }
 
+    /// Random events; in some of them (as if their producer evaluated a blocked pattern) one
+    /// email is marked blocked, in others it is not.
     fn events() -> impl Strategy<Value = Vec<Observation>> {
         let n = pool().len();
-        prop::collection::vec((0i64..60, prop::collection::vec(0..n, 1..4)), 1..40).prop_map(
-            |raw| {
-                let keys = pool();
-                raw.into_iter()
-                    .enumerate()
-                    .map(|(i, (at, picks))| {
-                        let ids: Vec<Key> = picks.iter().map(|p| keys[*p].clone()).collect();
-                        let subject = ids[0].hash.clone();
-                        Observation::new(Uuid::from_u128(i as u128 + 1), at, &subject, ids)
-                    })
-                    .collect()
-            },
+        prop::collection::vec(
+            (0i64..60, prop::collection::vec(0..n, 1..4), any::<bool>()),
+            1..40,
         )
+        .prop_map(|raw| {
+            let keys = pool();
+            let patterned = keys[4].hash.clone();
+            raw.into_iter()
+                .enumerate()
+                .map(|(i, (at, picks, flagged))| {
+                    let ids: Vec<Key> = picks.iter().map(|p| keys[*p].clone()).collect();
+                    let subject = ids[0].hash.clone();
+                    let o = Observation::new(Uuid::from_u128(i as u128 + 1), at, &subject, ids);
+                    if flagged {
+                        o.block(&[patterned.as_str()])
+                    } else {
+                        o
+                    }
+                })
+                .collect()
+        })
     }
 
     /// Arrival: a permutation with some events delivered twice, cut into batches.

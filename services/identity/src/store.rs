@@ -50,6 +50,9 @@ type NodeRow = (
     Option<Uuid>,
 );
 
+/// event id, time, subject node, nodes, nodes blocked in the event.
+type ObservationRow = (Uuid, DateTime<Utc>, i64, Vec<i64>, Vec<i64>);
+
 const NODE_COLUMNS: &str =
     "n.node_id, n.kind, n.namespace, n.value_hash, coalesce(n.label, n.node_id), n.profile_id,
      n.first_at, n.first_event, n.last_at, n.last_event, n.subject, n.link_at, n.link_event";
@@ -220,23 +223,30 @@ impl<'c> PgGraph<'c> {
         let mut at = Vec::with_capacity(batch.len());
         let mut subject = Vec::with_capacity(batch.len());
         let mut nodes = Vec::with_capacity(batch.len());
+        let mut blocked = Vec::with_capacity(batch.len());
+        // Postgres has no arrays of ragged arrays: one text literal per observation.
+        let literal = |ids: Vec<i64>| {
+            let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
+            format!("{{{}}}", ids.join(","))
+        };
         for o in batch {
             ev.push(o.event_id);
             at.push(time(o.at));
             subject.push(self.ids.get(&o.subject).copied().unwrap_or_default());
-            // Postgres has no arrays of ragged arrays: one text literal per observation.
-            let ids: Vec<String> = self.ids_of(&o.keys).iter().map(i64::to_string).collect();
-            nodes.push(format!("{{{}}}", ids.join(",")));
+            nodes.push(literal(self.ids_of(&o.keys)));
+            blocked.push(literal(self.ids_of(&o.blocked)));
         }
         sqlx::query(
-            "INSERT INTO identity_observations (event_id, occurred_at, subject, nodes)
-             SELECT e, t, s, n::bigint[] FROM UNNEST($1::uuid[], $2::timestamptz[], $3::bigint[], $4::text[]) AS x(e, t, s, n)
+            "INSERT INTO identity_observations (event_id, occurred_at, subject, nodes, blocked)
+             SELECT e, t, s, n::bigint[], b::bigint[]
+               FROM UNNEST($1::uuid[], $2::timestamptz[], $3::bigint[], $4::text[], $5::text[]) AS x(e, t, s, n, b)
              ON CONFLICT DO NOTHING",
         )
         .bind(&ev)
         .bind(&at)
         .bind(&subject)
         .bind(&nodes)
+        .bind(&blocked)
         .execute(&mut *self.tx)
         .await?;
         let mut previous_links: HashSet<Uuid> = HashSet::new();
@@ -545,12 +555,12 @@ impl PgGraph<'_> {
         self.ensure(keys).await?;
         let ids = self.ids_of(keys);
         let single_ids = self.ids_of(singles);
-        let rows: Vec<(Uuid, DateTime<Utc>, i64, Vec<i64>)> = sqlx::query_as(
-            "SELECT event_id, occurred_at, subject, nodes FROM identity_observations
+        let rows: Vec<ObservationRow> = sqlx::query_as(
+            "SELECT event_id, occurred_at, subject, nodes, blocked FROM identity_observations
               WHERE cardinality(nodes) > 1 AND nodes && $1::bigint[]
              UNION ALL
-             SELECT event_id, occurred_at, subject, nodes FROM identity_observations
-              WHERE cardinality(nodes) = 1 AND nodes && $2::bigint[]",
+             SELECT event_id, occurred_at, subject, nodes, blocked FROM identity_observations
+              WHERE cardinality(nodes) = 1 AND nodes[1] = ANY($2::bigint[])",
         )
         .bind(&ids)
         .bind(&single_ids)
@@ -565,15 +575,20 @@ impl PgGraph<'_> {
         self.learn(&referenced).await?;
         Ok(rows
             .into_iter()
-            .filter_map(|(event_id, at, subject, nodes)| {
+            .filter_map(|(event_id, at, subject, nodes, blocked)| {
+                let keys = |ids: &[i64]| -> Vec<Key> {
+                    ids.iter()
+                        .filter_map(|n| self.keys.get(n).cloned())
+                        .collect()
+                };
+                let mut blocked = keys(&blocked);
+                blocked.sort();
                 Some(Observation {
                     event_id,
                     at: micros(at),
                     subject: self.keys.get(&subject)?.clone(),
-                    keys: nodes
-                        .iter()
-                        .filter_map(|n| self.keys.get(n).cloned())
-                        .collect(),
+                    keys: keys(&nodes),
+                    blocked,
                 })
             })
             .collect())

@@ -55,6 +55,17 @@ pub struct IngestArgs {
         default_value_t = 5
     )]
     pub retry_after_secs: u64,
+    /// Identifier values that never link: `kind:regex` over the normalized value,
+    /// `;`-separated (e.g. `email:^test(\+.*)?@example\.com$;device_id:^0+$`). Matching
+    /// identifiers are named in the record's `cdp-blocked-identifiers` header and identity
+    /// resolution refuses to link them (reason `blocked`).
+    #[arg(
+        long = "blocked-patterns",
+        env = "CDP_IDENTITY_BLOCKED_PATTERNS",
+        value_delimiter = ';',
+        default_value = ""
+    )]
+    pub blocked_patterns: Vec<String>,
 }
 
 impl fmt::Debug for IngestArgs {
@@ -69,6 +80,7 @@ impl fmt::Debug for IngestArgs {
             .field("max_batch_bytes", &self.max_batch_bytes)
             .field("max_future_secs", &self.max_future_secs)
             .field("produce_timeout_ms", &self.produce_timeout_ms)
+            .field("blocked_patterns", &self.blocked_patterns)
             .finish()
     }
 }

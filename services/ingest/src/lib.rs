@@ -53,6 +53,8 @@ pub enum IngestError {
     },
     #[error("HTTP server")]
     Serve(#[source] std::io::Error),
+    #[error(transparent)]
+    Patterns(#[from] cdp_keystore::identifiers::PatternError),
 }
 
 /// Everything `cdp ingest` needs.
@@ -108,7 +110,10 @@ pub async fn bind(
             keys,
             hasher,
             Topics::new(&config.kafka.topic_prefix),
-        ),
+        )
+        .with_blocked_patterns(cdp_keystore::BlockPatterns::parse(
+            &config.ingest.blocked_patterns,
+        )?),
         write_keys,
         limits: config.ingest.limits(),
         produce_timeout: config.ingest.produce_timeout(),

@@ -10,8 +10,10 @@
 use std::sync::Arc;
 
 use cdp_keystore::crypto::field_aad;
-use cdp_keystore::identifiers::subject_id;
-use cdp_keystore::{IdentifierHasher, KeyStore, KeyStoreError, NormalizeError, RawIdentifier};
+use cdp_keystore::identifiers::{subject_id, BLOCKED_HEADER};
+use cdp_keystore::{
+    BlockPatterns, IdentifierHasher, KeyStore, KeyStoreError, NormalizeError, RawIdentifier,
+};
 use cdp_runtime::kafka::producer::{OutgoingRecord, ProduceError, Producer};
 use cdp_runtime::topics::{Topic, Topics};
 use cdp_schemas::{
@@ -82,6 +84,23 @@ pub struct Prepared {
     pub value: Vec<u8>,
     pub event_id: Uuid,
     pub event_type: &'static str,
+    /// The `cdp-blocked-identifiers` header: hashes of the identifiers a blocked pattern
+    /// matched, comma-separated (None when none did).
+    pub blocked: Option<String>,
+}
+
+impl Prepared {
+    /// The headers every published record carries.
+    pub fn headers<'a>(&'a self, event_id: &'a str) -> Vec<(&'a str, Option<&'a [u8]>)> {
+        let mut h = vec![
+            ("cdp.event_id", Some(event_id.as_bytes())),
+            ("cdp.event_type", Some(self.event_type.as_bytes())),
+        ];
+        if let Some(b) = &self.blocked {
+            h.push((BLOCKED_HEADER, Some(b.as_bytes())));
+        }
+        h
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +129,7 @@ pub struct Publisher {
     keys: Arc<KeyStore>,
     hasher: Arc<IdentifierHasher>,
     topics: Topics,
+    blocked: BlockPatterns,
 }
 
 impl Publisher {
@@ -124,7 +144,15 @@ impl Publisher {
             keys,
             hasher,
             topics,
+            blocked: BlockPatterns::default(),
         }
+    }
+
+    /// Identifiers matching these patterns are named in each record's `cdp-blocked-identifiers`
+    /// header (identity resolution never links them).
+    pub fn with_blocked_patterns(mut self, patterns: BlockPatterns) -> Self {
+        self.blocked = patterns;
+        self
     }
 
     pub fn hasher(&self) -> &IdentifierHasher {
@@ -139,8 +167,9 @@ impl Publisher {
         let mut staged = Vec::with_capacity(drafts.len());
         for (index, d) in drafts.into_iter().enumerate() {
             let mut ids = Vec::with_capacity(d.identifiers.len());
+            let mut blocked: Vec<String> = Vec::new();
             for raw in &d.identifiers {
-                let (id, _) =
+                let (id, normalized) =
                     self.hasher
                         .identifier(raw)
                         .map_err(|source| PublishError::Identifier {
@@ -148,18 +177,22 @@ impl Publisher {
                             kind: raw.kind,
                             source,
                         })?;
+                if self.blocked.blocks(id.kind, &normalized) && !blocked.contains(&id.value_hash) {
+                    blocked.push(id.value_hash.clone());
+                }
                 if !ids.contains(&id) {
                     ids.push(id);
                 }
             }
             let subject = subject_id(&ids).ok_or(PublishError::NoIdentifier { index })?;
-            staged.push((subject, ids, d.event));
+            let blocked = (!blocked.is_empty()).then(|| blocked.join(","));
+            staged.push((subject, ids, d.event, blocked));
         }
-        let subjects: Vec<&str> = staged.iter().map(|(s, _, _)| s.as_str()).collect();
+        let subjects: Vec<&str> = staged.iter().map(|(s, ..)| s.as_str()).collect();
         let keys = self.keys.current_keys(&subjects).await?;
         let topic = self.topics.name(E::TOPIC);
         let mut out = Vec::with_capacity(staged.len());
-        for (subject, ids, mut event) in staged {
+        for (subject, ids, mut event, blocked) in staged {
             let key = keys
                 .get(&subject)
                 .ok_or_else(|| KeyStoreError::Race(subject.clone()))?;
@@ -184,6 +217,7 @@ impl Publisher {
                 value,
                 event_id: event.envelope().event_id,
                 event_type: event.event_type(),
+                blocked,
             });
         }
         Ok(out)
@@ -199,10 +233,7 @@ impl Publisher {
                 topic: &p.topic,
                 key: Some(p.key.as_bytes()),
                 value: Some(&p.value),
-                headers: vec![
-                    ("cdp.event_id", Some(id.as_bytes())),
-                    ("cdp.event_type", Some(p.event_type.as_bytes())),
-                ],
+                headers: p.headers(id),
                 timestamp_ms: None,
                 partition: None,
             })

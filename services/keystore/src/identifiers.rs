@@ -154,6 +154,61 @@ impl IdentifierHasher {
     }
 }
 
+/// Identifier values that must never link, as regular expressions over the normalized value
+/// (`email:^test\+.*@example\.com$`). The identity graph holds keyed hashes only, so patterns
+/// are evaluated where the plaintext is — ingest and the publishing library — and the
+/// identifiers they match travel with the event (the `cdp-blocked-identifiers` header) for
+/// identity resolution to refuse and record.
+/// The Kafka header listing, comma-separated, the value hashes of an event's identifiers
+/// that a blocked pattern matched.
+pub const BLOCKED_HEADER: &str = "cdp-blocked-identifiers";
+
+#[derive(Clone, Debug, Default)]
+pub struct BlockPatterns {
+    patterns: Vec<(IdentifierKind, regex::Regex)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PatternError {
+    #[error("blocked pattern {0}: expected kind:regex")]
+    Shape(usize),
+    #[error("blocked pattern {0}: `{1}` is not an identifier kind")]
+    Kind(usize, String),
+    #[error("blocked pattern {0}: {1}")]
+    Regex(usize, Box<regex::Error>),
+}
+
+impl BlockPatterns {
+    /// Parses `kind:regex` entries (`email`, `phone`, `user_id`, `anonymous_id`, `device_id`,
+    /// `external_id`); blank entries are skipped.
+    pub fn parse(entries: &[String]) -> Result<Self, PatternError> {
+        let mut patterns = Vec::new();
+        for (i, e) in entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| !e.trim().is_empty())
+        {
+            let (kind, re) = e.trim().split_once(':').ok_or(PatternError::Shape(i))?;
+            let kind = IdentifierKind::from_symbol(&kind.trim().to_ascii_uppercase())
+                .ok_or_else(|| PatternError::Kind(i, kind.to_owned()))?;
+            let re = regex::Regex::new(re).map_err(|e| PatternError::Regex(i, Box::new(e)))?;
+            patterns.push((kind, re));
+        }
+        Ok(Self { patterns })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
+    }
+
+    /// Whether a normalized value of this kind is blocked.
+    pub fn blocks(&self, kind: IdentifierKind, normalized: &str) -> bool {
+        self.patterns
+            .iter()
+            .any(|(k, re)| *k == kind && re.is_match(normalized))
+    }
+}
+
 /// The subject an event is about: its user id if it has one, else its anonymous id, else its
 /// first identifier. The subject id names the data key that seals the event's PII.
 pub fn subject_id(identifiers: &[Identifier]) -> Option<String> {
@@ -167,6 +222,23 @@ pub fn subject_id(identifiers: &[Identifier]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_patterns_match_normalized_values_of_their_kind() {
+        let p = BlockPatterns::parse(&[
+            r"email:^test(\+.*)?@example\.com$".to_owned(),
+            " ".to_owned(),
+            r"device_id:^0+$".to_owned(),
+        ])
+        .expect("patterns parse");
+        assert!(p.blocks(IdentifierKind::Email, "test+42@example.com"));
+        assert!(!p.blocks(IdentifierKind::Email, "ada@example.com"));
+        assert!(!p.blocks(IdentifierKind::UserId, "test@example.com"));
+        assert!(p.blocks(IdentifierKind::DeviceId, "0000"));
+        assert!(BlockPatterns::parse(&["nokind".to_owned()]).is_err());
+        assert!(BlockPatterns::parse(&["mail:x".to_owned()]).is_err());
+        assert!(BlockPatterns::parse(&["email:(".to_owned()]).is_err());
+    }
 
     fn hasher() -> IdentifierHasher {
         IdentifierHasher::new(&[3u8; 32], "GB")

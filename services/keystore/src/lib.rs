@@ -12,5 +12,5 @@ pub mod identifiers;
 pub mod store;
 
 pub use crypto::{CryptoError, DataKey, MasterKey};
-pub use identifiers::{IdentifierHasher, NormalizeError, RawIdentifier};
+pub use identifiers::{BlockPatterns, IdentifierHasher, NormalizeError, RawIdentifier};
 pub use store::{KeyStore, KeyStoreError};
