@@ -37,6 +37,37 @@ impl Spec {
     }
 }
 
+/// A spec as a product-view track event carrying its identifiers (plaintext, for the
+/// publisher to hash and seal); `i` varies the product.
+pub fn track_draft(
+    s: &Spec,
+    i: usize,
+    source: &str,
+) -> cdp_ingest::publisher::Draft<CustomerEvent> {
+    use cdp_ingest::publisher::{envelope, plain, Draft};
+    use cdp_schemas::model::customer::Track;
+    use cdp_schemas::CustomerPayload;
+    let at = origin() + chrono::Duration::seconds(s.at);
+    Draft {
+        event: CustomerEvent {
+            envelope: envelope(s.event_id, at, at, source),
+            payload: CustomerPayload::Track(Track {
+                interaction_type: "Product Viewed".to_owned(),
+                channel: Some("web".to_owned()),
+                touchpoint: Some(format!("p-{}", i % 50)),
+                duration_ms: Some((i % 1000) as i64),
+                outcome: None,
+                properties: plain(format!(r#"{{"product_id":"p-{}"}}"#, i % 50)),
+            }),
+        },
+        identifiers: s
+            .ids
+            .iter()
+            .map(|(k, v)| RawIdentifier::new(*k, v.as_str()))
+            .collect(),
+    }
+}
+
 pub fn origin() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
         .single()

@@ -458,22 +458,26 @@ async fn the_api_shows_a_profiles_identifiers_to_operators_only() -> anyhow::Res
     slice.db.drop_db().await
 }
 
-/// An identity configuration beside a projector slice (same topics, database and keys).
+/// An identity configuration beside another service's slice (same topics, database and keys),
+/// with its own schema and group.
 fn identity_for(
-    slice: &cdp_integration_tests::projector::Slice,
+    kafka: &cdp_runtime::config::KafkaArgs,
+    db: &cdp_integration_tests::TestDb,
+    keys: &cdp_keystore::config::KeyArgs,
     schema: &str,
 ) -> cdp_identity::IdentityConfig {
+    let audit = cdp_runtime::topics::Topics::new(&kafka.topic_prefix).name(Topic::Audit);
     cdp_identity::IdentityConfig {
-        kafka: slice.kafka.clone(),
-        pg: slice.db.args(),
-        keys: slice.key_args.clone(),
+        kafka: kafka.clone(),
+        pg: db.args(),
+        keys: keys.clone(),
         runner: cdp_runtime::config::RunnerArgs {
             batch_size: 100,
             batch_linger_ms: 50,
             ..cdp_runtime::config::RunnerArgs::default()
         },
         identity: cdp_identity::IdentityArgs {
-            group: format!("{}.{schema}", slice.topic(Topic::Audit)),
+            group: format!("{audit}.{schema}"),
             schema: schema.to_owned(),
             rules: IdSlice::default_rules(),
             candidates: cdp_identity::candidates::CandidateArgs::default(),
@@ -486,33 +490,10 @@ async fn publish_tracks(
     slice: &cdp_integration_tests::projector::Slice,
     specs: &[Spec],
 ) -> anyhow::Result<()> {
-    use cdp_ingest::publisher::{envelope, plain, Draft};
-    use cdp_keystore::RawIdentifier;
-    use cdp_schemas::model::customer::Track;
-    use cdp_schemas::CustomerPayload;
-    let drafts: Vec<Draft<CustomerEvent>> = specs
+    let drafts = specs
         .iter()
-        .map(|s| {
-            let at = cdp_integration_tests::identity::origin() + chrono::Duration::seconds(s.at);
-            Draft {
-                event: CustomerEvent {
-                    envelope: envelope(s.event_id, at, at, "test"),
-                    payload: CustomerPayload::Track(Track {
-                        interaction_type: "Product Viewed".to_owned(),
-                        channel: Some("web".to_owned()),
-                        touchpoint: None,
-                        duration_ms: None,
-                        outcome: None,
-                        properties: plain(r#"{"product_id":"p-1"}"#),
-                    }),
-                },
-                identifiers: s
-                    .ids
-                    .iter()
-                    .map(|(k, v)| RawIdentifier::new(*k, v.as_str()))
-                    .collect(),
-            }
-        })
+        .enumerate()
+        .map(|(i, s)| cdp_integration_tests::identity::track_draft(s, i, "test"))
         .collect();
     let prepared = slice.publisher.prepare(drafts).await?;
     slice.produce(&prepared, |_| Some(0)).await
@@ -532,7 +513,7 @@ async fn the_projector_follows_a_merge_and_its_split() -> anyhow::Result<()> {
         ],
     )
     .await?;
-    let ic = identity_for(&slice, "id_follow");
+    let ic = identity_for(&slice.kafka, &slice.db, &slice.key_args, "id_follow");
     let (stop_i, task_i) = spawn(ic.clone());
     let pc = slice.config("follow");
     let (stop_p, task_p) = cdp_integration_tests::projector::spawn(pc.clone());
@@ -746,7 +727,7 @@ async fn fuzzy_duplicates_are_scored_from_the_read_model_and_merged_only_over_th
         ),
     ];
     publish_identifies(&slice, &people).await?;
-    let mut ic = identity_for(&slice, "id_cand");
+    let mut ic = identity_for(&slice.kafka, &slice.db, &slice.key_args, "id_cand");
     ic.identity.candidates = cdp_identity::candidates::CandidateArgs {
         source: "p_cand_read".to_owned(),
         every_secs: 0,
@@ -953,22 +934,7 @@ async fn identifiers_a_pattern_blocks_at_ingest_never_link_and_the_refusal_is_re
         let (status, answer) = ing.post("/v1/identify", &body).await?;
         assert_eq!(status, 200, "{answer}");
     }
-    let config = cdp_identity::IdentityConfig {
-        kafka: ing.kafka.clone(),
-        pg: ing.db.args(),
-        keys: ing.key_args.clone(),
-        runner: cdp_runtime::config::RunnerArgs {
-            batch_size: 100,
-            batch_linger_ms: 50,
-            ..cdp_runtime::config::RunnerArgs::default()
-        },
-        identity: cdp_identity::IdentityArgs {
-            group: format!("{}.identity", ing.topic(Topic::Audit)),
-            schema: "id_patterns".to_owned(),
-            rules: IdSlice::default_rules(),
-            candidates: cdp_identity::candidates::CandidateArgs::default(),
-        },
-    };
+    let config = identity_for(&ing.kafka, &ing.db, &ing.key_args, "id_patterns");
     let (stop, task) = spawn(config.clone());
     let pool = cdp_identity::pool(&config.pg, &config.identity.schema).await?;
     wait_until("identity observed the four events", WAIT, || async {

@@ -15,14 +15,12 @@
 use std::time::{Duration, Instant};
 
 use cdp_identity::{IdentityArgs, IdentityConfig};
-use cdp_ingest::publisher::{envelope, plain, Draft};
-use cdp_integration_tests::identity::{origin, workload, IdSlice};
+use cdp_ingest::publisher::Draft;
+use cdp_integration_tests::identity::{track_draft, workload, IdSlice};
 use cdp_integration_tests::projector::{spawn, Slice};
-use cdp_keystore::RawIdentifier;
 use cdp_runtime::config::RunnerArgs;
 use cdp_runtime::topics::Topic;
-use cdp_schemas::model::customer::Track;
-use cdp_schemas::{CustomerEvent, CustomerPayload};
+use cdp_schemas::CustomerEvent;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -43,27 +41,7 @@ async fn main() -> anyhow::Result<()> {
     let drafts: Vec<Draft<CustomerEvent>> = specs
         .iter()
         .enumerate()
-        .map(|(i, s)| {
-            let at = origin() + chrono::Duration::seconds(s.at);
-            Draft {
-                event: CustomerEvent {
-                    envelope: envelope(s.event_id, at, at, "bench"),
-                    payload: CustomerPayload::Track(Track {
-                        interaction_type: "Product Viewed".to_owned(),
-                        channel: Some("web".to_owned()),
-                        touchpoint: Some(format!("p-{}", i % 50)),
-                        duration_ms: Some((i % 1000) as i64),
-                        outcome: None,
-                        properties: plain(format!(r#"{{"product_id":"p-{}"}}"#, i % 50)),
-                    }),
-                },
-                identifiers: s
-                    .ids
-                    .iter()
-                    .map(|(k, v)| RawIdentifier::new(*k, v.as_str()))
-                    .collect(),
-            }
-        })
+        .map(|(i, s)| track_draft(s, i, "bench"))
         .collect();
     let mut prepared = Vec::with_capacity(n);
     for chunk in drafts.chunks(2_000) {

@@ -175,7 +175,11 @@ pub fn normalize(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut gap = false;
     for c in s.chars().flat_map(char::to_lowercase) {
-        let folded = fold(c);
+        let mut one = [0u8; 4];
+        let folded: &str = match fold(c) {
+            Some(f) => f,
+            None => c.encode_utf8(&mut one),
+        };
         for f in folded.chars() {
             if f.is_alphanumeric() {
                 if gap && !out.is_empty() {
@@ -191,8 +195,9 @@ pub fn normalize(s: &str) -> String {
     out
 }
 
-fn fold(c: char) -> String {
-    let s = match c {
+/// The ASCII spelling of a Latin letter with a diacritic; None for any other character.
+fn fold(c: char) -> Option<&'static str> {
+    Some(match c {
         'à' | 'á' | 'â' | 'ã' | 'ä' | 'å' | 'ā' | 'ă' | 'ą' => "a",
         'æ' => "ae",
         'ç' | 'ć' | 'č' => "c",
@@ -212,9 +217,8 @@ fn fold(c: char) -> String {
         'ý' | 'ÿ' => "y",
         'ź' | 'ż' | 'ž' => "z",
         'þ' => "th",
-        _ => return c.to_string(),
-    };
-    s.to_owned()
+        _ => return None,
+    })
 }
 
 /// A pair's score and what it is made of.

@@ -149,7 +149,7 @@ impl Observation {
     /// Whether a key never links in this event (a configured blocked value, or a pattern
     /// matched it).
     pub fn blocks(&self, rules: &Rules, key: &Key) -> bool {
-        rules.blocked.contains(key) || (!self.blocked.is_empty() && self.blocked.contains(key))
+        rules.blocked.contains(key) || self.blocked.contains(key)
     }
 
     pub fn position(&self) -> Position {
@@ -180,6 +180,12 @@ impl Rules {
             Some(i) => (i, 0),
             None => (self.priority.len(), k.index()),
         }
+    }
+
+    /// The order in which an event's identifiers are considered: by priority, then by key.
+    /// The first that may link anchors the others.
+    fn order(&self, a: &Key, b: &Key) -> std::cmp::Ordering {
+        self.rank(a.kind).cmp(&self.rank(b.kind)).then(a.cmp(b))
     }
 }
 
@@ -493,7 +499,7 @@ impl Graph {
             return None;
         }
         let mut ranked: Vec<&Key> = obs.keys.iter().collect();
-        ranked.sort_by(|a, b| rules.rank(a.kind).cmp(&rules.rank(b.kind)).then(a.cmp(b)));
+        ranked.sort_by(|a, b| rules.order(a, b));
         ranked.dedup();
         let free = |k: &Key| !obs.blocks(rules, k) && !severed.keys.contains(k);
         let mut eligible = ranked.into_iter().filter(|k| free(k));
@@ -522,13 +528,7 @@ impl Graph {
         let pos = obs.position();
         let linking = Self::links(rules, obs);
         let mut ranked: Vec<usize> = obs.keys.iter().map(|k| self.node(k)).collect();
-        ranked.sort_by(|a, b| {
-            let (ka, kb) = (&self.keys[*a], &self.keys[*b]);
-            rules
-                .rank(ka.kind)
-                .cmp(&rules.rank(kb.kind))
-                .then(ka.cmp(kb))
-        });
+        ranked.sort_by(|a, b| rules.order(&self.keys[*a], &self.keys[*b]));
         ranked.dedup();
         // Eligibility is judged on what was seen before this event.
         let verdicts: Vec<Option<Reason>> = ranked

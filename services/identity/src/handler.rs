@@ -272,7 +272,7 @@ impl PgHandler for IdentityHandler {
             .await
             .map_err(classify)?;
         let t1 = std::time::Instant::now();
-        let (g_times, g_rows) = (g.read_time, g.read_rows);
+        let reads = g.reads;
         let stats = g.commit(&observations, &outcome).await.map_err(classify)?;
         let t2 = std::time::Instant::now();
 
@@ -333,11 +333,11 @@ impl PgHandler for IdentityHandler {
             rederived_nodes = stats.rederived_nodes,
             rederived_events = stats.rederived_events,
             resolve_ms = (t1 - t0).as_millis() as u64,
-            bound_ms = g_times[0].as_millis() as u64,
-            components_ms = g_times[1].as_millis() as u64,
-            observations_ms = g_times[2].as_millis() as u64,
-            component_rows = g_rows[1],
-            observation_rows = g_rows[2],
+            bound_ms = reads.bound.as_millis() as u64,
+            components_ms = reads.components.as_millis() as u64,
+            observations_ms = reads.observations.as_millis() as u64,
+            component_rows = reads.component_rows,
+            observation_rows = reads.observation_rows,
             commit_ms = (t2 - t1).as_millis() as u64,
             outbox_ms = t2.elapsed().as_millis() as u64,
             "batch resolved"

@@ -63,9 +63,18 @@ pub struct PgGraph<'c> {
     ids: HashMap<Key, i64>,
     keys: HashMap<i64, Key>,
     stored: HashMap<Key, Stored>,
-    /// Time spent reading in each Source call (bound, components, observations).
-    pub read_time: [std::time::Duration; 3],
-    pub read_rows: [usize; 3],
+    /// What resolution read, for the per-batch debug line.
+    pub reads: Reads,
+}
+
+/// Time spent and rows read by resolution's reads of one batch.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Reads {
+    pub bound: std::time::Duration,
+    pub components: std::time::Duration,
+    pub component_rows: usize,
+    pub observations: std::time::Duration,
+    pub observation_rows: usize,
 }
 
 fn key_of(kind: &str, namespace: String, hash: String) -> Option<Key> {
@@ -91,8 +100,7 @@ impl<'c> PgGraph<'c> {
             ids: HashMap::new(),
             keys: HashMap::new(),
             stored: HashMap::new(),
-            read_time: Default::default(),
-            read_rows: Default::default(),
+            reads: Reads::default(),
         }
     }
 
@@ -450,22 +458,16 @@ impl Source for PgGraph<'_> {
 
     async fn bound(&mut self, keys: &[Key]) -> Result<bool, sqlx::Error> {
         let t = std::time::Instant::now();
-        let r = self.bound_(keys).await;
-        self.read_time[0] += t.elapsed();
-        r
-    }
-
-    async fn components(
-        &mut self,
-        keys: &[Key],
-    ) -> Result<Vec<crate::resolve::Members>, sqlx::Error> {
-        let t = std::time::Instant::now();
-        let r = self.components_(keys).await;
-        self.read_time[1] += t.elapsed();
-        if let Ok(c) = &r {
-            self.read_rows[1] += c.iter().map(Vec::len).sum::<usize>();
-        }
-        r
+        let ids = self.ids_of(keys);
+        let (bound,): (bool,) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM identity_refusals
+                             WHERE (node = ANY($1) OR other_node = ANY($1)) AND reason IN ('unique', 'limit'))",
+        )
+        .bind(&ids)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        self.reads.bound += t.elapsed();
+        Ok(bound)
     }
 
     async fn link_positions(
@@ -484,38 +486,11 @@ impl Source for PgGraph<'_> {
             .collect())
     }
 
-    async fn observations(
-        &mut self,
-        keys: &[Key],
-        singles: &[Key],
-    ) -> Result<Vec<Observation>, sqlx::Error> {
-        let t = std::time::Instant::now();
-        let r = self.observations_(keys, singles).await;
-        self.read_time[2] += t.elapsed();
-        if let Ok(c) = &r {
-            self.read_rows[2] += c.len();
-        }
-        r
-    }
-}
-
-impl PgGraph<'_> {
-    async fn bound_(&mut self, keys: &[Key]) -> Result<bool, sqlx::Error> {
-        let ids = self.ids_of(keys);
-        let (bound,): (bool,) = sqlx::query_as(
-            "SELECT EXISTS (SELECT 1 FROM identity_refusals
-                             WHERE (node = ANY($1) OR other_node = ANY($1)) AND reason IN ('unique', 'limit'))",
-        )
-        .bind(&ids)
-        .fetch_one(&mut *self.tx)
-        .await?;
-        Ok(bound)
-    }
-
-    async fn components_(
+    async fn components(
         &mut self,
         keys: &[Key],
     ) -> Result<Vec<crate::resolve::Members>, sqlx::Error> {
+        let t = std::time::Instant::now();
         self.ensure(keys).await?;
         let ids = self.ids_of(keys);
         let rows: Vec<NodeRow> = sqlx::query_as(&format!(
@@ -526,6 +501,7 @@ impl PgGraph<'_> {
         .bind(&ids)
         .fetch_all(&mut *self.tx)
         .await?;
+        self.reads.component_rows += rows.len();
         let mut comps: HashMap<i64, Vec<(Key, Option<Seen>)>> = HashMap::new();
         for (id, kind, ns, hash, label, profile, fa, fe, la, le, subject, ka, ke) in rows {
             let Some(k) = key_of(&kind, ns, hash) else {
@@ -544,14 +520,16 @@ impl PgGraph<'_> {
             );
             comps.entry(label).or_default().push((k, seen));
         }
+        self.reads.components += t.elapsed();
         Ok(comps.into_values().collect())
     }
 
-    async fn observations_(
+    async fn observations(
         &mut self,
         keys: &[Key],
         singles: &[Key],
     ) -> Result<Vec<Observation>, sqlx::Error> {
+        let t = std::time::Instant::now();
         self.ensure(keys).await?;
         let ids = self.ids_of(keys);
         let single_ids = self.ids_of(singles);
@@ -573,6 +551,8 @@ impl PgGraph<'_> {
             .into_iter()
             .collect();
         self.learn(&referenced).await?;
+        self.reads.observations += t.elapsed();
+        self.reads.observation_rows += rows.len();
         Ok(rows
             .into_iter()
             .filter_map(|(event_id, at, subject, nodes, blocked)| {
