@@ -144,12 +144,7 @@ pub async fn create(
         prefix: prefix.to_owned(),
         number: next,
     };
-    sqlx::query(&format!(
-        "CREATE SCHEMA IF NOT EXISTS \"{}\"",
-        generation.schema()
-    ))
-    .execute(pool)
-    .await?;
+    cdp_runtime::pg::create_schema(pool, &generation.schema()).await?;
     let gen_pool = generation.pool(args).await?;
     migrator().run(&gen_pool).await?;
     gen_pool.close().await;

@@ -32,6 +32,20 @@ pub async fn connect(args: &PostgresArgs) -> Result<PgPool, sqlx::Error> {
         .await
 }
 
+/// Creates a schema unless it exists. `CREATE SCHEMA IF NOT EXISTS` alone is not safe
+/// against itself: two sessions creating the same schema at once can fail on the catalog's
+/// unique index, so creators take turns. `schema` must be a checked identifier.
+pub async fn create_schema(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('cdp.create_schema'))")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
 /// Classifies a database error: transient failures are retried, the rest stop the consumer.
 pub fn classify(e: sqlx::Error) -> SinkError {
     let retryable = match &e {
