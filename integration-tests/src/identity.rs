@@ -148,6 +148,7 @@ impl IdSlice {
                 schema: format!("id_{name}"),
                 rules,
                 candidates: cdp_identity::candidates::CandidateArgs::default(),
+                cache_nodes: cdp_identity::DEFAULT_CACHE_NODES,
             },
         }
     }

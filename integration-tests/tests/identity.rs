@@ -481,6 +481,7 @@ fn identity_for(
             schema: schema.to_owned(),
             rules: IdSlice::default_rules(),
             candidates: cdp_identity::candidates::CandidateArgs::default(),
+            cache_nodes: cdp_identity::DEFAULT_CACHE_NODES,
         },
     }
 }

@@ -68,6 +68,7 @@ async fn main() -> anyhow::Result<()> {
             schema: "bench_identity".to_owned(),
             rules: IdSlice::default_rules(),
             candidates: cdp_identity::candidates::CandidateArgs::default(),
+            cache_nodes: cdp_identity::DEFAULT_CACHE_NODES,
         },
     };
     let pool = cdp_identity::pool(&config.pg, &config.identity.schema).await?;

@@ -45,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
             schema: var("CDP_IDENTITY_SCHEMA")?,
             rules: cdp_integration_tests::identity::IdSlice::default_rules(),
             candidates: cdp_identity::candidates::CandidateArgs::default(),
+            cache_nodes: cdp_identity::DEFAULT_CACHE_NODES,
         },
     };
     let shutdown = Shutdown::new();

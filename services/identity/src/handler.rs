@@ -18,6 +18,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::cache::GraphCache;
 use crate::graph::{Key, Kind, Observation, Rules};
 use crate::metrics::IdentityMetrics;
 use crate::resolve::{resolve, Outcome, ProfileChange};
@@ -47,6 +48,8 @@ pub struct IdentityHandler {
     pub kinds: BTreeSet<IdentifierKind>,
     pub out: OutTopics,
     pub metrics: IdentityMetrics,
+    /// The graph as this process last wrote it (see crate::cache).
+    pub cache: GraphCache,
 }
 
 /// A customer event, or a tombstone (erasure): tombstones carry no identifiers.
@@ -235,7 +238,7 @@ impl PgHandler for IdentityHandler {
         batch: &[Decoded<'_, Input>],
     ) -> Result<Vec<Rejected>, SinkError> {
         lock_graph(tx).await.map_err(classify)?;
-        let mut g = PgGraph::new(tx);
+        let mut g = PgGraph::cached(tx, &self.cache).await.map_err(classify)?;
         // Event-level dedup: within the batch, then against everything resolved before.
         let mut firsts: Vec<(usize, &CustomerEvent)> = Vec::with_capacity(batch.len());
         let mut in_batch = HashSet::with_capacity(batch.len());
@@ -337,6 +340,7 @@ impl PgHandler for IdentityHandler {
             components_ms = reads.components.as_millis() as u64,
             observations_ms = reads.observations.as_millis() as u64,
             component_rows = reads.component_rows,
+            cached_rows = reads.cached_rows,
             observation_rows = reads.observation_rows,
             commit_ms = (t2 - t1).as_millis() as u64,
             outbox_ms = t2.elapsed().as_millis() as u64,

@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::cache::{CachedNode, GraphCache};
 use crate::graph::{Applied, Key, Kind, Micros, Observation, Position, Refusal, Seen, Severed};
 use crate::resolve::{Outcome, Source};
 
@@ -63,6 +64,7 @@ pub struct PgGraph<'c> {
     ids: HashMap<Key, i64>,
     keys: HashMap<i64, Key>,
     stored: HashMap<Key, Stored>,
+    cache: Option<GraphCache>,
     /// What resolution read, for the per-batch debug line.
     pub reads: Reads,
 }
@@ -73,6 +75,8 @@ pub struct Reads {
     pub bound: std::time::Duration,
     pub components: std::time::Duration,
     pub component_rows: usize,
+    /// Nodes of components served by the process's cache.
+    pub cached_rows: usize,
     pub observations: std::time::Duration,
     pub observation_rows: usize,
 }
@@ -100,8 +104,23 @@ impl<'c> PgGraph<'c> {
             ids: HashMap::new(),
             keys: HashMap::new(),
             stored: HashMap::new(),
+            cache: None,
             reads: Reads::default(),
         }
+    }
+
+    /// A graph that serves components from `cache` where it can; call it holding the graph
+    /// lock. The cache is brought in line with the stored graph first.
+    pub async fn cached(tx: &'c mut PgConnection, cache: &GraphCache) -> Result<Self, sqlx::Error> {
+        let mut g = Self::new(tx);
+        if cache.enabled() {
+            let token: Option<(Uuid,)> = sqlx::query_as("SELECT token FROM identity_graph_version")
+                .fetch_optional(&mut *g.tx)
+                .await?;
+            cache.reconcile(token.map(|t| t.0));
+            g.cache = Some(cache.clone());
+        }
+        Ok(g)
     }
 
     pub fn conn(&mut self) -> &mut PgConnection {
@@ -299,7 +318,8 @@ impl<'c> PgGraph<'c> {
         let mut subj = Vec::new();
         let mut link_at: Vec<Option<DateTime<Utc>>> = Vec::new();
         let mut link_ev: Vec<Option<Uuid>> = Vec::new();
-        for a in out.graph.assignments() {
+        let assignments = out.graph.assignments();
+        for a in &assignments {
             let (Some(nid), Some(lid)) = (self.ids.get(&a.key), self.ids.get(&a.label)) else {
                 continue;
             };
@@ -343,6 +363,32 @@ impl<'c> PgGraph<'c> {
         .bind(&link_ev)
         .execute(&mut *self.tx)
         .await?;
+        // Every write to the graph gets a new token (see crate::cache).
+        let token = Uuid::new_v4();
+        sqlx::query(
+            "INSERT INTO identity_graph_version (single, token) VALUES (true, $1)
+             ON CONFLICT (single) DO UPDATE SET token = EXCLUDED.token",
+        )
+        .bind(token)
+        .execute(&mut *self.tx)
+        .await?;
+        if let Some(c) = &self.cache {
+            let nodes = assignments
+                .into_iter()
+                .map(|a| {
+                    Some((
+                        a.key.clone(),
+                        CachedNode {
+                            id: *self.ids.get(&a.key)?,
+                            label: *self.ids.get(&a.label)?,
+                            seen: a.seen,
+                            profile: a.profile,
+                        },
+                    ))
+                })
+                .collect::<Option<Vec<_>>>();
+            c.stage(token, nodes);
+        }
         Ok(stats)
     }
 
@@ -491,6 +537,33 @@ impl Source for PgGraph<'_> {
         keys: &[Key],
     ) -> Result<Vec<crate::resolve::Members>, sqlx::Error> {
         let t = std::time::Instant::now();
+        let (held, keys) = match &self.cache {
+            Some(c) => c.components(keys),
+            None => (Vec::new(), keys.to_vec()),
+        };
+        let mut out: Vec<crate::resolve::Members> = Vec::with_capacity(held.len());
+        for group in held {
+            self.reads.cached_rows += group.len();
+            let mut members = Vec::with_capacity(group.len());
+            for (k, n) in group {
+                self.remember(n.id, k.clone());
+                self.stored.insert(
+                    k.clone(),
+                    Stored {
+                        label: n.label,
+                        seen: n.seen,
+                        profile: n.profile,
+                    },
+                );
+                members.push((k, n.seen));
+            }
+            out.push(members);
+        }
+        if keys.is_empty() {
+            self.reads.components += t.elapsed();
+            return Ok(out);
+        }
+        let keys = keys.as_slice();
         self.ensure(keys).await?;
         let ids = self.ids_of(keys);
         let rows: Vec<NodeRow> = sqlx::query_as(&format!(
@@ -521,7 +594,8 @@ impl Source for PgGraph<'_> {
             comps.entry(label).or_default().push((k, seen));
         }
         self.reads.components += t.elapsed();
-        Ok(comps.into_values().collect())
+        out.extend(comps.into_values());
+        Ok(out)
     }
 
     async fn observations(
