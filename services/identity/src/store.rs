@@ -64,6 +64,8 @@ pub struct PgGraph<'c> {
     ids: HashMap<Key, i64>,
     keys: HashMap<i64, Key>,
     stored: HashMap<Key, Stored>,
+    /// Nodes this transaction created: components of their own, nothing seen yet.
+    created: HashSet<i64>,
     cache: Option<GraphCache>,
     /// What resolution read, for the per-batch debug line.
     pub reads: Reads,
@@ -104,6 +106,7 @@ impl<'c> PgGraph<'c> {
             ids: HashMap::new(),
             keys: HashMap::new(),
             stored: HashMap::new(),
+            created: HashSet::new(),
             cache: None,
             reads: Reads::default(),
         }
@@ -140,16 +143,16 @@ impl<'c> PgGraph<'c> {
             return Ok(());
         }
         let (kinds, namespaces, hashes) = columns(&missing);
-        let rows: Vec<(i64, String, String, String)> = sqlx::query_as(
+        let rows: Vec<(i64, String, String, String, bool)> = sqlx::query_as(
             "WITH k AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]) AS k(kind, namespace, value_hash)),
              ins AS (
                 INSERT INTO identity_nodes (kind, namespace, value_hash)
                 SELECT kind, namespace, value_hash FROM k ORDER BY kind, namespace, value_hash
                 ON CONFLICT DO NOTHING
                 RETURNING node_id, kind, namespace, value_hash)
-             SELECT node_id, kind, namespace, value_hash FROM ins
+             SELECT node_id, kind, namespace, value_hash, true FROM ins
              UNION ALL
-             SELECT n.node_id, n.kind, n.namespace, n.value_hash
+             SELECT n.node_id, n.kind, n.namespace, n.value_hash, false
                FROM identity_nodes n JOIN k USING (kind, namespace, value_hash)",
         )
         .bind(&kinds)
@@ -157,7 +160,14 @@ impl<'c> PgGraph<'c> {
         .bind(&hashes)
         .fetch_all(&mut *self.tx)
         .await?;
-        self.remember_all(rows);
+        let mut known = Vec::with_capacity(rows.len());
+        for (id, kind, ns, hash, new) in rows {
+            if new {
+                self.created.insert(id);
+            }
+            known.push((id, kind, ns, hash));
+        }
+        self.remember_all(known);
         Ok(())
     }
 
@@ -565,7 +575,27 @@ impl Source for PgGraph<'_> {
         }
         let keys = keys.as_slice();
         self.ensure(keys).await?;
-        let ids = self.ids_of(keys);
+        // A node this transaction created is a component of its own with nothing seen: no
+        // need to read it back.
+        let mut ids = Vec::with_capacity(keys.len());
+        for k in keys {
+            let Some(id) = self.ids.get(k).copied() else {
+                continue;
+            };
+            if self.created.contains(&id) {
+                self.stored.insert(
+                    k.clone(),
+                    Stored {
+                        label: id,
+                        seen: None,
+                        profile: None,
+                    },
+                );
+                out.push(vec![(k.clone(), None)]);
+            } else {
+                ids.push(id);
+            }
+        }
         let rows: Vec<NodeRow> = sqlx::query_as(&format!(
             "SELECT {NODE_COLUMNS} FROM identity_nodes n
               WHERE coalesce(n.label, n.node_id) IN
