@@ -143,8 +143,16 @@ where
 {
     let started = Instant::now();
     loop {
-        if check().await? {
-            return Ok(());
+        // A check that never returns (a query behind a lock, a stuck client) fails the wait
+        // too, saying so, instead of hanging the test until the runner kills it.
+        let left = timeout.saturating_sub(started.elapsed()) + Duration::from_secs(5);
+        match tokio::time::timeout(left, check()).await {
+            Ok(done) => {
+                if done? {
+                    return Ok(());
+                }
+            }
+            Err(_) => bail!("waiting for {what}: a check did not return within {left:?}"),
         }
         if started.elapsed() > timeout {
             bail!("timed out after {timeout:?} waiting for {what}");

@@ -68,7 +68,7 @@ pub struct IdentityArgs {
     )]
     pub schema: String,
     /// Identifiers of the graph this process keeps in memory, whole components, so a batch
-    /// reads from Postgres only those it has not seen (about 400 bytes each). It is checked
+    /// reads from Postgres only those it has not seen (a few hundred bytes each). It is checked
     /// against a token every write to the graph changes: with two instances writing in turn
     /// it is mostly empty. 0 turns it off.
     #[arg(
