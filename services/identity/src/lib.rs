@@ -85,8 +85,9 @@ pub struct IdentityArgs {
 
 #[derive(Args, Clone, Debug)]
 pub struct IdentityApiArgs {
-    /// Address of the identity API (`GET /v1/identity/{profile_id}`, `operator` role of
-    /// CDP_API_TOKENS); `off` to not serve it.
+    /// Address of the identity API (`GET /v1/identity/{profile_id}` and
+    /// `GET /v1/identity/candidates`, `operator` role of CDP_API_TOKENS); `off` to not serve
+    /// it.
     #[arg(
         long = "identity-api-addr",
         env = "CDP_IDENTITY_API_ADDR",
