@@ -44,21 +44,13 @@ pub fn track_draft(
     i: usize,
     source: &str,
 ) -> cdp_ingest::publisher::Draft<CustomerEvent> {
-    use cdp_ingest::publisher::{envelope, plain, Draft};
-    use cdp_schemas::model::customer::Track;
+    use cdp_ingest::publisher::{envelope, Draft};
     use cdp_schemas::CustomerPayload;
     let at = origin() + chrono::Duration::seconds(s.at);
     Draft {
         event: CustomerEvent {
             envelope: envelope(s.event_id, at, at, source),
-            payload: CustomerPayload::Track(Track {
-                interaction_type: "Product Viewed".to_owned(),
-                channel: Some("web".to_owned()),
-                touchpoint: Some(format!("p-{}", i % 50)),
-                duration_ms: Some((i % 1000) as i64),
-                outcome: None,
-                properties: plain(format!(r#"{{"product_id":"p-{}"}}"#, i % 50)),
-            }),
+            payload: CustomerPayload::Track(crate::product_view(i as u64)),
         },
         identifiers: s
             .ids

@@ -161,6 +161,18 @@ where
     }
 }
 
+/// A web product view (one of 50 products, chosen by `n`), as the workloads track it.
+pub fn product_view(n: u64) -> cdp_schemas::model::customer::Track {
+    cdp_schemas::model::customer::Track {
+        interaction_type: "Product Viewed".to_owned(),
+        channel: Some("web".to_owned()),
+        touchpoint: Some(format!("p-{}", n % 50)),
+        duration_ms: Some((n % 1000) as i64),
+        outcome: None,
+        properties: cdp_ingest::publisher::plain(format!(r#"{{"product_id":"p-{}"}}"#, n % 50)),
+    }
+}
+
 /// A valid customer event whose partition key is `key`.
 pub fn event(n: u64, key: &str) -> CustomerEvent {
     let mut e = cdp_schemas::fixtures::customer_events()

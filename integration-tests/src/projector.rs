@@ -90,14 +90,7 @@ pub fn draft(n: u64, subjects: u64) -> (Option<Draft<CustomerEvent>>, Option<Dra
             None,
         ),
         2..=5 => (
-            customer(CustomerPayload::Track(Track {
-                interaction_type: "Product Viewed".to_owned(),
-                channel: Some("web".to_owned()),
-                touchpoint: Some(format!("p-{}", n % 50)),
-                duration_ms: Some((n % 1000) as i64),
-                outcome: None,
-                properties: plain(format!(r#"{{"product_id":"p-{}"}}"#, n % 50)),
-            })),
+            customer(CustomerPayload::Track(crate::product_view(n))),
             None,
         ),
         6 => (

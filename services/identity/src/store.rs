@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::cache::{CachedNode, GraphCache};
+use crate::cache::{CachedNode, GraphCache, Written};
 use crate::graph::{Applied, Key, Kind, Micros, Observation, Position, Refusal, Seen, Severed};
 use crate::resolve::{Outcome, Source};
 
@@ -25,14 +25,6 @@ fn micros(t: DateTime<Utc>) -> Micros {
 
 fn time(m: Micros) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(m).unwrap_or_default()
-}
-
-/// What a node row held when loaded.
-#[derive(Clone, Debug, PartialEq)]
-struct Stored {
-    label: i64,
-    seen: Option<Seen>,
-    profile: Option<Uuid>,
 }
 
 type NodeRow = (
@@ -63,7 +55,8 @@ pub struct PgGraph<'c> {
     tx: &'c mut PgConnection,
     ids: HashMap<Key, i64>,
     keys: HashMap<i64, Key>,
-    stored: HashMap<Key, Stored>,
+    /// What each loaded node's row held, to write only the rows that change.
+    stored: HashMap<Key, CachedNode>,
     /// Nodes this transaction created: components of their own, nothing seen yet.
     created: HashSet<i64>,
     cache: Option<GraphCache>,
@@ -328,17 +321,24 @@ impl<'c> PgGraph<'c> {
         let mut subj = Vec::new();
         let mut link_at: Vec<Option<DateTime<Utc>>> = Vec::new();
         let mut link_ev: Vec<Option<Uuid>> = Vec::new();
-        let assignments = out.graph.assignments();
-        for a in &assignments {
+        // What the touched components are now, for the cache; `None` if a node is missing.
+        let mut written: Option<Written> = Some(Vec::new());
+        for a in out.graph.assignments() {
             let (Some(nid), Some(lid)) = (self.ids.get(&a.key), self.ids.get(&a.label)) else {
+                written = None;
                 continue;
             };
-            let now = Stored {
+            let now = CachedNode {
+                id: *nid,
                 label: *lid,
                 seen: a.seen,
                 profile: a.profile,
             };
-            if self.stored.get(&a.key) == Some(&now) {
+            let unchanged = self.stored.get(&a.key) == Some(&now);
+            if let Some(w) = &mut written {
+                w.push((a.key, now));
+            }
+            if unchanged {
                 continue;
             }
             id.push(*nid);
@@ -383,21 +383,7 @@ impl<'c> PgGraph<'c> {
         .execute(&mut *self.tx)
         .await?;
         if let Some(c) = &self.cache {
-            let nodes = assignments
-                .into_iter()
-                .map(|a| {
-                    Some((
-                        a.key.clone(),
-                        CachedNode {
-                            id: *self.ids.get(&a.key)?,
-                            label: *self.ids.get(&a.label)?,
-                            seen: a.seen,
-                            profile: a.profile,
-                        },
-                    ))
-                })
-                .collect::<Option<Vec<_>>>();
-            c.stage(token, nodes);
+            c.stage(token, written);
         }
         Ok(stats)
     }
@@ -557,21 +543,10 @@ impl Source for PgGraph<'_> {
             let mut members = Vec::with_capacity(group.len());
             for (k, n) in group {
                 self.remember(n.id, k.clone());
-                self.stored.insert(
-                    k.clone(),
-                    Stored {
-                        label: n.label,
-                        seen: n.seen,
-                        profile: n.profile,
-                    },
-                );
-                members.push((k, n.seen));
+                members.push((k.clone(), n.seen));
+                self.stored.insert(k, n);
             }
             out.push(members);
-        }
-        if keys.is_empty() {
-            self.reads.components += t.elapsed();
-            return Ok(out);
         }
         let keys = keys.as_slice();
         self.ensure(keys).await?;
@@ -585,7 +560,8 @@ impl Source for PgGraph<'_> {
             if self.created.contains(&id) {
                 self.stored.insert(
                     k.clone(),
-                    Stored {
+                    CachedNode {
+                        id,
                         label: id,
                         seen: None,
                         profile: None,
@@ -595,6 +571,10 @@ impl Source for PgGraph<'_> {
             } else {
                 ids.push(id);
             }
+        }
+        if ids.is_empty() {
+            self.reads.components += t.elapsed();
+            return Ok(out);
         }
         let rows: Vec<NodeRow> = sqlx::query_as(&format!(
             "SELECT {NODE_COLUMNS} FROM identity_nodes n
@@ -615,7 +595,8 @@ impl Source for PgGraph<'_> {
             self.remember(id, k.clone());
             self.stored.insert(
                 k.clone(),
-                Stored {
+                CachedNode {
+                    id,
                     label,
                     seen,
                     profile,
