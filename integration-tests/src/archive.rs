@@ -9,7 +9,7 @@ use anyhow::{bail, ensure, Context};
 use cdp_archiver::ocf::ArchivedRecord;
 use cdp_archiver::{Archive, StoreArgs};
 use cdp_runtime::kafka::producer::{OutgoingRecord, Producer};
-use cdp_runtime::RawRecord;
+use cdp_runtime::{RawRecord, RecordCopier, RecordHeaders};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 
@@ -172,6 +172,7 @@ async fn read_log_once(
         }
         c.assign(&tpl)?;
         let mut out: BTreeMap<i32, Vec<RawRecord>> = ends.keys().map(|p| (*p, vec![])).collect();
+        let mut copier = RecordCopier::new();
         let started = Instant::now();
         let done = |out: &BTreeMap<i32, Vec<RawRecord>>| {
             ends.iter().all(|(p, hi)| {
@@ -186,7 +187,7 @@ async fn read_log_once(
                 "reading {topic} back timed out"
             );
             if let Some(m) = c.poll(Duration::from_millis(100)) {
-                let r = RawRecord::from_message(&m?);
+                let r = copier.copy(&m?);
                 if ends.get(&r.partition).is_some_and(|hi| r.offset < *hi) {
                     out.entry(r.partition).or_default().push(r);
                 }
@@ -252,12 +253,14 @@ pub async fn read_archive(archive: &Archive, topic: &str) -> anyhow::Result<Arch
 /// Archived records seen as the log's records.
 pub fn as_raw(r: &ArchivedRecord) -> RawRecord {
     RawRecord {
-        topic: r.topic.clone(),
+        topic: r.topic.as_str().into(),
         partition: r.partition,
         offset: r.offset,
-        key: r.key.clone(),
-        value: r.value.clone(),
-        headers: r.headers.clone(),
+        key: r.key.clone().map(Into::into),
+        value: r.value.clone().map(Into::into),
+        headers: RecordHeaders::from_pairs(
+            r.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())),
+        ),
         timestamp_ms: r.timestamp_ms,
     }
 }

@@ -280,7 +280,7 @@ impl PgHandler for ProbeHandler {
             keys.push(
                 String::from_utf8_lossy(d.record.key.as_deref().unwrap_or_default()).into_owned(),
             );
-            topics.push(d.record.topic.clone());
+            topics.push(d.record.topic.to_string());
             parts.push(d.record.partition);
             offsets.push(d.record.offset);
             ids.push(d.event.envelope.event_id);

@@ -241,9 +241,8 @@ for path in sorted(glob.glob(sys.argv[1] + '/**/*.avro', recursive=True)):
             "fastavro read {} records, we archived {total}",
             lines.len()
         );
-        let hex = |b: &Option<Vec<u8>>| {
-            b.as_ref()
-                .map(|b| serde_json::Value::String(b.iter().map(|x| format!("{x:02x}")).collect()))
+        let hex = |b: Option<&[u8]>| {
+            b.map(|b| serde_json::Value::String(b.iter().map(|x| format!("{x:02x}")).collect()))
                 .unwrap_or(serde_json::Value::Null)
         };
         let mut by_pos: BTreeMap<(i64, i64), &serde_json::Value> = BTreeMap::new();
@@ -263,7 +262,7 @@ for path in sorted(glob.glob(sys.argv[1] + '/**/*.avro', recursive=True)):
                     .get(&(i64::from(r.partition), r.offset))
                     .with_context(|| format!("fastavro lacks {}:{}", r.partition, r.offset))?;
                 ensure!(
-                    l["key"] == hex(&r.key) && l["value"] == hex(&r.value),
+                    l["key"] == hex(r.key.as_deref()) && l["value"] == hex(r.value.as_deref()),
                     "{}:{} differs",
                     r.partition,
                     r.offset

@@ -39,9 +39,10 @@ fn payload_size(r: &RawRecord) -> u64 {
     let headers: usize = r
         .headers
         .iter()
-        .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+        .map(|(k, v)| k.len() + v.map_or(0, <[u8]>::len))
         .sum();
-    (r.key.as_ref().map_or(0, Vec::len) + r.value.as_ref().map_or(0, Vec::len) + headers) as u64
+    (r.key.as_ref().map_or(0, |k| k.len()) + r.value.as_ref().map_or(0, |v| v.len()) + headers)
+        as u64
 }
 
 /// A file being filled for one partition.
@@ -103,7 +104,7 @@ impl SealedFile {
 impl OpenFile {
     pub fn start(first: &RawRecord, codec: Codec) -> Self {
         Self {
-            topic: first.topic.clone(),
+            topic: first.topic.to_string(),
             partition: first.partition,
             first_offset: first.offset,
             last_offset: first.offset,
@@ -205,8 +206,8 @@ mod tests {
             partition: 0,
             offset,
             key: None,
-            value: Some(vec![0; size]),
-            headers: vec![],
+            value: Some(vec![0; size].into()),
+            headers: Default::default(),
             timestamp_ms: ts,
         }
     }

@@ -171,7 +171,7 @@ pub fn encode_record(out: &mut Vec<u8>, r: &cdp_runtime::RawRecord) {
         put_long(out, r.headers.len() as i64);
         for (k, v) in &r.headers {
             put_bytes(out, k.as_bytes());
-            put_optional_bytes(out, v.as_deref());
+            put_optional_bytes(out, v);
         }
     }
     put_long(out, 0);
@@ -469,7 +469,7 @@ pub fn read_all(file: &[u8]) -> Result<(Header, Vec<ArchivedRecord>), OcfError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cdp_runtime::RawRecord;
+    use cdp_runtime::{RawRecord, RecordHeaders};
 
     fn sample(offset: i64) -> RawRecord {
         RawRecord {
@@ -479,17 +479,17 @@ mod tests {
             key: if offset % 7 == 0 {
                 None
             } else {
-                Some(format!("k{offset}").into_bytes())
+                Some(format!("k{offset}").into_bytes().into())
             },
             value: if offset % 5 == 0 {
                 None
             } else {
-                Some(vec![offset as u8; (offset % 300) as usize])
+                Some(vec![offset as u8; (offset % 300) as usize].into())
             },
             headers: if offset % 2 == 0 {
-                vec![("a".into(), Some(b"1".to_vec())), ("nul".into(), None)]
+                RecordHeaders::from_pairs([("a", Some(b"1".as_slice())), ("nul", None)])
             } else {
-                vec![]
+                RecordHeaders::default()
             },
             timestamp_ms: if offset % 11 == 0 {
                 None
@@ -511,13 +511,13 @@ mod tests {
 
     fn as_archived(r: &RawRecord) -> ArchivedRecord {
         ArchivedRecord {
-            topic: r.topic.clone(),
+            topic: r.topic.to_string(),
             partition: r.partition,
             offset: r.offset,
             timestamp_ms: r.timestamp_ms,
-            key: r.key.clone(),
-            value: r.value.clone(),
-            headers: r.headers.clone(),
+            key: r.key.as_deref().map(<[u8]>::to_vec),
+            value: r.value.as_deref().map(<[u8]>::to_vec),
+            headers: r.headers.to_pairs(),
         }
     }
 
@@ -587,7 +587,7 @@ mod tests {
                 use apache_avro::types::Value as V;
                 let expected_value = match &expected.value {
                     None => V::Union(0, Box::new(V::Null)),
-                    Some(b) => V::Union(1, Box::new(V::Bytes(b.clone()))),
+                    Some(b) => V::Union(1, Box::new(V::Bytes(b.to_vec()))),
                 };
                 assert_eq!(get("value"), expected_value);
                 let expected_ts = match expected.timestamp_ms {

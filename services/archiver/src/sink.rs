@@ -265,47 +265,39 @@ impl Sink for ArchiveSink {
         let mut state = self.state.lock().await;
         let mut stats = ApplyStats::default();
         let now = Instant::now();
-        // Per-record bookkeeping without allocations: counts by topic name, and the
-        // partition key rebuilt only when the partition changes (batches come in runs).
-        let mut counts: HashMap<&str, (u64, u64)> = HashMap::new();
-        let mut current: Option<TopicPartition> = None;
-        for r in batch {
-            if current
-                .as_ref()
-                .is_none_or(|c| c.partition != r.partition || c.topic != r.topic)
-            {
-                let tp = r.topic_partition();
-                if !state.contains_key(&tp) {
-                    self.load(&mut state, &tp).await?;
-                }
-                current = Some(tp);
+        // Batches come in runs of one partition: the partition's state is looked up once
+        // per run, and nothing is hashed or allocated per record.
+        for run in batch.chunk_by(|a, b| a.partition == b.partition && a.topic == b.topic) {
+            let tp = run[0].topic_partition();
+            if !state.contains_key(&tp) {
+                self.load(&mut state, &tp).await?;
             }
-            let Some(ps) = current.as_ref().and_then(|tp| state.get_mut(tp)) else {
+            let Some(ps) = state.get_mut(&tp) else {
                 continue;
             };
-            let count = counts.entry(r.topic.as_str()).or_default();
-            if ps.next.is_some_and(|n| r.offset < n) {
-                // Already archived, or already held from an earlier attempt of this batch.
-                count.1 += 1;
-                continue;
-            }
-            if ps
-                .open
-                .as_ref()
-                .is_some_and(|f| f.must_close_before(r, &self.policy))
-            {
-                if let Some(f) = ps.open.take() {
-                    ps.sealed.push_back(f.seal());
+            let (mut applied, mut skipped) = (0u64, 0u64);
+            for r in run {
+                if ps.next.is_some_and(|n| r.offset < n) {
+                    // Already archived, or already held from an earlier attempt of this batch.
+                    skipped += 1;
+                    continue;
                 }
+                if ps
+                    .open
+                    .as_ref()
+                    .is_some_and(|f| f.must_close_before(r, &self.policy))
+                {
+                    if let Some(f) = ps.open.take() {
+                        ps.sealed.push_back(f.seal());
+                    }
+                }
+                ps.open
+                    .get_or_insert_with(|| OpenFile::start(r, self.codec))
+                    .append(r, &self.policy, now);
+                ps.next = Some(r.offset + 1);
+                applied += 1;
             }
-            ps.open
-                .get_or_insert_with(|| OpenFile::start(r, self.codec))
-                .append(r, &self.policy, now);
-            ps.next = Some(r.offset + 1);
-            count.0 += 1;
-        }
-        for (topic, (applied, skipped)) in counts {
-            let c = stats.topic(topic);
+            let c = stats.topic(&tp.topic);
             c.applied += applied;
             c.skipped += skipped;
         }

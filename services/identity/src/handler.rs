@@ -88,8 +88,8 @@ pub fn blocked_hashes(record: &RawRecord) -> Vec<&str> {
     record
         .headers
         .iter()
-        .filter(|(k, _)| k == cdp_keystore::identifiers::BLOCKED_HEADER)
-        .filter_map(|(_, v)| v.as_deref())
+        .filter(|(k, _)| *k == cdp_keystore::identifiers::BLOCKED_HEADER)
+        .filter_map(|(_, v)| v)
         .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(',').map(str::trim).filter(|h| !h.is_empty()))
         .collect()
@@ -304,14 +304,14 @@ impl PgHandler for IdentityHandler {
             let mut headers: Vec<(String, Vec<u8>)> = r
                 .headers
                 .iter()
-                .filter(|(k, _)| k != PROFILE_HEADER && k != outbox::SEQ_HEADER)
-                .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
+                .filter(|(k, _)| *k != PROFILE_HEADER && *k != outbox::SEQ_HEADER)
+                .map(|(k, v)| (k.to_owned(), v.unwrap_or_default().to_vec()))
                 .collect();
             headers.push((PROFILE_HEADER.to_owned(), profile.clone().into_bytes()));
             out.push(Record {
                 topic: self.out.resolved.clone(),
                 key: Some(profile.into_bytes()),
-                value: r.value.clone(),
+                value: r.value.as_deref().map(<[u8]>::to_vec),
                 headers,
             });
         }

@@ -381,20 +381,20 @@ impl PgHandler for ProjectorHandler {
 
     fn decode(&self, record: &RawRecord) -> Result<Projected, Rejection> {
         let Some(value) = record.value.as_deref() else {
-            if record.topic == self.topics.identity {
+            if *record.topic == *self.topics.identity {
                 return Ok(Projected::Tombstone);
             }
             return Err(rejection(CodecError::Empty));
         };
-        if record.topic == self.topics.customer {
+        if *record.topic == *self.topics.customer {
             cdp_schemas::decode(value)
                 .map(Projected::Customer)
                 .map_err(rejection)
-        } else if record.topic == self.topics.capsule {
+        } else if *record.topic == *self.topics.capsule {
             cdp_schemas::decode(value)
                 .map(Projected::Capsule)
                 .map_err(rejection)
-        } else if record.topic == self.topics.identity {
+        } else if *record.topic == *self.topics.identity {
             cdp_schemas::decode(value)
                 .map(Projected::Identity)
                 .map_err(rejection)

@@ -100,12 +100,7 @@ impl DeadLetters {
             .iter()
             .zip(&meta)
             .map(|(l, [partition, offset, ts, reason])| {
-                let mut hs: Vec<(&str, Option<&[u8]>)> = l
-                    .record
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_deref()))
-                    .collect();
+                let mut hs: Vec<(&str, Option<&[u8]>)> = l.record.headers.iter().collect();
                 hs.push((headers::REASON, Some(reason.as_bytes())));
                 hs.push((headers::KIND, Some(l.rejection.kind.as_bytes())));
                 hs.push((headers::TOPIC, Some(l.record.topic.as_bytes())));

@@ -19,5 +19,5 @@ pub mod sink;
 pub mod telemetry;
 pub mod topics;
 
-pub use kafka::record::{RawRecord, TopicPartition};
+pub use kafka::record::{RawRecord, RecordCopier, RecordHeaders, TopicPartition};
 pub use shutdown::Shutdown;

@@ -27,7 +27,7 @@ use crate::admin::ReadyFlag;
 use crate::config::{KafkaArgs, RunnerArgs};
 use crate::dlq::DeadLetters;
 use crate::kafka::producer::Producer;
-use crate::kafka::record::{RawRecord, TopicPartition};
+use crate::kafka::record::{RawRecord, RecordCopier, TopicPartition};
 use crate::kafka::{client_config, KafkaSetupError};
 use crate::metrics::{GroupLabels, Outcome, RecordLabels, RunnerMetrics};
 use crate::shutdown::Shutdown;
@@ -461,6 +461,7 @@ fn poll_loop<S: Sink>(
     let mut last_tick = Instant::now();
     let linger = tuning.batch_linger();
     let take_fatal = || lock(&shared.fatal).take();
+    let mut copier = RecordCopier::new();
     loop {
         if let Some(e) = take_fatal() {
             return Err(e);
@@ -470,7 +471,7 @@ fn poll_loop<S: Sink>(
         }
         let polled = consumer
             .poll(Duration::from_millis(50))
-            .map(|r| r.map(|m| RawRecord::from_message(&m)));
+            .map(|r| r.map(|m| copier.copy(&m)));
         if let Some(e) = take_fatal() {
             return Err(e);
         }
