@@ -61,7 +61,9 @@ impl Codec {
         }
     }
 
+    /// Compresses `data` into `out`, replacing what `out` held (its capacity is reused).
     fn compress(self, data: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
+        out.clear();
         match self {
             Codec::Null => {
                 out.extend_from_slice(data);
@@ -74,8 +76,11 @@ impl Codec {
                 enc.finish().map(|_| ())
             }
             Codec::Zstandard => {
-                out.extend_from_slice(&zstd::bulk::compress(data, ZSTD_LEVEL)?);
-                Ok(())
+                // Straight into `out`'s spare capacity: no buffer per block.
+                out.reserve(zstd::zstd_safe::compress_bound(data.len()));
+                zstd::bulk::Compressor::new(ZSTD_LEVEL)?
+                    .compress_to_buffer(data, out)
+                    .map(|_| ())
             }
         }
     }
@@ -348,7 +353,10 @@ impl FileWriter {
     pub fn finish(mut self, metadata: &BTreeMap<String, String>) -> Result<Vec<u8>, OcfError> {
         self.close_block();
         let raw: usize = self.blocks.iter().map(|(_, b)| b.len()).sum();
-        let mut out = Vec::with_capacity(raw / 2 + ARCHIVED_RECORD_SCHEMA.len() + 512);
+        // Room for the file if compression gains nothing (pages never written are never
+        // touched), so it is not reallocated and copied while it grows.
+        let mut out =
+            Vec::with_capacity(raw + ARCHIVED_RECORD_SCHEMA.len() + 1024 + self.blocks.len() * 64);
         out.extend_from_slice(MAGIC);
         let mut entries: BTreeMap<&str, &[u8]> = BTreeMap::new();
         entries.insert("avro.schema", ARCHIVED_RECORD_SCHEMA.as_bytes());
