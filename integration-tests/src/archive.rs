@@ -33,6 +33,7 @@ pub fn s3_store(endpoint: &str) -> StoreArgs {
         s3_access_key_id: Some(S3_KEY_ID.to_owned()),
         s3_secret_access_key: Some(S3_SECRET.to_owned()),
         s3_retry_timeout_secs: 2,
+        s3_sign_payload: cdp_archiver::store::SignPayload::Auto,
     }
 }
 

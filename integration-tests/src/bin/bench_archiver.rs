@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use cdp_archiver::restore::{restore, RestoreRequest};
+use cdp_archiver::store::SignPayload;
 use cdp_archiver::{Archive, ArchiverArgs, ArchiverConfig, StoreArgs};
 use cdp_integration_tests::archive::{local_store, produce_mix, require_s3, s3_endpoint, s3_store};
 use cdp_integration_tests::{brokers, create_topics, kafka_args, metric_sum, unique};
@@ -159,6 +160,15 @@ async fn main() -> anyhow::Result<()> {
         runs.push((
             "S3 (garage)",
             archive_run(&topic, s3_store(&endpoint), n).await?,
+        ));
+        // What the same upload costs unsigned, as it is by default over https://.
+        let unsigned = StoreArgs {
+            s3_sign_payload: SignPayload::Never,
+            ..s3_store(&endpoint)
+        };
+        runs.push((
+            "S3, payload unsigned",
+            archive_run(&topic, unsigned, n).await?,
         ));
     } else {
         println!("archive  S3                    left out (CDP_NO_S3=1)");
