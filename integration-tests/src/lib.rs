@@ -76,7 +76,12 @@ pub async fn create_topics(topics: &[(&str, i32)]) -> anyhow::Result<()> {
         .create()?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(1)))
+        // Every record is kept: some tests write records timestamped long ago (fixed dates
+        // for deterministic archive names), and the broker's time retention (7 days by
+        // default, by record timestamp) would otherwise delete them whenever its periodic
+        // sweep happens to run mid-test, which the archive tests saw as records that never
+        // came (a partition's log starting past what was archived).
+        .map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(1)).set("retention.ms", "-1"))
         .collect();
     for r in admin.create_topics(&new, &AdminOptions::new()).await? {
         if let Err((t, e)) = r {

@@ -101,7 +101,9 @@ fn spawn_probe(topic: &str, group: &str, store: &StoreArgs) -> anyhow::Result<Ch
             "CDP_KAFKA_PROPERTIES",
             "session.timeout.ms=6000,heartbeat.interval.ms=500,max.partition.fetch.bytes=4096",
         )
-        .env("CDP_LOG", "warn")
+        // What a probe did is in the test's output when it fails.
+        .env("CDP_LOG", "warn,cdp_runtime=info,cdp_archiver=info")
+        .env("CDP_LOG_FORMAT", "pretty")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

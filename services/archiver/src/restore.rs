@@ -231,11 +231,16 @@ async fn prepare_target(
                 .map_err(KafkaSetupError::from)?
                 .create()
                 .map_err(KafkaSetupError::from)?;
+            // Restored records keep their original timestamps, usually older than the
+            // broker's default retention: a topic created with it would have them deleted
+            // at the broker's next retention check. It is created keeping every record;
+            // the operator sets a retention afterwards if one is wanted.
             let new = NewTopic::new(
                 topic,
                 needs as i32,
                 TopicReplication::Fixed(kafka.topic_replication),
-            );
+            )
+            .set("retention.ms", "-1");
             for r in admin.create_topics([&new], &AdminOptions::new()).await? {
                 match r {
                     Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
