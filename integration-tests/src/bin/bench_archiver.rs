@@ -148,7 +148,7 @@ async fn main() -> anyhow::Result<()> {
     println!("produced {n} records in {:.1} s", t.elapsed().as_secs_f64());
 
     // The ceiling is measured before the archive runs and again after them; the higher of
-    // the two is the one the ratios use (a single short read varies by up to a third here).
+    // the two is the one the ratios use (one short read varied by up to half here).
     let (ceiling_before, mb) = ceiling(&topic, n).await?;
     let (local, dir) = local_store();
     let mut runs = Vec::new();

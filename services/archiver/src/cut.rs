@@ -101,8 +101,31 @@ impl SealedFile {
     }
 }
 
+/// Adds `r` to a partition's open file (starting one when there is none). When `r` must
+/// start a new file, the open one is sealed first and returned.
+pub fn add(
+    open: &mut Option<OpenFile>,
+    r: &RawRecord,
+    policy: &CutPolicy,
+    codec: Codec,
+    now: Instant,
+) -> Option<SealedFile> {
+    let size = payload_size(r);
+    let sealed = if open
+        .as_ref()
+        .is_some_and(|f| f.must_close_before(r, size, policy))
+    {
+        open.take().map(OpenFile::seal)
+    } else {
+        None
+    };
+    open.get_or_insert_with(|| OpenFile::start(r, codec))
+        .append(r, size, policy, now);
+    sealed
+}
+
 impl OpenFile {
-    pub fn start(first: &RawRecord, codec: Codec) -> Self {
+    fn start(first: &RawRecord, codec: Codec) -> Self {
         Self {
             topic: first.topic.to_string(),
             partition: first.partition,
@@ -122,12 +145,12 @@ impl OpenFile {
         }
     }
 
-    /// Whether `next` must go into a new file.
-    pub fn must_close_before(&self, next: &RawRecord, policy: &CutPolicy) -> bool {
+    /// Whether `next`, of payload `size`, must go into a new file.
+    fn must_close_before(&self, next: &RawRecord, size: u64, policy: &CutPolicy) -> bool {
         if self.records >= policy.max_records {
             return true;
         }
-        if self.records > 0 && self.bytes + payload_size(next) > policy.max_bytes {
+        if self.records > 0 && self.bytes + size > policy.max_bytes {
             return true;
         }
         match (self.window, next.timestamp_ms) {
@@ -136,10 +159,11 @@ impl OpenFile {
         }
     }
 
-    /// Appends a record; `now` is when its batch is applied (one clock read per batch).
-    pub fn append(&mut self, r: &RawRecord, policy: &CutPolicy, now: Instant) {
+    /// Appends a record of payload `size`; `now` is when its batch is applied (one clock
+    /// read per batch).
+    fn append(&mut self, r: &RawRecord, size: u64, policy: &CutPolicy, now: Instant) {
         self.writer.append(r);
-        self.bytes += payload_size(r);
+        self.bytes += size;
         self.records += 1;
         self.last_offset = r.offset;
         self.last_append = now;
@@ -229,12 +253,9 @@ mod tests {
         let mut open: Option<OpenFile> = None;
         for batch in records.chunks(chunk) {
             for r in batch {
-                if open.as_ref().is_some_and(|f| f.must_close_before(r, &p)) {
-                    let f = open.take().expect("open");
+                if let Some(f) = add(&mut open, r, &p, Codec::Null, Instant::now()) {
                     files.push((f.first_offset, f.last_offset));
                 }
-                open.get_or_insert_with(|| OpenFile::start(r, Codec::Null))
-                    .append(r, &p, Instant::now());
             }
         }
         if let Some(f) = open {
@@ -280,8 +301,15 @@ mod tests {
             grace: Duration::ZERO,
             ..policy()
         };
-        let mut f = OpenFile::start(&rec(0, Some(1_000), 1), Codec::Null);
-        f.append(&rec(0, Some(1_000), 1), &p, Instant::now());
+        let mut open = None;
+        add(
+            &mut open,
+            &rec(0, Some(1_000), 1),
+            &p,
+            Codec::Null,
+            Instant::now(),
+        );
+        let f = open.expect("a file is open");
         assert!(!f.idle_expired(&p, 59_999));
         assert!(f.idle_expired(&p, 60_000));
         let quiet = CutPolicy {
@@ -294,10 +322,17 @@ mod tests {
     #[test]
     fn sealed_files_carry_their_range_in_the_header() {
         let p = policy();
-        let mut f = OpenFile::start(&rec(7, Some(10), 1), Codec::Zstandard);
+        let mut open = None;
         for o in 7..10 {
-            f.append(&rec(o, Some(10 + o), 1), &p, Instant::now());
+            add(
+                &mut open,
+                &rec(o, Some(10 + o), 1),
+                &p,
+                Codec::Zstandard,
+                Instant::now(),
+            );
         }
+        let f = open.expect("a file is open");
         let (_, bytes) = f.seal().encoded().expect("encoded");
         let (h, records) = ocf::read_all(&bytes).expect("readable");
         assert_eq!(h.number(meta::FIRST_OFFSET), Some(7));

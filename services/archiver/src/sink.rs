@@ -29,7 +29,7 @@ use cdp_runtime::{RawRecord, TopicPartition};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
-use crate::cut::{CutPolicy, OpenFile, SealedFile};
+use crate::cut::{self, CutPolicy, OpenFile, SealedFile};
 use crate::layout;
 use crate::metrics::{ArchiverMetrics, TopicLabels};
 use crate::ocf::Codec;
@@ -282,18 +282,9 @@ impl Sink for ArchiveSink {
                     skipped += 1;
                     continue;
                 }
-                if ps
-                    .open
-                    .as_ref()
-                    .is_some_and(|f| f.must_close_before(r, &self.policy))
-                {
-                    if let Some(f) = ps.open.take() {
-                        ps.sealed.push_back(f.seal());
-                    }
+                if let Some(f) = cut::add(&mut ps.open, r, &self.policy, self.codec, now) {
+                    ps.sealed.push_back(f);
                 }
-                ps.open
-                    .get_or_insert_with(|| OpenFile::start(r, self.codec))
-                    .append(r, &self.policy, now);
                 ps.next = Some(r.offset + 1);
                 applied += 1;
             }

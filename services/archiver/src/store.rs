@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
@@ -184,12 +184,8 @@ impl Archive {
             if let Some(secret) = &args.s3_secret_access_key {
                 b = b.with_secret_access_key(secret);
             }
-            // The endpoint in effect: ours, else the one AWS_ENDPOINT(_URL) gave the builder.
-            let endpoint = args.s3_endpoint.clone().or_else(|| {
-                std::env::var("AWS_ENDPOINT_URL")
-                    .or_else(|_| std::env::var("AWS_ENDPOINT"))
-                    .ok()
-            });
+            // The endpoint in effect: ours, else the one the builder took from the environment.
+            let endpoint = b.get_config_value(&AmazonS3ConfigKey::Endpoint);
             b = b.with_unsigned_payload(!args.s3_sign_payload.signs(endpoint.as_deref()));
             let store = b.build()?;
             let prefix = Path::parse(prefix.trim_matches('/')).map_err(|e| bad(&e.to_string()))?;

@@ -83,11 +83,8 @@ fn put_header(out: &mut BytesMut, name: &str, value: Option<&[u8]>) {
 
 impl RecordHeaders {
     /// Headers from (name, value) pairs, in order.
-    pub fn from_pairs<'a, I>(headers: I) -> Self
-    where
-        I: IntoIterator<Item = (&'a str, Option<&'a [u8]>)> + Clone,
-    {
-        let mut out = BytesMut::with_capacity(encoded_len(headers.clone()));
+    pub fn from_pairs<'a>(headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>) -> Self {
+        let mut out = BytesMut::new();
         for (k, v) in headers {
             put_header(&mut out, k, v);
         }
@@ -132,8 +129,7 @@ impl std::fmt::Debug for RecordHeaders {
 
 impl<'a> FromIterator<(&'a str, Option<&'a [u8]>)> for RecordHeaders {
     fn from_iter<T: IntoIterator<Item = (&'a str, Option<&'a [u8]>)>>(iter: T) -> Self {
-        let pairs: Vec<_> = iter.into_iter().collect();
-        Self::from_pairs(pairs.iter().copied())
+        Self::from_pairs(iter)
     }
 }
 
