@@ -13,6 +13,8 @@
 //! cargo build --release -p cdp-integration-tests --bin bench-projector
 //! CDP_TEST_KAFKA_BROKERS=127.0.0.1:9192 target/release/bench-projector [events] [profiles] [requests/s] [batch size]
 //! ```
+//!
+//! `CDP_BENCH_KEEP_DB=1` keeps the benchmark's database (its name is printed) for `EXPLAIN`.
 
 use std::time::{Duration, Instant};
 
@@ -63,10 +65,12 @@ async fn main() -> anyhow::Result<()> {
     // 1. Projection.
     let mut config = slice.config("bench");
     config.runner.batch_size = batch;
+    println!("projecting {n} events");
     let started = Instant::now();
     let (stop, task) = spawn(config.clone());
     slice.caught_up(&config, Duration::from_secs(1_800)).await?;
     let projected = started.elapsed();
+    println!("projected in {:.1} s", projected.as_secs_f64());
     stop.trigger();
     task.await??;
 
@@ -138,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
     let mut conn = slice.db.pool.acquire().await?;
     copy_in(
         &mut conn,
-        &format!("COPY \"{s}\".customer_identities FROM STDIN"),
+        &format!("COPY \"{s}\".customer_identities (kind, namespace, value_hash, profile_id, first_seen, last_seen) FROM STDIN"),
         &identities,
     )
     .await?;
@@ -218,5 +222,9 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("profile API on {profiles} profiles at {achieved:.0} req/s: by id p50 {:?} p99 {:?}; by email p50 {:?} p99 {:?}",
         percentile(&by_id, 0.5), percentile(&by_id, 0.99), percentile(&by_email, 0.5), percentile(&by_email, 0.99));
+    if std::env::var_os("CDP_BENCH_KEEP_DB").is_some() {
+        println!("database kept for inspection: {}", slice.db.name);
+        return Ok(());
+    }
     slice.db.drop_db().await
 }
