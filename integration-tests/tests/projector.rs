@@ -322,17 +322,62 @@ async fn a_merge_repoints_rows_and_applying_it_twice_changes_nothing() -> anyhow
     // Subscribers: a snapshot for the winner, a tombstone for the loser, on the profiles topic.
     let profiles = slice.topic(Topic::Profiles);
     tombstone_published(&profiles, loser).await?;
+    // The winner's last snapshot is the read model's: its counts, and its identifiers in
+    // byte order of (kind, namespace, hash).
+    let interactions = count(winner).await?;
+    let (transactions,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM p_merge_read.transactions WHERE profile_id = $1")
+            .bind(winner)
+            .fetch_one(&slice.db.pool)
+            .await?;
+    let identifiers: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT kind, namespace, value_hash FROM p_merge_read.customer_identities WHERE profile_id = $1
+          ORDER BY kind COLLATE \"C\", namespace COLLATE \"C\", value_hash COLLATE \"C\"",
+    )
+    .bind(winner)
+    .fetch_all(&slice.db.pool)
+    .await?;
+    assert!(identifiers.len() > 1 && transactions > 0);
+    let snapshot_of = |r: &cdp_integration_tests::Consumed| {
+        let value = r.value.as_deref()?;
+        let cdp_schemas::ProfilePayload::Snapshot(s) =
+            cdp_schemas::decode::<cdp_schemas::ProfileEvent>(value)
+                .ok()?
+                .payload;
+        (s.profile_id == winner).then_some(s)
+    };
+    let current = |s: &cdp_schemas::model::profile::ProfileSnapshot| {
+        let ids: Vec<(String, String, String)> = s
+            .identifiers
+            .iter()
+            .map(|i| {
+                let ns = i.namespace.clone().unwrap_or_default();
+                (i.kind.as_str().to_owned(), ns, i.value_hash.clone())
+            })
+            .collect();
+        s.interactions == interactions && s.transactions == transactions && ids == identifiers
+    };
+    published(
+        &profiles,
+        "the winner's snapshot of the final read model",
+        |r| snapshot_of(r).is_some_and(|s| current(&s)),
+    )
+    .await?;
     let n = topic_len(&profiles).await? as usize;
     let recs = consume(&profiles, n, Duration::from_secs(30)).await?;
-    let latest = recs
+    let s = recs
         .iter()
         .rev()
-        .find(|r| r.key.as_deref() == Some(winner.to_string().as_bytes()) && r.value.is_some())
+        .find_map(snapshot_of)
         .ok_or_else(|| anyhow::anyhow!("no snapshot of the winner"))?;
-    let snap: cdp_schemas::ProfileEvent =
-        cdp_schemas::decode(latest.value.as_deref().unwrap_or_default())?;
-    let cdp_schemas::ProfilePayload::Snapshot(s) = snap.payload;
-    assert_eq!(s.profile_id, winner);
+    assert!(
+        current(&s),
+        "the latest snapshot is of the final read model"
+    );
+    let names: Vec<&str> = s.traits.iter().map(|t| t.name.as_str()).collect();
+    let mut sorted = names.clone();
+    sorted.sort_unstable();
+    assert_eq!(names, sorted, "traits in name order");
     let email = s
         .traits
         .iter()
