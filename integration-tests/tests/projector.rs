@@ -715,3 +715,55 @@ async fn a_generation_from_an_older_release_is_migrated_and_its_outbox_published
     task.await??;
     Ok(())
 }
+
+/// A live generation made by an older release (identifiers with `last_seen`, read views over
+/// that column) is brought onto the current migrations when the projector starts: the column
+/// goes, and the read views are re-created over the table as it now is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_live_generation_is_migrated_and_its_read_views_recreated() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let prefix = "p_upgrade";
+    let g = cdp_projector::generation::create(&db.pool, &db.args(), prefix).await?;
+    let s = g.schema();
+    // What the release before 20261123000404 left behind.
+    sqlx::query(&format!(
+        "ALTER TABLE \"{s}\".customer_identities ADD COLUMN last_seen TIMESTAMPTZ"
+    ))
+    .execute(&db.pool)
+    .await?;
+    sqlx::query(&format!(
+        "DELETE FROM \"{s}\"._sqlx_migrations WHERE version = 20261123000404"
+    ))
+    .execute(&db.pool)
+    .await?;
+    cdp_projector::generation::swap(&db.pool, &g).await?;
+    let columns = |schema: String| {
+        let pool = db.pool.clone();
+        async move {
+            let (c,): (Vec<String>,) = sqlx::query_as(
+                "SELECT coalesce(array_agg(column_name::text ORDER BY ordinal_position), '{}')
+                   FROM information_schema.columns WHERE table_schema = $1 AND table_name = 'customer_identities'",
+            )
+            .bind(schema)
+            .fetch_one(&pool)
+            .await?;
+            anyhow::Ok(c)
+        }
+    };
+    assert!(columns(format!("{prefix}_read"))
+        .await?
+        .contains(&"last_seen".to_owned()));
+
+    cdp_projector::generation::upgrade(&db.pool, &db.args(), &g).await?;
+    let table = columns(s.clone()).await?;
+    let view = columns(format!("{prefix}_read")).await?;
+    assert!(!table.contains(&"last_seen".to_owned()), "{table:?}");
+    assert_eq!(
+        view, table,
+        "the read view lists the table's columns as they now are"
+    );
+    // Upgrading again changes nothing.
+    cdp_projector::generation::upgrade(&db.pool, &db.args(), &g).await?;
+    assert_eq!(columns(format!("{prefix}_read")).await?, table);
+    db.drop_db().await
+}

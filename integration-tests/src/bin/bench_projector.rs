@@ -135,14 +135,13 @@ async fn main() -> anyhow::Result<()> {
             &format!("user{}@example.org", i + 1),
         );
         identities.extend_from_slice(
-            format!("EMAIL\t\t{hash}\t{id}\t2026-01-01 00:00:00+00\t2026-01-02 00:00:00+00\n")
-                .as_bytes(),
+            format!("EMAIL\t\t{hash}\t{id}\t2026-01-01 00:00:00+00\n").as_bytes(),
         );
     }
     let mut conn = slice.db.pool.acquire().await?;
     copy_in(
         &mut conn,
-        &format!("COPY \"{s}\".customer_identities (kind, namespace, value_hash, profile_id, first_seen, last_seen) FROM STDIN"),
+        &format!("COPY \"{s}\".customer_identities (kind, namespace, value_hash, profile_id, first_seen) FROM STDIN"),
         &identities,
     )
     .await?;

@@ -133,7 +133,7 @@ pub async fn profile_json(pool: &PgPool, id: Uuid) -> Result<Option<Value>, sqlx
     let (identities, consents): (Value, Value) = sqlx::query_as(
         "SELECT
            (SELECT coalesce(jsonb_agg(jsonb_build_object('kind', kind, 'namespace', nullif(namespace, ''), 'value_hash', value_hash,
-                    'first_seen', first_seen, 'last_seen', last_seen) ORDER BY kind, namespace, value_hash), '[]')
+                    'first_seen', first_seen) ORDER BY kind, namespace, value_hash), '[]')
               FROM customer_identities WHERE profile_id = $1),
            (SELECT coalesce(jsonb_agg(jsonb_build_object('purpose', purpose, 'status', status, 'basis', basis,
                     'policy_version', policy_version, 'changed_at', changed_at, 'evidence_event_id', evidence_event_id) ORDER BY purpose), '[]')

@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use cdp_runtime::config::PostgresArgs;
 
@@ -111,12 +111,15 @@ pub fn read_schema(prefix: &str) -> String {
 }
 
 /// The live generation, if any.
-pub async fn live(pool: &PgPool, prefix: &str) -> Result<Option<Generation>, GenerationError> {
+pub async fn live<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    prefix: &str,
+) -> Result<Option<Generation>, GenerationError> {
     let row: Option<(i32,)> = sqlx::query_as(
         "SELECT generation FROM projector_generations WHERE prefix = $1 AND state = 'live'",
     )
     .bind(prefix)
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await?;
     Ok(row.map(|(n,)| Generation {
         prefix: prefix.to_owned(),
@@ -184,6 +187,13 @@ pub async fn swap(pool: &PgPool, generation: &Generation) -> Result<(), Generati
     .bind(generation.number)
     .execute(&mut *tx)
     .await?;
+    expose(&mut tx, generation).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Points the read views of `generation`'s prefix at its tables.
+async fn expose(tx: &mut PgConnection, generation: &Generation) -> Result<(), sqlx::Error> {
     let read = read_schema(&generation.prefix);
     sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{read}\""))
         .execute(&mut *tx)
@@ -198,6 +208,30 @@ pub async fn swap(pool: &PgPool, generation: &Generation) -> Result<(), Generati
         ))
         .execute(&mut *tx)
         .await?;
+    }
+    Ok(())
+}
+
+/// Brings the read-model migrations added since `generation` was created onto it and, if it
+/// is live, re-creates the read views over its tables as they now are (a view lists the
+/// columns of its table as they were when it was made; a migration may have dropped one with
+/// its view). One transaction under the swap lock: readers see the old views or the new ones.
+pub async fn upgrade(
+    pool: &PgPool,
+    args: &PostgresArgs,
+    generation: &Generation,
+) -> Result<(), GenerationError> {
+    let gen_pool = generation.pool(args).await?;
+    let migrated = migrator().run(&gen_pool).await;
+    gen_pool.close().await;
+    migrated?;
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('cdp-projector-swap'))")
+        .execute(&mut *tx)
+        .await?;
+    let live = live(&mut *tx, &generation.prefix).await?;
+    if live.as_ref() == Some(generation) {
+        expose(&mut tx, generation).await?;
     }
     tx.commit().await?;
     Ok(())

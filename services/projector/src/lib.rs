@@ -204,10 +204,11 @@ pub async fn run(
         let g =
             generation::ensure_live(&p.admin, &config.pg, &config.projector.schema_prefix).await?;
         tracing::info!(schema = %g.schema(), "projecting into the live generation");
-        let pool = g.pool(&config.pg).await?;
         // A generation created by an older release gets the read-model migrations added
-        // since (they are written to apply to a live generation; sqlx serializes replicas).
-        generation::migrator().run(&pool).await?;
+        // since (they are written to apply to a live generation; sqlx serializes replicas),
+        // and read views over its tables as they now are.
+        generation::upgrade(&p.admin, &config.pg, &g).await?;
+        let pool = g.pool(&config.pg).await?;
         let stop = Shutdown::new();
         let watcher = {
             let (admin, prefix, g, stop, outer) = (

@@ -30,8 +30,8 @@ pub struct IdentityRow {
     pub profile_id: Uuid,
     /// The profile of the subject whose event showed it (follows splits).
     pub origin: Uuid,
+    /// When the identifier was first seen (per profile claim: the earliest event showing it).
     pub first_seen: DateTime<Utc>,
-    pub last_seen: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone)]
@@ -170,7 +170,6 @@ impl Rows {
             profile_id: profile,
             origin,
             first_seen: at,
-            last_seen: at,
         });
         // An identifier two profiles claim belongs to the one that showed it first (ties: id).
         if (at, profile) < (e.first_seen, e.profile_id) {
@@ -178,7 +177,6 @@ impl Rows {
             e.origin = origin;
         }
         e.first_seen = e.first_seen.min(at);
-        e.last_seen = e.last_seen.max(at);
     }
 
     pub fn consent(&mut self, profile: Uuid, purpose: &str, row: ConsentRow) {
@@ -284,6 +282,28 @@ mod tests {
                 c.data_source.as_str()
             ),
             (10, 30, "early-app")
+        );
+    }
+
+    #[test]
+    fn an_identifier_belongs_to_the_profile_that_showed_it_first_whatever_the_order() {
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let claims = [(b, 20), (a, 10), (b, 5), (a, 5)];
+        let claim = |order: &[(Uuid, i64)]| {
+            let mut rows = Rows::default();
+            for (p, t) in order {
+                rows.identity("EMAIL", "", "h", *p, *p, stamp(*t, 0).0);
+            }
+            let r = &rows.identities[&("EMAIL".to_owned(), String::new(), "h".to_owned())];
+            (r.profile_id, r.origin, r.first_seen.timestamp())
+        };
+        let mut rev = claims;
+        rev.reverse();
+        assert_eq!(claim(&claims), claim(&rev));
+        assert_eq!(
+            claim(&claims),
+            (a, a, 5),
+            "same time: the lower profile id wins"
         );
     }
 }

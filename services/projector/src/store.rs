@@ -294,25 +294,25 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows) -> Db {
     }
     let ids: Vec<_> = rows.identities.iter().collect();
     if !ids.is_empty() {
+        // A row is written only when the identifier is new or an earlier claim arrives; the
+        // NOT EXISTS leaves rows that stay as they are unlocked and unwritten (a claim only
+        // ever moves earlier, so one skipped here cannot become due by a concurrent write).
         sqlx::query(
-            "INSERT INTO customer_identities (kind, namespace, value_hash, profile_id, first_seen, last_seen, origin)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::timestamptz[], $6::timestamptz[], $7::uuid[])
+            "INSERT INTO customer_identities AS c (kind, namespace, value_hash, profile_id, first_seen, origin)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::timestamptz[], $6::uuid[])
+                        AS x(kind, namespace, value_hash, profile_id, first_seen, origin)
+              WHERE NOT EXISTS (SELECT 1 FROM customer_identities e
+                                 WHERE (e.kind, e.namespace, e.value_hash) = (x.kind, x.namespace, x.value_hash)
+                                   AND (e.first_seen, e.profile_id) <= (x.first_seen, x.profile_id))
              ON CONFLICT (kind, namespace, value_hash) DO UPDATE SET
-                 profile_id = CASE WHEN (EXCLUDED.first_seen, EXCLUDED.profile_id) < (customer_identities.first_seen, customer_identities.profile_id)
-                                   THEN EXCLUDED.profile_id ELSE customer_identities.profile_id END,
-                 origin = CASE WHEN (EXCLUDED.first_seen, EXCLUDED.profile_id) < (customer_identities.first_seen, customer_identities.profile_id)
-                                   THEN EXCLUDED.origin ELSE customer_identities.origin END,
-                 first_seen = LEAST(customer_identities.first_seen, EXCLUDED.first_seen),
-                 last_seen = GREATEST(customer_identities.last_seen, EXCLUDED.last_seen)
-             WHERE EXCLUDED.last_seen > customer_identities.last_seen
-                OR (EXCLUDED.first_seen, EXCLUDED.profile_id) < (customer_identities.first_seen, customer_identities.profile_id)",
+                 profile_id = EXCLUDED.profile_id, origin = EXCLUDED.origin, first_seen = EXCLUDED.first_seen
+             WHERE (EXCLUDED.first_seen, EXCLUDED.profile_id) < (c.first_seen, c.profile_id)",
         )
         .bind(col(&ids, |((k, _, _), _)| k.clone()))
         .bind(col(&ids, |((_, n, _), _)| n.clone()))
         .bind(col(&ids, |((_, _, h), _)| h.clone()))
         .bind(col(&ids, |(_, r)| r.profile_id))
         .bind(col(&ids, |(_, r)| r.first_seen))
-        .bind(col(&ids, |(_, r)| r.last_seen))
         .bind(col(&ids, |(_, r)| r.origin))
         .execute(&mut *tx)
         .await?;
