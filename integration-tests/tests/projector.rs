@@ -737,6 +737,7 @@ async fn an_older_live_generation_is_migrated_and_its_read_views_recreated() -> 
     .execute(&db.pool)
     .await?;
     cdp_projector::generation::swap(&db.pool, &g).await?;
+    let gen_pool = g.pool(&db.args()).await?;
     let columns = |schema: String| {
         let pool = db.pool.clone();
         async move {
@@ -754,7 +755,7 @@ async fn an_older_live_generation_is_migrated_and_its_read_views_recreated() -> 
         .await?
         .contains(&"last_seen".to_owned()));
 
-    cdp_projector::generation::upgrade(&db.pool, &db.args(), &g).await?;
+    cdp_projector::generation::upgrade(&db.pool, &gen_pool, &g).await?;
     let table = columns(s.clone()).await?;
     let view = columns(format!("{prefix}_read")).await?;
     assert!(!table.contains(&"last_seen".to_owned()), "{table:?}");
@@ -763,7 +764,8 @@ async fn an_older_live_generation_is_migrated_and_its_read_views_recreated() -> 
         "the read view lists the table's columns as they now are"
     );
     // Upgrading again changes nothing.
-    cdp_projector::generation::upgrade(&db.pool, &db.args(), &g).await?;
+    cdp_projector::generation::upgrade(&db.pool, &gen_pool, &g).await?;
     assert_eq!(columns(format!("{prefix}_read")).await?, table);
+    gen_pool.close().await;
     db.drop_db().await
 }

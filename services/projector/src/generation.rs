@@ -158,9 +158,7 @@ pub async fn create(
 /// one transaction.
 pub async fn swap(pool: &PgPool, generation: &Generation) -> Result<(), GenerationError> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('cdp-projector-swap'))")
-        .execute(&mut *tx)
-        .await?;
+    lock_swaps(&mut tx).await?;
     let exists: Option<(i32,)> = sqlx::query_as(
         "SELECT generation FROM projector_generations WHERE prefix = $1 AND generation = $2",
     )
@@ -192,6 +190,14 @@ pub async fn swap(pool: &PgPool, generation: &Generation) -> Result<(), Generati
     Ok(())
 }
 
+/// Serializes whatever points the read views somewhere (swaps, upgrades) until `tx` ends.
+async fn lock_swaps(tx: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('cdp-projector-swap'))")
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
 /// Points the read views of `generation`'s prefix at its tables.
 async fn expose(tx: &mut PgConnection, generation: &Generation) -> Result<(), sqlx::Error> {
     let read = read_schema(&generation.prefix);
@@ -216,19 +222,15 @@ async fn expose(tx: &mut PgConnection, generation: &Generation) -> Result<(), sq
 /// is live, re-creates the read views over its tables as they now are (a view lists the
 /// columns of its table as they were when it was made; a migration may have dropped one with
 /// its view). One transaction under the swap lock: readers see the old views or the new ones.
+/// `gen_pool` is `generation`'s own pool ([`Generation::pool`]).
 pub async fn upgrade(
     pool: &PgPool,
-    args: &PostgresArgs,
+    gen_pool: &PgPool,
     generation: &Generation,
 ) -> Result<(), GenerationError> {
-    let gen_pool = generation.pool(args).await?;
-    let migrated = migrator().run(&gen_pool).await;
-    gen_pool.close().await;
-    migrated?;
+    migrator().run(gen_pool).await?;
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('cdp-projector-swap'))")
-        .execute(&mut *tx)
-        .await?;
+    lock_swaps(&mut tx).await?;
     let live = live(&mut *tx, &generation.prefix).await?;
     if live.as_ref() == Some(generation) {
         expose(&mut tx, generation).await?;

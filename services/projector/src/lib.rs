@@ -207,8 +207,8 @@ pub async fn run(
         // A generation created by an older release gets the read-model migrations added
         // since (they are written to apply to a live generation; sqlx serializes replicas),
         // and read views over its tables as they now are.
-        generation::upgrade(&p.admin, &config.pg, &g).await?;
         let pool = g.pool(&config.pg).await?;
+        generation::upgrade(&p.admin, &pool, &g).await?;
         let stop = Shutdown::new();
         let watcher = {
             let (admin, prefix, g, stop, outer) = (

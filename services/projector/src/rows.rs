@@ -175,8 +175,8 @@ impl Rows {
         if (at, profile) < (e.first_seen, e.profile_id) {
             e.profile_id = profile;
             e.origin = origin;
+            e.first_seen = at;
         }
-        e.first_seen = e.first_seen.min(at);
     }
 
     pub fn consent(&mut self, profile: Uuid, purpose: &str, row: ConsentRow) {
