@@ -95,6 +95,7 @@ fn spawn_probe(topic: &str, group: &str, store: &StoreArgs) -> anyhow::Result<Ch
         .env("CDP_ARCHIVE_GRACE_MS", "500")
         .env("CDP_ARCHIVE_WINDOW_SECS", "3600")
         .env("CDP_BATCH_SIZE", "200")
+        .env("CDP_BATCH_SIZE_MAX", "200")
         // A killed member holds its partitions until its session times out; small fetches
         // keep the archiver slow enough for the kills to land mid-run.
         .env(

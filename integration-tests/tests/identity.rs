@@ -287,6 +287,7 @@ fn probe(
             .env("CDP_IDENTITY_GROUP", &config.identity.group)
             .env("CDP_IDENTITY_SCHEMA", &config.identity.schema)
             .env("CDP_BATCH_SIZE", "300")
+            .env("CDP_BATCH_SIZE_MAX", "3000")
             .stdin(std::process::Stdio::null())
             .spawn()?,
     )

@@ -80,6 +80,9 @@ fn probe(
             .env("CDP_PROJECTOR_GROUP", &config.projector.group)
             .env("CDP_PROJECTOR_SCHEMA", &config.projector.schema_prefix)
             .env("CDP_BATCH_SIZE", "200")
+            // Batches grow while the probe catches up after a kill; capped so a run still
+            // crosses many commits.
+            .env("CDP_BATCH_SIZE_MAX", "2000")
             .env(
                 "CDP_KAFKA_PROPERTIES",
                 "session.timeout.ms=6000,heartbeat.interval.ms=500",

@@ -31,6 +31,7 @@ impl Probe {
             .env("CDP_KAFKA_BROKERS", brokers())
             .env("CDP_DATABASE_URL", &self.db_url)
             .env("CDP_BATCH_SIZE", self.batch_size.to_string())
+            .env("CDP_BATCH_SIZE_MAX", (4 * self.batch_size).to_string())
             .env(
                 "CDP_KAFKA_PROPERTIES",
                 "session.timeout.ms=6000,heartbeat.interval.ms=500",
@@ -492,5 +493,65 @@ async fn retryable_failures_roll_back_and_retry_without_advancing() -> anyhow::R
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse::<u64>().ok());
     assert_eq!(retries, Some(3));
+    db.drop_db().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_behind_takes_batches_past_the_batch_size_up_to_the_maximum(
+) -> anyhow::Result<()> {
+    const N: u64 = 6_000;
+    let topic = unique("runner-catchup");
+    let dlq = unique("runner-catchup-dlq");
+    let group = unique("runner-catchup-group");
+    create_topics(&[(&topic, 2), (&dlq, 1)]).await?;
+    let db = TestDb::create().await?;
+    create_probe_table(&db.pool).await?;
+    let producer = Arc::new(Producer::new(&kafka_args(""))?);
+    // A backlog before the consumer starts: every record is already waiting.
+    produce_events(&producer, &topic, N, 2).await?;
+
+    let sink = Arc::new(PgSink::new(
+        db.pool.clone(),
+        group.clone(),
+        ProbeHandler {
+            delay: Duration::ZERO,
+        },
+    ));
+    let shutdown = Shutdown::new();
+    let mut config = runner_config(&topic, &group, &dlq, 100);
+    config.tuning.batch_size_max = 1_000;
+    let task = tokio::spawn(runner::run(
+        config,
+        sink,
+        producer.clone(),
+        RunnerMetrics::register(&Metrics::new()),
+        None,
+        shutdown.clone(),
+    ));
+    wait_until("every record applied", Duration::from_secs(60), || async {
+        Ok(probe_counts(&db.pool).await?.0 >= N as i64)
+    })
+    .await?;
+    shutdown.trigger();
+    task.await??;
+    assert_eq!(probe_counts(&db.pool).await?, (N as i64, N as i64));
+    // Each batch is one transaction: the rows it inserted share their xmin.
+    let sizes: Vec<i64> =
+        sqlx::query_scalar("SELECT count(*) FROM probe_applied GROUP BY xmin::text")
+            .fetch_all(&db.pool)
+            .await?;
+    assert!(
+        sizes.iter().all(|&s| s <= 1_000),
+        "a batch exceeded the maximum: {sizes:?}"
+    );
+    assert!(
+        sizes.iter().any(|&s| s > 100),
+        "the backlog was taken in batches of the normal size only: {sizes:?}"
+    );
+    // At the normal size alone it would take at least 60 transactions.
+    assert!(
+        sizes.len() < 30,
+        "too many batches for a backlog: {sizes:?}"
+    );
     db.drop_db().await
 }

@@ -11,8 +11,11 @@
 //! ```sh
 //! CDP_STACK_DIR=.stack-bench CDP_KAFKA_PORT=9192 CDP_BROKER_STORAGE=memory scripts/stack up
 //! cargo build --release -p cdp-integration-tests --bin bench-projector
-//! CDP_TEST_KAFKA_BROKERS=127.0.0.1:9192 target/release/bench-projector [events] [profiles] [requests/s] [batch size]
+//! CDP_TEST_KAFKA_BROKERS=127.0.0.1:9192 target/release/bench-projector [events] [profiles] [requests/s] [batch size] [max batch size]
 //! ```
+//!
+//! The maximum batch size defaults to the runner's (`CDP_BATCH_SIZE_MAX`); equal to the batch
+//! size, it turns off the growth of batches while the projector catches up.
 //!
 //! `CDP_BENCH_KEEP_DB=1` keeps the benchmark's database (its name is printed) for `EXPLAIN`.
 
@@ -58,6 +61,10 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or(1_000_000);
     let rate: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1_000);
     let batch: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1_000);
+    let batch_max: usize = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(cdp_runtime::config::RunnerArgs::default().batch_size_max);
     let slice = Slice::create().await?;
     let events = slice.prepare(0..n, 9_999).await?;
     slice.produce(&events, |i| Some((i % 6) as i32)).await?;
@@ -65,6 +72,7 @@ async fn main() -> anyhow::Result<()> {
     // 1. Projection.
     let mut config = slice.config("bench");
     config.runner.batch_size = batch;
+    config.runner.batch_size_max = batch_max;
     println!("projecting {n} events");
     let started = Instant::now();
     let (stop, task) = spawn(config.clone());
@@ -204,7 +212,7 @@ async fn main() -> anyhow::Result<()> {
 
     let eps = n as f64 / projected.as_secs_f64();
     println!(
-        "events: {n} over 6 partitions, batch {batch}, broker {}",
+        "events: {n} over 6 partitions, batch {batch} (up to {batch_max} while behind), broker {}",
         cdp_integration_tests::brokers()
     );
     println!(

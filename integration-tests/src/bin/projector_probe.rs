@@ -41,6 +41,10 @@ async fn main() -> anyhow::Result<()> {
                 .ok()
                 .and_then(|b| b.parse().ok())
                 .unwrap_or(500),
+            batch_size_max: var("CDP_BATCH_SIZE_MAX")
+                .ok()
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(RunnerArgs::default().batch_size_max),
             batch_linger_ms: 50,
             ..RunnerArgs::default()
         },

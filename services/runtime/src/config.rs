@@ -158,9 +158,19 @@ pub struct AdminArgs {
 
 #[derive(Args, Clone, Debug)]
 pub struct RunnerArgs {
-    /// Records per batch (one sink transaction per batch).
+    /// Records per batch (one sink transaction per batch) when the consumer keeps up: a
+    /// batch is cut at this size as soon as no further record is waiting.
     #[arg(long = "batch-size", env = "CDP_BATCH_SIZE", default_value_t = 500)]
     pub batch_size: usize,
+    /// Largest batch, taken while records keep waiting (catching up after a pause, a
+    /// replay, a rebuild): the batch then grows past `CDP_BATCH_SIZE` with what is already
+    /// fetched, up to this many records. Values below `CDP_BATCH_SIZE` mean `CDP_BATCH_SIZE`.
+    #[arg(
+        long = "batch-size-max",
+        env = "CDP_BATCH_SIZE_MAX",
+        default_value_t = 20_000
+    )]
+    pub batch_size_max: usize,
     /// Longest wait for a batch to fill, in milliseconds.
     #[arg(
         long = "batch-linger-ms",
@@ -189,6 +199,7 @@ impl Default for RunnerArgs {
     fn default() -> Self {
         Self {
             batch_size: 500,
+            batch_size_max: 20_000,
             batch_linger_ms: 200,
             max_consecutive_dead_letters: 1000,
             retry_backoff_max_ms: 10_000,
@@ -197,6 +208,11 @@ impl Default for RunnerArgs {
 }
 
 impl RunnerArgs {
+    /// The largest batch the runner takes (never below the normal batch size).
+    pub fn batch_ceiling(&self) -> usize {
+        self.batch_size_max.max(self.batch_size)
+    }
+
     pub fn batch_linger(&self) -> Duration {
         Duration::from_millis(self.batch_linger_ms)
     }

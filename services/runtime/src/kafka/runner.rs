@@ -5,7 +5,10 @@
 //!   [`StartFrom`]). Kafka's committed offsets are only a mirror for lag tools.
 //! - Polls on a dedicated thread with `BaseConsumer` (one queue, so each partition stays in
 //!   order), gathers a batch by size or linger time, hands it to the sink, which applies it
-//!   atomically with the new positions and dead-letters what it cannot apply.
+//!   atomically with the new positions and dead-letters what it cannot apply. A batch that
+//!   reached its size keeps taking records while they are already waiting, up to the
+//!   maximum: a consumer that is behind (after a pause, in a replay) writes fewer, larger
+//!   transactions, and one that keeps up cuts at the normal size, for latency.
 //! - Retryable sink errors back off and retry the same batch without advancing; fatal ones
 //!   stop the runner with an error.
 //! - On revocation and on shutdown, the in-flight batch is finished before partitions are
@@ -462,6 +465,10 @@ fn poll_loop<S: Sink>(
     let linger = tuning.batch_linger();
     let take_fatal = || lock(&shared.fatal).take();
     let mut copier = RecordCopier::new();
+    let ceiling = tuning.batch_ceiling();
+    // Records pending, as of the last poll (only a poll, through a revocation, empties the
+    // batch behind this loop's back).
+    let mut len = 0usize;
     loop {
         if let Some(e) = take_fatal() {
             return Err(e);
@@ -469,15 +476,20 @@ fn poll_loop<S: Sink>(
         if shared.shutdown.is_triggered() {
             break;
         }
-        let polled = consumer
-            .poll(Duration::from_millis(50))
-            .map(|r| r.map(|m| copier.copy(&m)));
+        // Past the normal batch size, only what is already fetched is taken: the batch grows
+        // while records keep waiting (catching up) and is cut as soon as none does.
+        let wait = if len >= tuning.batch_size {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(50)
+        };
+        let polled = consumer.poll(wait).map(|r| r.map(|m| copier.copy(&m)));
         if let Some(e) = take_fatal() {
             return Err(e);
         }
         let idle = polled.is_none();
         // One lock of the pending batch per record: push and size together.
-        let mut len = match polled {
+        len = match polled {
             None => lock(&shared.pending).len(),
             Some(Ok(record)) => {
                 batch_started.get_or_insert_with(Instant::now);
@@ -495,7 +507,8 @@ fn poll_loop<S: Sink>(
             // every record (clock reads were a tenth of this thread's time at full speed).
             let due =
                 (idle || len % 64 == 0) && batch_started.is_some_and(|t| t.elapsed() >= linger);
-            if len >= tuning.batch_size || due {
+            let full = len >= ceiling || (idle && len >= tuning.batch_size);
+            if full || due {
                 if let Flushed::Abandoned = shared.flush(&consumer)? {
                     break;
                 }
