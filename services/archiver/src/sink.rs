@@ -257,9 +257,20 @@ impl Sink for ArchiveSink {
         Ok(out)
     }
 
+    /// Records are archived as they came: nothing to prepare.
+    type Prepared = Vec<RawRecord>;
+
+    fn prepare(&self, batch: Vec<RawRecord>) -> Vec<RawRecord> {
+        batch
+    }
+
+    fn records(batch: &Vec<RawRecord>) -> &[RawRecord] {
+        batch
+    }
+
     async fn apply(
         &self,
-        batch: &[RawRecord],
+        batch: &Vec<RawRecord>,
         _dlq: &DeadLetters,
     ) -> Result<ApplyStats, SinkError> {
         let mut state = self.state.lock().await;

@@ -243,7 +243,7 @@ impl PgHandler for IdentityHandler {
         let mut firsts: Vec<(usize, &CustomerEvent)> = Vec::with_capacity(batch.len());
         let mut in_batch = HashSet::with_capacity(batch.len());
         for (i, d) in batch.iter().enumerate() {
-            if let Input::Event(e) = &d.event {
+            if let Input::Event(e) = d.event {
                 if in_batch.insert(e.envelope.event_id) {
                     firsts.push((i, e));
                 }

@@ -350,7 +350,7 @@ impl ProjectorHandler {
 fn wanted_keys(batch: &[Decoded<'_, Projected>]) -> Vec<(String, u32)> {
     let mut out = BTreeSet::new();
     for d in batch {
-        let (subject, mut sealed): (&str, Vec<Option<Sealed>>) = match &d.event {
+        let (subject, mut sealed): (&str, Vec<Option<Sealed>>) = match d.event {
             Projected::Customer(e) => {
                 let mut p = e.payload.clone();
                 (
@@ -413,7 +413,7 @@ impl PgHandler for ProjectorHandler {
     ) -> Result<Vec<Rejected>, SinkError> {
         // Merges and splits first, in log order: everything written below already follows them.
         for d in batch {
-            if let Projected::Identity(e) = &d.event {
+            if let Projected::Identity(e) = d.event {
                 match &e.payload {
                     IdentityPayload::ProfilesMerged(m) => {
                         store::merge(
@@ -449,7 +449,7 @@ impl PgHandler for ProjectorHandler {
         let opener = Opener { keys };
         let base: Vec<Uuid> = batch
             .iter()
-            .filter_map(|d| match &d.event {
+            .filter_map(|d| match d.event {
                 Projected::Customer(e) => Some(profile_id_of(&e.envelope.subject.subject_id)),
                 Projected::Capsule(e) => Some(profile_id_of(&e.envelope.subject.subject_id)),
                 _ => None,
@@ -469,7 +469,7 @@ impl PgHandler for ProjectorHandler {
                 if skip.contains(&index) {
                     continue;
                 }
-                let result = match &d.event {
+                let result = match d.event {
                     Projected::Customer(e) => self.fold_customer(
                         e,
                         profile(&e.envelope.subject.subject_id),

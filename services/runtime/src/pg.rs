@@ -71,7 +71,13 @@ pub fn classify(e: sqlx::Error) -> SinkError {
 /// A record that decoded, handed to the handler.
 pub struct Decoded<'r, E> {
     pub record: &'r RawRecord,
-    pub event: E,
+    pub event: &'r E,
+}
+
+/// A batch decoded ahead of its transaction (see [`Sink::prepare`]).
+pub struct PgBatch<E> {
+    records: Vec<RawRecord>,
+    events: Vec<Result<E, Rejection>>,
 }
 
 /// A record the handler refuses (by index into the slice it was given).
@@ -212,8 +218,24 @@ impl<H: PgHandler> Sink for PgSink<H> {
             .collect())
     }
 
-    async fn apply(&self, batch: &[RawRecord], dlq: &DeadLetters) -> Result<ApplyStats, SinkError> {
+    type Prepared = PgBatch<H::Event>;
+
+    fn prepare(&self, records: Vec<RawRecord>) -> PgBatch<H::Event> {
+        let events = records.iter().map(|r| self.handler.decode(r)).collect();
+        PgBatch { records, events }
+    }
+
+    fn records(batch: &PgBatch<H::Event>) -> &[RawRecord] {
+        &batch.records
+    }
+
+    async fn apply(
+        &self,
+        prepared: &PgBatch<H::Event>,
+        dlq: &DeadLetters,
+    ) -> Result<ApplyStats, SinkError> {
         let mut stats = ApplyStats::default();
+        let batch = &prepared.records;
         if batch.is_empty() {
             return Ok(stats);
         }
@@ -230,8 +252,9 @@ impl<H: PgHandler> Sink for PgSink<H> {
 
         // Skip what this group already applied (redelivery after a crash or rebalance).
         let mut next: HashMap<TopicPartition, i64> = HashMap::new();
-        let mut fresh: Vec<&RawRecord> = Vec::with_capacity(batch.len());
-        for r in batch {
+        let mut letters: Vec<DeadLetter<'_>> = Vec::new();
+        let mut decoded: Vec<Decoded<'_, H::Event>> = Vec::with_capacity(batch.len());
+        for (r, event) in batch.iter().zip(&prepared.events) {
             let tp = r.topic_partition();
             let from = held.get(&tp).copied().unwrap_or(-1);
             if r.offset < from {
@@ -240,17 +263,11 @@ impl<H: PgHandler> Sink for PgSink<H> {
             }
             let n = next.entry(tp).or_insert(r.offset + 1);
             *n = (*n).max(r.offset + 1);
-            fresh.push(r);
-        }
-
-        let mut letters: Vec<DeadLetter<'_>> = Vec::new();
-        let mut decoded: Vec<Decoded<'_, H::Event>> = Vec::with_capacity(fresh.len());
-        for r in fresh {
-            match self.handler.decode(r) {
+            match event {
                 Ok(event) => decoded.push(Decoded { record: r, event }),
                 Err(rejection) => letters.push(DeadLetter {
                     record: r,
-                    rejection,
+                    rejection: rejection.clone(),
                 }),
             }
         }

@@ -97,12 +97,24 @@ pub trait Sink: Send + Sync + 'static {
         partitions: &'a [TopicPartition],
     ) -> impl Future<Output = Result<HashMap<TopicPartition, i64>, SinkError>> + Send + 'a;
 
+    /// A batch made ready for [`Sink::apply`] (decoded, for instance).
+    type Prepared: Send + Sync + 'static;
+
+    /// Work on a batch that needs no transaction and changes nothing (decoding). The runner
+    /// prepares the next batch while the previous one is being applied, so this work and the
+    /// sink's own (the database's) overlap.
+    fn prepare(&self, batch: Vec<RawRecord>) -> Self::Prepared;
+
+    /// The records of a prepared batch, in the order they were given.
+    fn records(batch: &Self::Prepared) -> &[RawRecord];
+
     /// Applies a batch (each partition's records in offset order) and records the new
     /// positions, atomically. Records at offsets the sink already holds have no effect.
     /// Records that cannot be applied go to `dlq` before the positions move past them.
+    /// A failed attempt may be retried with the same prepared batch.
     fn apply<'a>(
         &'a self,
-        batch: &'a [RawRecord],
+        batch: &'a Self::Prepared,
         dlq: &'a DeadLetters,
     ) -> impl Future<Output = Result<ApplyStats, SinkError>> + Send + 'a;
 

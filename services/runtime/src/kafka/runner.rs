@@ -9,6 +9,9 @@
 //!   reached its size keeps taking records while they are already waiting, up to the
 //!   maximum: a consumer that is behind (after a pause, in a replay) writes fewer, larger
 //!   transactions, and one that keeps up cuts at the normal size, for latency.
+//! - Batches are applied one at a time, in order, on a runtime task: while batch N is being
+//!   applied, the poll thread gathers batch N+1 and lets the sink prepare it (decode), so the
+//!   process's work and the database's overlap.
 //! - Retryable sink errors back off and retry the same batch without advancing; fatal ones
 //!   stop the runner with an error.
 //! - On revocation and on shutdown, the in-flight batch is finished before partitions are
@@ -25,6 +28,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use tokio::runtime::Handle;
+use tracing::Instrument;
 
 use crate::admin::ReadyFlag;
 use crate::config::{KafkaArgs, RunnerArgs};
@@ -85,6 +89,8 @@ struct Shared<S> {
     start: StartFrom,
     backoff_max: Duration,
     pending: Mutex<Vec<RawRecord>>,
+    /// The batch being applied while the poll thread gathers and prepares the next.
+    in_flight: Mutex<Option<InFlight>>,
     fatal: Mutex<Option<RunnerError>>,
     assigned: Mutex<BTreeSet<TopicPartition>>,
     shutdown: Shutdown,
@@ -97,11 +103,29 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Outcome of trying to apply the pending batch.
+/// Outcome of trying to apply a batch.
 enum Flushed {
     Done,
     /// Shutdown came while retrying: nothing was applied, nothing stored.
     Abandoned,
+}
+
+/// A batch handed to the sink on a runtime task.
+struct InFlight {
+    task: tokio::task::JoinHandle<Result<Flushed, SinkError>>,
+    /// The last offset of each partition in the batch, mirrored to Kafka once applied.
+    last: Vec<(String, i32, i64)>,
+}
+
+fn last_offsets(batch: &[RawRecord]) -> Vec<(String, i32, i64)> {
+    let mut last: std::collections::BTreeMap<(&str, i32), i64> = Default::default();
+    for r in batch {
+        let e = last.entry((&r.topic, r.partition)).or_insert(r.offset);
+        *e = (*e).max(r.offset);
+    }
+    last.into_iter()
+        .map(|((t, p), o)| (t.to_owned(), p, o))
+        .collect()
 }
 
 impl<S: Sink> Shared<S> {
@@ -137,12 +161,22 @@ impl<S: Sink> Shared<S> {
         !self.shutdown.is_triggered()
     }
 
-    /// Applies the pending batch, retrying transient failures.
-    fn flush(&self, consumer: &BaseConsumer<RunnerContext<S>>) -> Result<Flushed, RunnerError> {
-        let batch = std::mem::take(&mut *lock(&self.pending));
-        if batch.is_empty() {
-            return Ok(Flushed::Done);
+    /// [`Self::pause`] for the task that applies a batch.
+    async fn pause_async(&self, d: Duration) -> bool {
+        let until = tokio::time::Instant::now() + d;
+        while tokio::time::Instant::now() < until {
+            if self.shutdown.is_triggered() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20).min(until - tokio::time::Instant::now()))
+                .await;
         }
+        !self.shutdown.is_triggered()
+    }
+
+    /// Applies a prepared batch, retrying transient failures.
+    async fn apply_retrying(&self, batch: &S::Prepared) -> Result<Flushed, SinkError> {
+        let records = S::records(batch);
         let labels = self.labels();
         let mut attempt = 0u32;
         loop {
@@ -150,14 +184,13 @@ impl<S: Sink> Shared<S> {
             let span = tracing::info_span!(
                 "batch",
                 group = %self.group,
-                records = batch.len(),
-                topic = %batch[0].topic,
-                partition = batch[0].partition,
-                offset = batch[0].offset,
+                records = records.len(),
+                topic = %records[0].topic,
+                partition = records[0].partition,
+                offset = records[0].offset,
                 attempt,
             );
-            let _entered = span.enter();
-            match self.handle.block_on(self.sink.apply(&batch, &self.dlq)) {
+            match self.sink.apply(batch, &self.dlq).instrument(span).await {
                 Ok(stats) => {
                     self.metrics
                         .batch_duration
@@ -184,31 +217,80 @@ impl<S: Sink> Shared<S> {
                     }
                     let t = stats.total();
                     tracing::debug!(
+                        group = %self.group,
+                        records = records.len(),
                         applied = t.applied,
                         skipped = t.skipped,
                         dead_lettered = t.dead_lettered,
                         "batch committed"
                     );
-                    self.mirror_commit(consumer, &batch);
                     return Ok(Flushed::Done);
                 }
                 Err(e) if e.is_retryable() => {
                     self.metrics.batch_retries.get_or_create(&labels).inc();
                     let wait = self.backoff(attempt);
-                    tracing::warn!(error = %crate::sink::Rejection::from_error("retry", &e).reason, retry_in_ms = wait.as_millis() as u64, "batch failed, will retry");
+                    tracing::warn!(group = %self.group, error = %crate::sink::Rejection::from_error("retry", &e).reason, retry_in_ms = wait.as_millis() as u64, "batch failed, will retry");
                     attempt = attempt.saturating_add(1);
-                    if !self.pause(wait) {
-                        tracing::info!("shutdown while retrying: the batch was not applied and will be redelivered");
+                    if !self.pause_async(wait).await {
+                        tracing::info!(group = %self.group, "shutdown while retrying: the batch was not applied and will be redelivered");
                         return Ok(Flushed::Abandoned);
                     }
                 }
-                Err(source) => {
-                    return Err(RunnerError::Sink {
-                        group: self.group.clone(),
-                        source,
-                    })
-                }
+                Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Prepares the pending batch (while the previous one may still be applied), waits for
+    /// the previous one, then starts applying this one on the runtime. Batches are applied
+    /// one at a time, in order; a batch is never applied after one that was abandoned.
+    fn dispatch(
+        self: &Arc<Self>,
+        consumer: &BaseConsumer<RunnerContext<S>>,
+    ) -> Result<Flushed, RunnerError> {
+        let batch = std::mem::take(&mut *lock(&self.pending));
+        let prepared = (!batch.is_empty()).then(|| self.sink.prepare(batch));
+        if let Flushed::Abandoned = self.settle(consumer)? {
+            return Ok(Flushed::Abandoned);
+        }
+        if let Some(prepared) = prepared {
+            let last = last_offsets(S::records(&prepared));
+            let shared = self.clone();
+            let task = self
+                .handle
+                .spawn(async move { shared.apply_retrying(&prepared).await });
+            *lock(&self.in_flight) = Some(InFlight { task, last });
+        }
+        Ok(Flushed::Done)
+    }
+
+    /// Waits for the batch being applied, if any, and mirrors its positions to Kafka.
+    fn settle(&self, consumer: &BaseConsumer<RunnerContext<S>>) -> Result<Flushed, RunnerError> {
+        let Some(in_flight) = lock(&self.in_flight).take() else {
+            return Ok(Flushed::Done);
+        };
+        match self.handle.block_on(in_flight.task) {
+            Ok(Ok(Flushed::Done)) => {
+                self.mirror_commit(consumer, &in_flight.last);
+                Ok(Flushed::Done)
+            }
+            Ok(Ok(Flushed::Abandoned)) => Ok(Flushed::Abandoned),
+            Ok(Err(source)) => Err(RunnerError::Sink {
+                group: self.group.clone(),
+                source,
+            }),
+            Err(_) => Err(RunnerError::Panicked(self.group.clone())),
+        }
+    }
+
+    /// Applies everything gathered so far and waits until it is committed.
+    fn flush(
+        self: &Arc<Self>,
+        consumer: &BaseConsumer<RunnerContext<S>>,
+    ) -> Result<Flushed, RunnerError> {
+        match self.dispatch(consumer)? {
+            Flushed::Abandoned => Ok(Flushed::Abandoned),
+            Flushed::Done => self.settle(consumer),
         }
     }
 
@@ -229,15 +311,14 @@ impl<S: Sink> Shared<S> {
     }
 
     /// Mirrors the sink's positions into the group's Kafka offsets, for lag tooling only.
-    fn mirror_commit(&self, consumer: &BaseConsumer<RunnerContext<S>>, batch: &[RawRecord]) {
+    fn mirror_commit(
+        &self,
+        consumer: &BaseConsumer<RunnerContext<S>>,
+        last: &[(String, i32, i64)],
+    ) {
         let mut tpl = TopicPartitionList::new();
-        let mut last: std::collections::BTreeMap<(&str, i32), i64> = Default::default();
-        for r in batch {
-            let e = last.entry((&r.topic, r.partition)).or_insert(r.offset);
-            *e = (*e).max(r.offset);
-        }
-        for ((topic, partition), o) in last {
-            if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(o + 1)) {
+        for (topic, partition, o) in last {
+            if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(o + 1)) {
                 tracing::debug!(error = %e, "cannot build commit list");
             }
         }
@@ -310,7 +391,11 @@ impl<S: Sink> Shared<S> {
             .set(assigned.len() as i64);
     }
 
-    fn on_revoke(&self, consumer: &BaseConsumer<RunnerContext<S>>, tpl: &TopicPartitionList) {
+    fn on_revoke(
+        self: &Arc<Self>,
+        consumer: &BaseConsumer<RunnerContext<S>>,
+        tpl: &TopicPartitionList,
+    ) {
         // Finish the in-flight batch before the partitions go to another consumer.
         match self.flush(consumer) {
             Ok(_) => {}
@@ -509,10 +594,10 @@ fn poll_loop<S: Sink>(
                 (idle || len % 64 == 0) && batch_started.is_some_and(|t| t.elapsed() >= linger);
             let full = len >= ceiling || (idle && len >= tuning.batch_size);
             if full || due {
-                if let Flushed::Abandoned = shared.flush(&consumer)? {
+                if let Flushed::Abandoned = shared.dispatch(&consumer)? {
                     break;
                 }
-                // A flush takes the whole pending batch.
+                // The batch went to the sink whole.
                 len = 0;
                 batch_started = None;
             }
@@ -522,12 +607,18 @@ fn poll_loop<S: Sink>(
         // Between batches (also under steady load, so quiet partitions are not starved).
         if len == 0 && last_tick.elapsed() >= TICK_INTERVAL {
             last_tick = Instant::now();
+            // The sink acts on time only between batches, never beside one.
+            if let Flushed::Abandoned = shared.settle(&consumer)? {
+                break;
+            }
             shared.tick()?;
         }
     }
     // Shutdown: finish the in-flight batch, then leave the group.
     lock(&shared.fatal).take().map_or(Ok(()), Err)?;
-    shared.flush(&consumer)?;
+    if let Flushed::Abandoned = shared.flush(&consumer)? {
+        tracing::info!(group = %shared.group, "shutdown: the batches not applied will be redelivered");
+    }
     // The sink lets go of its partitions before the group hands them to someone else.
     let held: Vec<TopicPartition> = lock(&shared.assigned).iter().cloned().collect();
     shared.handle.block_on(shared.sink.revoked(&held));
@@ -567,6 +658,7 @@ pub async fn run<S: Sink>(
         start: config.start,
         backoff_max: config.tuning.retry_backoff_max(),
         pending: Mutex::new(Vec::with_capacity(config.tuning.batch_size)),
+        in_flight: Mutex::new(None),
         fatal: Mutex::new(None),
         assigned: Mutex::new(BTreeSet::new()),
         shutdown,
