@@ -250,7 +250,6 @@ pub async fn create_probe_table(pool: &PgPool) -> anyhow::Result<()> {
 
 impl PgHandler for ProbeHandler {
     type Event = CustomerEvent;
-    type Prepared = ();
 
     fn decode(&self, record: &RawRecord) -> Result<CustomerEvent, Rejection> {
         let value = record.value.as_deref().unwrap_or_default();
@@ -261,7 +260,6 @@ impl PgHandler for ProbeHandler {
         &self,
         tx: &mut PgConnection,
         batch: &[Decoded<'_, CustomerEvent>],
-        _prepared: Option<&()>,
     ) -> Result<Vec<Rejected>, SinkError> {
         if !self.delay.is_zero() {
             sqlx::query("SELECT pg_sleep($1)")

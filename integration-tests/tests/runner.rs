@@ -424,7 +424,6 @@ struct Injected;
 
 impl cdp_runtime::pg::PgHandler for Flaky {
     type Event = cdp_schemas::CustomerEvent;
-    type Prepared = ();
 
     fn decode(
         &self,
@@ -437,10 +436,9 @@ impl cdp_runtime::pg::PgHandler for Flaky {
         &self,
         tx: &mut sqlx::PgConnection,
         batch: &[cdp_runtime::pg::Decoded<'_, Self::Event>],
-        prepared: Option<&()>,
     ) -> Result<Vec<cdp_runtime::pg::Rejected>, cdp_runtime::sink::SinkError> {
         // Write first, then fail: the rollback must undo the rows.
-        let rejected = self.inner.handle(tx, batch, prepared).await?;
+        let rejected = self.inner.handle(tx, batch).await?;
         let left = self.failures.load(std::sync::atomic::Ordering::SeqCst);
         if left > 0 {
             self.failures

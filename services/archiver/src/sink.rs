@@ -260,7 +260,7 @@ impl Sink for ArchiveSink {
     /// Records are archived as they came: nothing to prepare.
     type Prepared = Vec<RawRecord>;
 
-    async fn prepare(&self, batch: Vec<RawRecord>) -> Vec<RawRecord> {
+    fn prepare(&self, batch: Vec<RawRecord>) -> Vec<RawRecord> {
         batch
     }
 

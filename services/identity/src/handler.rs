@@ -222,7 +222,6 @@ pub fn identity_records(
 
 impl PgHandler for IdentityHandler {
     type Event = Input;
-    type Prepared = ();
 
     fn decode(&self, record: &RawRecord) -> Result<Input, Rejection> {
         let Some(value) = record.value.as_deref() else {
@@ -237,7 +236,6 @@ impl PgHandler for IdentityHandler {
         &self,
         tx: &mut PgConnection,
         batch: &[Decoded<'_, Input>],
-        _prepared: Option<&()>,
     ) -> Result<Vec<Rejected>, SinkError> {
         lock_graph(tx).await.map_err(classify)?;
         let mut g = PgGraph::cached(tx, &self.cache).await.map_err(classify)?;

@@ -376,79 +376,8 @@ fn wanted_keys(batch: &[Decoded<'_, Projected>]) -> Vec<(String, u32)> {
     out.into_iter().collect()
 }
 
-/// A batch folded ahead of its transaction, each event on its subject's own profile: what
-/// the transaction writes as it is when none of those profiles has been merged away.
-#[derive(Debug, Default)]
-pub struct Prefolded {
-    rows: Rows,
-    rejected: Vec<Rejected>,
-}
-
-impl ProjectorHandler {
-    /// The keys the batch's sealed fields need (a destroyed key opens to nothing).
-    async fn opener(&self, batch: &[Decoded<'_, Projected>]) -> Result<Opener, SinkError> {
-        let keys = self
-            .keys
-            .keys(&wanted_keys(batch))
-            .await
-            .map_err(|e| SinkError::Retryable(Box::new(e)))?;
-        Ok(Opener { keys })
-    }
-
-    /// Folds the batch into rows, each event on `profile(subject)`. Events whose PII does not
-    /// open are rejected and have no effect at all.
-    fn fold(
-        &self,
-        batch: &[Decoded<'_, Projected>],
-        opener: &Opener,
-        profile: &dyn Fn(&str) -> Uuid,
-    ) -> (Rows, Vec<Rejected>) {
-        let fold = |skip: &BTreeSet<usize>| {
-            let mut rows = Rows::default();
-            let mut failed = Vec::new();
-            for (index, d) in batch.iter().enumerate() {
-                if skip.contains(&index) {
-                    continue;
-                }
-                let result = match d.event {
-                    Projected::Customer(e) => self.fold_customer(
-                        e,
-                        profile(&e.envelope.subject.subject_id),
-                        opener,
-                        &mut rows,
-                    ),
-                    Projected::Capsule(e) => self.fold_capsule(
-                        e,
-                        profile(&e.envelope.subject.subject_id),
-                        opener,
-                        &mut rows,
-                    ),
-                    Projected::Identity(_) | Projected::Tombstone => Ok(()),
-                };
-                if let Err(e) = result {
-                    failed.push(Rejected {
-                        index,
-                        rejection: Rejection::from_error("unopenable_pii", &e),
-                    });
-                }
-            }
-            (rows, failed)
-        };
-        let (rows, rejected) = fold(&BTreeSet::new());
-        if rejected.is_empty() {
-            return (rows, rejected);
-        }
-        // Fold again without the rejected records, so they have no effect at all.
-        (
-            fold(&rejected.iter().map(|r| r.index).collect()).0,
-            rejected,
-        )
-    }
-}
-
 impl PgHandler for ProjectorHandler {
     type Event = Projected;
-    type Prepared = Prefolded;
 
     fn decode(&self, record: &RawRecord) -> Result<Projected, Rejection> {
         let Some(value) = record.value.as_deref() else {
@@ -477,17 +406,10 @@ impl PgHandler for ProjectorHandler {
         }
     }
 
-    async fn prepare(&self, batch: &[Decoded<'_, Projected>]) -> Result<Prefolded, SinkError> {
-        let opener = self.opener(batch).await?;
-        let (rows, rejected) = self.fold(batch, &opener, &profile_id_of);
-        Ok(Prefolded { rows, rejected })
-    }
-
     async fn handle(
         &self,
         tx: &mut PgConnection,
         batch: &[Decoded<'_, Projected>],
-        prepared: Option<&Prefolded>,
     ) -> Result<Vec<Rejected>, SinkError> {
         // Merges and splits first, in log order: everything written below already follows them.
         for d in batch {
@@ -519,6 +441,12 @@ impl PgHandler for ProjectorHandler {
                 }
             }
         }
+        let keys = self
+            .keys
+            .keys(&wanted_keys(batch))
+            .await
+            .map_err(|e| SinkError::Retryable(Box::new(e)))?;
+        let opener = Opener { keys };
         let base: Vec<Uuid> = batch
             .iter()
             .filter_map(|d| match d.event {
@@ -530,17 +458,46 @@ impl PgHandler for ProjectorHandler {
             .into_iter()
             .collect();
         let merged = store::resolve(tx, &base).await.map_err(classify)?;
-        if let Some(p) = prepared.filter(|_| merged.is_empty()) {
-            // Every event's profile is its subject's own: the rows folded ahead stand.
-            store::apply(tx, &p.rows).await.map_err(classify)?;
-            return Ok(p.rejected.clone());
-        }
-        let opener = self.opener(batch).await?;
         let profile = |subject: &str| {
             let p = profile_id_of(subject);
             merged.get(&p).copied().unwrap_or(p)
         };
-        let (rows, rejected) = self.fold(batch, &opener, &profile);
+        let fold = |skip: &BTreeSet<usize>| {
+            let mut rows = Rows::default();
+            let mut failed = Vec::new();
+            for (index, d) in batch.iter().enumerate() {
+                if skip.contains(&index) {
+                    continue;
+                }
+                let result = match d.event {
+                    Projected::Customer(e) => self.fold_customer(
+                        e,
+                        profile(&e.envelope.subject.subject_id),
+                        &opener,
+                        &mut rows,
+                    ),
+                    Projected::Capsule(e) => self.fold_capsule(
+                        e,
+                        profile(&e.envelope.subject.subject_id),
+                        &opener,
+                        &mut rows,
+                    ),
+                    Projected::Identity(_) | Projected::Tombstone => Ok(()),
+                };
+                if let Err(e) = result {
+                    failed.push(Rejected {
+                        index,
+                        rejection: Rejection::from_error("unopenable_pii", &e),
+                    });
+                }
+            }
+            (rows, failed)
+        };
+        let (mut rows, rejected) = fold(&BTreeSet::new());
+        if !rejected.is_empty() {
+            // Fold again without the rejected records, so they have no effect at all.
+            rows = fold(&rejected.iter().map(|r| r.index).collect()).0;
+        }
         store::apply(tx, &rows).await.map_err(classify)?;
         Ok(rejected)
     }

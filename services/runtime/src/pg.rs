@@ -74,27 +74,13 @@ pub struct Decoded<'r, E> {
     pub event: &'r E,
 }
 
-/// A batch decoded and prepared ahead of its transaction (see [`Sink::prepare`]).
-pub struct PgBatch<H: PgHandler> {
+/// A batch decoded ahead of its transaction (see [`Sink::prepare`]).
+pub struct PgBatch<E> {
     records: Vec<RawRecord>,
-    events: Vec<Result<H::Event, Rejection>>,
-    prepared: Option<H::Prepared>,
-}
-
-/// The records that decoded, as the handler sees them.
-fn views<'r, E>(
-    records: &'r [RawRecord],
-    events: &'r [Result<E, Rejection>],
-) -> Vec<Decoded<'r, E>> {
-    records
-        .iter()
-        .zip(events)
-        .filter_map(|(record, e)| e.as_ref().ok().map(|event| Decoded { record, event }))
-        .collect()
+    events: Vec<Result<E, Rejection>>,
 }
 
 /// A record the handler refuses (by index into the slice it was given).
-#[derive(Debug, Clone)]
 pub struct Rejected {
     pub index: usize,
     pub rejection: Rejection,
@@ -104,32 +90,16 @@ pub struct Rejected {
 /// transaction the runner opened. The handler must not commit.
 pub trait PgHandler: Send + Sync + 'static {
     type Event: Send + Sync;
-    /// What [`PgHandler::prepare`] computes ahead of the transaction (`()` for none).
-    type Prepared: Default + Send + Sync + 'static;
 
     /// Turns a record into the service's event, or rejects it (it is dead-lettered).
     fn decode(&self, record: &RawRecord) -> Result<Self::Event, Rejection>;
 
-    /// Work on the decoded batch that needs no transaction and changes nothing (lookups,
-    /// rows computed from the events alone), done while the previous batch is applied. A
-    /// failure here only means `handle` gets no prepared work. Nothing by default.
-    fn prepare<'a>(
-        &'a self,
-        batch: &'a [Decoded<'a, Self::Event>],
-    ) -> impl Future<Output = Result<Self::Prepared, SinkError>> + Send + 'a {
-        let _ = batch;
-        async { Ok(Self::Prepared::default()) }
-    }
-
     /// Applies the batch in `tx`. Returns the records it rejects as invalid: they must
-    /// have had no effect. An error rolls the whole batch back. `prepared` is what
-    /// `prepare` computed when `batch` is exactly the batch it saw (no record was skipped as
-    /// already applied), `None` otherwise.
+    /// have had no effect. An error rolls the whole batch back.
     fn handle<'a>(
         &'a self,
         tx: &'a mut PgConnection,
         batch: &'a [Decoded<'a, Self::Event>],
-        prepared: Option<&'a Self::Prepared>,
     ) -> impl Future<Output = Result<Vec<Rejected>, SinkError>> + Send + 'a;
 }
 
@@ -248,32 +218,20 @@ impl<H: PgHandler> Sink for PgSink<H> {
             .collect())
     }
 
-    type Prepared = PgBatch<H>;
+    type Prepared = PgBatch<H::Event>;
 
-    async fn prepare(&self, records: Vec<RawRecord>) -> PgBatch<H> {
-        let events: Vec<_> = records.iter().map(|r| self.handler.decode(r)).collect();
-        let prepared = match self.handler.prepare(&views(&records, &events)).await {
-            Ok(p) => Some(p),
-            Err(e) => {
-                // The transaction does the work instead (and retries what failed).
-                tracing::debug!(error = %Rejection::from_error("prepare", &e).reason, "preparing a batch failed");
-                None
-            }
-        };
-        PgBatch {
-            records,
-            events,
-            prepared,
-        }
+    fn prepare(&self, records: Vec<RawRecord>) -> PgBatch<H::Event> {
+        let events = records.iter().map(|r| self.handler.decode(r)).collect();
+        PgBatch { records, events }
     }
 
-    fn records(batch: &PgBatch<H>) -> &[RawRecord] {
+    fn records(batch: &PgBatch<H::Event>) -> &[RawRecord] {
         &batch.records
     }
 
     async fn apply(
         &self,
-        prepared: &PgBatch<H>,
+        prepared: &PgBatch<H::Event>,
         dlq: &DeadLetters,
     ) -> Result<ApplyStats, SinkError> {
         let mut stats = ApplyStats::default();
@@ -313,10 +271,7 @@ impl<H: PgHandler> Sink for PgSink<H> {
                 }),
             }
         }
-        // The prepared work holds for exactly the records it saw.
-        let whole = stats.total().skipped == 0;
-        let ready = prepared.prepared.as_ref().filter(|_| whole);
-        let rejected = self.handler.handle(&mut tx, &decoded, ready).await?;
+        let rejected = self.handler.handle(&mut tx, &decoded).await?;
         let mut rejected_idx = BTreeSet::new();
         for Rejected { index, rejection } in rejected {
             if let Some(d) = decoded.get(index) {

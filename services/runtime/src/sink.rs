@@ -100,11 +100,10 @@ pub trait Sink: Send + Sync + 'static {
     /// A batch made ready for [`Sink::apply`] (decoded, for instance).
     type Prepared: Send + Sync + 'static;
 
-    /// Work on a batch that needs no transaction and changes nothing (decoding, lookups).
-    /// The runner prepares the next batch while the previous one is being applied, so this
-    /// work and the sink's own (the database's) overlap. It cannot fail: what it could not
-    /// do, `apply` does.
-    fn prepare(&self, batch: Vec<RawRecord>) -> impl Future<Output = Self::Prepared> + Send + '_;
+    /// Work on a batch that needs no transaction and changes nothing (decoding). The runner
+    /// prepares the next batch while the previous one is being applied, so this work and the
+    /// sink's own (the database's) overlap.
+    fn prepare(&self, batch: Vec<RawRecord>) -> Self::Prepared;
 
     /// The records of a prepared batch, in the order they were given.
     fn records(batch: &Self::Prepared) -> &[RawRecord];

@@ -249,7 +249,7 @@ impl<S: Sink> Shared<S> {
         consumer: &BaseConsumer<RunnerContext<S>>,
     ) -> Result<Flushed, RunnerError> {
         let batch = std::mem::take(&mut *lock(&self.pending));
-        let prepared = (!batch.is_empty()).then(|| self.handle.block_on(self.sink.prepare(batch)));
+        let prepared = (!batch.is_empty()).then(|| self.sink.prepare(batch));
         if let Flushed::Abandoned = self.settle(consumer)? {
             return Ok(Flushed::Abandoned);
         }
