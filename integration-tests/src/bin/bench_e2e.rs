@@ -2,7 +2,7 @@
 //! the read models, at a fixed event rate. Ingest and projector run in this process against
 //! the broker at CDP_TEST_KAFKA_BROKERS and Postgres.
 //!
-//! `CDP_TEST_KAFKA_BROKERS=127.0.0.1:9192 target/release/bench-e2e [events/s] [seconds]`
+//! `CDP_TEST_KAFKA_BROKERS=127.0.0.1:9192 target/release/bench-e2e [events/s] [seconds] [max batch]`
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,6 +20,11 @@ async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let rate: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let secs: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
+    // The projector's largest batch while behind (the runner's default unless given).
+    let batch_max: usize = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(RunnerArgs::default().batch_size_max);
     let ing = Ingest::start().await?;
     let config = ProjectorConfig {
         kafka: ing.kafka.clone(),
@@ -27,6 +32,7 @@ async fn main() -> anyhow::Result<()> {
         keys: ing.key_args.clone(),
         runner: RunnerArgs {
             batch_size: 1_000,
+            batch_size_max: batch_max,
             batch_linger_ms: 20,
             ..RunnerArgs::default()
         },
