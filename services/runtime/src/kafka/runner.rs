@@ -148,21 +148,7 @@ impl<S: Sink> Shared<S> {
     }
 
     /// Sleeps, waking early on shutdown. Returns false if shutdown came.
-    fn pause(&self, d: Duration) -> bool {
-        let until = Instant::now() + d;
-        while Instant::now() < until {
-            if self.shutdown.is_triggered() {
-                return false;
-            }
-            std::thread::sleep(
-                Duration::from_millis(20).min(until.saturating_duration_since(Instant::now())),
-            );
-        }
-        !self.shutdown.is_triggered()
-    }
-
-    /// [`Self::pause`] for the task that applies a batch.
-    async fn pause_async(&self, d: Duration) -> bool {
+    async fn pause(&self, d: Duration) -> bool {
         let until = tokio::time::Instant::now() + d;
         while tokio::time::Instant::now() < until {
             if self.shutdown.is_triggered() {
@@ -231,7 +217,7 @@ impl<S: Sink> Shared<S> {
                     let wait = self.backoff(attempt);
                     tracing::warn!(group = %self.group, error = %crate::sink::Rejection::from_error("retry", &e).reason, retry_in_ms = wait.as_millis() as u64, "batch failed, will retry");
                     attempt = attempt.saturating_add(1);
-                    if !self.pause_async(wait).await {
+                    if !self.pause(wait).await {
                         tracing::info!(group = %self.group, "shutdown while retrying: the batch was not applied and will be redelivered");
                         return Ok(Flushed::Abandoned);
                     }
@@ -342,7 +328,7 @@ impl<S: Sink> Shared<S> {
                 Ok(p) => break Ok(p),
                 Err(e) if e.is_retryable() && attempt < 8 && !self.shutdown.is_triggered() => {
                     tracing::warn!(error = %e, "cannot read positions from the sink, retrying");
-                    let _ = self.pause(self.backoff(attempt));
+                    let _ = self.handle.block_on(self.pause(self.backoff(attempt)));
                     attempt += 1;
                 }
                 Err(e) => break Err(e),
