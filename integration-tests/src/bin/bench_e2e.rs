@@ -3,6 +3,7 @@
 //! the broker at CDP_TEST_KAFKA_BROKERS and Postgres.
 //!
 //! `CDP_TEST_KAFKA_BROKERS=127.0.0.1:9192 target/release/bench-e2e [events/s] [seconds] [max batch]`
+//! (`CDP_BENCH_CONSUMER_PROPERTIES=k=v,…` adds librdkafka properties to the projector's consumer)
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,8 +27,14 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|a| a.parse().ok())
         .unwrap_or(RunnerArgs::default().batch_size_max);
     let ing = Ingest::start().await?;
+    // Extra librdkafka properties for the projector's consumer (`k=v,k=v`), to compare
+    // settings with one binary, e.g. `fetch.wait.max.ms=500` (librdkafka's default).
+    let mut kafka = ing.kafka.clone();
+    if let Ok(p) = std::env::var("CDP_BENCH_CONSUMER_PROPERTIES") {
+        kafka.properties = p.split(',').map(str::to_owned).collect();
+    }
     let config = ProjectorConfig {
-        kafka: ing.kafka.clone(),
+        kafka,
         pg: ing.db.args(),
         keys: ing.key_args.clone(),
         runner: RunnerArgs {
