@@ -555,3 +555,99 @@ async fn a_consumer_behind_takes_batches_past_the_batch_size_up_to_the_maximum(
     );
     db.drop_db().await
 }
+
+/// Counts the applies that ended after records of the next batch had been decoded.
+#[derive(Default)]
+struct OverlapCounts {
+    decoded: std::sync::atomic::AtomicU64,
+    applied: std::sync::atomic::AtomicU64,
+    applies: std::sync::atomic::AtomicU32,
+    ahead: std::sync::atomic::AtomicU32,
+}
+
+struct Overlap {
+    inner: ProbeHandler,
+    counts: Arc<OverlapCounts>,
+}
+
+impl cdp_runtime::pg::PgHandler for Overlap {
+    type Event = cdp_schemas::CustomerEvent;
+
+    fn decode(
+        &self,
+        record: &cdp_runtime::RawRecord,
+    ) -> Result<Self::Event, cdp_runtime::sink::Rejection> {
+        self.counts
+            .decoded
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.decode(record)
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        batch: &[cdp_runtime::pg::Decoded<'_, Self::Event>],
+    ) -> Result<Vec<cdp_runtime::pg::Rejected>, cdp_runtime::sink::SinkError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let result = self.inner.handle(tx, batch).await;
+        let c = &self.counts;
+        let through = c.applied.fetch_add(batch.len() as u64, SeqCst) + batch.len() as u64;
+        c.applies.fetch_add(1, SeqCst);
+        if c.decoded.load(SeqCst) > through {
+            c.ahead.fetch_add(1, SeqCst);
+        }
+        result
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_batch_is_gathered_and_decoded_while_a_slow_one_is_applied() -> anyhow::Result<()>
+{
+    use std::sync::atomic::Ordering::SeqCst;
+    const N: u64 = 3_000;
+    let topic = unique("runner-overlap");
+    let dlq = unique("runner-overlap-dlq");
+    let group = unique("runner-overlap-group");
+    create_topics(&[(&topic, 2), (&dlq, 1)]).await?;
+    let db = TestDb::create().await?;
+    create_probe_table(&db.pool).await?;
+    let producer = Arc::new(Producer::new(&kafka_args(""))?);
+    produce_events(&producer, &topic, N, 2).await?;
+
+    // Each batch takes longer than the runner's tick interval (200 ms) to apply: a tick due
+    // meanwhile must not make the poll thread wait for it.
+    let counts = Arc::new(OverlapCounts::default());
+    let handler = Overlap {
+        inner: ProbeHandler {
+            delay: Duration::from_millis(400),
+        },
+        counts: counts.clone(),
+    };
+    let sink = Arc::new(PgSink::new(db.pool.clone(), group.clone(), handler));
+    let shutdown = Shutdown::new();
+    let mut config = runner_config(&topic, &group, &dlq, 100);
+    config.tuning.batch_size_max = 500;
+    let task = tokio::spawn(runner::run(
+        config,
+        sink,
+        producer.clone(),
+        RunnerMetrics::register(&Metrics::new()),
+        None,
+        shutdown.clone(),
+    ));
+    wait_until("every record applied", Duration::from_secs(90), || async {
+        Ok(probe_counts(&db.pool).await?.0 >= N as i64)
+    })
+    .await?;
+    shutdown.trigger();
+    task.await??;
+    assert_eq!(probe_counts(&db.pool).await?, (N as i64, N as i64));
+    let (applies, ahead) = (counts.applies.load(SeqCst), counts.ahead.load(SeqCst));
+    // Every batch but the last has a successor waiting in the backlog, decoded before the
+    // batch's own transaction ends.
+    assert!(
+        applies >= 6 && ahead + 1 >= applies,
+        "of {applies} batches applied, only {ahead} ended after the next one was decoded"
+    );
+    db.drop_db().await
+}
