@@ -361,6 +361,9 @@ fn the_pii_visitor_matches_the_schema_marks() {
     let mut visited: Vec<(String, String)> = Vec::new();
     for mut e in fixtures::customer_events() {
         let record = e.payload.record_name();
+        let read_only: Vec<&str> = e.payload.pii().into_iter().map(|(f, _)| f).collect();
+        let writable: Vec<&str> = e.payload.pii_mut().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(read_only, writable, "pii and pii_mut list the same fields");
         visited.extend(
             e.pii_mut()
                 .into_iter()
@@ -369,6 +372,9 @@ fn the_pii_visitor_matches_the_schema_marks() {
     }
     for mut e in fixtures::capsule_events() {
         let record = e.payload.record_name();
+        let read_only: Vec<&str> = e.payload.pii().into_iter().map(|(f, _)| f).collect();
+        let writable: Vec<&str> = e.payload.pii_mut().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(read_only, writable, "pii and pii_mut list the same fields");
         visited.extend(
             e.pii_mut()
                 .into_iter()

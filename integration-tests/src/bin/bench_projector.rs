@@ -17,6 +17,9 @@
 //! The maximum batch size defaults to the runner's (`CDP_BATCH_SIZE_MAX`); equal to the batch
 //! size, it turns off the growth of batches while the projector catches up.
 //!
+//! `CDP_LOG=warn,cdp_projector=debug,cdp_runtime=debug` adds a line per batch (phases of the
+//! projector's transaction, and the runner's commit).
+//!
 //! `CDP_BENCH_KEEP_DB=1` keeps the benchmark's database (its name is printed) for `EXPLAIN`.
 
 use std::time::{Duration, Instant};
@@ -65,6 +68,12 @@ async fn main() -> anyhow::Result<()> {
         .next()
         .and_then(|a| a.parse().ok())
         .unwrap_or(cdp_runtime::config::RunnerArgs::default().batch_size_max);
+    if let Ok(filter) = std::env::var("CDP_LOG") {
+        cdp_runtime::telemetry::init(&cdp_runtime::config::TelemetryArgs {
+            log_format: cdp_runtime::config::LogFormat::Pretty,
+            log_filter: filter,
+        })?;
+    }
     let slice = Slice::create().await?;
     let events = slice.prepare(0..n, 9_999).await?;
     slice.produce(&events, |i| Some((i % 6) as i32)).await?;

@@ -96,6 +96,14 @@ impl CapsulePayload {
         }
     }
 
+    /// The same fields as [`Self::pii_mut`], read only.
+    pub fn pii(&self) -> Vec<(&'static str, &Option<Sealed>)> {
+        match self {
+            Self::ContentAdded(p) => vec![("body", &p.body)],
+            _ => vec![],
+        }
+    }
+
     pub fn event_type(&self) -> &'static str {
         match self {
             Self::Created(_) => "capsule.created",

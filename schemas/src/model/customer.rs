@@ -138,6 +138,34 @@ pub struct Alias {
     pub previous: Identifier,
 }
 
+/// The PII fields of a payload, once for both borrows (`pii` and `pii_mut`).
+macro_rules! customer_pii {
+    ($payload:expr, $($m:ident)?) => {
+        match $payload {
+            Self::Identify(p) => vec![
+                ("first_name", &$($m)? p.first_name),
+                ("last_name", &$($m)? p.last_name),
+                ("email", &$($m)? p.email),
+                ("phone", &$($m)? p.phone),
+                ("birth_date", &$($m)? p.birth_date),
+                ("street", &$($m)? p.street),
+                ("city", &$($m)? p.city),
+                ("postal_code", &$($m)? p.postal_code),
+                ("region", &$($m)? p.region),
+                ("custom_traits", &$($m)? p.custom_traits),
+            ],
+            Self::Track(p) => vec![("properties", &$($m)? p.properties)],
+            Self::PageViewed(p) => vec![
+                ("url", &$($m)? p.url),
+                ("referrer", &$($m)? p.referrer),
+                ("properties", &$($m)? p.properties),
+            ],
+            Self::ScreenViewed(p) => vec![("properties", &$($m)? p.properties)],
+            Self::Transaction(_) | Self::ConsentChanged(_) | Self::Alias(_) => vec![],
+        }
+    };
+}
+
 impl CustomerPayload {
     pub(crate) const BRANCHES: usize = 7;
 
@@ -156,28 +184,12 @@ impl CustomerPayload {
 
     /// Every field marked `"pii": true` in the schema, by field name.
     pub fn pii_mut(&mut self) -> Vec<(&'static str, &mut Option<Sealed>)> {
-        match self {
-            Self::Identify(p) => vec![
-                ("first_name", &mut p.first_name),
-                ("last_name", &mut p.last_name),
-                ("email", &mut p.email),
-                ("phone", &mut p.phone),
-                ("birth_date", &mut p.birth_date),
-                ("street", &mut p.street),
-                ("city", &mut p.city),
-                ("postal_code", &mut p.postal_code),
-                ("region", &mut p.region),
-                ("custom_traits", &mut p.custom_traits),
-            ],
-            Self::Track(p) => vec![("properties", &mut p.properties)],
-            Self::PageViewed(p) => vec![
-                ("url", &mut p.url),
-                ("referrer", &mut p.referrer),
-                ("properties", &mut p.properties),
-            ],
-            Self::ScreenViewed(p) => vec![("properties", &mut p.properties)],
-            Self::Transaction(_) | Self::ConsentChanged(_) | Self::Alias(_) => vec![],
-        }
+        customer_pii!(self, mut)
+    }
+
+    /// The same fields as [`Self::pii_mut`], read only.
+    pub fn pii(&self) -> Vec<(&'static str, &Option<Sealed>)> {
+        customer_pii!(self,)
     }
 
     pub fn event_type(&self) -> &'static str {

@@ -56,16 +56,24 @@ struct Unopenable {
 
 /// Opens the PII of events. A destroyed key (erased subject) opens to nothing: the rule is
 /// that such an event writes no PII at all, only its non-personal facts.
-struct Opener {
-    keys: HashMap<(String, u32), Option<Arc<DataKey>>>,
+struct Opener<'k> {
+    keys: HashMap<(&'k str, u32), Option<&'k DataKey>>,
 }
 
 enum Opened {
-    Value(String, Vec<u8>),
+    Value(String),
     Erased,
 }
 
-impl Opener {
+impl<'k> Opener<'k> {
+    fn new(keys: &'k HashMap<(String, u32), Option<Arc<DataKey>>>) -> Self {
+        let keys = keys
+            .iter()
+            .map(|((s, v), k)| ((s.as_str(), *v), k.as_deref()))
+            .collect();
+        Self { keys }
+    }
+
     fn open(
         &self,
         subject: &str,
@@ -74,13 +82,13 @@ impl Opener {
         event_id: Uuid,
     ) -> Result<Opened, Unopenable> {
         let version = sealed_version(sealed).map_err(|_| Unopenable { field, event_id })?;
-        match self.keys.get(&(subject.to_owned(), version)) {
+        match self.keys.get(&(subject, version)) {
             Some(Some(key)) => key
                 .open(&field_aad(subject, field), sealed)
                 .map(|p| {
                     Opened::Value(
-                        String::from_utf8_lossy(&p).into_owned(),
-                        sealed.as_bytes().to_vec(),
+                        String::from_utf8(p)
+                            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
                     )
                 })
                 .map_err(|_| Unopenable { field, event_id }),
@@ -99,102 +107,128 @@ impl Opener {
         match sealed {
             None => Ok(None),
             Some(s) => match self.open(subject, field, s, event_id)? {
-                Opened::Value(v, _) => Ok(Some(v)),
+                Opened::Value(v) => Ok(Some(v)),
                 Opened::Erased => Ok(None),
             },
         }
     }
 }
 
-fn json_of(text: Option<String>) -> Option<serde_json::Value> {
-    text.map(|t| serde_json::from_str(&t).unwrap_or(serde_json::Value::String(t)))
+/// Properties as a JSON document: the text itself when it is JSON, else a JSON string of it.
+fn json_text(text: Option<String>) -> Option<String> {
+    text.map(|t| {
+        if serde_json::from_str::<serde::de::IgnoredAny>(&t).is_ok() {
+            t
+        } else {
+            serde_json::Value::String(t).to_string()
+        }
+    })
+}
+
+/// Properties as a JSON object to add fields to (a non-object document starts empty).
+fn json_object(text: Option<String>) -> serde_json::Map<String, serde_json::Value> {
+    text.and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| match v {
+            serde_json::Value::Object(o) => Some(o),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// Who an event is about: its subject's own profile and the profile it belongs to now.
+#[derive(Clone, Copy)]
+struct Owner {
+    /// The subject's own profile id (rows record it as their origin).
+    origin: Uuid,
+    /// Where merges have put it.
+    profile: Uuid,
 }
 
 impl ProjectorHandler {
-    fn fold_customer(
+    fn fold_customer<'a>(
         &self,
-        e: &CustomerEvent,
-        profile: Uuid,
-        opener: &Opener,
-        rows: &mut Rows,
+        e: &'a CustomerEvent,
+        owner: Owner,
+        opener: &Opener<'_>,
+        rows: &mut Rows<'a>,
     ) -> Result<(), Unopenable> {
         let env = &e.envelope;
         let subject = env.subject.subject_id.as_str();
         let stamp: Stamp = (env.occurred_at, env.event_id);
         let id = env.event_id;
-        let origin = profile_id_of(subject);
+        let Owner { origin, profile } = owner;
         rows.seen(profile, stamp, &env.source);
         for i in &env.subject.identifiers {
             rows.identity(
-                i.kind.as_str(),
-                i.namespace.as_deref().unwrap_or(""),
-                &i.value_hash,
+                (
+                    i.kind.as_str(),
+                    i.namespace.as_deref().unwrap_or(""),
+                    &i.value_hash,
+                ),
                 profile,
                 origin,
                 env.occurred_at,
             );
         }
         let interaction =
-            |t: &str, channel, touchpoint, duration_ms, outcome, properties| InteractionRow {
+            |t: &'a str, channel, touchpoint, duration_ms, outcome, properties| InteractionRow {
                 event_id: id,
                 profile_id: profile,
                 origin,
                 occurred_at: env.occurred_at,
-                interaction_type: t.to_owned(),
+                interaction_type: t,
                 channel,
                 touchpoint,
                 duration_ms,
                 outcome,
                 properties,
-                source: env.source.clone(),
+                source: &env.source,
             };
         match &e.payload {
             CustomerPayload::Identify(t) => {
-                let mut payload = e.payload.clone();
-                for (field, s) in payload.pii_mut() {
+                for (field, s) in e.payload.pii() {
                     let Some(s) = s.as_ref() else { continue };
-                    if let Opened::Value(v, bytes) = opener.open(subject, field, s, id)? {
+                    if let Opened::Value(v) = opener.open(subject, field, s, id)? {
                         rows.trait_value(
                             profile,
                             field,
                             TraitRow {
                                 value: Some(v),
-                                sealed: Some(bytes),
-                                subject_id: subject.to_owned(),
+                                sealed: Some(s.as_bytes()),
+                                subject_id: subject,
                                 stamp,
                             },
                         );
                     }
                 }
-                if let Some(c) = t.country.clone() {
+                if let Some(c) = &t.country {
                     rows.trait_value(
                         profile,
                         "country",
                         TraitRow {
-                            value: Some(c),
+                            value: Some(c.clone()),
                             sealed: None,
-                            subject_id: subject.to_owned(),
+                            subject_id: subject,
                             stamp,
                         },
                     );
                 }
             }
             CustomerPayload::Track(t) => {
-                let props = json_of(opener.text(subject, "properties", &t.properties, id)?);
+                let props = json_text(opener.text(subject, "properties", &t.properties, id)?);
                 let row = interaction(
                     &t.interaction_type,
-                    t.channel.clone(),
-                    t.touchpoint.clone(),
+                    t.channel.as_deref(),
+                    t.touchpoint.as_deref(),
                     t.duration_ms,
-                    t.outcome.clone(),
+                    t.outcome.as_deref(),
                     props,
                 );
                 rows.interactions.insert(id, row);
             }
             CustomerPayload::PageViewed(p) => {
-                let mut props = json_of(opener.text(subject, "properties", &p.properties, id)?)
-                    .and_then(|v| v.as_object().cloned())
-                    .unwrap_or_default();
+                let mut props =
+                    json_object(opener.text(subject, "properties", &p.properties, id)?);
                 for (field, v) in [("url", &p.url), ("referrer", &p.referrer)] {
                     if let Some(text) = opener.text(subject, field, v, id)? {
                         props.insert(field.to_owned(), serde_json::Value::String(text));
@@ -207,28 +241,27 @@ impl ProjectorHandler {
                 }
                 let row = interaction(
                     "Page Viewed",
-                    Some("web".to_owned()),
-                    p.name.clone(),
+                    Some("web"),
+                    p.name.as_deref(),
                     None,
                     None,
-                    Some(serde_json::Value::Object(props)),
+                    Some(serde_json::Value::Object(props).to_string()),
                 );
                 rows.interactions.insert(id, row);
             }
             CustomerPayload::ScreenViewed(s) => {
-                let mut props = json_of(opener.text(subject, "properties", &s.properties, id)?)
-                    .and_then(|v| v.as_object().cloned())
-                    .unwrap_or_default();
+                let mut props =
+                    json_object(opener.text(subject, "properties", &s.properties, id)?);
                 if let Some(c) = &s.category {
                     props.insert("category".to_owned(), serde_json::Value::String(c.clone()));
                 }
                 let row = interaction(
                     "Screen Viewed",
-                    Some("mobile".to_owned()),
-                    s.name.clone(),
+                    Some("mobile"),
+                    s.name.as_deref(),
                     None,
                     None,
-                    Some(serde_json::Value::Object(props)),
+                    Some(serde_json::Value::Object(props).to_string()),
                 );
                 rows.interactions.insert(id, row);
             }
@@ -248,14 +281,14 @@ impl ProjectorHandler {
                         profile_id: profile,
                         origin,
                         occurred_at: env.occurred_at,
-                        order_id: t.order_id.clone(),
-                        status: t.status.as_str().to_owned(),
+                        order_id: &t.order_id,
+                        status: t.status.as_str(),
                         amount: t.amount.to_string(),
-                        currency: t.currency.clone(),
-                        items: serde_json::Value::Array(items),
-                        payment_method: t.payment_method.clone(),
-                        coupon: t.coupon.clone(),
-                        source: env.source.clone(),
+                        currency: &t.currency,
+                        items: serde_json::Value::Array(items).to_string(),
+                        payment_method: t.payment_method.as_deref(),
+                        coupon: t.coupon.as_deref(),
+                        source: &env.source,
                     },
                 );
             }
@@ -263,17 +296,19 @@ impl ProjectorHandler {
                 profile,
                 &c.purpose,
                 ConsentRow {
-                    status: c.status.as_str().to_owned(),
-                    basis: c.basis.as_str().to_owned(),
-                    policy_version: c.policy_version.clone(),
+                    status: c.status.as_str(),
+                    basis: c.basis.as_str(),
+                    policy_version: c.policy_version.as_deref(),
                     stamp,
                 },
             ),
             CustomerPayload::Alias(a) => {
                 rows.identity(
-                    a.previous.kind.as_str(),
-                    a.previous.namespace.as_deref().unwrap_or(""),
-                    &a.previous.value_hash,
+                    (
+                        a.previous.kind.as_str(),
+                        a.previous.namespace.as_deref().unwrap_or(""),
+                        &a.previous.value_hash,
+                    ),
                     profile,
                     origin,
                     env.occurred_at,
@@ -283,25 +318,27 @@ impl ProjectorHandler {
         Ok(())
     }
 
-    fn fold_capsule(
+    fn fold_capsule<'a>(
         &self,
-        e: &CapsuleEvent,
-        profile: Uuid,
-        opener: &Opener,
-        rows: &mut Rows,
+        e: &'a CapsuleEvent,
+        owner: Owner,
+        opener: &Opener<'_>,
+        rows: &mut Rows<'a>,
     ) -> Result<(), Unopenable> {
         let env = &e.envelope;
         let stamp: Stamp = (env.occurred_at, env.event_id);
+        let Owner { origin, profile } = owner;
         rows.seen(profile, stamp, &env.source);
         match &e.payload {
             CapsulePayload::Created(c) => rows.created(
                 c.capsule_id,
                 CapsuleCreatedRow {
                     owner_profile_id: profile,
-                    title: c.title.clone(),
-                    content_type: c.content_type.clone(),
-                    storage_path: c.storage_path.clone(),
-                    settings: serde_json::to_value(&c.settings).unwrap_or_default(),
+                    title: &c.title,
+                    content_type: &c.content_type,
+                    storage_path: c.storage_path.as_deref(),
+                    settings: serde_json::to_string(&c.settings)
+                        .unwrap_or_else(|_| "null".to_owned()),
                     stamp,
                 },
             ),
@@ -310,8 +347,8 @@ impl ProjectorHandler {
                 let row = CapsuleContentRow {
                     content_id: c.content_id,
                     capsule_id: c.capsule_id,
-                    content_type: c.content_type.clone(),
-                    storage_path: c.storage_path.clone(),
+                    content_type: &c.content_type,
+                    storage_path: c.storage_path.as_deref(),
                     size_bytes: c.size_bytes,
                     body,
                     stamp,
@@ -324,7 +361,7 @@ impl ProjectorHandler {
                 }
             }
             CapsulePayload::Published(p) => {
-                rows.published(p.capsule_id, p.visibility.as_str().to_owned(), stamp)
+                rows.published(p.capsule_id, p.visibility.as_str(), stamp)
             }
             CapsulePayload::Viewed(v) => {
                 rows.views.insert(
@@ -333,16 +370,25 @@ impl ProjectorHandler {
                         event_id: env.event_id,
                         capsule_id: v.capsule_id,
                         profile_id: profile,
-                        origin: profile_id_of(&env.subject.subject_id),
+                        origin,
                         occurred_at: env.occurred_at,
-                        channel: v.channel.clone(),
+                        channel: v.channel.as_deref(),
                         duration_ms: v.duration_ms,
                     },
                 );
             }
-            CapsulePayload::Deleted(d) => rows.deleted(d.capsule_id, d.reason.clone(), stamp),
+            CapsulePayload::Deleted(d) => rows.deleted(d.capsule_id, d.reason.as_deref(), stamp),
         }
         Ok(())
+    }
+}
+
+/// The subject of a customer or capsule event.
+fn subject_of(event: &Projected) -> Option<&str> {
+    match event {
+        Projected::Customer(e) => Some(&e.envelope.subject.subject_id),
+        Projected::Capsule(e) => Some(&e.envelope.subject.subject_id),
+        Projected::Identity(_) | Projected::Tombstone => None,
     }
 }
 
@@ -350,30 +396,18 @@ impl ProjectorHandler {
 fn wanted_keys(batch: &[Decoded<'_, Projected>]) -> Vec<(String, u32)> {
     let mut out = BTreeSet::new();
     for d in batch {
-        let (subject, mut sealed): (&str, Vec<Option<Sealed>>) = match d.event {
-            Projected::Customer(e) => {
-                let mut p = e.payload.clone();
-                (
-                    e.envelope.subject.subject_id.as_str(),
-                    p.pii_mut().into_iter().map(|(_, s)| s.clone()).collect(),
-                )
-            }
-            Projected::Capsule(e) => {
-                let mut p = e.payload.clone();
-                (
-                    e.envelope.subject.subject_id.as_str(),
-                    p.pii_mut().into_iter().map(|(_, s)| s.clone()).collect(),
-                )
-            }
-            _ => continue,
+        let (subject, sealed) = match d.event {
+            Projected::Customer(e) => (&e.envelope.subject.subject_id, e.payload.pii()),
+            Projected::Capsule(e) => (&e.envelope.subject.subject_id, e.payload.pii()),
+            Projected::Identity(_) | Projected::Tombstone => continue,
         };
-        for s in sealed.drain(..).flatten() {
-            if let Ok(v) = sealed_version(&s) {
-                out.insert((subject.to_owned(), v));
+        for s in sealed.into_iter().filter_map(|(_, s)| s.as_ref()) {
+            if let Ok(v) = sealed_version(s) {
+                out.insert((subject.as_str(), v));
             }
         }
     }
-    out.into_iter().collect()
+    out.into_iter().map(|(s, v)| (s.to_owned(), v)).collect()
 }
 
 impl PgHandler for ProjectorHandler {
@@ -411,6 +445,7 @@ impl PgHandler for ProjectorHandler {
         tx: &mut PgConnection,
         batch: &[Decoded<'_, Projected>],
     ) -> Result<Vec<Rejected>, SinkError> {
+        let t0 = std::time::Instant::now();
         // Merges and splits first, in log order: everything written below already follows them.
         for d in batch {
             if let Projected::Identity(e) = d.event {
@@ -446,21 +481,27 @@ impl PgHandler for ProjectorHandler {
             .keys(&wanted_keys(batch))
             .await
             .map_err(|e| SinkError::Retryable(Box::new(e)))?;
-        let opener = Opener { keys };
-        let base: Vec<Uuid> = batch
+        let t1 = std::time::Instant::now();
+        let opener = Opener::new(&keys);
+        // Each event's subject's own profile, hashed once.
+        let origins: Vec<Option<Uuid>> = batch
             .iter()
-            .filter_map(|d| match d.event {
-                Projected::Customer(e) => Some(profile_id_of(&e.envelope.subject.subject_id)),
-                Projected::Capsule(e) => Some(profile_id_of(&e.envelope.subject.subject_id)),
-                _ => None,
-            })
+            .map(|d| subject_of(d.event).map(profile_id_of))
+            .collect();
+        let base: Vec<Uuid> = origins
+            .iter()
+            .flatten()
+            .copied()
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
         let merged = store::resolve(tx, &base).await.map_err(classify)?;
-        let profile = |subject: &str| {
-            let p = profile_id_of(subject);
-            merged.get(&p).copied().unwrap_or(p)
+        let owner = |index: usize| {
+            let origin = origins[index].unwrap_or_default();
+            Owner {
+                origin,
+                profile: merged.get(&origin).copied().unwrap_or(origin),
+            }
         };
         let fold = |skip: &BTreeSet<usize>| {
             let mut rows = Rows::default();
@@ -470,18 +511,10 @@ impl PgHandler for ProjectorHandler {
                     continue;
                 }
                 let result = match d.event {
-                    Projected::Customer(e) => self.fold_customer(
-                        e,
-                        profile(&e.envelope.subject.subject_id),
-                        &opener,
-                        &mut rows,
-                    ),
-                    Projected::Capsule(e) => self.fold_capsule(
-                        e,
-                        profile(&e.envelope.subject.subject_id),
-                        &opener,
-                        &mut rows,
-                    ),
+                    Projected::Customer(e) => {
+                        self.fold_customer(e, owner(index), &opener, &mut rows)
+                    }
+                    Projected::Capsule(e) => self.fold_capsule(e, owner(index), &opener, &mut rows),
                     Projected::Identity(_) | Projected::Tombstone => Ok(()),
                 };
                 if let Err(e) = result {
@@ -493,12 +526,23 @@ impl PgHandler for ProjectorHandler {
             }
             (rows, failed)
         };
+        let t2 = std::time::Instant::now();
         let (mut rows, rejected) = fold(&BTreeSet::new());
         if !rejected.is_empty() {
             // Fold again without the rejected records, so they have no effect at all.
             rows = fold(&rejected.iter().map(|r| r.index).collect()).0;
         }
+        let t3 = std::time::Instant::now();
         store::apply(tx, &rows).await.map_err(classify)?;
+        tracing::debug!(
+            events = batch.len(),
+            profiles = rows.customers.len(),
+            keys_ms = (t1 - t0).as_millis() as u64,
+            resolve_ms = (t2 - t1).as_millis() as u64,
+            fold_ms = (t3 - t2).as_millis() as u64,
+            write_ms = t3.elapsed().as_millis() as u64,
+            "batch folded and written"
+        );
         Ok(rejected)
     }
 }

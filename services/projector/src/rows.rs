@@ -1,6 +1,7 @@
 //! Rows a batch produces, folded in memory first so each statement touches a key once and
 //! the result does not depend on arrival order: per-key values keep the latest by
-//! (event time, event id); first/last seen keep the min/max.
+//! (event time, event id); first/last seen keep the min/max. Rows borrow what they can from
+//! the batch's decoded events (`'a`): folding copies only what it computes.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -11,17 +12,17 @@ use uuid::Uuid;
 pub type Stamp = (DateTime<Utc>, Uuid);
 
 #[derive(Debug, Clone)]
-pub struct CustomerRow {
+pub struct CustomerRow<'a> {
     pub first: Stamp,
     pub last_seen: DateTime<Utc>,
-    pub data_source: String,
+    pub data_source: &'a str,
 }
 
 #[derive(Debug, Clone)]
-pub struct TraitRow {
+pub struct TraitRow<'a> {
     pub value: Option<String>,
-    pub sealed: Option<Vec<u8>>,
-    pub subject_id: String,
+    pub sealed: Option<&'a [u8]>,
+    pub subject_id: &'a str,
     pub stamp: Stamp,
 }
 
@@ -35,99 +36,105 @@ pub struct IdentityRow {
 }
 
 #[derive(Debug, Clone)]
-pub struct InteractionRow {
+pub struct InteractionRow<'a> {
     pub event_id: Uuid,
     pub profile_id: Uuid,
     /// The event subject's own profile id: which rows leave when a profile is split.
     pub origin: Uuid,
     pub occurred_at: DateTime<Utc>,
-    pub interaction_type: String,
-    pub channel: Option<String>,
-    pub touchpoint: Option<String>,
+    pub interaction_type: &'a str,
+    pub channel: Option<&'a str>,
+    pub touchpoint: Option<&'a str>,
     pub duration_ms: Option<i64>,
-    pub outcome: Option<String>,
-    pub properties: Option<serde_json::Value>,
-    pub source: String,
+    pub outcome: Option<&'a str>,
+    /// A JSON document, as text (Postgres parses it into `jsonb`).
+    pub properties: Option<String>,
+    pub source: &'a str,
 }
 
 #[derive(Debug, Clone)]
-pub struct TransactionRow {
+pub struct TransactionRow<'a> {
     pub event_id: Uuid,
     pub profile_id: Uuid,
     pub origin: Uuid,
     pub occurred_at: DateTime<Utc>,
-    pub order_id: String,
-    pub status: String,
+    pub order_id: &'a str,
+    pub status: &'static str,
     pub amount: String,
-    pub currency: String,
-    pub items: serde_json::Value,
-    pub payment_method: Option<String>,
-    pub coupon: Option<String>,
-    pub source: String,
+    pub currency: &'a str,
+    /// A JSON array, as text.
+    pub items: String,
+    pub payment_method: Option<&'a str>,
+    pub coupon: Option<&'a str>,
+    pub source: &'a str,
 }
 
 #[derive(Debug, Clone)]
-pub struct ConsentRow {
-    pub status: String,
-    pub basis: String,
-    pub policy_version: Option<String>,
+pub struct ConsentRow<'a> {
+    pub status: &'static str,
+    pub basis: &'static str,
+    pub policy_version: Option<&'a str>,
     pub stamp: Stamp,
 }
 
 #[derive(Debug, Clone)]
-pub struct CapsuleCreatedRow {
+pub struct CapsuleCreatedRow<'a> {
     pub owner_profile_id: Uuid,
-    pub title: String,
-    pub content_type: String,
-    pub storage_path: Option<String>,
-    pub settings: serde_json::Value,
+    pub title: &'a str,
+    pub content_type: &'a str,
+    pub storage_path: Option<&'a str>,
+    /// A JSON document, as text.
+    pub settings: String,
     pub stamp: Stamp,
 }
 
 #[derive(Debug, Clone)]
-pub struct CapsuleContentRow {
+pub struct CapsuleContentRow<'a> {
     pub content_id: Uuid,
     pub capsule_id: Uuid,
-    pub content_type: String,
-    pub storage_path: Option<String>,
+    pub content_type: &'a str,
+    pub storage_path: Option<&'a str>,
     pub size_bytes: Option<i64>,
     pub body: Option<String>,
     pub stamp: Stamp,
 }
 
 #[derive(Debug, Clone)]
-pub struct CapsuleViewRow {
+pub struct CapsuleViewRow<'a> {
     pub event_id: Uuid,
     pub capsule_id: Uuid,
     pub profile_id: Uuid,
     pub origin: Uuid,
     pub occurred_at: DateTime<Utc>,
-    pub channel: Option<String>,
+    pub channel: Option<&'a str>,
     pub duration_ms: Option<i64>,
 }
 
+/// An identifier: (kind, namespace, value hash).
+pub type IdentityKey<'a> = (&'a str, &'a str, &'a str);
+
 /// Everything one batch writes.
 #[derive(Debug, Default)]
-pub struct Rows {
-    pub customers: BTreeMap<Uuid, CustomerRow>,
-    pub traits: BTreeMap<(Uuid, String), TraitRow>,
-    pub identities: BTreeMap<(String, String, String), IdentityRow>,
-    pub interactions: BTreeMap<Uuid, InteractionRow>,
-    pub transactions: BTreeMap<Uuid, TransactionRow>,
-    pub consents: BTreeMap<(Uuid, String), ConsentRow>,
-    pub capsules_created: BTreeMap<Uuid, CapsuleCreatedRow>,
+pub struct Rows<'a> {
+    pub customers: BTreeMap<Uuid, CustomerRow<'a>>,
+    pub traits: BTreeMap<(Uuid, &'static str), TraitRow<'a>>,
+    pub identities: BTreeMap<IdentityKey<'a>, IdentityRow>,
+    pub interactions: BTreeMap<Uuid, InteractionRow<'a>>,
+    pub transactions: BTreeMap<Uuid, TransactionRow<'a>>,
+    pub consents: BTreeMap<(Uuid, &'a str), ConsentRow<'a>>,
+    pub capsules_created: BTreeMap<Uuid, CapsuleCreatedRow<'a>>,
     /// capsule → (visibility, stamp): the latest publication.
-    pub capsules_published: BTreeMap<Uuid, (String, Stamp)>,
+    pub capsules_published: BTreeMap<Uuid, (&'static str, Stamp)>,
     /// capsule → (reason, stamp): the first deletion.
-    pub capsules_deleted: BTreeMap<Uuid, (Option<String>, Stamp)>,
-    pub contents: BTreeMap<Uuid, CapsuleContentRow>,
-    pub views: BTreeMap<Uuid, CapsuleViewRow>,
+    pub capsules_deleted: BTreeMap<Uuid, (Option<&'a str>, Stamp)>,
+    pub contents: BTreeMap<Uuid, CapsuleContentRow<'a>>,
+    pub views: BTreeMap<Uuid, CapsuleViewRow<'a>>,
     /// Profiles whose snapshot changes.
     pub touched: BTreeSet<Uuid>,
 }
 
-impl Rows {
-    pub fn seen(&mut self, profile: Uuid, stamp: Stamp, source: &str) {
+impl<'a> Rows<'a> {
+    pub fn seen(&mut self, profile: Uuid, stamp: Stamp, source: &'a str) {
         self.touched.insert(profile);
         let e = self
             .customers
@@ -135,19 +142,19 @@ impl Rows {
             .or_insert_with(|| CustomerRow {
                 first: stamp,
                 last_seen: stamp.0,
-                data_source: source.to_owned(),
+                data_source: source,
             });
         if stamp < e.first {
             e.first = stamp;
-            e.data_source = source.to_owned();
+            e.data_source = source;
         }
         if stamp.0 > e.last_seen {
             e.last_seen = stamp.0;
         }
     }
 
-    pub fn trait_value(&mut self, profile: Uuid, name: &str, row: TraitRow) {
-        let key = (profile, name.to_owned());
+    pub fn trait_value(&mut self, profile: Uuid, name: &'static str, row: TraitRow<'a>) {
+        let key = (profile, name);
         match self.traits.get(&key) {
             Some(old) if old.stamp >= row.stamp => {}
             _ => {
@@ -158,14 +165,11 @@ impl Rows {
 
     pub fn identity(
         &mut self,
-        kind: &str,
-        namespace: &str,
-        hash: &str,
+        key: IdentityKey<'a>,
         profile: Uuid,
         origin: Uuid,
         at: DateTime<Utc>,
     ) {
-        let key = (kind.to_owned(), namespace.to_owned(), hash.to_owned());
         let e = self.identities.entry(key).or_insert(IdentityRow {
             profile_id: profile,
             origin,
@@ -179,8 +183,8 @@ impl Rows {
         }
     }
 
-    pub fn consent(&mut self, profile: Uuid, purpose: &str, row: ConsentRow) {
-        let key = (profile, purpose.to_owned());
+    pub fn consent(&mut self, profile: Uuid, purpose: &'a str, row: ConsentRow<'a>) {
+        let key = (profile, purpose);
         match self.consents.get(&key) {
             Some(old) if old.stamp >= row.stamp => {}
             _ => {
@@ -189,7 +193,7 @@ impl Rows {
         }
     }
 
-    pub fn created(&mut self, capsule: Uuid, row: CapsuleCreatedRow) {
+    pub fn created(&mut self, capsule: Uuid, row: CapsuleCreatedRow<'a>) {
         match self.capsules_created.get(&capsule) {
             Some(old) if old.stamp <= row.stamp => {}
             _ => {
@@ -198,7 +202,7 @@ impl Rows {
         }
     }
 
-    pub fn published(&mut self, capsule: Uuid, visibility: String, stamp: Stamp) {
+    pub fn published(&mut self, capsule: Uuid, visibility: &'static str, stamp: Stamp) {
         match self.capsules_published.get(&capsule) {
             Some((_, old)) if *old >= stamp => {}
             _ => {
@@ -207,7 +211,7 @@ impl Rows {
         }
     }
 
-    pub fn deleted(&mut self, capsule: Uuid, reason: Option<String>, stamp: Stamp) {
+    pub fn deleted(&mut self, capsule: Uuid, reason: Option<&'a str>, stamp: Stamp) {
         match self.capsules_deleted.get(&capsule) {
             Some((_, old)) if *old <= stamp => {}
             _ => {
@@ -238,14 +242,12 @@ mod tests {
                 TraitRow {
                     value: Some((*v).to_owned()),
                     sealed: None,
-                    subject_id: "s".into(),
+                    subject_id: "s",
                     stamp: stamp(*t, *id),
                 },
             );
         }
-        rows.traits
-            .get(&(p, "email".to_owned()))
-            .and_then(|r| r.value.clone())
+        rows.traits.get(&(p, "email")).and_then(|r| r.value.clone())
     }
 
     #[test]
@@ -279,7 +281,7 @@ mod tests {
             (
                 c.first.0.timestamp(),
                 c.last_seen.timestamp(),
-                c.data_source.as_str()
+                c.data_source
             ),
             (10, 30, "early-app")
         );
@@ -292,9 +294,9 @@ mod tests {
         let claim = |order: &[(Uuid, i64)]| {
             let mut rows = Rows::default();
             for (p, t) in order {
-                rows.identity("EMAIL", "", "h", *p, *p, stamp(*t, 0).0);
+                rows.identity(("EMAIL", "", "h"), *p, *p, stamp(*t, 0).0);
             }
-            let r = &rows.identities[&("EMAIL".to_owned(), String::new(), "h".to_owned())];
+            let r = &rows.identities[&("EMAIL", "", "h")];
             (r.profile_id, r.origin, r.first_seen.timestamp())
         };
         let mut rev = claims;

@@ -255,7 +255,7 @@ fn col<T, R, F: Fn(&T) -> R>(items: &[T], f: F) -> Vec<R> {
     items.iter().map(f).collect()
 }
 
-pub async fn apply(tx: &mut PgConnection, rows: &Rows) -> Db {
+pub async fn apply(tx: &mut PgConnection, rows: &Rows<'_>) -> Db {
     let customers: Vec<_> = rows.customers.iter().collect();
     if !customers.is_empty() {
         sqlx::query(
@@ -268,7 +268,7 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows) -> Db {
         .bind(col(&customers, |(p, _)| **p))
         .bind(col(&customers, |(_, c)| c.first.0))
         .bind(col(&customers, |(_, c)| c.last_seen))
-        .bind(col(&customers, |(_, c)| c.data_source.clone()))
+        .bind(col(&customers, |(_, c)| c.data_source))
         .bind(col(&customers, |(_, c)| c.first.1))
         .execute(&mut *tx)
         .await?;
@@ -283,10 +283,10 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows) -> Db {
     ),
         )
         .bind(col(&traits, |((p, _), _)| *p))
-        .bind(col(&traits, |((_, n), _)| n.clone()))
-        .bind(col(&traits, |(_, t)| t.value.clone()))
-        .bind(col(&traits, |(_, t)| t.sealed.clone()))
-        .bind(col(&traits, |(_, t)| t.subject_id.clone()))
+        .bind(col(&traits, |((_, n), _)| *n))
+        .bind(col(&traits, |(_, t)| t.value.as_deref()))
+        .bind(col(&traits, |(_, t)| t.sealed))
+        .bind(col(&traits, |(_, t)| t.subject_id))
         .bind(col(&traits, |(_, t)| t.stamp.0))
         .bind(col(&traits, |(_, t)| t.stamp.1))
         .execute(&mut *tx)
@@ -308,9 +308,9 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows) -> Db {
                  profile_id = EXCLUDED.profile_id, origin = EXCLUDED.origin, first_seen = EXCLUDED.first_seen
              WHERE (EXCLUDED.first_seen, EXCLUDED.profile_id) < (c.first_seen, c.profile_id)",
         )
-        .bind(col(&ids, |((k, _, _), _)| k.clone()))
-        .bind(col(&ids, |((_, n, _), _)| n.clone()))
-        .bind(col(&ids, |((_, _, h), _)| h.clone()))
+        .bind(col(&ids, |((k, _, _), _)| *k))
+        .bind(col(&ids, |((_, n, _), _)| *n))
+        .bind(col(&ids, |((_, _, h), _)| *h))
         .bind(col(&ids, |(_, r)| r.profile_id))
         .bind(col(&ids, |(_, r)| r.first_seen))
         .bind(col(&ids, |(_, r)| r.origin))
@@ -321,19 +321,19 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows) -> Db {
     if !it.is_empty() {
         sqlx::query(
             "INSERT INTO interactions (event_id, profile_id, occurred_at, interaction_type, channel, touchpoint, duration_ms, outcome, properties, source, origin)
-             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::text[], $9::jsonb[], $10::text[], $11::uuid[])
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::text[], $9::text[]::jsonb[], $10::text[], $11::uuid[])
              ON CONFLICT (event_id) DO NOTHING",
         )
         .bind(col(&it, |r| r.event_id))
         .bind(col(&it, |r| r.profile_id))
         .bind(col(&it, |r| r.occurred_at))
-        .bind(col(&it, |r| r.interaction_type.clone()))
-        .bind(col(&it, |r| r.channel.clone()))
-        .bind(col(&it, |r| r.touchpoint.clone()))
+        .bind(col(&it, |r| r.interaction_type))
+        .bind(col(&it, |r| r.channel))
+        .bind(col(&it, |r| r.touchpoint))
         .bind(col(&it, |r| r.duration_ms))
-        .bind(col(&it, |r| r.outcome.clone()))
-        .bind(col(&it, |r| r.properties.clone()))
-        .bind(col(&it, |r| r.source.clone()))
+        .bind(col(&it, |r| r.outcome))
+        .bind(col(&it, |r| r.properties.as_deref()))
+        .bind(col(&it, |r| r.source))
         .bind(col(&it, |r| r.origin))
         .execute(&mut *tx)
         .await?;
@@ -343,21 +343,21 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows) -> Db {
         sqlx::query(
             "INSERT INTO transactions (event_id, profile_id, occurred_at, order_id, status, amount, currency, items, payment_method, coupon, source, origin)
              SELECT e, p, t, o, s, a::numeric, c, i, pm, cp, src, og
-               FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::text[], $8::jsonb[], $9::text[], $10::text[], $11::text[], $12::uuid[])
+               FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[]::jsonb[], $9::text[], $10::text[], $11::text[], $12::uuid[])
                  AS x(e, p, t, o, s, a, c, i, pm, cp, src, og)
              ON CONFLICT (event_id) DO NOTHING",
         )
         .bind(col(&tr, |r| r.event_id))
         .bind(col(&tr, |r| r.profile_id))
         .bind(col(&tr, |r| r.occurred_at))
-        .bind(col(&tr, |r| r.order_id.clone()))
-        .bind(col(&tr, |r| r.status.clone()))
-        .bind(col(&tr, |r| r.amount.clone()))
-        .bind(col(&tr, |r| r.currency.clone()))
-        .bind(col(&tr, |r| r.items.clone()))
-        .bind(col(&tr, |r| r.payment_method.clone()))
-        .bind(col(&tr, |r| r.coupon.clone()))
-        .bind(col(&tr, |r| r.source.clone()))
+        .bind(col(&tr, |r| r.order_id))
+        .bind(col(&tr, |r| r.status))
+        .bind(col(&tr, |r| r.amount.as_str()))
+        .bind(col(&tr, |r| r.currency))
+        .bind(col(&tr, |r| r.items.as_str()))
+        .bind(col(&tr, |r| r.payment_method))
+        .bind(col(&tr, |r| r.coupon))
+        .bind(col(&tr, |r| r.source))
         .bind(col(&tr, |r| r.origin))
         .execute(&mut *tx)
         .await?;
@@ -372,10 +372,10 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows) -> Db {
     ),
         )
         .bind(col(&cs, |((p, _), _)| *p))
-        .bind(col(&cs, |((_, n), _)| n.clone()))
-        .bind(col(&cs, |(_, c)| c.status.clone()))
-        .bind(col(&cs, |(_, c)| c.basis.clone()))
-        .bind(col(&cs, |(_, c)| c.policy_version.clone()))
+        .bind(col(&cs, |((_, n), _)| *n))
+        .bind(col(&cs, |(_, c)| c.status))
+        .bind(col(&cs, |(_, c)| c.basis))
+        .bind(col(&cs, |(_, c)| c.policy_version))
         .bind(col(&cs, |(_, c)| c.stamp.0))
         .bind(col(&cs, |(_, c)| c.stamp.1))
         .execute(&mut *tx)
@@ -386,12 +386,12 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows) -> Db {
     enqueue(tx, &touched, false).await
 }
 
-async fn apply_capsules(tx: &mut PgConnection, rows: &Rows) -> Db {
+async fn apply_capsules(tx: &mut PgConnection, rows: &Rows<'_>) -> Db {
     let created: Vec<_> = rows.capsules_created.iter().collect();
     if !created.is_empty() {
         sqlx::query(
             "INSERT INTO capsules (capsule_id, owner_profile_id, title, content_type, storage_path, settings, created_at, created_event_id)
-             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::timestamptz[], $8::uuid[])
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[]::jsonb[], $7::timestamptz[], $8::uuid[])
              ON CONFLICT (capsule_id) DO UPDATE SET owner_profile_id = EXCLUDED.owner_profile_id, title = EXCLUDED.title,
                  content_type = EXCLUDED.content_type, storage_path = EXCLUDED.storage_path, settings = EXCLUDED.settings,
                  created_at = EXCLUDED.created_at, created_event_id = EXCLUDED.created_event_id
@@ -400,10 +400,10 @@ async fn apply_capsules(tx: &mut PgConnection, rows: &Rows) -> Db {
         )
         .bind(col(&created, |(c, _)| **c))
         .bind(col(&created, |(_, r)| r.owner_profile_id))
-        .bind(col(&created, |(_, r)| r.title.clone()))
-        .bind(col(&created, |(_, r)| r.content_type.clone()))
-        .bind(col(&created, |(_, r)| r.storage_path.clone()))
-        .bind(col(&created, |(_, r)| r.settings.clone()))
+        .bind(col(&created, |(_, r)| r.title))
+        .bind(col(&created, |(_, r)| r.content_type))
+        .bind(col(&created, |(_, r)| r.storage_path))
+        .bind(col(&created, |(_, r)| r.settings.as_str()))
         .bind(col(&created, |(_, r)| r.stamp.0))
         .bind(col(&created, |(_, r)| r.stamp.1))
         .execute(&mut *tx)
@@ -420,7 +420,7 @@ async fn apply_capsules(tx: &mut PgConnection, rows: &Rows) -> Db {
                 OR (EXCLUDED.published_at, EXCLUDED.published_event_id) > (capsules.published_at, capsules.published_event_id)",
         )
         .bind(col(&published, |(c, _)| **c))
-        .bind(col(&published, |(_, (v, _))| v.clone()))
+        .bind(col(&published, |(_, (v, _))| *v))
         .bind(col(&published, |(_, (_, s))| s.0))
         .bind(col(&published, |(_, (_, s))| s.1))
         .execute(&mut *tx)
@@ -437,7 +437,7 @@ async fn apply_capsules(tx: &mut PgConnection, rows: &Rows) -> Db {
                 OR (EXCLUDED.deleted_at, EXCLUDED.deleted_event_id) < (capsules.deleted_at, capsules.deleted_event_id)",
         )
         .bind(col(&deleted, |(c, _)| **c))
-        .bind(col(&deleted, |(_, (r, _))| r.clone()))
+        .bind(col(&deleted, |(_, (r, _))| *r))
         .bind(col(&deleted, |(_, (_, s))| s.0))
         .bind(col(&deleted, |(_, (_, s))| s.1))
         .execute(&mut *tx)
@@ -455,10 +455,10 @@ async fn apply_capsules(tx: &mut PgConnection, rows: &Rows) -> Db {
         )
         .bind(col(&contents, |r| r.content_id))
         .bind(col(&contents, |r| r.capsule_id))
-        .bind(col(&contents, |r| r.content_type.clone()))
-        .bind(col(&contents, |r| r.storage_path.clone()))
+        .bind(col(&contents, |r| r.content_type))
+        .bind(col(&contents, |r| r.storage_path))
         .bind(col(&contents, |r| r.size_bytes))
-        .bind(col(&contents, |r| r.body.clone()))
+        .bind(col(&contents, |r| r.body.as_deref()))
         .bind(col(&contents, |r| r.stamp.0))
         .bind(col(&contents, |r| r.stamp.1))
         .execute(&mut *tx)
@@ -475,7 +475,7 @@ async fn apply_capsules(tx: &mut PgConnection, rows: &Rows) -> Db {
         .bind(col(&views, |r| r.capsule_id))
         .bind(col(&views, |r| r.profile_id))
         .bind(col(&views, |r| r.occurred_at))
-        .bind(col(&views, |r| r.channel.clone()))
+        .bind(col(&views, |r| r.channel))
         .bind(col(&views, |r| r.duration_ms))
         .bind(col(&views, |r| r.origin))
         .execute(&mut *tx)
