@@ -46,6 +46,72 @@ impl Probe {
     }
 }
 
+/// A topic (2 partitions) with `n` events already waiting, its DLQ and group, and a database
+/// with the probe table: the setup of the in-process runner tests.
+struct Backlog {
+    topic: String,
+    dlq: String,
+    group: String,
+    db: TestDb,
+    producer: Arc<Producer>,
+}
+
+impl Backlog {
+    async fn create(name: &str, n: u64) -> anyhow::Result<Self> {
+        let topic = unique(&format!("runner-{name}"));
+        let dlq = unique(&format!("runner-{name}-dlq"));
+        let group = unique(&format!("runner-{name}-group"));
+        create_topics(&[(&topic, 2), (&dlq, 1)]).await?;
+        let db = TestDb::create().await?;
+        create_probe_table(&db.pool).await?;
+        let producer = Arc::new(Producer::new(&kafka_args(""))?);
+        produce_events(&producer, &topic, n, 2).await?;
+        Ok(Self {
+            topic,
+            dlq,
+            group,
+            db,
+            producer,
+        })
+    }
+
+    fn config(&self, batch_size: usize) -> RunnerConfig {
+        runner_config(&self.topic, &self.group, &self.dlq, batch_size)
+    }
+
+    /// Runs `handler` in-process until `n` probe rows exist, then shuts it down.
+    async fn apply_all<H: cdp_runtime::pg::PgHandler>(
+        &self,
+        config: RunnerConfig,
+        handler: H,
+        metrics: &Metrics,
+        n: u64,
+    ) -> anyhow::Result<()> {
+        let sink = Arc::new(PgSink::new(
+            self.db.pool.clone(),
+            self.group.clone(),
+            handler,
+        ));
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(runner::run(
+            config,
+            sink,
+            self.producer.clone(),
+            RunnerMetrics::register(metrics),
+            None,
+            shutdown.clone(),
+        ));
+        wait_until("every record applied", Duration::from_secs(90), || async {
+            Ok(probe_counts(&self.db.pool).await?.0 >= n as i64)
+        })
+        .await?;
+        shutdown.trigger();
+        task.await??;
+        assert_eq!(probe_counts(&self.db.pool).await?, (n as i64, n as i64));
+        Ok(())
+    }
+}
+
 fn signal(child: &Child, sig: i32) -> anyhow::Result<()> {
     let pid = child.id();
     // `unsafe_code` is forbidden in the workspace, so signal through kill(1) rather than libc.
@@ -451,41 +517,17 @@ impl cdp_runtime::pg::PgHandler for Flaky {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retryable_failures_roll_back_and_retry_without_advancing() -> anyhow::Result<()> {
-    let topic = unique("runner-retry");
-    let dlq = unique("runner-retry-dlq");
-    let group = unique("runner-retry-group");
-    create_topics(&[(&topic, 2), (&dlq, 1)]).await?;
-    let db = TestDb::create().await?;
-    create_probe_table(&db.pool).await?;
-    let producer = Arc::new(Producer::new(&kafka_args(""))?);
-    produce_events(&producer, &topic, 1_000, 2).await?;
-
+    let backlog = Backlog::create("retry", 1_000).await?;
     let handler = Flaky {
         inner: ProbeHandler {
             delay: Duration::ZERO,
         },
         failures: std::sync::atomic::AtomicU32::new(3),
     };
-    let sink = Arc::new(PgSink::new(db.pool.clone(), group.clone(), handler));
-    let shutdown = Shutdown::new();
     let metrics = Metrics::new();
-    let mut config = runner_config(&topic, &group, &dlq, 100);
+    let mut config = backlog.config(100);
     config.tuning.retry_backoff_max_ms = 200;
-    let task = tokio::spawn(runner::run(
-        config,
-        sink,
-        producer.clone(),
-        RunnerMetrics::register(&metrics),
-        None,
-        shutdown.clone(),
-    ));
-    wait_until("every record applied", Duration::from_secs(60), || async {
-        Ok(probe_counts(&db.pool).await?.0 >= 1_000)
-    })
-    .await?;
-    shutdown.trigger();
-    task.await??;
-    assert_eq!(probe_counts(&db.pool).await?, (1_000, 1_000));
+    backlog.apply_all(config, handler, &metrics, 1_000).await?;
     let text = metrics.encode()?;
     let retries = text
         .lines()
@@ -493,52 +535,27 @@ async fn retryable_failures_roll_back_and_retry_without_advancing() -> anyhow::R
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse::<u64>().ok());
     assert_eq!(retries, Some(3));
-    db.drop_db().await
+    backlog.db.drop_db().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_behind_takes_batches_past_the_batch_size_up_to_the_maximum(
 ) -> anyhow::Result<()> {
     const N: u64 = 6_000;
-    let topic = unique("runner-catchup");
-    let dlq = unique("runner-catchup-dlq");
-    let group = unique("runner-catchup-group");
-    create_topics(&[(&topic, 2), (&dlq, 1)]).await?;
-    let db = TestDb::create().await?;
-    create_probe_table(&db.pool).await?;
-    let producer = Arc::new(Producer::new(&kafka_args(""))?);
     // A backlog before the consumer starts: every record is already waiting.
-    produce_events(&producer, &topic, N, 2).await?;
-
-    let sink = Arc::new(PgSink::new(
-        db.pool.clone(),
-        group.clone(),
-        ProbeHandler {
-            delay: Duration::ZERO,
-        },
-    ));
-    let shutdown = Shutdown::new();
-    let mut config = runner_config(&topic, &group, &dlq, 100);
+    let backlog = Backlog::create("catchup", N).await?;
+    let mut config = backlog.config(100);
     config.tuning.batch_size_max = 1_000;
-    let task = tokio::spawn(runner::run(
-        config,
-        sink,
-        producer.clone(),
-        RunnerMetrics::register(&Metrics::new()),
-        None,
-        shutdown.clone(),
-    ));
-    wait_until("every record applied", Duration::from_secs(60), || async {
-        Ok(probe_counts(&db.pool).await?.0 >= N as i64)
-    })
-    .await?;
-    shutdown.trigger();
-    task.await??;
-    assert_eq!(probe_counts(&db.pool).await?, (N as i64, N as i64));
+    let handler = ProbeHandler {
+        delay: Duration::ZERO,
+    };
+    backlog
+        .apply_all(config, handler, &Metrics::new(), N)
+        .await?;
     // Each batch is one transaction: the rows it inserted share their xmin.
     let sizes: Vec<i64> =
         sqlx::query_scalar("SELECT count(*) FROM probe_applied GROUP BY xmin::text")
-            .fetch_all(&db.pool)
+            .fetch_all(&backlog.db.pool)
             .await?;
     assert!(
         sizes.iter().all(|&s| s <= 1_000),
@@ -553,7 +570,7 @@ async fn a_consumer_behind_takes_batches_past_the_batch_size_up_to_the_maximum(
         sizes.len() < 30,
         "too many batches for a backlog: {sizes:?}"
     );
-    db.drop_db().await
+    backlog.db.drop_db().await
 }
 
 /// Counts the applies that ended after records of the next batch had been decoded.
@@ -605,15 +622,7 @@ async fn the_next_batch_is_gathered_and_decoded_while_a_slow_one_is_applied() ->
 {
     use std::sync::atomic::Ordering::SeqCst;
     const N: u64 = 3_000;
-    let topic = unique("runner-overlap");
-    let dlq = unique("runner-overlap-dlq");
-    let group = unique("runner-overlap-group");
-    create_topics(&[(&topic, 2), (&dlq, 1)]).await?;
-    let db = TestDb::create().await?;
-    create_probe_table(&db.pool).await?;
-    let producer = Arc::new(Producer::new(&kafka_args(""))?);
-    produce_events(&producer, &topic, N, 2).await?;
-
+    let backlog = Backlog::create("overlap", N).await?;
     // Each batch takes longer than the runner's tick interval (200 ms) to apply: a tick due
     // meanwhile must not make the poll thread wait for it.
     let counts = Arc::new(OverlapCounts::default());
@@ -623,25 +632,11 @@ async fn the_next_batch_is_gathered_and_decoded_while_a_slow_one_is_applied() ->
         },
         counts: counts.clone(),
     };
-    let sink = Arc::new(PgSink::new(db.pool.clone(), group.clone(), handler));
-    let shutdown = Shutdown::new();
-    let mut config = runner_config(&topic, &group, &dlq, 100);
+    let mut config = backlog.config(100);
     config.tuning.batch_size_max = 500;
-    let task = tokio::spawn(runner::run(
-        config,
-        sink,
-        producer.clone(),
-        RunnerMetrics::register(&Metrics::new()),
-        None,
-        shutdown.clone(),
-    ));
-    wait_until("every record applied", Duration::from_secs(90), || async {
-        Ok(probe_counts(&db.pool).await?.0 >= N as i64)
-    })
-    .await?;
-    shutdown.trigger();
-    task.await??;
-    assert_eq!(probe_counts(&db.pool).await?, (N as i64, N as i64));
+    backlog
+        .apply_all(config, handler, &Metrics::new(), N)
+        .await?;
     let (applies, ahead) = (counts.applies.load(SeqCst), counts.ahead.load(SeqCst));
     // Every batch but the last has a successor waiting in the backlog, decoded before the
     // batch's own transaction ends.
@@ -649,5 +644,5 @@ async fn the_next_batch_is_gathered_and_decoded_while_a_slow_one_is_applied() ->
         applies >= 6 && ahead + 1 >= applies,
         "of {applies} batches applied, only {ahead} ended after the next one was decoded"
     );
-    db.drop_db().await
+    backlog.db.drop_db().await
 }
