@@ -43,6 +43,17 @@ pub fn metric_sum(metrics: &cdp_runtime::metrics::Metrics, family: &str) -> anyh
         .sum())
 }
 
+/// Logs to stderr with the filter in `CDP_LOG` when it is set (benchmarks' debug lines).
+pub fn log_from_env() -> anyhow::Result<()> {
+    if let Ok(filter) = std::env::var("CDP_LOG") {
+        cdp_runtime::telemetry::init(&cdp_runtime::config::TelemetryArgs {
+            log_format: cdp_runtime::config::LogFormat::Pretty,
+            log_filter: filter,
+        })?;
+    }
+    Ok(())
+}
+
 /// A name no other test run uses.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())

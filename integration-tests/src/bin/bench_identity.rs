@@ -28,12 +28,7 @@ async fn main() -> anyhow::Result<()> {
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200_000);
     let people: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
     let batch: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1_000);
-    if let Ok(filter) = std::env::var("CDP_LOG") {
-        cdp_runtime::telemetry::init(&cdp_runtime::config::TelemetryArgs {
-            log_format: cdp_runtime::config::LogFormat::Pretty,
-            log_filter: filter,
-        })?;
-    }
+    cdp_integration_tests::log_from_env()?;
     let slice = Slice::create().await?;
     let specs = workload(n, people, 42);
     let multi = specs.iter().filter(|s| s.ids.len() > 1).count();

@@ -68,12 +68,7 @@ async fn main() -> anyhow::Result<()> {
         .next()
         .and_then(|a| a.parse().ok())
         .unwrap_or(cdp_runtime::config::RunnerArgs::default().batch_size_max);
-    if let Ok(filter) = std::env::var("CDP_LOG") {
-        cdp_runtime::telemetry::init(&cdp_runtime::config::TelemetryArgs {
-            log_format: cdp_runtime::config::LogFormat::Pretty,
-            log_filter: filter,
-        })?;
-    }
+    cdp_integration_tests::log_from_env()?;
     let slice = Slice::create().await?;
     let events = slice.prepare(0..n, 9_999).await?;
     slice.produce(&events, |i| Some((i % 6) as i32)).await?;

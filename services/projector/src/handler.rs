@@ -537,7 +537,7 @@ impl PgHandler for ProjectorHandler {
         tracing::debug!(
             events = batch.len(),
             profiles = rows.customers.len(),
-            keys_ms = (t1 - t0).as_millis() as u64,
+            merges_and_keys_ms = (t1 - t0).as_millis() as u64,
             resolve_ms = (t2 - t1).as_millis() as u64,
             fold_ms = (t3 - t2).as_millis() as u64,
             write_ms = t3.elapsed().as_millis() as u64,

@@ -91,8 +91,6 @@ struct Shared<S> {
     pending: Mutex<Vec<RawRecord>>,
     /// The batch being applied while the poll thread gathers and prepares the next.
     in_flight: Mutex<Option<InFlight>>,
-    /// When the sink last acted on time ([`Sink::tick`]).
-    last_tick: Mutex<Instant>,
     fatal: Mutex<Option<RunnerError>>,
     assigned: Mutex<BTreeSet<TopicPartition>>,
     shutdown: Shutdown,
@@ -233,31 +231,34 @@ impl<S: Sink> Shared<S> {
     /// Prepares the pending batch (while the previous one may still be applied), waits for
     /// the previous one, then starts applying this one on the runtime. Batches are applied
     /// one at a time, in order; a batch is never applied after one that was abandoned.
-    /// With `tick`, the sink's time-based work runs between the two if it is due.
+    /// With `last_tick` (the poll loop's), the sink's time-based work runs between the two
+    /// if it is due.
     fn dispatch(
         self: &Arc<Self>,
         consumer: &BaseConsumer<RunnerContext<S>>,
-        tick: bool,
+        last_tick: Option<&mut Instant>,
     ) -> Result<Flushed, RunnerError> {
         let batch = std::mem::take(&mut *lock(&self.pending));
         let started = Instant::now();
         let prepared = (!batch.is_empty()).then(|| self.sink.prepare(batch));
         let prepare_ms = started.elapsed().as_millis() as u64;
         let settled = self.settle(consumer)?;
-        tracing::debug!(
-            group = %self.group,
-            prepare_ms,
-            // How long the poll thread waited for the previous batch to be applied.
-            wait_ms = (started.elapsed().as_millis() as u64).saturating_sub(prepare_ms),
-            "batch prepared"
-        );
+        if prepared.is_some() {
+            tracing::debug!(
+                group = %self.group,
+                prepare_ms,
+                // How long the poll thread waited for the previous batch to be applied.
+                wait_ms = (started.elapsed().as_millis() as u64).saturating_sub(prepare_ms),
+                "batch prepared"
+            );
+        }
         if let Flushed::Abandoned = settled {
             return Ok(Flushed::Abandoned);
         }
         // Between two batches: the sink's time-based work, when due, goes here, so that a
         // consumer that is never idle (catching up) still ticks without waiting for it.
-        if tick {
-            self.tick_if_due()?;
+        if let Some(last) = last_tick {
+            self.tick_if_due(last)?;
         }
         if let Some(prepared) = prepared {
             let last = last_offsets(S::records(&prepared));
@@ -294,7 +295,7 @@ impl<S: Sink> Shared<S> {
         self: &Arc<Self>,
         consumer: &BaseConsumer<RunnerContext<S>>,
     ) -> Result<Flushed, RunnerError> {
-        match self.dispatch(consumer, false)? {
+        match self.dispatch(consumer, None)? {
             Flushed::Abandoned => Ok(Flushed::Abandoned),
             Flushed::Done => self.settle(consumer),
         }
@@ -308,16 +309,13 @@ impl<S: Sink> Shared<S> {
     }
 
     /// Lets the sink act on time (see [`Sink::tick`]) if `TICK_INTERVAL` has passed since it
-    /// last did. Call only between batches (none in flight). Retryable failures are logged
+    /// `last` did. Call only between batches (none in flight). Retryable failures are logged
     /// and tried again at the next tick.
-    fn tick_if_due(&self) -> Result<(), RunnerError> {
-        {
-            let mut last = lock(&self.last_tick);
-            if last.elapsed() < TICK_INTERVAL {
-                return Ok(());
-            }
-            *last = Instant::now();
+    fn tick_if_due(&self, last: &mut Instant) -> Result<(), RunnerError> {
+        if last.elapsed() < TICK_INTERVAL {
+            return Ok(());
         }
+        *last = Instant::now();
         match self.handle.block_on(self.sink.tick()) {
             Ok(()) => Ok(()),
             Err(e) if e.is_retryable() => {
@@ -573,6 +571,7 @@ fn poll_loop<S: Sink>(
     tuning: RunnerArgs,
 ) -> Result<(), RunnerError> {
     let mut batch_started: Option<Instant> = None;
+    let mut last_tick = Instant::now();
     let linger = tuning.batch_linger();
     let take_fatal = || lock(&shared.fatal).take();
     let mut copier = RecordCopier::new();
@@ -620,7 +619,7 @@ fn poll_loop<S: Sink>(
                 (idle || len % 64 == 0) && batch_started.is_some_and(|t| t.elapsed() >= linger);
             let full = len >= ceiling || (idle && len >= tuning.batch_size);
             if full || due {
-                if let Flushed::Abandoned = shared.dispatch(&consumer, true)? {
+                if let Flushed::Abandoned = shared.dispatch(&consumer, Some(&mut last_tick))? {
                     break;
                 }
                 // The batch went to the sink whole.
@@ -637,7 +636,7 @@ fn poll_loop<S: Sink>(
             if let Flushed::Abandoned = shared.settle(&consumer)? {
                 break;
             }
-            shared.tick_if_due()?;
+            shared.tick_if_due(&mut last_tick)?;
         }
     }
     // Shutdown: finish the in-flight batch, then leave the group.
@@ -685,7 +684,6 @@ pub async fn run<S: Sink>(
         backoff_max: config.tuning.retry_backoff_max(),
         pending: Mutex::new(Vec::with_capacity(config.tuning.batch_size)),
         in_flight: Mutex::new(None),
-        last_tick: Mutex::new(Instant::now()),
         fatal: Mutex::new(None),
         assigned: Mutex::new(BTreeSet::new()),
         shutdown,
