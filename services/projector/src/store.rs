@@ -3,7 +3,8 @@
 
 use std::collections::HashMap;
 
-use sqlx::PgConnection;
+use sqlx::postgres::PgArguments;
+use sqlx::{Arguments, Encode, PgConnection, Postgres, Type};
 use uuid::Uuid;
 
 use crate::rows::Rows;
@@ -240,26 +241,66 @@ pub async fn enqueue(tx: &mut PgConnection, ids: &[Uuid], deleted: bool) -> Db {
     if ids.is_empty() {
         return Ok(());
     }
-    // Append-only: never waits on the rows the relay is publishing.
-    sqlx::query(
-        "INSERT INTO profile_outbox (profile_id, deleted) SELECT x, $2 FROM UNNEST($1::uuid[]) AS x",
-    )
-    .bind(ids)
-    .bind(deleted)
-    .execute(&mut *tx)
-    .await?;
+    sqlx::query(ENQUEUE)
+        .bind(ids)
+        .bind(deleted)
+        .execute(&mut *tx)
+        .await?;
     Ok(())
+}
+
+/// Marks profiles for (re)publication. Append-only: never waits on the rows the relay is
+/// publishing.
+const ENQUEUE: &str =
+    "INSERT INTO profile_outbox (profile_id, deleted) SELECT x, $2 FROM UNNEST($1::uuid[]) AS x";
+
+/// One statement with its arguments already encoded.
+struct Statement {
+    sql: String,
+    args: PgArguments,
+    /// The first argument that failed to encode (reported by [`Statement::done`]).
+    failed: Option<sqlx::error::BoxDynError>,
+}
+
+impl Statement {
+    fn new(sql: impl Into<String>) -> Self {
+        Self {
+            sql: sql.into(),
+            args: PgArguments::default(),
+            failed: None,
+        }
+    }
+
+    fn bind<'q, T: Encode<'q, Postgres> + Type<Postgres> + 'q>(mut self, value: T) -> Self {
+        if self.failed.is_none() {
+            if let Err(e) = self.args.add(value) {
+                self.failed = Some(e);
+            }
+        }
+        self
+    }
+
+    fn done(self) -> Result<Self, sqlx::Error> {
+        match self.failed {
+            Some(e) => Err(sqlx::Error::Encode(e)),
+            None => Ok(self),
+        }
+    }
 }
 
 fn col<T, R, F: Fn(&T) -> R>(items: &[T], f: F) -> Vec<R> {
     items.iter().map(f).collect()
 }
 
-pub async fn apply(tx: &mut PgConnection, rows: &Rows<'_>) -> Db {
+/// The statements that write a batch's rows, one per table with rows, their arguments
+/// encoded, run by [`execute`].
+fn writes(rows: &Rows<'_>) -> Result<Vec<Statement>, sqlx::Error> {
+    let mut out = Vec::new();
     let customers: Vec<_> = rows.customers.iter().collect();
     if !customers.is_empty() {
-        sqlx::query(
-            &format!(
+        out.push(
+            Statement::new(
+            format!(
         "INSERT INTO customers (profile_id, first_seen, last_seen, data_source, first_event_id)
              SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::uuid[])
          {CUSTOMERS_CONFLICT}"
@@ -270,13 +311,14 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows<'_>) -> Db {
         .bind(col(&customers, |(_, c)| c.last_seen))
         .bind(col(&customers, |(_, c)| c.data_source))
         .bind(col(&customers, |(_, c)| c.first.1))
-        .execute(&mut *tx)
-        .await?;
+        .done()?,
+        );
     }
     let traits: Vec<_> = rows.traits.iter().collect();
     if !traits.is_empty() {
-        sqlx::query(
-            &format!(
+        out.push(
+            Statement::new(
+            format!(
         "INSERT INTO customer_traits (profile_id, trait, value, sealed, subject_id, asserted_at, event_id)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::timestamptz[], $7::uuid[])
          {TRAITS_CONFLICT}"
@@ -289,15 +331,16 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows<'_>) -> Db {
         .bind(col(&traits, |(_, t)| t.subject_id))
         .bind(col(&traits, |(_, t)| t.stamp.0))
         .bind(col(&traits, |(_, t)| t.stamp.1))
-        .execute(&mut *tx)
-        .await?;
+        .done()?,
+        );
     }
     let ids: Vec<_> = rows.identities.iter().collect();
     if !ids.is_empty() {
         // A row is written only when the identifier is new or an earlier claim arrives; the
         // NOT EXISTS leaves rows that stay as they are unlocked and unwritten (a claim only
         // ever moves earlier, so one skipped here cannot become due by a concurrent write).
-        sqlx::query(
+        out.push(
+            Statement::new(
             "INSERT INTO customer_identities AS c (kind, namespace, value_hash, profile_id, first_seen, origin)
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::timestamptz[], $6::uuid[])
                         AS x(kind, namespace, value_hash, profile_id, first_seen, origin)
@@ -314,12 +357,13 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows<'_>) -> Db {
         .bind(col(&ids, |(_, r)| r.profile_id))
         .bind(col(&ids, |(_, r)| r.first_seen))
         .bind(col(&ids, |(_, r)| r.origin))
-        .execute(&mut *tx)
-        .await?;
+        .done()?,
+        );
     }
     let it: Vec<_> = rows.interactions.values().collect();
     if !it.is_empty() {
-        sqlx::query(
+        out.push(
+            Statement::new(
             "INSERT INTO interactions (event_id, profile_id, occurred_at, interaction_type, channel, touchpoint, duration_ms, outcome, properties, source, origin)
              SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::text[], $9::text[]::jsonb[], $10::text[], $11::uuid[])
              ON CONFLICT (event_id) DO NOTHING",
@@ -335,12 +379,13 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows<'_>) -> Db {
         .bind(col(&it, |r| r.properties.as_deref()))
         .bind(col(&it, |r| r.source))
         .bind(col(&it, |r| r.origin))
-        .execute(&mut *tx)
-        .await?;
+        .done()?,
+        );
     }
     let tr: Vec<_> = rows.transactions.values().collect();
     if !tr.is_empty() {
-        sqlx::query(
+        out.push(
+            Statement::new(
             "INSERT INTO transactions (event_id, profile_id, occurred_at, order_id, status, amount, currency, items, payment_method, coupon, source, origin)
              SELECT e, p, t, o, s, a::numeric, c, i, pm, cp, src, og
                FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[]::jsonb[], $9::text[], $10::text[], $11::text[], $12::uuid[])
@@ -359,13 +404,14 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows<'_>) -> Db {
         .bind(col(&tr, |r| r.coupon))
         .bind(col(&tr, |r| r.source))
         .bind(col(&tr, |r| r.origin))
-        .execute(&mut *tx)
-        .await?;
+        .done()?,
+        );
     }
     let cs: Vec<_> = rows.consents.iter().collect();
     if !cs.is_empty() {
-        sqlx::query(
-            &format!(
+        out.push(
+            Statement::new(
+            format!(
         "INSERT INTO consents (profile_id, purpose, status, basis, policy_version, changed_at, evidence_event_id)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::uuid[])
          {CONSENTS_CONFLICT}"
@@ -378,18 +424,45 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows<'_>) -> Db {
         .bind(col(&cs, |(_, c)| c.policy_version))
         .bind(col(&cs, |(_, c)| c.stamp.0))
         .bind(col(&cs, |(_, c)| c.stamp.1))
-        .execute(&mut *tx)
-        .await?;
+        .done()?,
+        );
     }
-    apply_capsules(tx, rows).await?;
-    let touched: Vec<Uuid> = rows.touched.iter().copied().collect();
-    enqueue(tx, &touched, false).await
+    capsule_writes(rows, &mut out)?;
+    if !rows.touched.is_empty() {
+        let touched: Vec<Uuid> = rows.touched.iter().copied().collect();
+        out.push(Statement::new(ENQUEUE).bind(touched).bind(false).done()?);
+    }
+    Ok(out)
 }
 
-async fn apply_capsules(tx: &mut PgConnection, rows: &Rows<'_>) -> Db {
+/// Runs statements made by [`writes`], in order.
+async fn execute(tx: &mut PgConnection, writes: Vec<Statement>) -> Db {
+    let mut times = String::new();
+    for w in writes {
+        let started = std::time::Instant::now();
+        let done = sqlx::query_with(&w.sql, w.args).execute(&mut *tx).await?;
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            // The table: "INSERT INTO <table> ...".
+            let table = w.sql.split_whitespace().nth(2).unwrap_or("?");
+            let ms = started.elapsed().as_millis();
+            let rows = done.rows_affected();
+            times.push_str(&format!("{table} {rows} rows {ms} ms; "));
+        }
+    }
+    tracing::debug!(statements = %times.trim_end_matches("; "), "batch statements");
+    Ok(())
+}
+
+/// Writes a batch's rows.
+pub async fn apply(tx: &mut PgConnection, rows: &Rows<'_>) -> Db {
+    execute(tx, writes(rows)?).await
+}
+
+fn capsule_writes(rows: &Rows<'_>, out: &mut Vec<Statement>) -> Result<(), sqlx::Error> {
     let created: Vec<_> = rows.capsules_created.iter().collect();
     if !created.is_empty() {
-        sqlx::query(
+        out.push(
+            Statement::new(
             "INSERT INTO capsules (capsule_id, owner_profile_id, title, content_type, storage_path, settings, created_at, created_event_id)
              SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[]::jsonb[], $7::timestamptz[], $8::uuid[])
              ON CONFLICT (capsule_id) DO UPDATE SET owner_profile_id = EXCLUDED.owner_profile_id, title = EXCLUDED.title,
@@ -406,12 +479,13 @@ async fn apply_capsules(tx: &mut PgConnection, rows: &Rows<'_>) -> Db {
         .bind(col(&created, |(_, r)| r.settings.as_str()))
         .bind(col(&created, |(_, r)| r.stamp.0))
         .bind(col(&created, |(_, r)| r.stamp.1))
-        .execute(&mut *tx)
-        .await?;
+        .done()?,
+        );
     }
     let published: Vec<_> = rows.capsules_published.iter().collect();
     if !published.is_empty() {
-        sqlx::query(
+        out.push(
+            Statement::new(
             "INSERT INTO capsules (capsule_id, visibility, published_at, published_event_id)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::uuid[])
              ON CONFLICT (capsule_id) DO UPDATE SET visibility = EXCLUDED.visibility, published_at = EXCLUDED.published_at,
@@ -423,12 +497,13 @@ async fn apply_capsules(tx: &mut PgConnection, rows: &Rows<'_>) -> Db {
         .bind(col(&published, |(_, (v, _))| *v))
         .bind(col(&published, |(_, (_, s))| s.0))
         .bind(col(&published, |(_, (_, s))| s.1))
-        .execute(&mut *tx)
-        .await?;
+        .done()?,
+        );
     }
     let deleted: Vec<_> = rows.capsules_deleted.iter().collect();
     if !deleted.is_empty() {
-        sqlx::query(
+        out.push(
+            Statement::new(
             "INSERT INTO capsules (capsule_id, deleted_reason, deleted_at, deleted_event_id)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::uuid[])
              ON CONFLICT (capsule_id) DO UPDATE SET deleted_reason = EXCLUDED.deleted_reason, deleted_at = EXCLUDED.deleted_at,
@@ -440,12 +515,13 @@ async fn apply_capsules(tx: &mut PgConnection, rows: &Rows<'_>) -> Db {
         .bind(col(&deleted, |(_, (r, _))| *r))
         .bind(col(&deleted, |(_, (_, s))| s.0))
         .bind(col(&deleted, |(_, (_, s))| s.1))
-        .execute(&mut *tx)
-        .await?;
+        .done()?,
+        );
     }
     let contents: Vec<_> = rows.contents.values().collect();
     if !contents.is_empty() {
-        sqlx::query(
+        out.push(
+            Statement::new(
             "INSERT INTO capsule_contents (content_id, capsule_id, content_type, storage_path, size_bytes, body, added_at, event_id)
              SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::timestamptz[], $8::uuid[])
              ON CONFLICT (content_id) DO UPDATE SET capsule_id = EXCLUDED.capsule_id, content_type = EXCLUDED.content_type,
@@ -461,12 +537,13 @@ async fn apply_capsules(tx: &mut PgConnection, rows: &Rows<'_>) -> Db {
         .bind(col(&contents, |r| r.body.as_deref()))
         .bind(col(&contents, |r| r.stamp.0))
         .bind(col(&contents, |r| r.stamp.1))
-        .execute(&mut *tx)
-        .await?;
+        .done()?,
+        );
     }
     let views: Vec<_> = rows.views.values().collect();
     if !views.is_empty() {
-        sqlx::query(
+        out.push(
+            Statement::new(
             "INSERT INTO capsule_views (event_id, capsule_id, profile_id, occurred_at, channel, duration_ms, origin)
              SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::timestamptz[], $5::text[], $6::bigint[], $7::uuid[])
              ON CONFLICT (event_id) DO NOTHING",
@@ -478,8 +555,8 @@ async fn apply_capsules(tx: &mut PgConnection, rows: &Rows<'_>) -> Db {
         .bind(col(&views, |r| r.channel))
         .bind(col(&views, |r| r.duration_ms))
         .bind(col(&views, |r| r.origin))
-        .execute(&mut *tx)
-        .await?;
+        .done()?,
+        );
     }
     Ok(())
 }
