@@ -102,25 +102,108 @@ fn with_etag(headers: &HeaderMap, body: Value) -> Response {
     resp
 }
 
-/// The customer 360 of a profile, or `None`.
-pub async fn profile_json(pool: &PgPool, id: Uuid) -> Result<Option<Value>, sqlx::Error> {
-    let row: Option<(DateTime<Utc>, DateTime<Utc>, bool, String)> = sqlx::query_as(
-        "SELECT first_seen, last_seen, active, data_source FROM customers WHERE profile_id = $1",
-    )
-    .bind(id)
-    .fetch_optional(pool)
-    .await?;
-    let Some((first_seen, last_seen, active, data_source)) = row else {
+/// Who read a profile, how: the access-audit row a read writes.
+struct Access<'a> {
+    who: &'a Principal,
+    route: &'a str,
+    lookup: Option<&'a str>,
+}
+
+/// Which profile a read asks for: by id, or the owner of an identifier (kind, hash).
+enum Target<'a> {
+    Id(Uuid),
+    Identifier(&'a str, &'a str),
+}
+
+/// The customer 360 as one statement (one round trip, one snapshot), which also finds the
+/// profile that owns an identifier and writes the access-audit row: the audit row names the
+/// profile asked for (none when an identifier matched nothing), is written whether the
+/// profile exists or not, and only if the read itself succeeds.
+const PROFILE_360: &str = "WITH target AS (
+       SELECT $1::uuid AS id WHERE $1::uuid IS NOT NULL
+       UNION ALL
+       SELECT profile_id FROM customer_identities
+        WHERE $1::uuid IS NULL AND kind = $5 AND namespace = '' AND value_hash = $6
+     ), audited AS (
+       INSERT INTO public.profile_access_audit (principal, route, profile_id, lookup)
+       SELECT $2, $3, (SELECT id FROM target), $4
+     )
+     SELECT c.profile_id, c.first_seen, c.last_seen, c.active, c.data_source,
+       (SELECT coalesce(array_agg(trait ORDER BY trait), '{}') FROM customer_traits WHERE profile_id = c.profile_id),
+       (SELECT coalesce(array_agg(value ORDER BY trait), '{}') FROM customer_traits WHERE profile_id = c.profile_id),
+       (SELECT coalesce(jsonb_agg(jsonb_build_object('kind', kind, 'namespace', nullif(namespace, ''), 'value_hash', value_hash,
+                'first_seen', first_seen) ORDER BY kind, namespace, value_hash), '[]')
+          FROM customer_identities WHERE profile_id = c.profile_id),
+       (SELECT coalesce(jsonb_agg(jsonb_build_object('purpose', purpose, 'status', status, 'basis', basis,
+                'policy_version', policy_version, 'changed_at', changed_at, 'evidence_event_id', evidence_event_id) ORDER BY purpose), '[]')
+          FROM consents WHERE profile_id = c.profile_id),
+       (SELECT coalesce(jsonb_agg(jsonb_build_object('currency', currency, 'net_amount', net_amount, 'count', n) ORDER BY currency), '[]')
+          FROM (SELECT currency, sum(CASE WHEN status = 'REFUNDED' THEN -amount ELSE amount END)::text AS net_amount, count(*) AS n
+                  FROM transactions WHERE profile_id = c.profile_id AND status <> 'CANCELLED' GROUP BY currency) t),
+       (SELECT coalesce(jsonb_agg(jsonb_build_object('capsule_id', capsule_id, 'title', title, 'visibility', visibility,
+                'created_at', created_at, 'published_at', published_at, 'deleted_at', deleted_at,
+                'status', CASE WHEN deleted_at IS NOT NULL THEN 'DELETED' WHEN published_at IS NOT NULL THEN 'PUBLISHED' ELSE 'DRAFT' END)
+                ORDER BY capsule_id), '[]')
+          FROM capsules WHERE owner_profile_id = c.profile_id),
+       (SELECT coalesce(jsonb_agg(to_jsonb(x) ORDER BY x.occurred_at DESC, x.event_id DESC), '[]')
+          FROM (SELECT event_id, occurred_at, interaction_type, channel, touchpoint, duration_ms, outcome, properties, source
+                  FROM interactions WHERE profile_id = c.profile_id ORDER BY occurred_at DESC, event_id DESC LIMIT 10) x)
+     FROM customers c WHERE c.profile_id = (SELECT id FROM target)";
+
+type Profile360Row = (
+    Uuid,
+    DateTime<Utc>,
+    DateTime<Utc>,
+    bool,
+    String,
+    Vec<String>,
+    Vec<Option<String>>,
+    Value,
+    Value,
+    Value,
+    Value,
+    Value,
+);
+
+/// The customer 360 of a profile, or `None`; records the access.
+async fn profile_json(
+    pool: &PgPool,
+    target: &Target<'_>,
+    access: &Access<'_>,
+) -> Result<Option<Value>, sqlx::Error> {
+    let (id, identifier) = match *target {
+        Target::Id(id) => (Some(id), None),
+        Target::Identifier(kind, hash) => (None, Some((kind, hash))),
+    };
+    let row: Option<Profile360Row> = sqlx::query_as(PROFILE_360)
+        .bind(id)
+        .bind(&access.who.name)
+        .bind(access.route)
+        .bind(access.lookup)
+        .bind(identifier.map(|(k, _)| k))
+        .bind(identifier.map(|(_, h)| h))
+        .fetch_optional(pool)
+        .await?;
+    let Some((
+        id,
+        first_seen,
+        last_seen,
+        active,
+        data_source,
+        names,
+        values,
+        identities,
+        consents,
+        totals,
+        capsules,
+        last,
+    )) = row
+    else {
         return Ok(None);
     };
-    let traits: Vec<(String, Option<String>)> = sqlx::query_as(
-        "SELECT trait, value FROM customer_traits WHERE profile_id = $1 ORDER BY trait",
-    )
-    .bind(id)
-    .fetch_all(pool)
-    .await?;
-    let traits: serde_json::Map<String, Value> = traits
+    let traits: serde_json::Map<String, Value> = names
         .into_iter()
+        .zip(values)
         .map(|(k, v)| {
             let v = match (k.as_str(), v) {
                 ("custom_traits", Some(t)) => serde_json::from_str(&t).unwrap_or(Value::String(t)),
@@ -130,36 +213,6 @@ pub async fn profile_json(pool: &PgPool, id: Uuid) -> Result<Option<Value>, sqlx
             (k, v)
         })
         .collect();
-    let (identities, consents): (Value, Value) = sqlx::query_as(
-        "SELECT
-           (SELECT coalesce(jsonb_agg(jsonb_build_object('kind', kind, 'namespace', nullif(namespace, ''), 'value_hash', value_hash,
-                    'first_seen', first_seen) ORDER BY kind, namespace, value_hash), '[]')
-              FROM customer_identities WHERE profile_id = $1),
-           (SELECT coalesce(jsonb_agg(jsonb_build_object('purpose', purpose, 'status', status, 'basis', basis,
-                    'policy_version', policy_version, 'changed_at', changed_at, 'evidence_event_id', evidence_event_id) ORDER BY purpose), '[]')
-              FROM consents WHERE profile_id = $1)",
-    )
-    .bind(id)
-    .fetch_one(pool)
-    .await?;
-    let totals: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT currency, sum(CASE WHEN status = 'REFUNDED' THEN -amount ELSE amount END)::text, count(*)
-           FROM transactions WHERE profile_id = $1 AND status <> 'CANCELLED' GROUP BY currency ORDER BY currency",
-    )
-    .bind(id)
-    .fetch_all(pool)
-    .await?;
-    let (capsules,): (Value,) = sqlx::query_as(
-        "SELECT coalesce(jsonb_agg(jsonb_build_object('capsule_id', capsule_id, 'title', title, 'visibility', visibility,
-                'created_at', created_at, 'published_at', published_at, 'deleted_at', deleted_at,
-                'status', CASE WHEN deleted_at IS NOT NULL THEN 'DELETED' WHEN published_at IS NOT NULL THEN 'PUBLISHED' ELSE 'DRAFT' END)
-                ORDER BY capsule_id), '[]')
-           FROM capsules WHERE owner_profile_id = $1",
-    )
-    .bind(id)
-    .fetch_one(pool)
-    .await?;
-    let last = page(pool, Table::Interactions, id, 10, None).await?;
     Ok(Some(json!({
         "profile_id": id,
         "first_seen": first_seen,
@@ -169,8 +222,8 @@ pub async fn profile_json(pool: &PgPool, id: Uuid) -> Result<Option<Value>, sqlx
         "traits": traits,
         "identities": identities,
         "consents": consents,
-        "last_interactions": last["items"],
-        "transaction_totals": totals.into_iter().map(|(c, a, n)| json!({"currency": c, "net_amount": a, "count": n})).collect::<Vec<_>>(),
+        "last_interactions": last,
+        "transaction_totals": totals,
         "capsules": capsules,
     })))
 }
@@ -251,21 +304,27 @@ async fn get_profile(
     let Ok(id) = Uuid::parse_str(&id) else {
         return error(StatusCode::NOT_FOUND, "no such profile");
     };
-    respond_profile(&s, &who, &headers, id, "/v1/profiles/{id}", None).await
+    respond_profile(
+        &s,
+        &who,
+        &headers,
+        Target::Id(id),
+        "/v1/profiles/{id}",
+        None,
+    )
+    .await
 }
 
 async fn respond_profile(
     s: &ApiState,
     who: &Principal,
     headers: &HeaderMap,
-    id: Uuid,
+    target: Target<'_>,
     route: &str,
     lookup: Option<&str>,
 ) -> Response {
-    if let Err(e) = audit(&s.pool, who, route, Some(id), lookup).await {
-        return internal(e);
-    }
-    match profile_json(&s.pool, id).await {
+    let access = Access { who, route, lookup };
+    match profile_json(&s.pool, &target, &access).await {
         Ok(Some(body)) => with_etag(headers, body),
         Ok(None) => error(StatusCode::NOT_FOUND, "no such profile"),
         Err(e) => internal(e),
@@ -299,24 +358,8 @@ async fn lookup(
         return error(StatusCode::NOT_FOUND, "no such profile");
     };
     let hash = s.hasher.hash(kind, None, &normalized);
-    let found: Result<Option<(Uuid,)>, _> =
-        sqlx::query_as("SELECT profile_id FROM customer_identities WHERE kind = $1 AND namespace = '' AND value_hash = $2")
-            .bind(kind.as_str())
-            .bind(&hash)
-            .fetch_optional(&s.pool)
-            .await;
-    match found {
-        Ok(Some((id,))) => {
-            respond_profile(&s, &who, &headers, id, "/v1/profiles", Some(name)).await
-        }
-        Ok(None) => {
-            if let Err(e) = audit(&s.pool, &who, "/v1/profiles", None, Some(name)).await {
-                return internal(e);
-            }
-            error(StatusCode::NOT_FOUND, "no such profile")
-        }
-        Err(e) => internal(e),
-    }
+    let target = Target::Identifier(kind.as_str(), &hash);
+    respond_profile(&s, &who, &headers, target, "/v1/profiles", Some(name)).await
 }
 
 async fn list(
