@@ -600,14 +600,12 @@ async fn the_profile_api_looks_up_pages_caches_audits_and_refuses_strangers() ->
     assert_eq!(tx["items"].as_array().map(Vec::len), Some(2));
 
     // Unknown profiles, strangers, the wrong role.
+    let unknown = uuid::Uuid::new_v4();
     assert_eq!(
-        get(
-            format!("/v1/profiles/{}", uuid::Uuid::new_v4()),
-            Some("s3cret")
-        )
-        .await?
-        .status()
-        .as_u16(),
+        get(format!("/v1/profiles/{unknown}"), Some("s3cret"))
+            .await?
+            .status()
+            .as_u16(),
         404
     );
     assert_eq!(
@@ -650,6 +648,16 @@ async fn the_profile_api_looks_up_pages_caches_audits_and_refuses_strangers() ->
     .fetch_one(&slice.db.pool)
     .await?;
     assert!(audited >= 5, "{audited}");
+    // Reads that found nothing are audited too: the id asked for, or no profile for an
+    // identifier that matched none.
+    let (misses,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM profile_access_audit
+          WHERE principal = 'analyst' AND (profile_id = $1 OR (profile_id IS NULL AND lookup = 'email'))",
+    )
+    .bind(unknown)
+    .fetch_one(&slice.db.pool)
+    .await?;
+    assert_eq!(misses, 2);
     let (leaks,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM profile_access_audit WHERE lookup LIKE '%@%'")
             .fetch_one(&slice.db.pool)

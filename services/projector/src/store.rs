@@ -449,7 +449,9 @@ async fn execute(tx: &mut PgConnection, writes: Vec<Statement>) -> Db {
             times.push_str(&format!("{table} {rows} rows {ms} ms; "));
         }
     }
-    tracing::debug!(statements = %times.trim_end_matches("; "), "batch statements");
+    if !times.is_empty() {
+        tracing::debug!(statements = %times.trim_end_matches("; "), "batch statements");
+    }
     Ok(())
 }
 
