@@ -119,7 +119,14 @@ enum Target<'a> {
 /// profile that owns an identifier and writes the access-audit row: the audit row names the
 /// profile asked for (none when an identifier matched nothing), is written whether the
 /// profile exists or not, and only if the read itself succeeds.
-const PROFILE_360: &str = "WITH target AS (
+/// The columns of an interaction as the API shows it (the 360's last ten and the pages).
+macro_rules! interaction_columns {
+    () => {
+        "event_id, occurred_at, interaction_type, channel, touchpoint, duration_ms, outcome, properties, source"
+    };
+}
+
+const PROFILE_360: &str = concat!("WITH target AS (
        SELECT $1::uuid AS id WHERE $1::uuid IS NOT NULL
        UNION ALL
        SELECT profile_id FROM customer_identities
@@ -129,8 +136,7 @@ const PROFILE_360: &str = "WITH target AS (
        SELECT $2, $3, (SELECT id FROM target), $4
      )
      SELECT c.profile_id, c.first_seen, c.last_seen, c.active, c.data_source,
-       (SELECT coalesce(array_agg(trait ORDER BY trait), '{}') FROM customer_traits WHERE profile_id = c.profile_id),
-       (SELECT coalesce(array_agg(value ORDER BY trait), '{}') FROM customer_traits WHERE profile_id = c.profile_id),
+       (SELECT coalesce(jsonb_object_agg(trait, value), '{}') FROM customer_traits WHERE profile_id = c.profile_id),
        (SELECT coalesce(jsonb_agg(jsonb_build_object('kind', kind, 'namespace', nullif(namespace, ''), 'value_hash', value_hash,
                 'first_seen', first_seen) ORDER BY kind, namespace, value_hash), '[]')
           FROM customer_identities WHERE profile_id = c.profile_id),
@@ -146,9 +152,9 @@ const PROFILE_360: &str = "WITH target AS (
                 ORDER BY capsule_id), '[]')
           FROM capsules WHERE owner_profile_id = c.profile_id),
        (SELECT coalesce(jsonb_agg(to_jsonb(x) ORDER BY x.occurred_at DESC, x.event_id DESC), '[]')
-          FROM (SELECT event_id, occurred_at, interaction_type, channel, touchpoint, duration_ms, outcome, properties, source
+          FROM (SELECT ", interaction_columns!(), "
                   FROM interactions WHERE profile_id = c.profile_id ORDER BY occurred_at DESC, event_id DESC LIMIT 10) x)
-     FROM customers c WHERE c.profile_id = (SELECT id FROM target)";
+     FROM customers c WHERE c.profile_id = (SELECT id FROM target)");
 
 type Profile360Row = (
     Uuid,
@@ -156,8 +162,7 @@ type Profile360Row = (
     DateTime<Utc>,
     bool,
     String,
-    Vec<String>,
-    Vec<Option<String>>,
+    Value,
     Value,
     Value,
     Value,
@@ -190,8 +195,7 @@ async fn profile_json(
         last_seen,
         active,
         data_source,
-        names,
-        values,
+        mut traits,
         identities,
         consents,
         totals,
@@ -201,18 +205,15 @@ async fn profile_json(
     else {
         return Ok(None);
     };
-    let traits: serde_json::Map<String, Value> = names
-        .into_iter()
-        .zip(values)
-        .map(|(k, v)| {
-            let v = match (k.as_str(), v) {
-                ("custom_traits", Some(t)) => serde_json::from_str(&t).unwrap_or(Value::String(t)),
-                (_, Some(t)) => Value::String(t),
-                (_, None) => Value::Null,
-            };
-            (k, v)
-        })
-        .collect();
+    // Trait values are text; custom traits are a JSON document kept as text.
+    if let Some(custom) = traits.get_mut("custom_traits") {
+        if let Some(parsed) = custom
+            .as_str()
+            .and_then(|t| serde_json::from_str::<Value>(t).ok())
+        {
+            *custom = parsed;
+        }
+    }
     Ok(Some(json!({
         "profile_id": id,
         "first_seen": first_seen,
@@ -260,7 +261,7 @@ pub async fn page(
     after: Option<(DateTime<Utc>, Uuid)>,
 ) -> Result<Value, sqlx::Error> {
     let (t, cols) = match table {
-        Table::Interactions => ("interactions", "event_id, occurred_at, interaction_type, channel, touchpoint, duration_ms, outcome, properties, source"),
+        Table::Interactions => ("interactions", interaction_columns!()),
         Table::Transactions => ("transactions", "event_id, occurred_at, order_id, status, amount::text AS amount, currency, items, payment_method, coupon, source"),
     };
     let (ts, eid) = after.unwrap_or((DateTime::<Utc>::MAX_UTC, Uuid::max()));

@@ -2,6 +2,7 @@
 //! that re-applying or applying out of order converges to the same rows.
 
 use std::collections::HashMap;
+use std::fmt::Write;
 
 use sqlx::postgres::PgArguments;
 use sqlx::{Arguments, Encode, PgConnection, Postgres, Type};
@@ -446,7 +447,7 @@ async fn execute(tx: &mut PgConnection, writes: Vec<Statement>) -> Db {
             let table = w.sql.split_whitespace().nth(2).unwrap_or("?");
             let ms = started.elapsed().as_millis();
             let rows = done.rows_affected();
-            times.push_str(&format!("{table} {rows} rows {ms} ms; "));
+            let _ = write!(times, "{table} {rows} rows {ms} ms; ");
         }
     }
     if !times.is_empty() {
