@@ -54,6 +54,36 @@ async fn copy_in(conn: &mut PgConnection, sql: &str, data: &[u8]) -> anyhow::Res
     Ok(copy.finish().await?)
 }
 
+/// What else ran in Postgres while the API was measured, sampled every 50 ms from a connection
+/// of its own: autovacuum workers and backends waiting on something other than their client
+/// (locks, I/O, WAL), as (ms after `t0`, what). A pause of the API shows up next to its cause.
+fn watch_postgres(
+    pool: sqlx::PgPool,
+    t0: Instant,
+    done: cdp_runtime::Shutdown,
+) -> tokio::task::JoinHandle<anyhow::Result<Vec<(u128, String)>>> {
+    tokio::spawn(async move {
+        let mut conn = pool.acquire().await?;
+        let mut seen = Vec::new();
+        while !done.is_triggered() {
+            let rows: Vec<(String,)> = sqlx::query_as(
+                "SELECT backend_type || ': ' || coalesce(wait_event_type || '/' || wait_event, 'running') || ' ' || left(query, 60)
+                   FROM pg_stat_activity
+                  WHERE pid <> pg_backend_pid()
+                    AND (backend_type = 'autovacuum worker'
+                         OR (backend_type = 'client backend' AND state = 'active'
+                             AND wait_event_type IS NOT NULL AND wait_event_type <> 'Client'))",
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+            let at = t0.elapsed().as_millis();
+            seen.extend(rows.into_iter().map(|(what,)| (at, what)));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(seen)
+    })
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -186,7 +216,13 @@ async fn main() -> anyhow::Result<()> {
     let total = rate * 10;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let mut tasks = Vec::with_capacity(total as usize);
+    let bgwriter =
+        "SELECT checkpoints_timed + checkpoints_req, buffers_backend FROM pg_stat_bgwriter";
+    let (checkpoints0, backend_writes0): (i64, i64) =
+        sqlx::query_as(bgwriter).fetch_one(&slice.db.pool).await?;
     let t0 = Instant::now();
+    let watched = cdp_runtime::Shutdown::new();
+    let watcher = watch_postgres(slice.db.pool.clone(), t0, watched.clone());
     for k in 0..warm + total {
         tokio::time::sleep_until((t0 + interval * k as u32).into()).await;
         let i = (k * 7_919) % profiles as u64;
@@ -225,6 +261,10 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let achieved = (warm + total) as f64 / t0.elapsed().as_secs_f64();
+    watched.trigger();
+    let beside = watcher.await??;
+    let (checkpoints1, backend_writes1): (i64, i64) =
+        sqlx::query_as(bgwriter).fetch_one(&slice.db.pool).await?;
     by_id.sort();
     by_email.sort();
     shutdown.trigger();
@@ -259,6 +299,17 @@ async fn main() -> anyhow::Result<()> {
             &slow[..slow.len().min(100)]
         );
     }
+    println!(
+        "Postgres beside the API (ms after the first request; autovacuum, waits; the first 60 samples):"
+    );
+    for (at, what) in beside.iter().take(60) {
+        println!("  {at} {what}");
+    }
+    println!(
+        "  checkpoints during the API run: {}, buffers written by backends themselves: {}",
+        checkpoints1 - checkpoints0,
+        backend_writes1 - backend_writes0
+    );
     println!("profile API on {profiles} profiles at {achieved:.0} req/s: by id p50 {:?} p99 {:?}; by email p50 {:?} p99 {:?}",
         percentile(&by_id, 0.5), percentile(&by_id, 0.99), percentile(&by_email, 0.5), percentile(&by_email, 0.99));
     if std::env::var_os("CDP_BENCH_KEEP_DB").is_some() {
