@@ -162,8 +162,11 @@ async fn kill_9_at_random_moments_applies_every_record_exactly_once() -> anyhow:
         delay_ms: 10,
     };
     let mut rng = rand::rng();
+    // Up to 60%: from a kill point the wait's polling (100 ms) and the random extra moment
+    // pass before the kill, and a point at 90% (2,000 records, ten batches of up to 200)
+    // let the probe finish first once in a while (seen here).
     let mut kill_points: Vec<i64> = (0..6)
-        .map(|_| rng.random_range(N / 20..N * 9 / 10))
+        .map(|_| rng.random_range(N / 20..N * 3 / 5))
         .collect();
     kill_points.sort_unstable();
     for (i, point) in kill_points.iter().enumerate() {
