@@ -780,3 +780,49 @@ async fn an_older_live_generation_is_migrated_and_its_read_views_recreated() -> 
     gen_pool.close().await;
     db.drop_db().await
 }
+
+/// The merge lock: batches share it, a batch applying merges or splits holds it alone, so no
+/// merge commits between another batch resolving its profiles and committing its rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merges_wait_for_batches_in_flight_and_batches_for_merges() -> anyhow::Result<()> {
+    use cdp_projector::store::hold_merges;
+    let db = TestDb::create().await?;
+    let blocked = Duration::from_millis(500);
+    let (mut a, mut b) = (db.pool.begin().await?, db.pool.begin().await?);
+    hold_merges(&mut a, false).await?;
+    // Another batch shares the lock.
+    tokio::time::timeout(blocked, hold_merges(&mut b, false))
+        .await
+        .map_err(|_| anyhow::anyhow!("two batches must not wait for each other"))??;
+    // A merge waits for both batches to commit.
+    let mut merge = db.pool.begin().await?;
+    let merging = tokio::spawn(async move {
+        hold_merges(&mut merge, true).await?;
+        Ok::<_, sqlx::Error>(merge)
+    });
+    tokio::time::sleep(blocked).await;
+    assert!(
+        !merging.is_finished(),
+        "a merge waits for batches in flight"
+    );
+    a.commit().await?;
+    tokio::time::sleep(blocked).await;
+    assert!(
+        !merging.is_finished(),
+        "a merge waits for every batch in flight"
+    );
+    b.commit().await?;
+    let merge = tokio::time::timeout(Duration::from_secs(10), merging).await???;
+    // While the merge is open, a new batch waits for it.
+    let mut c = db.pool.begin().await?;
+    assert!(
+        tokio::time::timeout(blocked, hold_merges(&mut c, false))
+            .await
+            .is_err(),
+        "a batch waits for a merge in flight"
+    );
+    merge.commit().await?;
+    tokio::time::timeout(Duration::from_secs(10), hold_merges(&mut c, false)).await??;
+    c.commit().await?;
+    db.drop_db().await
+}

@@ -446,6 +446,10 @@ impl PgHandler for ProjectorHandler {
         batch: &[Decoded<'_, Projected>],
     ) -> Result<Vec<Rejected>, SinkError> {
         let t0 = std::time::Instant::now();
+        let reshapes = batch.iter().any(|d| {
+            matches!(d.event, Projected::Identity(e) if !matches!(e.payload, IdentityPayload::IdentifiersLinked(_)))
+        });
+        store::hold_merges(tx, reshapes).await.map_err(classify)?;
         // Merges and splits first, in log order: everything written below already follows them.
         for d in batch {
             if let Projected::Identity(e) = d.event {

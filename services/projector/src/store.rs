@@ -31,6 +31,21 @@ const CUSTOMERS_CONFLICT: &str = "ON CONFLICT (profile_id) DO UPDATE SET
  WHERE EXCLUDED.last_seen > customers.last_seen
     OR (EXCLUDED.first_seen, EXCLUDED.first_event_id) < (customers.first_seen, customers.first_event_id)";
 
+/// Takes this generation's merge lock for the transaction: exclusively for a batch that
+/// applies merges or splits, shared by every other batch. So no merge or split commits
+/// between a batch resolving its profiles and committing its rows: a row written for a loser
+/// after the merge had re-pointed the loser's rows would stay behind (projector instances
+/// share the partitions, and a merge is applied by whichever reads it).
+pub async fn hold_merges(tx: &mut PgConnection, reshapes: bool) -> Db {
+    let lock = if reshapes {
+        "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.merges'))"
+    } else {
+        "SELECT pg_advisory_xact_lock_shared(hashtext(current_schema() || '.merges'))"
+    };
+    sqlx::query(lock).execute(&mut *tx).await?;
+    Ok(())
+}
+
 /// Follows the merges: the profile each of `ids` belongs to now.
 pub async fn resolve(
     tx: &mut PgConnection,
