@@ -6,7 +6,9 @@
 //! 2. Ceiling: Postgres `COPY` of the very rows the projection wrote, into the same tables of
 //!    a fresh generation, in the same run.
 //! 3. Profile API: a generation with P profiles (one email identity and three traits each,
-//!    loaded by COPY), lookups by id and by email at a fixed rate; p50/p99.
+//!    loaded by COPY), lookups by id and by email at a fixed rate; p50/p99, when the requests
+//!    over 10 ms were sent, and what else ran in Postgres meanwhile (autovacuum, waits,
+//!    checkpoints), to tell a pause of the API from one beside it.
 //!
 //! ```sh
 //! CDP_STACK_DIR=.stack-bench CDP_KAFKA_PORT=9192 CDP_BROKER_STORAGE=memory scripts/stack up

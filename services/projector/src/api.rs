@@ -115,10 +115,6 @@ enum Target<'a> {
     Identifier(&'a str, &'a str),
 }
 
-/// The customer 360 as one statement (one round trip, one snapshot), which also finds the
-/// profile that owns an identifier and writes the access-audit row: the audit row names the
-/// profile asked for (none when an identifier matched nothing), is written whether the
-/// profile exists or not, and only if the read itself succeeds.
 /// The columns of an interaction as the API shows it (the 360's last ten and the pages).
 macro_rules! interaction_columns {
     () => {
@@ -126,6 +122,10 @@ macro_rules! interaction_columns {
     };
 }
 
+/// The customer 360 as one statement (one round trip, one snapshot), which also finds the
+/// profile that owns an identifier and writes the access-audit row: the audit row names the
+/// profile asked for (none when an identifier matched nothing), is written whether the
+/// profile exists or not, and only if the read itself succeeds.
 const PROFILE_360: &str = concat!("WITH target AS (
        SELECT $1::uuid AS id WHERE $1::uuid IS NOT NULL
        UNION ALL
