@@ -268,6 +268,7 @@ impl Slice {
             projector: ProjectorArgs {
                 group: format!("{}.{name}", self.topics.name(Topic::Audit)),
                 schema_prefix: format!("p_{name}"),
+                lanes: cdp_projector::DEFAULT_LANES,
             },
         }
     }

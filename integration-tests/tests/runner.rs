@@ -87,11 +87,22 @@ impl Backlog {
         metrics: &Metrics,
         n: u64,
     ) -> anyhow::Result<()> {
-        let sink = Arc::new(PgSink::new(
-            self.db.pool.clone(),
-            self.group.clone(),
-            handler,
-        ));
+        self.apply_all_in_lanes(config, handler, metrics, n, 1)
+            .await
+    }
+
+    /// [`Backlog::apply_all`] with a sink that applies each batch in `lanes` transactions.
+    async fn apply_all_in_lanes<H: cdp_runtime::pg::PgHandler>(
+        &self,
+        config: RunnerConfig,
+        handler: H,
+        metrics: &Metrics,
+        n: u64,
+        lanes: u32,
+    ) -> anyhow::Result<()> {
+        let sink = Arc::new(
+            PgSink::new(self.db.pool.clone(), self.group.clone(), handler).with_lanes(lanes),
+        );
         let shutdown = Shutdown::new();
         let task = tokio::spawn(runner::run(
             config,
@@ -481,10 +492,28 @@ async fn sigterm_during_a_batch_exits_zero_with_the_batch_all_or_nothing() -> an
     db.drop_db().await
 }
 
-/// Fails the first `failures` batches with a retryable error, then behaves like the probe.
+/// The probe, failing (after writing) the first `failures` transactions with a retryable
+/// error, or the first that carry records of `failing_partition` only; it also counts the
+/// transactions in flight at once.
 struct Flaky {
     inner: ProbeHandler,
     failures: std::sync::atomic::AtomicU32,
+    failing_partition: Option<i32>,
+    in_flight: std::sync::atomic::AtomicU32,
+    /// Shared with the test, which reads it after the run.
+    most_in_flight: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl Flaky {
+    fn new(delay: Duration, failures: u32, failing_partition: Option<i32>) -> Self {
+        Self {
+            inner: ProbeHandler { delay },
+            failures: std::sync::atomic::AtomicU32::new(failures),
+            failing_partition,
+            in_flight: Default::default(),
+            most_in_flight: Default::default(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -506,12 +535,22 @@ impl cdp_runtime::pg::PgHandler for Flaky {
         tx: &mut sqlx::PgConnection,
         batch: &[cdp_runtime::pg::Decoded<'_, Self::Event>],
     ) -> Result<Vec<cdp_runtime::pg::Rejected>, cdp_runtime::sink::SinkError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+        self.most_in_flight.fetch_max(now, SeqCst);
         // Write first, then fail: the rollback must undo the rows.
-        let rejected = self.inner.handle(tx, batch).await?;
-        let left = self.failures.load(std::sync::atomic::Ordering::SeqCst);
-        if left > 0 {
-            self.failures
-                .store(left - 1, std::sync::atomic::Ordering::SeqCst);
+        let result = self.inner.handle(tx, batch).await;
+        self.in_flight.fetch_sub(1, SeqCst);
+        let rejected = result?;
+        let targeted = self
+            .failing_partition
+            .is_none_or(|p| batch.iter().any(|d| d.record.partition == p));
+        if targeted
+            && self
+                .failures
+                .fetch_update(SeqCst, SeqCst, |left| left.checked_sub(1))
+                .is_ok()
+        {
             return Err(cdp_runtime::sink::SinkError::Retryable(Box::new(Injected)));
         }
         Ok(rejected)
@@ -521,12 +560,7 @@ impl cdp_runtime::pg::PgHandler for Flaky {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retryable_failures_roll_back_and_retry_without_advancing() -> anyhow::Result<()> {
     let backlog = Backlog::create("retry", 1_000).await?;
-    let handler = Flaky {
-        inner: ProbeHandler {
-            delay: Duration::ZERO,
-        },
-        failures: std::sync::atomic::AtomicU32::new(3),
-    };
+    let handler = Flaky::new(Duration::ZERO, 3, None);
     let metrics = Metrics::new();
     let mut config = backlog.config(100);
     config.tuning.retry_backoff_max_ms = 200;
@@ -538,6 +572,56 @@ async fn retryable_failures_roll_back_and_retry_without_advancing() -> anyhow::R
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse::<u64>().ok());
     assert_eq!(retries, Some(3));
+    backlog.db.drop_db().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_apply_partitions_in_concurrent_transactions_and_a_failed_lane_alone_is_retried(
+) -> anyhow::Result<()> {
+    const N: u64 = 2_000;
+    let backlog = Backlog::create("lanes", N).await?;
+    // A delay long enough for the two lanes of a batch to be seen in flight together; two
+    // failures of partition 1's lane.
+    let handler = Flaky::new(Duration::from_millis(50), 2, Some(1));
+    let most_in_flight = handler.most_in_flight.clone();
+    let metrics = Metrics::new();
+    // One batch of every record, so that it holds both partitions whatever order the
+    // consumer fetches them in.
+    let mut config = backlog.config(N as usize);
+    config.tuning.batch_linger_ms = 10_000;
+    config.tuning.retry_backoff_max_ms = 200;
+    backlog
+        .apply_all_in_lanes(config, handler, &metrics, N, 2)
+        .await?;
+    // Each transaction (its rows share an xmin) holds one lane: here, one partition.
+    let partitions_per_tx: Vec<i64> = sqlx::query_scalar(
+        "SELECT count(DISTINCT partition) FROM probe_applied GROUP BY xmin::text",
+    )
+    .fetch_all(&backlog.db.pool)
+    .await?;
+    assert!(
+        partitions_per_tx.iter().all(|&p| p == 1),
+        "a transaction held records of both partitions: {partitions_per_tx:?}"
+    );
+    assert_eq!(
+        most_in_flight.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the lanes of a batch did not run at once"
+    );
+    // The batch failed twice and was retried; what partition 0's lane had committed was
+    // skipped on each retry, not applied again (apply_all checked there is one row per record).
+    let text = metrics.encode()?;
+    let count = |prefix: &str, label: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix) && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(count("cdp_consumer_batch_retries_total{", ""), 2);
+    assert!(
+        count("cdp_consumer_records_total{", "outcome=\"Skipped\"") > 0,
+        "no record of the lane that committed was skipped on retry"
+    );
     backlog.db.drop_db().await
 }
 

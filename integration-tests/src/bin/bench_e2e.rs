@@ -46,6 +46,7 @@ async fn main() -> anyhow::Result<()> {
         projector: ProjectorArgs {
             group: format!("{}projector", ing.kafka.topic_prefix),
             schema_prefix: "p_e2e".to_owned(),
+            lanes: cdp_projector::DEFAULT_LANES,
         },
     };
     cdp_projector::migrate(&ing.db.pool).await?;

@@ -51,6 +51,10 @@ async fn main() -> anyhow::Result<()> {
         projector: ProjectorArgs {
             group: var("CDP_PROJECTOR_GROUP")?,
             schema_prefix: var("CDP_PROJECTOR_SCHEMA")?,
+            lanes: var("CDP_PROJECTOR_LANES")
+                .ok()
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(cdp_projector::DEFAULT_LANES),
         },
     };
     let shutdown = Shutdown::new();

@@ -49,7 +49,21 @@ pub struct ProjectorArgs {
         default_value = "projector"
     )]
     pub schema_prefix: String,
+    /// Transactions a batch is applied in at once, each on its own connection, by
+    /// partition number (`partition % lanes`): a projector catching up (a rebuild, a
+    /// backlog) uses that many database connections and cores. Each lane stores its own
+    /// partitions' positions; merges wait for every lane in flight (docs/projector.md).
+    #[arg(
+        long = "projector-lanes",
+        env = "CDP_PROJECTOR_LANES",
+        default_value_t = DEFAULT_LANES
+    )]
+    pub lanes: u32,
 }
+
+/// Lanes unless configured: two transactions at once take a second core where a batch's
+/// statements in one transaction run one after another (docs/benchmarks.md).
+pub const DEFAULT_LANES: u32 = 2;
 
 #[derive(Args, Clone)]
 pub struct ApiArgs {
@@ -245,14 +259,17 @@ pub async fn run(
             p.topics.name(Topic::Profiles),
             stop.clone(),
         ));
-        let sink = Arc::new(PgSink::new(
-            pool.clone(),
-            g.group(&config.projector.group),
-            ProjectorHandler {
-                topics: p.names.clone(),
-                keys: p.keys.clone(),
-            },
-        ));
+        let sink = Arc::new(
+            PgSink::new(
+                pool.clone(),
+                g.group(&config.projector.group),
+                ProjectorHandler {
+                    topics: p.names.clone(),
+                    keys: p.keys.clone(),
+                },
+            )
+            .with_lanes(config.projector.lanes),
+        );
         let result = runner::run(
             runner_config(&config, &p, &g),
             sink,
@@ -408,14 +425,17 @@ pub async fn rebuild(
         }
     }
     let stop = Shutdown::new();
-    let sink = Arc::new(PgSink::new(
-        pool.clone(),
-        group.clone(),
-        ProjectorHandler {
-            topics: p.names.clone(),
-            keys: p.keys.clone(),
-        },
-    ));
+    let sink = Arc::new(
+        PgSink::new(
+            pool.clone(),
+            group.clone(),
+            ProjectorHandler {
+                topics: p.names.clone(),
+                keys: p.keys.clone(),
+            },
+        )
+        .with_lanes(config.projector.lanes),
+    );
     let task = tokio::spawn(runner::run(
         runner_config(&config, &p, &g),
         sink,

@@ -108,6 +108,7 @@ pub struct PgSink<H> {
     pool: PgPool,
     group: String,
     handler: H,
+    lanes: u32,
 }
 
 impl<H: PgHandler> PgSink<H> {
@@ -116,7 +117,22 @@ impl<H: PgHandler> PgSink<H> {
             pool,
             group: group.into(),
             handler,
+            lanes: 1,
         }
+    }
+
+    /// Applies a batch as up to `lanes` transactions at once, each on its own connection:
+    /// records of partition number `p` go to lane `p % lanes`, with their partitions'
+    /// positions, so each lane is effectively-once on its own, as separate consumers of
+    /// the same group would be (the same partition number of every topic shares a lane:
+    /// one key's records on topics partitioned alike stay together). A batch is applied
+    /// when every lane has committed; a failed lane fails the batch, and its retry skips
+    /// what the other lanes committed. Only for handlers that are correct under concurrent
+    /// consumers (their writes commute across partitions, or they lock what they share).
+    /// The pool needs a connection per lane. 1 (the default) is one transaction per batch.
+    pub fn with_lanes(mut self, lanes: u32) -> Self {
+        self.lanes = lanes.max(1);
+        self
     }
 
     pub fn handler(&self) -> &H {
@@ -234,14 +250,65 @@ impl<H: PgHandler> Sink for PgSink<H> {
         prepared: &PgBatch<H::Event>,
         dlq: &DeadLetters,
     ) -> Result<ApplyStats, SinkError> {
+        let all: Vec<usize> = (0..prepared.records.len()).collect();
+        if self.lanes == 1 {
+            return self.apply_lane(prepared, &all, dlq).await;
+        }
+        let lanes = self.lanes as i32;
+        let mut by_lane: Vec<Vec<usize>> = vec![Vec::new(); self.lanes as usize];
+        for (i, r) in prepared.records.iter().enumerate() {
+            by_lane[r.partition.rem_euclid(lanes) as usize].push(i);
+        }
+        by_lane.retain(|l| !l.is_empty());
+        if by_lane.len() <= 1 {
+            return self.apply_lane(prepared, &all, dlq).await;
+        }
+        // Every lane runs to its end (commit or rollback) before the batch's outcome is known.
+        let results = futures_util::future::join_all(
+            by_lane
+                .iter()
+                .map(|indices| self.apply_lane(prepared, indices, dlq)),
+        )
+        .await;
         let mut stats = ApplyStats::default();
-        let batch = &prepared.records;
-        if batch.is_empty() {
+        let mut failed: Option<SinkError> = None;
+        for result in results {
+            match result {
+                Ok(lane) => stats.add(lane),
+                // A fatal error wins over a retryable one: retrying cannot mend it.
+                Err(e) => match failed {
+                    Some(SinkError::Fatal(_)) => {}
+                    _ => failed = Some(e),
+                },
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(stats),
+        }
+    }
+}
+
+impl<H: PgHandler> PgSink<H> {
+    /// Applies the records at `indices` of a batch (in batch order) in one transaction with
+    /// their partitions' positions.
+    async fn apply_lane(
+        &self,
+        prepared: &PgBatch<H::Event>,
+        indices: &[usize],
+        dlq: &DeadLetters,
+    ) -> Result<ApplyStats, SinkError> {
+        let mut stats = ApplyStats::default();
+        if indices.is_empty() {
             return Ok(stats);
         }
-        let parts: Vec<TopicPartition> = batch
-            .iter()
-            .map(RawRecord::topic_partition)
+        let lane = || {
+            indices
+                .iter()
+                .map(|&i| (&prepared.records[i], &prepared.events[i]))
+        };
+        let parts: Vec<TopicPartition> = lane()
+            .map(|(r, _)| r.topic_partition())
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
@@ -253,8 +320,8 @@ impl<H: PgHandler> Sink for PgSink<H> {
         // Skip what this group already applied (redelivery after a crash or rebalance).
         let mut next: HashMap<TopicPartition, i64> = HashMap::new();
         let mut letters: Vec<DeadLetter<'_>> = Vec::new();
-        let mut decoded: Vec<Decoded<'_, H::Event>> = Vec::with_capacity(batch.len());
-        for (r, event) in batch.iter().zip(&prepared.events) {
+        let mut decoded: Vec<Decoded<'_, H::Event>> = Vec::with_capacity(indices.len());
+        for (r, event) in lane() {
             let tp = r.topic_partition();
             let from = held.get(&tp).copied().unwrap_or(-1);
             if r.offset < from {

@@ -77,6 +77,16 @@ impl ApplyStats {
         self.per_topic.entry(topic.to_owned()).or_default()
     }
 
+    /// Adds another part's counts (a lane of the same batch).
+    pub fn add(&mut self, other: ApplyStats) {
+        for (topic, c) in other.per_topic {
+            let mine = self.topic(&topic);
+            mine.applied += c.applied;
+            mine.skipped += c.skipped;
+            mine.dead_lettered += c.dead_lettered;
+        }
+    }
+
     pub fn total(&self) -> Counts {
         self.per_topic
             .values()
