@@ -19,6 +19,7 @@ use rdkafka::ClientConfig;
 use sqlx::{PgConnection, PgPool};
 
 pub mod archive;
+pub mod cpu;
 pub mod identity;
 pub mod ingest;
 pub mod projector;

@@ -1,8 +1,9 @@
 //! Benchmark of the projector (not a test).
 //!
 //! 1. Projection: N realistic sealed events (40% track, 20% identify, 10% each order,
-//!    consent, capsule created, capsule viewed) over 6 partitions, projected from the start
-//!    by `cdp_projector::run` (decode, open PII, fold, upsert, offsets, outbox).
+//!    consent, capsule created, capsule viewed) over 6 partitions by key (the subject, as
+//!    ingest produces them), projected from the start by `cdp_projector::run` (decode, open
+//!    PII, fold, upsert, offsets, outbox) in L lanes (`CDP_PROJECTOR_LANES`).
 //! 2. Ceiling: Postgres `COPY` of the very rows the projection wrote, into the same tables of
 //!    a fresh generation, in the same run.
 //! 3. Profile API: a generation with P profiles (one email identity and three traits each,
@@ -10,10 +11,13 @@
 //!    over 10 ms were sent, and what else ran in Postgres meanwhile (autovacuum, waits,
 //!    checkpoints), to tell a pause of the API from one beside it.
 //!
+//! Phases 1 and 2 also print where the machine's CPU went meanwhile (seconds per command:
+//! postgres, the broker, this process; idle), from `/proc`.
+//!
 //! ```sh
 //! CDP_STACK_DIR=.stack-bench CDP_KAFKA_PORT=9192 CDP_BROKER_STORAGE=memory scripts/stack up
 //! cargo build --release -p cdp-integration-tests --bin bench-projector
-//! CDP_TEST_KAFKA_BROKERS=127.0.0.1:9192 target/release/bench-projector [events] [profiles] [requests/s] [batch size] [max batch size]
+//! CDP_TEST_KAFKA_BROKERS=127.0.0.1:9192 target/release/bench-projector [events] [profiles] [requests/s] [batch size] [max batch size] [lanes]
 //! ```
 //!
 //! The maximum batch size defaults to the runner's (`CDP_BATCH_SIZE_MAX`); equal to the batch
@@ -26,6 +30,7 @@
 
 use std::time::{Duration, Instant};
 
+use cdp_integration_tests::cpu;
 use cdp_integration_tests::projector::{spawn, Slice};
 use cdp_projector::generation;
 use cdp_schemas::IdentifierKind;
@@ -100,20 +105,28 @@ async fn main() -> anyhow::Result<()> {
         .next()
         .and_then(|a| a.parse().ok())
         .unwrap_or(cdp_runtime::config::RunnerArgs::default().batch_size_max);
+    let lanes: u32 = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(cdp_projector::DEFAULT_LANES);
     cdp_integration_tests::log_from_env()?;
     let slice = Slice::create().await?;
     let events = slice.prepare(0..n, 9_999).await?;
-    slice.produce(&events, |i| Some((i % 6) as i32)).await?;
+    // By key, as ingest produces them: a subject's events share a partition.
+    slice.produce(&events, |_| None).await?;
 
     // 1. Projection.
     let mut config = slice.config("bench");
     config.runner.batch_size = batch;
     config.runner.batch_size_max = batch_max;
+    config.projector.lanes = lanes;
     println!("projecting {n} events");
     let started = Instant::now();
+    let cpu0 = cpu::Snapshot::take();
     let (stop, task) = spawn(config.clone());
     slice.caught_up(&config, Duration::from_secs(1_800)).await?;
     let projected = started.elapsed();
+    let projection_cpu = cpu::Snapshot::take().since(&cpu0);
     println!("projected in {:.1} s", projected.as_secs_f64());
     stop.trigger();
     task.await??;
@@ -135,15 +148,24 @@ async fn main() -> anyhow::Result<()> {
         dumps.push((t, data));
     }
     let started = Instant::now();
+    let cpu0 = cpu::Snapshot::take();
+    // Per table, to set beside the projector's `batch statements` debug lines.
+    let mut per_table = Vec::new();
     for (t, data) in &dumps {
-        rows += copy_in(
+        let one = Instant::now();
+        let n = copy_in(
             &mut conn,
             &format!("COPY \"{}\".{t} FROM STDIN", fresh.schema()),
             data,
         )
         .await?;
+        rows += n;
+        if n > 0 {
+            per_table.push(format!("{t} {n} rows {} ms", one.elapsed().as_millis()));
+        }
     }
     let copied = started.elapsed();
+    let copy_cpu = cpu::Snapshot::take().since(&cpu0);
     drop(conn);
 
     // 3. The profile API on a large table.
@@ -274,17 +296,20 @@ async fn main() -> anyhow::Result<()> {
 
     let eps = n as f64 / projected.as_secs_f64();
     println!(
-        "events: {n} over 6 partitions, batch {batch} (up to {batch_max} while behind), broker {}",
+        "events: {n} over 6 partitions by key, batch {batch} (up to {batch_max} while behind), {lanes} lanes, broker {}",
         cdp_integration_tests::brokers()
     );
     println!(
         "projection: {:.1} s, {eps:.0} events/s",
         projected.as_secs_f64()
     );
+    println!("  CPU: {projection_cpu}");
     println!(
         "COPY ceiling: {rows} rows (the projection's) in {:.2} s",
         copied.as_secs_f64()
     );
+    println!("  per table: {}", per_table.join("; "));
+    println!("  CPU: {copy_cpu}");
     println!(
         "projection / COPY ceiling (time of COPY over time of projection): {:.2}",
         copied.as_secs_f64() / projected.as_secs_f64()
