@@ -3,7 +3,8 @@
 //! the broker at CDP_TEST_KAFKA_BROKERS and Postgres.
 //!
 //! `CDP_TEST_KAFKA_BROKERS=127.0.0.1:9192 target/release/bench-e2e [events/s] [seconds] [max batch]`
-//! (`CDP_BENCH_CONSUMER_PROPERTIES=k=v,…` adds librdkafka properties to the projector's consumer)
+//! (`CDP_BENCH_CONSUMER_PROPERTIES=k=v,…` adds librdkafka properties to the projector's consumer;
+//! `CDP_PROJECTOR_LANES` sets its lanes)
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -46,7 +47,10 @@ async fn main() -> anyhow::Result<()> {
         projector: ProjectorArgs {
             group: format!("{}projector", ing.kafka.topic_prefix),
             schema_prefix: "p_e2e".to_owned(),
-            lanes: cdp_projector::DEFAULT_LANES,
+            lanes: std::env::var("CDP_PROJECTOR_LANES")
+                .ok()
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(cdp_projector::DEFAULT_LANES),
         },
     };
     cdp_projector::migrate(&ing.db.pool).await?;
