@@ -2,7 +2,7 @@
 //!
 //! 1. Projection: N realistic sealed events (40% track, 20% identify, 10% each order,
 //!    consent, capsule created, capsule viewed) over 6 partitions by key (the subject, as
-//!    ingest produces them), projected from the start by `cdp_projector::run` (decode, open
+//!    ingest produces them; `CDP_BENCH_ROUND_ROBIN=1`: round robin), projected from the start by `cdp_projector::run` (decode, open
 //!    PII, fold, upsert, offsets, outbox) in L lanes (`CDP_PROJECTOR_LANES`).
 //! 2. Ceiling: Postgres `COPY` of the very rows the projection wrote, into the same tables of
 //!    a fresh generation, in the same run.
@@ -113,8 +113,13 @@ async fn main() -> anyhow::Result<()> {
     cdp_integration_tests::log_from_env()?;
     let slice = Slice::create().await?;
     let events = slice.prepare(0..n, 9_999).await?;
-    // By key, as ingest produces them: a subject's events share a partition.
-    slice.produce(&events, |_| None).await?;
+    // By key, as ingest produces them: a subject's events share a partition. Or round robin
+    // (`CDP_BENCH_ROUND_ROBIN=1`, a producer that does not key by subject): every subject's
+    // events spread over all partitions, so lanes write the same profiles.
+    let round_robin = std::env::var_os("CDP_BENCH_ROUND_ROBIN").is_some();
+    slice
+        .produce(&events, |i| round_robin.then_some((i % 6) as i32))
+        .await?;
 
     // 1. Projection.
     let mut config = slice.config("bench");
@@ -316,7 +321,8 @@ async fn main() -> anyhow::Result<()> {
 
     let eps = n as f64 / projected.as_secs_f64();
     println!(
-        "events: {n} over 6 partitions by key, batch {batch} (up to {batch_max} while behind), {lanes} lanes, broker {}",
+        "events: {n} over 6 partitions {}, batch {batch} (up to {batch_max} while behind), {lanes} lanes, broker {}",
+        if round_robin { "round robin" } else { "by key" },
         cdp_integration_tests::brokers()
     );
     println!(
