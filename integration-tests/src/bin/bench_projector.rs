@@ -2,8 +2,9 @@
 //!
 //! 1. Projection: N realistic sealed events (40% track, 20% identify, 10% each order,
 //!    consent, capsule created, capsule viewed) over 6 partitions by key (the subject, as
-//!    ingest produces them; `CDP_BENCH_ROUND_ROBIN=1`: round robin), projected from the start by `cdp_projector::run` (decode, open
-//!    PII, fold, upsert, offsets, outbox) in L lanes (`CDP_PROJECTOR_LANES`).
+//!    ingest produces them; `CDP_BENCH_ROUND_ROBIN=1`: round robin), projected from the
+//!    start by `cdp_projector::run` (decode, open PII, fold, upsert, offsets, outbox) in the
+//!    lanes the last argument gives (the projector's default, 2, otherwise).
 //! 2. Ceiling: Postgres `COPY` of the very rows the projection wrote, into the same tables of
 //!    a fresh generation, in the same run.
 //! 3. Profile API: a generation with P profiles (one email identity and three traits each,
