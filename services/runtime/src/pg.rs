@@ -250,10 +250,6 @@ impl<H: PgHandler> Sink for PgSink<H> {
         prepared: &PgBatch<H::Event>,
         dlq: &DeadLetters,
     ) -> Result<ApplyStats, SinkError> {
-        let all: Vec<usize> = (0..prepared.records.len()).collect();
-        if self.lanes == 1 {
-            return self.apply_lane(prepared, &all, dlq).await;
-        }
         let lanes = self.lanes as i32;
         let mut by_lane: Vec<Vec<usize>> = vec![Vec::new(); self.lanes as usize];
         for (i, r) in prepared.records.iter().enumerate() {
@@ -261,6 +257,8 @@ impl<H: PgHandler> Sink for PgSink<H> {
         }
         by_lane.retain(|l| !l.is_empty());
         if by_lane.len() <= 1 {
+            // One lane (or a batch of one lane's partitions): one transaction.
+            let all = by_lane.pop().unwrap_or_default();
             return self.apply_lane(prepared, &all, dlq).await;
         }
         // Every lane runs to its end (commit or rollback) before the batch's outcome is known.
