@@ -323,6 +323,15 @@ impl Slice {
     }
 }
 
+/// The projector's lanes from `CDP_PROJECTOR_LANES` (for the probe and benchmarks that build
+/// their configuration by hand), its default otherwise.
+pub fn lanes_from_env() -> u32 {
+    std::env::var("CDP_PROJECTOR_LANES")
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(cdp_projector::DEFAULT_LANES)
+}
+
 /// Runs a projector in-process until the returned handle's shutdown is triggered.
 pub fn spawn(
     config: ProjectorConfig,

@@ -47,10 +47,7 @@ async fn main() -> anyhow::Result<()> {
         projector: ProjectorArgs {
             group: format!("{}projector", ing.kafka.topic_prefix),
             schema_prefix: "p_e2e".to_owned(),
-            lanes: std::env::var("CDP_PROJECTOR_LANES")
-                .ok()
-                .and_then(|l| l.parse().ok())
-                .unwrap_or(cdp_projector::DEFAULT_LANES),
+            lanes: cdp_integration_tests::projector::lanes_from_env(),
         },
     };
     cdp_projector::migrate(&ing.db.pool).await?;

@@ -51,10 +51,7 @@ async fn main() -> anyhow::Result<()> {
         projector: ProjectorArgs {
             group: var("CDP_PROJECTOR_GROUP")?,
             schema_prefix: var("CDP_PROJECTOR_SCHEMA")?,
-            lanes: var("CDP_PROJECTOR_LANES")
-                .ok()
-                .and_then(|l| l.parse().ok())
-                .unwrap_or(cdp_projector::DEFAULT_LANES),
+            lanes: cdp_integration_tests::projector::lanes_from_env(),
         },
     };
     let shutdown = Shutdown::new();
