@@ -787,11 +787,21 @@ async fn an_older_live_generation_is_migrated_and_its_read_views_recreated() -> 
 async fn merges_wait_for_batches_in_flight_and_batches_for_merges() -> anyhow::Result<()> {
     use cdp_projector::store::hold_merges;
     let db = TestDb::create().await?;
-    let blocked = Duration::from_millis(500);
+    // Requests for the merge lock this database's sessions are waiting on (not granted).
+    let waiting = || async {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_locks
+              WHERE locktype = 'advisory' AND NOT granted
+                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(&db.pool)
+        .await?;
+        Ok::<_, anyhow::Error>(n)
+    };
     let (mut a, mut b) = (db.pool.begin().await?, db.pool.begin().await?);
     hold_merges(&mut a, false).await?;
     // Another batch shares the lock.
-    tokio::time::timeout(blocked, hold_merges(&mut b, false))
+    tokio::time::timeout(Duration::from_secs(10), hold_merges(&mut b, false))
         .await
         .map_err(|_| anyhow::anyhow!("two batches must not wait for each other"))??;
     // A merge waits for both batches to commit.
@@ -800,13 +810,24 @@ async fn merges_wait_for_batches_in_flight_and_batches_for_merges() -> anyhow::R
         hold_merges(&mut merge, true).await?;
         Ok::<_, sqlx::Error>(merge)
     });
-    tokio::time::sleep(blocked).await;
+    wait_until(
+        "the merge to queue for the lock",
+        Duration::from_secs(10),
+        || async { Ok(waiting().await? == 1) },
+    )
+    .await?;
     assert!(
         !merging.is_finished(),
         "a merge waits for batches in flight"
     );
+    // Postgres hands a released lock on while the releasing commit runs: once it returned,
+    // the merge holds the lock if it could.
     a.commit().await?;
-    tokio::time::sleep(blocked).await;
+    assert_eq!(
+        waiting().await?,
+        1,
+        "a merge waits for every batch in flight"
+    );
     assert!(
         !merging.is_finished(),
         "a merge waits for every batch in flight"
@@ -815,14 +836,19 @@ async fn merges_wait_for_batches_in_flight_and_batches_for_merges() -> anyhow::R
     let merge = tokio::time::timeout(Duration::from_secs(10), merging).await???;
     // While the merge is open, a new batch waits for it.
     let mut c = db.pool.begin().await?;
-    assert!(
-        tokio::time::timeout(blocked, hold_merges(&mut c, false))
-            .await
-            .is_err(),
-        "a batch waits for a merge in flight"
-    );
+    let batch = tokio::spawn(async move {
+        hold_merges(&mut c, false).await?;
+        Ok::<_, sqlx::Error>(c)
+    });
+    wait_until(
+        "the batch to queue for the lock",
+        Duration::from_secs(10),
+        || async { Ok(waiting().await? == 1) },
+    )
+    .await?;
+    assert!(!batch.is_finished(), "a batch waits for a merge in flight");
     merge.commit().await?;
-    tokio::time::timeout(Duration::from_secs(10), hold_merges(&mut c, false)).await??;
+    let c = tokio::time::timeout(Duration::from_secs(10), batch).await???;
     c.commit().await?;
     db.drop_db().await
 }

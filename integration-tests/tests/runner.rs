@@ -502,16 +502,23 @@ struct Flaky {
     in_flight: std::sync::atomic::AtomicU32,
     /// Shared with the test, which reads it after the run.
     most_in_flight: Arc<std::sync::atomic::AtomicU32>,
+    /// Transactions that wait for each other inside `handle` (the lanes of a batch) before
+    /// writing, for at most ten seconds: a sink that runs them one after another is seen
+    /// as such instead of by luck of timing.
+    together: Option<tokio::sync::Barrier>,
 }
 
 impl Flaky {
-    fn new(delay: Duration, failures: u32, failing_partition: Option<i32>) -> Self {
+    fn new(failures: u32, failing_partition: Option<i32>, together: usize) -> Self {
         Self {
-            inner: ProbeHandler { delay },
+            inner: ProbeHandler {
+                delay: Duration::ZERO,
+            },
             failures: std::sync::atomic::AtomicU32::new(failures),
             failing_partition,
             in_flight: Default::default(),
             most_in_flight: Default::default(),
+            together: (together > 1).then(|| tokio::sync::Barrier::new(together)),
         }
     }
 }
@@ -538,6 +545,10 @@ impl cdp_runtime::pg::PgHandler for Flaky {
         use std::sync::atomic::Ordering::SeqCst;
         let now = self.in_flight.fetch_add(1, SeqCst) + 1;
         self.most_in_flight.fetch_max(now, SeqCst);
+        if let Some(together) = &self.together {
+            // On time-out, go on alone: the test's in-flight assertion then fails.
+            let _ = tokio::time::timeout(Duration::from_secs(10), together.wait()).await;
+        }
         // Write first, then fail: the rollback must undo the rows.
         let result = self.inner.handle(tx, batch).await;
         self.in_flight.fetch_sub(1, SeqCst);
@@ -560,7 +571,7 @@ impl cdp_runtime::pg::PgHandler for Flaky {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retryable_failures_roll_back_and_retry_without_advancing() -> anyhow::Result<()> {
     let backlog = Backlog::create("retry", 1_000).await?;
-    let handler = Flaky::new(Duration::ZERO, 3, None);
+    let handler = Flaky::new(3, None, 1);
     let metrics = Metrics::new();
     let mut config = backlog.config(100);
     config.tuning.retry_backoff_max_ms = 200;
@@ -580,9 +591,8 @@ async fn lanes_apply_partitions_in_concurrent_transactions_and_a_failed_lane_alo
 ) -> anyhow::Result<()> {
     const N: u64 = 2_000;
     let backlog = Backlog::create("lanes", N).await?;
-    // A delay long enough for the two lanes of a batch to be seen in flight together; two
-    // failures of partition 1's lane.
-    let handler = Flaky::new(Duration::from_millis(50), 2, Some(1));
+    // The two lanes of a batch meet inside the handler; two failures of partition 1's lane.
+    let handler = Flaky::new(2, Some(1), 2);
     let most_in_flight = handler.most_in_flight.clone();
     let metrics = Metrics::new();
     // One batch of every record, so that it holds both partitions whatever order the
