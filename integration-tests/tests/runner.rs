@@ -104,6 +104,7 @@ impl Backlog {
             PgSink::new(self.db.pool.clone(), self.group.clone(), handler).with_lanes(lanes),
         );
         let shutdown = Shutdown::new();
+        let catch_up = config.catch_up.clone();
         let task = tokio::spawn(runner::run(
             config,
             sink,
@@ -115,6 +116,13 @@ impl Backlog {
         wait_until("every record applied", Duration::from_secs(90), || async {
             Ok(probe_counts(&self.db.pool).await?.0 >= n as i64)
         })
+        .await?;
+        // With everything applied and nothing more to read, the runner is not behind.
+        wait_until(
+            "the runner no longer catching up",
+            Duration::from_secs(30),
+            || async { Ok(!catch_up.is_catching_up()) },
+        )
         .await?;
         shutdown.trigger();
         task.await??;
@@ -235,6 +243,7 @@ fn runner_config(topic: &str, group: &str, dlq: &str, batch_size: usize) -> Runn
             ..RunnerArgs::default()
         },
         start: StartFrom::Earliest,
+        catch_up: Default::default(),
     }
 }
 
@@ -636,19 +645,30 @@ async fn lanes_apply_partitions_in_concurrent_transactions_and_a_failed_lane_alo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_consumer_behind_takes_batches_past_the_batch_size_up_to_the_maximum(
+async fn a_consumer_behind_takes_batches_past_the_batch_size_up_to_the_maximum_and_says_it_is_behind(
 ) -> anyhow::Result<()> {
     const N: u64 = 6_000;
     // A backlog before the consumer starts: every record is already waiting.
     let backlog = Backlog::create("catchup", N).await?;
     let mut config = backlog.config(100);
     config.tuning.batch_size_max = 1_000;
-    let handler = ProbeHandler {
-        delay: Duration::ZERO,
+    let handler = CatchUpSeen {
+        inner: ProbeHandler {
+            delay: Duration::ZERO,
+        },
+        catch_up: config.catch_up.clone(),
+        seen: Default::default(),
     };
+    let seen = handler.seen.clone();
+    // (apply_all also waits for the runner to say it has caught up.)
     backlog
         .apply_all(config, handler, &Metrics::new(), N)
         .await?;
+    let seen = std::mem::take(&mut *seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    assert!(
+        seen.iter().any(|&(size, behind)| size == 1_000 && behind),
+        "no batch of the maximum size was applied while the runner said it was catching up: {seen:?}"
+    );
     // Each batch is one transaction: the rows it inserted share their xmin.
     let sizes: Vec<i64> =
         sqlx::query_scalar("SELECT count(*) FROM probe_applied GROUP BY xmin::text")
@@ -668,6 +688,36 @@ async fn a_consumer_behind_takes_batches_past_the_batch_size_up_to_the_maximum(
         "too many batches for a backlog: {sizes:?}"
     );
     backlog.db.drop_db().await
+}
+
+/// Records each batch's size and whether the runner said it was catching up when it was
+/// applied.
+struct CatchUpSeen {
+    inner: ProbeHandler,
+    catch_up: runner::CatchUp,
+    seen: Arc<std::sync::Mutex<Vec<(usize, bool)>>>,
+}
+
+impl cdp_runtime::pg::PgHandler for CatchUpSeen {
+    type Event = cdp_schemas::CustomerEvent;
+
+    fn decode(
+        &self,
+        record: &cdp_runtime::RawRecord,
+    ) -> Result<Self::Event, cdp_runtime::sink::Rejection> {
+        self.inner.decode(record)
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        batch: &[cdp_runtime::pg::Decoded<'_, Self::Event>],
+    ) -> Result<Vec<cdp_runtime::pg::Rejected>, cdp_runtime::sink::SinkError> {
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.push((batch.len(), self.catch_up.is_catching_up()));
+        }
+        self.inner.handle(tx, batch).await
+    }
 }
 
 /// Counts the applies that ended after records of the next batch had been decoded.

@@ -114,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
             ..RunnerArgs::default()
         },
         start: StartFrom::Earliest,
+        catch_up: Default::default(),
     };
     let t = Instant::now();
     let task = tokio::spawn(runner::run(

@@ -62,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
         dead_letter_topic: var("PROBE_DLQ")?,
         tuning,
         start: StartFrom::Earliest,
+        catch_up: Default::default(),
     };
     let sink = Arc::new(PgSink::new(
         pool,

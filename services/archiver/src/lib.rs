@@ -179,6 +179,7 @@ pub async fn run(
             dead_letter_topic: names.name(Topic::DeadLetter),
             tuning: config.runner.clone(),
             start: StartFrom::Earliest,
+            catch_up: Default::default(),
         },
         sink,
         producer,

@@ -251,6 +251,7 @@ pub async fn run(
             dead_letter_topic: topics.name(Topic::DeadLetter),
             tuning: config.runner.clone(),
             start: StartFrom::Earliest,
+            catch_up: Default::default(),
         },
         sink,
         producer,

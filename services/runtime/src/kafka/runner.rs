@@ -12,12 +12,16 @@
 //! - Batches are applied one at a time, in order, on a runtime task: while batch N is being
 //!   applied, the poll thread gathers batch N+1 and lets the sink prepare it (decode), so the
 //!   process's work and the database's overlap.
+//! - A batch cut at the maximum size means more records were waiting than one batch takes:
+//!   the runner reports itself behind ([`CatchUp`]) until a batch is cut by its linger time
+//!   or it finds nothing to do, so work that only matters once caught up can wait.
 //! - Retryable sink errors back off and retry the same batch without advancing; fatal ones
 //!   stop the runner with an error.
 //! - On revocation and on shutdown, the in-flight batch is finished before partitions are
 //!   released. Rebalance callbacks never panic.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -59,6 +63,28 @@ pub struct RunnerConfig {
     pub dead_letter_topic: String,
     pub tuning: RunnerArgs,
     pub start: StartFrom,
+    /// Where the runner says whether it is behind the log.
+    pub catch_up: CatchUp,
+}
+
+/// Whether a runner is catching up: set when it cuts a batch at its maximum size (more
+/// records were waiting than one batch takes), cleared when a batch is cut by its linger
+/// time or when nothing is being applied and a poll finds nothing. Clones share the flag, so a service's other tasks can read it (the
+/// projector's relay holds off publishing snapshots that the backlog would supersede).
+#[derive(Clone, Debug, Default)]
+pub struct CatchUp(Arc<AtomicBool>);
+
+impl CatchUp {
+    pub fn is_catching_up(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, behind: bool) {
+        // The poll thread sets it per batch or idle poll: a store only when it changes.
+        if self.is_catching_up() != behind {
+            self.0.store(behind, Ordering::Relaxed);
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +121,7 @@ struct Shared<S> {
     assigned: Mutex<BTreeSet<TopicPartition>>,
     shutdown: Shutdown,
     metrics: RunnerMetrics,
+    catch_up: CatchUp,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -619,6 +646,13 @@ fn poll_loop<S: Sink>(
                 (idle || len % 64 == 0) && batch_started.is_some_and(|t| t.elapsed() >= linger);
             let full = len >= ceiling || (idle && len >= tuning.batch_size);
             if full || due {
+                // Cut at the maximum: behind. Cut by the linger time: keeping up. Cut because
+                // the fetched records ran out: says nothing (a fetch was in flight).
+                if len >= ceiling {
+                    shared.catch_up.set(true);
+                } else if !full {
+                    shared.catch_up.set(false);
+                }
                 if let Flushed::Abandoned = shared.dispatch(&consumer, Some(&mut last_tick))? {
                     break;
                 }
@@ -633,6 +667,10 @@ fn poll_loop<S: Sink>(
         // the batch in flight has finished: the poll thread never waits for it here, it
         // gathers the next batch meanwhile (dispatching that one ticks if still due).
         if len == 0 && shared.sink_idle() {
+            if idle {
+                // Nothing applying, nothing fetched, nothing came: caught up.
+                shared.catch_up.set(false);
+            }
             if let Flushed::Abandoned = shared.settle(&consumer)? {
                 break;
             }
@@ -688,6 +726,7 @@ pub async fn run<S: Sink>(
         assigned: Mutex::new(BTreeSet::new()),
         shutdown,
         metrics,
+        catch_up: config.catch_up.clone(),
     });
     let consumer = create_consumer(&config, shared.clone())?;
     tracing::info!(group = %config.group_id, topics = ?config.topics, "consumer started");
