@@ -200,6 +200,7 @@ fn runner_config(config: &ProjectorConfig, p: &Parts, g: &Generation) -> RunnerC
         dead_letter_topic: p.topics.name(Topic::DeadLetter),
         tuning: config.runner.clone(),
         start: StartFrom::Earliest,
+        catch_up: Default::default(),
     }
 }
 
@@ -253,10 +254,12 @@ pub async fn run(
                 stop.trigger();
             })
         };
+        let consumer = runner_config(&config, &p, &g);
         let relay = tokio::spawn(outbox::relay(
             pool.clone(),
             p.producer.clone(),
             p.topics.name(Topic::Profiles),
+            consumer.catch_up.clone(),
             stop.clone(),
         ));
         let sink = Arc::new(
@@ -271,7 +274,7 @@ pub async fn run(
             .with_lanes(config.projector.lanes),
         );
         let result = runner::run(
-            runner_config(&config, &p, &g),
+            consumer,
             sink,
             p.producer.clone(),
             runner_metrics.clone(),

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use cdp_runtime::kafka::producer::{OutgoingRecord, Producer};
+use cdp_runtime::kafka::runner::CatchUp;
 use cdp_runtime::Shutdown;
 use cdp_schemas::model::customer::{ConsentStatus, LegalBasis};
 use cdp_schemas::model::profile::{ConsentState, ProfilePayload, ProfileSnapshot, TraitValue};
@@ -211,6 +212,7 @@ pub async fn relay_once(
     topic: &str,
     limit: i64,
 ) -> Result<usize, RelayError> {
+    let started = Instant::now();
     let mut tx = pool.begin().await?;
     let (mine,): (bool,) = sqlx::query_as(
         "SELECT pg_try_advisory_xact_lock(hashtext(current_schema() || '.profile_outbox'))",
@@ -239,10 +241,12 @@ pub async fn relay_once(
         .filter(|(_, d)| !d)
         .map(|(id, _)| *id)
         .collect();
+    let read = started.elapsed();
     let mut snaps = HashMap::with_capacity(live.len());
     for chunk in live.chunks(SNAPSHOTS_PER_QUERY) {
         snaps.extend(snapshots(pool, chunk).await?);
     }
+    let snapshotted = started.elapsed();
     let mut values: Vec<(String, Option<Vec<u8>>)> = Vec::with_capacity(pending.len());
     for (id, _) in &pending {
         // Deleted or gone: a tombstone.
@@ -261,7 +265,9 @@ pub async fn relay_once(
             ..Default::default()
         })
         .collect();
+    let encoded = started.elapsed();
     producer.send_all(&recs).await?;
+    let produced = started.elapsed();
     // Exactly the rows read: a batch that took a lower number but committed later is
     // still waiting, and is published next time.
     let seqs: Vec<i64> = rows.iter().map(|(seq, _, _)| *seq).collect();
@@ -270,19 +276,57 @@ pub async fn relay_once(
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
+    tracing::debug!(
+        rows = rows.len(),
+        profiles = pending.len(),
+        outbox_ms = read.as_millis() as u64,
+        snapshots_ms = (snapshotted - read).as_millis() as u64,
+        encode_ms = (encoded - snapshotted).as_millis() as u64,
+        produce_ms = (produced - encoded).as_millis() as u64,
+        total_ms = started.elapsed().as_millis() as u64,
+        "relay pass"
+    );
     Ok(rows.len())
 }
 
-/// Relays until shutdown, pacing itself (see [`RELAY_REST`]) and backing off on errors.
+/// The longest the relay holds off while the projector catches up.
+const RELAY_MAX_DEFER: Duration = Duration::from_secs(10);
+
+/// Whether a relay pass is due: always while the projector keeps up; while it catches up
+/// (the backlog will change the same profiles again, so their snapshots now would be
+/// superseded before anyone needs them), only once the relay has held off for
+/// `RELAY_MAX_DEFER`. `deferred` is when the relay started holding off.
+fn pass_due(catching_up: bool, deferred: &mut Option<Instant>, now: Instant) -> bool {
+    if catching_up {
+        let since = *deferred.get_or_insert(now);
+        if now.duration_since(since) < RELAY_MAX_DEFER {
+            return false;
+        }
+    }
+    *deferred = None;
+    true
+}
+
+/// Relays until shutdown, pacing itself (see [`RELAY_REST`]), holding off while the
+/// projector catches up (see [`RELAY_MAX_DEFER`]) and backing off on errors.
 pub async fn relay(
     pool: PgPool,
     producer: std::sync::Arc<Producer>,
     topic: String,
+    catch_up: CatchUp,
     shutdown: Shutdown,
 ) {
     let mut backoff = RELAY_INTERVAL;
+    let mut deferred = None;
     while !shutdown.is_triggered() {
         let started = Instant::now();
+        if !pass_due(catch_up.is_catching_up(), &mut deferred, started) {
+            tokio::select! {
+                _ = tokio::time::sleep(RELAY_INTERVAL) => {}
+                _ = shutdown.wait() => {}
+            }
+            continue;
+        }
         let pause = match relay_once(&pool, &producer, &topic, ROWS_PER_PASS).await {
             Ok(_) => {
                 backoff = RELAY_INTERVAL;
@@ -298,5 +342,53 @@ pub async fn relay(
             _ = tokio::time::sleep(pause) => {}
             _ = shutdown.wait() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relay_keeping_up_passes_every_time() {
+        let mut deferred = None;
+        let now = Instant::now();
+        assert!(pass_due(false, &mut deferred, now));
+        assert!(pass_due(false, &mut deferred, now + RELAY_INTERVAL));
+        assert_eq!(deferred, None);
+    }
+
+    #[test]
+    fn catching_up_defers_passes_for_at_most_the_maximum() {
+        let mut deferred = None;
+        let t0 = Instant::now();
+        assert!(!pass_due(true, &mut deferred, t0));
+        assert!(!pass_due(true, &mut deferred, t0 + RELAY_MAX_DEFER / 2));
+        assert!(!pass_due(
+            true,
+            &mut deferred,
+            t0 + RELAY_MAX_DEFER - Duration::from_millis(1)
+        ));
+        // Held off long enough: a pass, and the next one is deferred again from then on.
+        let t1 = t0 + RELAY_MAX_DEFER;
+        assert!(pass_due(true, &mut deferred, t1));
+        assert!(!pass_due(true, &mut deferred, t1 + RELAY_INTERVAL));
+        assert!(pass_due(
+            true,
+            &mut deferred,
+            t1 + RELAY_INTERVAL + RELAY_MAX_DEFER
+        ));
+    }
+
+    #[test]
+    fn caught_up_passes_at_once_and_forgets_the_deferral() {
+        let mut deferred = None;
+        let t0 = Instant::now();
+        assert!(!pass_due(true, &mut deferred, t0));
+        let t1 = t0 + RELAY_INTERVAL;
+        assert!(pass_due(false, &mut deferred, t1));
+        assert_eq!(deferred, None);
+        // A new backlog is deferred from its own start.
+        assert!(!pass_due(true, &mut deferred, t1 + RELAY_MAX_DEFER));
     }
 }
