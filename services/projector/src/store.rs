@@ -312,24 +312,6 @@ fn col<T, R, F: Fn(&T) -> R>(items: &[T], f: F) -> Vec<R> {
 /// encoded, run by [`execute`].
 fn writes(rows: &Rows<'_>) -> Result<Vec<Statement>, sqlx::Error> {
     let mut out = Vec::new();
-    let customers: Vec<_> = rows.customers.iter().collect();
-    if !customers.is_empty() {
-        out.push(
-            Statement::new(
-            format!(
-        "INSERT INTO customers (profile_id, first_seen, last_seen, data_source, first_event_id)
-             SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::uuid[])
-         {CUSTOMERS_CONFLICT}"
-    ),
-        )
-        .bind(col(&customers, |(p, _)| **p))
-        .bind(col(&customers, |(_, c)| c.first.0))
-        .bind(col(&customers, |(_, c)| c.last_seen))
-        .bind(col(&customers, |(_, c)| c.data_source))
-        .bind(col(&customers, |(_, c)| c.first.1))
-        .done()?,
-        );
-    }
     let traits: Vec<_> = rows.traits.iter().collect();
     if !traits.is_empty() {
         out.push(
@@ -444,6 +426,29 @@ fn writes(rows: &Rows<'_>) -> Result<Vec<Statement>, sqlx::Error> {
         );
     }
     capsule_writes(rows, &mut out)?;
+    // Customers last: the only rows that lanes share when a profile's events come on
+    // different partitions (capsule views travel with the capsule, not the viewer), so their
+    // locks are held from here to the commit instead of for the whole batch; every lane
+    // takes them in profile id order (a BTreeMap), so lanes wait on each other but never
+    // deadlock.
+    let customers: Vec<_> = rows.customers.iter().collect();
+    if !customers.is_empty() {
+        out.push(
+            Statement::new(
+            format!(
+        "INSERT INTO customers (profile_id, first_seen, last_seen, data_source, first_event_id)
+             SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::uuid[])
+         {CUSTOMERS_CONFLICT}"
+    ),
+        )
+        .bind(col(&customers, |(p, _)| **p))
+        .bind(col(&customers, |(_, c)| c.first.0))
+        .bind(col(&customers, |(_, c)| c.last_seen))
+        .bind(col(&customers, |(_, c)| c.data_source))
+        .bind(col(&customers, |(_, c)| c.first.1))
+        .done()?,
+        );
+    }
     if !rows.touched.is_empty() {
         let touched: Vec<Uuid> = rows.touched.iter().copied().collect();
         out.push(Statement::new(ENQUEUE).bind(touched).bind(false).done()?);
