@@ -152,8 +152,23 @@ impl TestDb {
     }
 }
 
-/// Polls `check` until it returns true, failing after `timeout` with `what`.
-pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<()>
+/// Polls `check` every 100 ms until it returns true, failing after `timeout` with `what`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<bool>>,
+{
+    wait_until_every(what, timeout, Duration::from_millis(100), check).await
+}
+
+/// [`wait_until`], polling every `every` (benchmarks time what they wait for: a coarse poll
+/// would add up to its interval to the measurement).
+pub async fn wait_until_every<F, Fut>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut check: F,
+) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<bool>>,
@@ -174,7 +189,7 @@ where
         if started.elapsed() > timeout {
             bail!("timed out after {timeout:?} waiting for {what}");
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(every).await;
     }
 }
 

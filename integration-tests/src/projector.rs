@@ -19,7 +19,7 @@ use cdp_schemas::{
 use chrono::{DateTime, TimeZone, Utc};
 use uuid::Uuid;
 
-use crate::{unique, wait_until, TestDb};
+use crate::{unique, wait_until_every, TestDb};
 
 pub struct Slice {
     pub kafka: KafkaArgs,
@@ -279,6 +279,17 @@ impl Slice {
         config: &ProjectorConfig,
         timeout: Duration,
     ) -> anyhow::Result<()> {
+        self.caught_up_every(config, timeout, Duration::from_millis(100))
+            .await
+    }
+
+    /// [`Slice::caught_up`], looking every `every`.
+    pub async fn caught_up_every(
+        &self,
+        config: &ProjectorConfig,
+        timeout: Duration,
+        every: Duration,
+    ) -> anyhow::Result<()> {
         let topics = [
             self.topic(Topic::CustomerEvents),
             self.topic(Topic::CapsuleEvents),
@@ -288,7 +299,7 @@ impl Slice {
         for t in &topics {
             marks.push((t.clone(), crate::topic_ends(t).await?));
         }
-        wait_until("the projector caught up", timeout, || async {
+        wait_until_every("the projector caught up", timeout, every, || async {
             let Some(g) =
                 cdp_projector::generation::live(&self.db.pool, &config.projector.schema_prefix)
                     .await?
