@@ -320,22 +320,20 @@ pub async fn relay(
     let mut deferred = None;
     while !shutdown.is_triggered() {
         let started = Instant::now();
-        if !pass_due(catch_up.is_catching_up(), &mut deferred, started) {
-            tokio::select! {
-                _ = tokio::time::sleep(RELAY_INTERVAL) => {}
-                _ = shutdown.wait() => {}
-            }
-            continue;
-        }
-        let pause = match relay_once(&pool, &producer, &topic, ROWS_PER_PASS).await {
-            Ok(_) => {
-                backoff = RELAY_INTERVAL;
-                RELAY_INTERVAL.max(started.elapsed() * RELAY_REST)
-            }
-            Err(e) => {
-                tracing::warn!(error = %cdp_runtime::sink::Rejection::from_error("relay", &e).reason, "profile snapshot relay failed; retrying");
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                backoff
+        let pause = if !pass_due(catch_up.is_catching_up(), &mut deferred, started) {
+            // Held off: look again at the usual interval.
+            RELAY_INTERVAL
+        } else {
+            match relay_once(&pool, &producer, &topic, ROWS_PER_PASS).await {
+                Ok(_) => {
+                    backoff = RELAY_INTERVAL;
+                    RELAY_INTERVAL.max(started.elapsed() * RELAY_REST)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %cdp_runtime::sink::Rejection::from_error("relay", &e).reason, "profile snapshot relay failed; retrying");
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    backoff
+                }
             }
         };
         tokio::select! {
