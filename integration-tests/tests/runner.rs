@@ -247,13 +247,17 @@ fn runner_config(topic: &str, group: &str, dlq: &str, batch_size: usize) -> Runn
     }
 }
 
-fn assigned(metrics: &Metrics) -> i64 {
+/// The value of a runner gauge (the process has one group in these tests), if it was set.
+fn gauge(metrics: &Metrics, name: &str) -> Option<i64> {
     let text = metrics.encode().unwrap_or_default();
     text.lines()
-        .find(|l| l.starts_with("cdp_consumer_assigned_partitions{"))
+        .find(|l| l.starts_with(&format!("{name}{{")))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+}
+
+fn assigned(metrics: &Metrics) -> i64 {
+    gauge(metrics, "cdp_consumer_assigned_partitions").unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -660,10 +664,15 @@ async fn a_consumer_behind_takes_batches_past_the_batch_size_up_to_the_maximum_a
         seen: Default::default(),
     };
     let seen = handler.seen.clone();
+    let metrics = Metrics::new();
     // (apply_all also waits for the runner to say it has caught up.)
-    backlog
-        .apply_all(config, handler, &Metrics::new(), N)
-        .await?;
+    backlog.apply_all(config, handler, &metrics, N).await?;
+    // The gauge is set when the flag changes: present means it went to 1, and it is back to 0.
+    assert_eq!(
+        gauge(&metrics, "cdp_consumer_catching_up"),
+        Some(0),
+        "the catching-up gauge did not go up and back down"
+    );
     let seen = std::mem::take(&mut *seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
     assert!(
         seen.iter().any(|&(size, behind)| size == 1_000 && behind),

@@ -86,6 +86,7 @@ pub struct RunnerMetrics {
     pub batch_duration: Family<GroupLabels, Histogram, fn() -> Histogram>,
     pub assigned_partitions: Family<GroupLabels, Gauge>,
     pub rebalances: Family<GroupLabels, Counter>,
+    pub catching_up: Family<GroupLabels, Gauge>,
 }
 
 impl RunnerMetrics {
@@ -106,6 +107,7 @@ impl RunnerMetrics {
             batch_duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
             assigned_partitions: Family::default(),
             rebalances: Family::default(),
+            catching_up: Family::default(),
         };
         metrics.register(
             "consumer_records",
@@ -136,6 +138,11 @@ impl RunnerMetrics {
             "consumer_rebalances",
             "Partition assignments and revocations",
             m.rebalances.clone(),
+        );
+        metrics.register(
+            "consumer_catching_up",
+            "1 while the consumer is behind the log (it cuts batches at the maximum size), else 0",
+            m.catching_up.clone(),
         );
         m
     }

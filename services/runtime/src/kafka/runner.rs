@@ -79,11 +79,14 @@ impl CatchUp {
         self.0.load(Ordering::Relaxed)
     }
 
-    fn set(&self, behind: bool) {
+    /// Whether it changed.
+    fn set(&self, behind: bool) -> bool {
         // The poll thread sets it per batch or idle poll: a store only when it changes.
-        if self.is_catching_up() != behind {
+        let changed = self.is_catching_up() != behind;
+        if changed {
             self.0.store(behind, Ordering::Relaxed);
         }
+        changed
     }
 }
 
@@ -156,6 +159,16 @@ fn last_offsets(batch: &[RawRecord]) -> Vec<(String, i32, i64)> {
 }
 
 impl<S: Sink> Shared<S> {
+    /// Says whether the runner is behind, to the service ([`CatchUp`]) and in the metrics.
+    fn catching_up(&self, behind: bool) {
+        if self.catch_up.set(behind) {
+            self.metrics
+                .catching_up
+                .get_or_create(&self.labels())
+                .set(i64::from(behind));
+        }
+    }
+
     fn labels(&self) -> GroupLabels {
         GroupLabels {
             group: self.group.clone(),
@@ -649,9 +662,9 @@ fn poll_loop<S: Sink>(
                 // Cut at the maximum: behind. Cut by the linger time: keeping up. Cut because
                 // the fetched records ran out: says nothing (a fetch was in flight).
                 if len >= ceiling {
-                    shared.catch_up.set(true);
+                    shared.catching_up(true);
                 } else if !full {
-                    shared.catch_up.set(false);
+                    shared.catching_up(false);
                 }
                 if let Flushed::Abandoned = shared.dispatch(&consumer, Some(&mut last_tick))? {
                     break;
@@ -669,7 +682,7 @@ fn poll_loop<S: Sink>(
         if len == 0 && shared.sink_idle() {
             if idle {
                 // Nothing applying, nothing fetched, nothing came: caught up.
-                shared.catch_up.set(false);
+                shared.catching_up(false);
             }
             if let Flushed::Abandoned = shared.settle(&consumer)? {
                 break;
