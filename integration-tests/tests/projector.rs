@@ -147,15 +147,19 @@ async fn kill_9_at_random_moments_gives_the_same_models_as_an_uninterrupted_run(
 
     let killed = slice.config("killed");
     let mut rng = rand::rng();
+    // Up to 80% of the events, looked for every 10 ms: the projector applies thousands of
+    // events in the time a coarser poll and the random delay take, so a later point could
+    // let it finish before the kill.
     let mut points: Vec<i64> = (0..6)
-        .map(|_| rng.random_range(2_000..(N as i64) * 9 / 10))
+        .map(|_| rng.random_range(2_000..(N as i64) * 8 / 10))
         .collect();
     points.sort_unstable();
     for (i, point) in points.iter().enumerate() {
         let mut child = probe(&slice, &killed)?;
-        wait_until(
+        wait_until_every(
             &format!("{point} applied before kill {}", i + 1),
             Duration::from_secs(240),
+            Duration::from_millis(10),
             || async { Ok(applied(&slice, &killed).await? >= *point) },
         )
         .await?;
