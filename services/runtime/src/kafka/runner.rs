@@ -13,8 +13,8 @@
 //!   applied, the poll thread gathers batch N+1 and lets the sink prepare it (decode), so the
 //!   process's work and the database's overlap.
 //! - A batch cut at the maximum size means more records were waiting than one batch takes:
-//!   the runner reports itself behind ([`CatchUp`]) until a batch is cut by its linger time
-//!   or it finds nothing to do, so work that only matters once caught up can wait.
+//!   the runner reports itself behind ([`CatchUp`]) until it cuts a smaller batch or finds
+//!   nothing to do, so work that only matters once caught up can wait.
 //! - Retryable sink errors back off and retry the same batch without advancing; fatal ones
 //!   stop the runner with an error.
 //! - On revocation and on shutdown, the in-flight batch is finished before partitions are
@@ -68,8 +68,8 @@ pub struct RunnerConfig {
 }
 
 /// Whether a runner is catching up: set when it cuts a batch at its maximum size (more
-/// records were waiting than one batch takes), cleared when a batch is cut by its linger
-/// time or when nothing is being applied and a poll finds nothing. Clones share the flag, so a service's other tasks can read it (the
+/// records were waiting than one batch takes), cleared when it cuts a smaller one or when
+/// nothing is being applied and a poll finds nothing. Clones share the flag, so a service's other tasks can read it (the
 /// projector's relay holds off publishing snapshots that the backlog would supersede).
 #[derive(Clone, Debug, Default)]
 pub struct CatchUp(Arc<AtomicBool>);
@@ -659,13 +659,11 @@ fn poll_loop<S: Sink>(
                 (idle || len % 64 == 0) && batch_started.is_some_and(|t| t.elapsed() >= linger);
             let full = len >= ceiling || (idle && len >= tuning.batch_size);
             if full || due {
-                // Cut at the maximum: behind. Cut by the linger time: keeping up. Cut because
-                // the fetched records ran out: says nothing (a fetch was in flight).
-                if len >= ceiling {
-                    shared.catching_up(true);
-                } else if !full {
-                    shared.catching_up(false);
-                }
+                // Cut at the maximum: behind. Cut smaller (linger time, or the records
+                // waiting ran out): keeping up, even under a steady load that never leaves
+                // the log idle. (A fetch still in flight can cut one batch of a backlog
+                // short; the next one at the maximum says behind again.)
+                shared.catching_up(len >= ceiling);
                 if let Flushed::Abandoned = shared.dispatch(&consumer, Some(&mut last_tick))? {
                     break;
                 }
