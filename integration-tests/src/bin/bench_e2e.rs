@@ -27,6 +27,7 @@ async fn main() -> anyhow::Result<()> {
         .next()
         .and_then(|a| a.parse().ok())
         .unwrap_or(RunnerArgs::default().batch_size_max);
+    cdp_integration_tests::log_from_env()?;
     let ing = Ingest::start().await?;
     // Extra librdkafka properties for the projector's consumer (`k=v,k=v`), to compare
     // settings with one binary, e.g. `fetch.wait.max.ms=500` (librdkafka's default).
