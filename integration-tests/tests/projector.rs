@@ -802,6 +802,20 @@ async fn merges_wait_for_batches_in_flight_and_batches_for_merges() -> anyhow::R
         .await?;
         Ok::<_, anyhow::Error>(n)
     };
+    // Asks for the lock on a new transaction in a task; returns once Postgres shows the
+    // request queued (not granted).
+    let queue = async |exclusive: bool, what: &str| {
+        let mut tx = db.pool.begin().await?;
+        let task = tokio::spawn(async move {
+            hold_merges(&mut tx, exclusive).await?;
+            Ok::<_, sqlx::Error>(tx)
+        });
+        wait_until(what, Duration::from_secs(10), || async {
+            Ok(waiting().await? == 1)
+        })
+        .await?;
+        Ok::<_, anyhow::Error>(task)
+    };
     let (mut a, mut b) = (db.pool.begin().await?, db.pool.begin().await?);
     hold_merges(&mut a, false).await?;
     // Another batch shares the lock.
@@ -809,17 +823,7 @@ async fn merges_wait_for_batches_in_flight_and_batches_for_merges() -> anyhow::R
         .await
         .map_err(|_| anyhow::anyhow!("two batches must not wait for each other"))??;
     // A merge waits for both batches to commit.
-    let mut merge = db.pool.begin().await?;
-    let merging = tokio::spawn(async move {
-        hold_merges(&mut merge, true).await?;
-        Ok::<_, sqlx::Error>(merge)
-    });
-    wait_until(
-        "the merge to queue for the lock",
-        Duration::from_secs(10),
-        || async { Ok(waiting().await? == 1) },
-    )
-    .await?;
+    let merging = queue(true, "the merge to queue for the lock").await?;
     assert!(
         !merging.is_finished(),
         "a merge waits for batches in flight"
@@ -839,17 +843,7 @@ async fn merges_wait_for_batches_in_flight_and_batches_for_merges() -> anyhow::R
     b.commit().await?;
     let merge = tokio::time::timeout(Duration::from_secs(10), merging).await???;
     // While the merge is open, a new batch waits for it.
-    let mut c = db.pool.begin().await?;
-    let batch = tokio::spawn(async move {
-        hold_merges(&mut c, false).await?;
-        Ok::<_, sqlx::Error>(c)
-    });
-    wait_until(
-        "the batch to queue for the lock",
-        Duration::from_secs(10),
-        || async { Ok(waiting().await? == 1) },
-    )
-    .await?;
+    let batch = queue(false, "the batch to queue for the lock").await?;
     assert!(!batch.is_finished(), "a batch waits for a merge in flight");
     merge.commit().await?;
     let c = tokio::time::timeout(Duration::from_secs(10), batch).await???;
