@@ -131,7 +131,8 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let cpu0 = cpu::Snapshot::take();
     let (stop, task) = spawn(config.clone());
-    // Looked at every 5 ms: the default 100 ms poll would add up to 5% to a 2-second run.
+    // Looked at every 5 ms (here and for the outbox below): the default 100 ms poll would add
+    // up to 5% to a 2-second run.
     slice
         .caught_up_every(
             &config,
@@ -144,16 +145,14 @@ async fn main() -> anyhow::Result<()> {
     println!("projected in {:.1} s", projected.as_secs_f64());
     // The profiles topic trails the read models by design (the relay paces itself and
     // coalesces while the projector catches up): how long until every snapshot was published.
-    let outbox = format!(
-        "SELECT count(*) FROM \"{}\".profile_outbox",
-        generation::live(&slice.db.pool, "p_bench")
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("no live generation"))?
-            .schema()
-    );
-    cdp_integration_tests::wait_until(
+    let live = generation::live(&slice.db.pool, "p_bench")
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no live generation"))?;
+    let outbox = format!("SELECT count(*) FROM \"{}\".profile_outbox", live.schema());
+    cdp_integration_tests::wait_until_every(
         "every profile snapshot published",
         Duration::from_secs(300),
+        Duration::from_millis(5),
         || async {
             let (left,): (i64,) = sqlx::query_as(&outbox).fetch_one(&slice.db.pool).await?;
             Ok(left == 0)
@@ -165,9 +164,6 @@ async fn main() -> anyhow::Result<()> {
     task.await??;
 
     // 2. COPY ceiling: the same rows into the same tables of a fresh generation.
-    let live = generation::live(&slice.db.pool, "p_bench")
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("no live generation"))?;
     let fresh = generation::create(&slice.db.pool, &slice.db.args(), "p_bench").await?;
     let mut conn = slice.db.pool.acquire().await?;
     let mut dumps = Vec::new();
