@@ -34,12 +34,15 @@ pub struct DeadLetter<'a> {
     pub rejection: Rejection,
 }
 
+/// Clones share the consecutive count (a sink's lanes send their batch's letters through
+/// clones of the runner's).
+#[derive(Clone)]
 pub struct DeadLetters {
     producer: Arc<Producer>,
     topic: String,
     group: String,
     max_consecutive: u64,
-    consecutive: AtomicU64,
+    consecutive: Arc<AtomicU64>,
 }
 
 impl DeadLetters {
@@ -54,7 +57,7 @@ impl DeadLetters {
             topic: topic.into(),
             group: group.into(),
             max_consecutive,
-            consecutive: AtomicU64::new(0),
+            consecutive: Arc::new(AtomicU64::new(0)),
         }
     }
 

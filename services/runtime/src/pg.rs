@@ -5,11 +5,13 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgConnection, PgPool};
+use tracing::Instrument;
 
 use crate::config::PostgresArgs;
 use crate::dlq::{DeadLetter, DeadLetters};
@@ -105,18 +107,25 @@ pub trait PgHandler: Send + Sync + 'static {
 
 /// The effectively-once Postgres sink.
 pub struct PgSink<H> {
+    lane: Arc<Lane<H>>,
+    lanes: u32,
+}
+
+/// What a lane's transaction needs, shared by the lanes' tasks.
+struct Lane<H> {
     pool: PgPool,
     group: String,
     handler: H,
-    lanes: u32,
 }
 
 impl<H: PgHandler> PgSink<H> {
     pub fn new(pool: PgPool, group: impl Into<String>, handler: H) -> Self {
         Self {
-            pool,
-            group: group.into(),
-            handler,
+            lane: Arc::new(Lane {
+                pool,
+                group: group.into(),
+                handler,
+            }),
             lanes: 1,
         }
     }
@@ -129,14 +138,17 @@ impl<H: PgHandler> PgSink<H> {
     /// when every lane has committed; a failed lane fails the batch, and its retry skips
     /// what the other lanes committed. Only for handlers that are correct under concurrent
     /// consumers (their writes commute across partitions, or they lock what they share).
-    /// The pool needs a connection per lane. 1 (the default) is one transaction per batch.
+    /// Each lane is its own runtime task, so one lane's work in this process (the handler's
+    /// folding, encoding its statements) runs beside the other lanes' instead of holding
+    /// them up. The pool needs a connection per lane. 1 (the default) is one transaction
+    /// per batch.
     pub fn with_lanes(mut self, lanes: u32) -> Self {
         self.lanes = lanes.max(1);
         self
     }
 
     pub fn handler(&self) -> &H {
-        &self.handler
+        &self.lane.handler
     }
 }
 
@@ -225,7 +237,7 @@ impl<H: PgHandler> Sink for PgSink<H> {
         &self,
         partitions: &[TopicPartition],
     ) -> Result<HashMap<TopicPartition, i64>, SinkError> {
-        let all = stored_positions(&self.pool, &self.group)
+        let all = stored_positions(&self.lane.pool, &self.lane.group)
             .await
             .map_err(classify)?;
         Ok(all
@@ -234,20 +246,24 @@ impl<H: PgHandler> Sink for PgSink<H> {
             .collect())
     }
 
-    type Prepared = PgBatch<H::Event>;
+    /// Shared with the lanes' tasks.
+    type Prepared = Arc<PgBatch<H::Event>>;
 
-    fn prepare(&self, records: Vec<RawRecord>) -> PgBatch<H::Event> {
-        let events = records.iter().map(|r| self.handler.decode(r)).collect();
-        PgBatch { records, events }
+    fn prepare(&self, records: Vec<RawRecord>) -> Arc<PgBatch<H::Event>> {
+        let events = records
+            .iter()
+            .map(|r| self.lane.handler.decode(r))
+            .collect();
+        Arc::new(PgBatch { records, events })
     }
 
-    fn records(batch: &PgBatch<H::Event>) -> &[RawRecord] {
+    fn records(batch: &Arc<PgBatch<H::Event>>) -> &[RawRecord] {
         &batch.records
     }
 
     async fn apply(
         &self,
-        prepared: &PgBatch<H::Event>,
+        prepared: &Arc<PgBatch<H::Event>>,
         dlq: &DeadLetters,
     ) -> Result<ApplyStats, SinkError> {
         let lanes = self.lanes as i32;
@@ -259,18 +275,27 @@ impl<H: PgHandler> Sink for PgSink<H> {
         if by_lane.len() <= 1 {
             // One lane (or a batch of one lane's partitions): one transaction.
             let all = by_lane.pop().unwrap_or_default();
-            return self.apply_lane(prepared, &all, dlq).await;
+            return self.lane.apply(prepared, &all, dlq).await;
         }
-        // Every lane runs to its end (commit or rollback) before the batch's outcome is known.
-        let results = futures_util::future::join_all(
-            by_lane
-                .iter()
-                .map(|indices| self.apply_lane(prepared, indices, dlq)),
-        )
-        .await;
+        // Every lane runs to its end (commit or rollback) before the batch's outcome is
+        // known. If this future is dropped, the set aborts the lanes' tasks, which rolls
+        // back the transactions not yet committed, as dropping them in place would.
+        let mut tasks = tokio::task::JoinSet::new();
+        for indices in by_lane {
+            let (lane, prepared, dlq) = (self.lane.clone(), prepared.clone(), dlq.clone());
+            tasks.spawn(
+                async move { lane.apply(&prepared, &indices, &dlq).await }
+                    .instrument(tracing::Span::current()),
+            );
+        }
         let mut stats = ApplyStats::default();
         let mut failed: Option<SinkError> = None;
-        for result in results {
+        while let Some(joined) = tasks.join_next().await {
+            let result = joined.unwrap_or_else(|e| {
+                Err(SinkError::Fatal(
+                    format!("a lane of group {} failed: {e}", self.lane.group).into(),
+                ))
+            });
             match result {
                 Ok(lane) => stats.add(lane),
                 // A fatal error wins over a retryable one: retrying cannot mend it.
@@ -287,10 +312,10 @@ impl<H: PgHandler> Sink for PgSink<H> {
     }
 }
 
-impl<H: PgHandler> PgSink<H> {
+impl<H: PgHandler> Lane<H> {
     /// Applies the records at `indices` of a batch (in batch order) in one transaction with
     /// their partitions' positions.
-    async fn apply_lane(
+    async fn apply(
         &self,
         prepared: &PgBatch<H::Event>,
         indices: &[usize],
