@@ -1,7 +1,7 @@
 //! The projector's domain logic: decode, open PII, resolve profiles through merges, fold
 //! the batch into rows, apply. Runs inside the runner's transaction (effectively-once).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use cdp_keystore::crypto::{field_aad, sealed_version};
@@ -394,7 +394,7 @@ fn subject_of(event: &Projected) -> Option<&str> {
 
 /// Every (subject, key version) whose key the batch needs.
 fn wanted_keys(batch: &[Decoded<'_, Projected>]) -> Vec<(String, u32)> {
-    let mut out = BTreeSet::new();
+    let mut out = HashSet::new();
     for d in batch {
         let (subject, sealed) = match d.event {
             Projected::Customer(e) => (&e.envelope.subject.subject_id, e.payload.pii()),
@@ -496,7 +496,7 @@ impl PgHandler for ProjectorHandler {
             .iter()
             .flatten()
             .copied()
-            .collect::<BTreeSet<_>>()
+            .collect::<HashSet<_>>()
             .into_iter()
             .collect();
         let merged = store::resolve(tx, &base).await.map_err(classify)?;

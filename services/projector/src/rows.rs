@@ -2,8 +2,12 @@
 //! the result does not depend on arrival order: per-key values keep the latest by
 //! (event time, event id); first/last seen keep the min/max. Rows borrow what they can from
 //! the batch's decoded events (`'a`): folding copies only what it computes.
+//!
+//! The maps are hash maps: folding looks a key up for every event, and ordered maps of
+//! uuids spent most of that time comparing keys (a third of the projector's CPU, measured
+//! with `perf`). The statements take the rows in key order ([`crate::store`] sorts them).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -116,21 +120,21 @@ pub type IdentityKey<'a> = (&'a str, &'a str, &'a str);
 /// Everything one batch writes.
 #[derive(Debug, Default)]
 pub struct Rows<'a> {
-    pub customers: BTreeMap<Uuid, CustomerRow<'a>>,
-    pub traits: BTreeMap<(Uuid, &'static str), TraitRow<'a>>,
-    pub identities: BTreeMap<IdentityKey<'a>, IdentityRow>,
-    pub interactions: BTreeMap<Uuid, InteractionRow<'a>>,
-    pub transactions: BTreeMap<Uuid, TransactionRow<'a>>,
-    pub consents: BTreeMap<(Uuid, &'a str), ConsentRow<'a>>,
-    pub capsules_created: BTreeMap<Uuid, CapsuleCreatedRow<'a>>,
+    pub customers: HashMap<Uuid, CustomerRow<'a>>,
+    pub traits: HashMap<(Uuid, &'static str), TraitRow<'a>>,
+    pub identities: HashMap<IdentityKey<'a>, IdentityRow>,
+    pub interactions: HashMap<Uuid, InteractionRow<'a>>,
+    pub transactions: HashMap<Uuid, TransactionRow<'a>>,
+    pub consents: HashMap<(Uuid, &'a str), ConsentRow<'a>>,
+    pub capsules_created: HashMap<Uuid, CapsuleCreatedRow<'a>>,
     /// capsule → (visibility, stamp): the latest publication.
-    pub capsules_published: BTreeMap<Uuid, (&'static str, Stamp)>,
+    pub capsules_published: HashMap<Uuid, (&'static str, Stamp)>,
     /// capsule → (reason, stamp): the first deletion.
-    pub capsules_deleted: BTreeMap<Uuid, (Option<&'a str>, Stamp)>,
-    pub contents: BTreeMap<Uuid, CapsuleContentRow<'a>>,
-    pub views: BTreeMap<Uuid, CapsuleViewRow<'a>>,
+    pub capsules_deleted: HashMap<Uuid, (Option<&'a str>, Stamp)>,
+    pub contents: HashMap<Uuid, CapsuleContentRow<'a>>,
+    pub views: HashMap<Uuid, CapsuleViewRow<'a>>,
     /// Profiles whose snapshot changes.
-    pub touched: BTreeSet<Uuid>,
+    pub touched: HashSet<Uuid>,
 }
 
 impl<'a> Rows<'a> {

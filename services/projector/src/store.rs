@@ -308,11 +308,29 @@ fn col<T, R, F: Fn(&T) -> R>(items: &[T], f: F) -> Vec<R> {
     items.iter().map(f).collect()
 }
 
+/// A batch's rows in key order (`order` gives a key's place; uuids by `as_u128`, which
+/// orders them as their bytes, as Postgres does): every lane takes the rows it may share
+/// with another (a profile's) in the same order, so lanes wait on each other but never
+/// deadlock, and a batch's statements do not depend on the order of its hash maps.
+fn in_order<K, V, O: Ord>(rows: &HashMap<K, V>, order: impl Fn(&K) -> O) -> Vec<(&K, &V)> {
+    let mut sorted: Vec<_> = rows.iter().collect();
+    sorted.sort_unstable_by_key(|(k, _)| order(k));
+    sorted
+}
+
+/// The rows of a map keyed by uuid (an event or content id), in key order.
+fn values_in_order<V>(rows: &HashMap<Uuid, V>) -> Vec<&V> {
+    in_order(rows, Uuid::as_u128)
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect()
+}
+
 /// The statements that write a batch's rows, one per table with rows, their arguments
 /// encoded, run by [`execute`].
 fn writes(rows: &Rows<'_>) -> Result<Vec<Statement>, sqlx::Error> {
     let mut out = Vec::new();
-    let traits: Vec<_> = rows.traits.iter().collect();
+    let traits = in_order(&rows.traits, |(p, n)| (p.as_u128(), *n));
     if !traits.is_empty() {
         out.push(
             Statement::new(
@@ -332,7 +350,7 @@ fn writes(rows: &Rows<'_>) -> Result<Vec<Statement>, sqlx::Error> {
         .done()?,
         );
     }
-    let ids: Vec<_> = rows.identities.iter().collect();
+    let ids = in_order(&rows.identities, |k| *k);
     if !ids.is_empty() {
         // A row is written only when the identifier is new or an earlier claim arrives; the
         // NOT EXISTS leaves rows that stay as they are unlocked and unwritten (a claim only
@@ -358,7 +376,7 @@ fn writes(rows: &Rows<'_>) -> Result<Vec<Statement>, sqlx::Error> {
         .done()?,
         );
     }
-    let it: Vec<_> = rows.interactions.values().collect();
+    let it = values_in_order(&rows.interactions);
     if !it.is_empty() {
         out.push(
             Statement::new(
@@ -380,7 +398,7 @@ fn writes(rows: &Rows<'_>) -> Result<Vec<Statement>, sqlx::Error> {
         .done()?,
         );
     }
-    let tr: Vec<_> = rows.transactions.values().collect();
+    let tr = values_in_order(&rows.transactions);
     if !tr.is_empty() {
         out.push(
             Statement::new(
@@ -405,7 +423,7 @@ fn writes(rows: &Rows<'_>) -> Result<Vec<Statement>, sqlx::Error> {
         .done()?,
         );
     }
-    let cs: Vec<_> = rows.consents.iter().collect();
+    let cs = in_order(&rows.consents, |(p, n)| (p.as_u128(), *n));
     if !cs.is_empty() {
         out.push(
             Statement::new(
@@ -429,9 +447,9 @@ fn writes(rows: &Rows<'_>) -> Result<Vec<Statement>, sqlx::Error> {
     // Customers last: the only rows that lanes share when a profile's events come on
     // different partitions (capsule views travel with the capsule, not the viewer), so their
     // locks are held from here to the commit instead of for the whole batch; every lane
-    // takes them in profile id order (a BTreeMap), so lanes wait on each other but never
+    // takes them in profile id order (`in_order`), so lanes wait on each other but never
     // deadlock.
-    let customers: Vec<_> = rows.customers.iter().collect();
+    let customers = in_order(&rows.customers, Uuid::as_u128);
     if !customers.is_empty() {
         out.push(
             Statement::new(
@@ -450,7 +468,8 @@ fn writes(rows: &Rows<'_>) -> Result<Vec<Statement>, sqlx::Error> {
         );
     }
     if !rows.touched.is_empty() {
-        let touched: Vec<Uuid> = rows.touched.iter().copied().collect();
+        let mut touched: Vec<Uuid> = rows.touched.iter().copied().collect();
+        touched.sort_unstable_by_key(Uuid::as_u128);
         out.push(Statement::new(ENQUEUE).bind(touched).bind(false).done()?);
     }
     Ok(out)
@@ -482,7 +501,7 @@ pub async fn apply(tx: &mut PgConnection, rows: &Rows<'_>) -> Db {
 }
 
 fn capsule_writes(rows: &Rows<'_>, out: &mut Vec<Statement>) -> Result<(), sqlx::Error> {
-    let created: Vec<_> = rows.capsules_created.iter().collect();
+    let created = in_order(&rows.capsules_created, Uuid::as_u128);
     if !created.is_empty() {
         out.push(
             Statement::new(
@@ -505,7 +524,7 @@ fn capsule_writes(rows: &Rows<'_>, out: &mut Vec<Statement>) -> Result<(), sqlx:
         .done()?,
         );
     }
-    let published: Vec<_> = rows.capsules_published.iter().collect();
+    let published = in_order(&rows.capsules_published, Uuid::as_u128);
     if !published.is_empty() {
         out.push(
             Statement::new(
@@ -523,7 +542,7 @@ fn capsule_writes(rows: &Rows<'_>, out: &mut Vec<Statement>) -> Result<(), sqlx:
         .done()?,
         );
     }
-    let deleted: Vec<_> = rows.capsules_deleted.iter().collect();
+    let deleted = in_order(&rows.capsules_deleted, Uuid::as_u128);
     if !deleted.is_empty() {
         out.push(
             Statement::new(
@@ -541,7 +560,7 @@ fn capsule_writes(rows: &Rows<'_>, out: &mut Vec<Statement>) -> Result<(), sqlx:
         .done()?,
         );
     }
-    let contents: Vec<_> = rows.contents.values().collect();
+    let contents = values_in_order(&rows.contents);
     if !contents.is_empty() {
         out.push(
             Statement::new(
@@ -563,7 +582,7 @@ fn capsule_writes(rows: &Rows<'_>, out: &mut Vec<Statement>) -> Result<(), sqlx:
         .done()?,
         );
     }
-    let views: Vec<_> = rows.views.values().collect();
+    let views = values_in_order(&rows.views);
     if !views.is_empty() {
         out.push(
             Statement::new(
@@ -582,4 +601,47 @@ fn capsule_writes(rows: &Rows<'_>, out: &mut Vec<Statement>) -> Result<(), sqlx:
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_written_in_the_order_postgres_sorts_their_keys() {
+        // Uuids whose first bytes differ, whose last bytes differ, and one with the top bit
+        // set (a signed comparison would put it first).
+        let ids = [
+            Uuid::from_u128(0xff00_0000_0000_0000_0000_0000_0000_0001),
+            Uuid::from_u128(2),
+            Uuid::from_u128(0x0100_0000_0000_0000_0000_0000_0000_0000),
+            Uuid::from_u128(1),
+            Uuid::from_u128(0x8000_0000_0000_0000_0000_0000_0000_0000),
+        ];
+        let by_id: HashMap<Uuid, usize> = ids.iter().enumerate().map(|(i, u)| (*u, i)).collect();
+        let mut expected = ids.to_vec();
+        // Uuid's own order is its bytes', as Postgres orders uuid.
+        expected.sort();
+        let written: Vec<Uuid> = in_order(&by_id, Uuid::as_u128)
+            .into_iter()
+            .map(|(k, _)| *k)
+            .collect();
+        assert_eq!(written, expected);
+
+        let traits: HashMap<(Uuid, &str), ()> = [
+            ((ids[0], "b"), ()),
+            ((ids[1], "z"), ()),
+            ((ids[0], "a"), ()),
+            ((ids[4], "m"), ()),
+        ]
+        .into_iter()
+        .collect();
+        let written: Vec<(Uuid, &str)> = in_order(&traits, |(p, n)| (p.as_u128(), *n))
+            .into_iter()
+            .map(|(k, _)| *k)
+            .collect();
+        let mut expected: Vec<(Uuid, &str)> = traits.keys().copied().collect();
+        expected.sort();
+        assert_eq!(written, expected);
+    }
 }
