@@ -850,3 +850,86 @@ async fn merges_wait_for_batches_in_flight_and_batches_for_merges() -> anyhow::R
     c.commit().await?;
     db.drop_db().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_settled_in_an_earlier_batch_still_gives_way_to_an_earlier_one_arriving_later(
+) -> anyhow::Result<()> {
+    use cdp_ingest::publisher::{envelope, Draft};
+    use cdp_keystore::RawIdentifier;
+    use cdp_schemas::{CustomerEvent, CustomerPayload, IdentifierKind};
+    use chrono::{DateTime, TimeZone, Utc};
+
+    let slice = Slice::create().await?;
+    let config = slice.config("claims");
+    let (stop, task) = spawn(config.clone());
+    let hasher = slice.key_args.hasher()?;
+    let profile =
+        |u: &str| cdp_schemas::profile_id_of(&hasher.hash(IdentifierKind::UserId, None, u));
+    let at = |secs: i64| {
+        Utc.timestamp_opt(1_767_225_600 + secs, 0)
+            .single()
+            .unwrap_or_default()
+    };
+    // One batch at a time: a subject shows the shared email at a time.
+    let mut n = 0u64;
+    let mut show = |user: &str, secs: i64| {
+        n += 1;
+        let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("claims-{n}").as_bytes());
+        Draft {
+            event: CustomerEvent {
+                envelope: envelope(id, at(secs), at(secs), "test"),
+                payload: CustomerPayload::Track(product_view(n)),
+            },
+            identifiers: vec![
+                RawIdentifier::new(IdentifierKind::UserId, user),
+                RawIdentifier::new(IdentifierKind::Email, "shared@example.org"),
+            ],
+        }
+    };
+    let claim = || async {
+        let row: (uuid::Uuid, DateTime<Utc>) = sqlx::query_as(
+            "SELECT profile_id, first_seen FROM p_claims_read.customer_identities WHERE kind = 'EMAIL'",
+        )
+        .fetch_one(&slice.db.pool)
+        .await?;
+        anyhow::Ok(row)
+    };
+    let batch = |drafts: Vec<Draft<CustomerEvent>>| {
+        let (slice, config) = (&slice, &config);
+        async move {
+            slice
+                .produce(&slice.publisher.prepare(drafts).await?, |_| None)
+                .await?;
+            slice.caught_up(config, Duration::from_secs(60)).await
+        }
+    };
+    let (a, b, c) = (profile("user-a"), profile("user-b"), profile("user-c"));
+
+    batch(vec![show("user-a", 100)]).await?;
+    assert_eq!(claim().await?, (a, at(100)));
+    // Later than the claim this projector already saw: it stays A's.
+    batch(vec![show("user-b", 200)]).await?;
+    assert_eq!(
+        claim().await?,
+        (a, at(100)),
+        "a later claim changes nothing"
+    );
+    // Earlier, arriving later: it wins.
+    batch(vec![show("user-c", 50)]).await?;
+    assert_eq!(
+        claim().await?,
+        (c, at(50)),
+        "an earlier claim wins whenever it arrives"
+    );
+    // The same time as the claim: the lower profile id wins, so it must reach Postgres.
+    batch(vec![show("user-b", 50)]).await?;
+    assert_eq!(
+        claim().await?,
+        (b.min(c), at(50)),
+        "a tie goes to the lower profile id"
+    );
+
+    stop.trigger();
+    task.await??;
+    slice.db.drop_db().await
+}

@@ -17,6 +17,7 @@ use cdp_schemas::{
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::claims::Claims;
 use crate::rows::*;
 use crate::store;
 
@@ -39,8 +40,20 @@ pub struct TopicNames {
 }
 
 pub struct ProjectorHandler {
-    pub topics: TopicNames,
-    pub keys: Arc<KeyStore>,
+    topics: TopicNames,
+    keys: Arc<KeyStore>,
+    claims: Claims,
+}
+
+impl ProjectorHandler {
+    /// A handler for one projector run (one generation).
+    pub fn new(topics: TopicNames, keys: Arc<KeyStore>) -> Self {
+        Self {
+            topics,
+            keys,
+            claims: Claims::default(),
+        }
+    }
 }
 
 fn rejection(e: CodecError) -> Rejection {
@@ -536,11 +549,14 @@ impl PgHandler for ProjectorHandler {
             // Fold again without the rejected records, so they have no effect at all.
             rows = fold(&rejected.iter().map(|r| r.index).collect()).0;
         }
+        let settled = self.claims.skip_settled(&mut rows.identities);
         let t3 = std::time::Instant::now();
         store::apply(tx, &rows).await.map_err(classify)?;
+        self.claims.record(&rows.identities);
         tracing::debug!(
             events = batch.len(),
             profiles = rows.customers.len(),
+            identifiers_settled = settled,
             merges_and_keys_ms = (t1 - t0).as_millis() as u64,
             resolve_ms = (t2 - t1).as_millis() as u64,
             fold_ms = (t3 - t2).as_millis() as u64,

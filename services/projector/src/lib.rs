@@ -3,6 +3,7 @@
 //! and rebuilds from the log into a fresh schema, swapped in when caught up.
 
 pub mod api;
+pub mod claims;
 pub mod digest;
 pub mod generation;
 pub mod handler;
@@ -266,10 +267,7 @@ pub async fn run(
             PgSink::new(
                 pool.clone(),
                 g.group(&config.projector.group),
-                ProjectorHandler {
-                    topics: p.names.clone(),
-                    keys: p.keys.clone(),
-                },
+                ProjectorHandler::new(p.names.clone(), p.keys.clone()),
             )
             .with_lanes(config.projector.lanes),
         );
@@ -432,10 +430,7 @@ pub async fn rebuild(
         PgSink::new(
             pool.clone(),
             group.clone(),
-            ProjectorHandler {
-                topics: p.names.clone(),
-                keys: p.keys.clone(),
-            },
+            ProjectorHandler::new(p.names.clone(), p.keys.clone()),
         )
         .with_lanes(config.projector.lanes),
     );
