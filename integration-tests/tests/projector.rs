@@ -854,10 +854,10 @@ async fn merges_wait_for_batches_in_flight_and_batches_for_merges() -> anyhow::R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_settled_in_an_earlier_batch_still_gives_way_to_an_earlier_one_arriving_later(
 ) -> anyhow::Result<()> {
-    use cdp_ingest::publisher::{envelope, Draft};
-    use cdp_keystore::RawIdentifier;
-    use cdp_schemas::{CustomerEvent, CustomerPayload, IdentifierKind};
-    use chrono::{DateTime, TimeZone, Utc};
+    use cdp_ingest::publisher::Draft;
+    use cdp_integration_tests::identity::{origin, track_draft, Spec};
+    use cdp_schemas::{CustomerEvent, IdentifierKind};
+    use chrono::{DateTime, Utc};
 
     let slice = Slice::create().await?;
     let config = slice.config("claims");
@@ -865,26 +865,16 @@ async fn a_claim_settled_in_an_earlier_batch_still_gives_way_to_an_earlier_one_a
     let hasher = slice.key_args.hasher()?;
     let profile =
         |u: &str| cdp_schemas::profile_id_of(&hasher.hash(IdentifierKind::UserId, None, u));
-    let at = |secs: i64| {
-        Utc.timestamp_opt(1_767_225_600 + secs, 0)
-            .single()
-            .unwrap_or_default()
-    };
+    let at = |secs: i64| origin() + chrono::Duration::seconds(secs);
     // One batch at a time: a subject shows the shared email at a time.
-    let mut n = 0u64;
+    let mut n = 0u128;
     let mut show = |user: &str, secs: i64| {
         n += 1;
-        let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("claims-{n}").as_bytes());
-        Draft {
-            event: CustomerEvent {
-                envelope: envelope(id, at(secs), at(secs), "test"),
-                payload: CustomerPayload::Track(product_view(n)),
-            },
-            identifiers: vec![
-                RawIdentifier::new(IdentifierKind::UserId, user),
-                RawIdentifier::new(IdentifierKind::Email, "shared@example.org"),
-            ],
-        }
+        let ids = [
+            (IdentifierKind::UserId, user),
+            (IdentifierKind::Email, "shared@example.org"),
+        ];
+        track_draft(&Spec::new(n, secs, &ids), n as usize, "test")
     };
     let claim = || async {
         let row: (uuid::Uuid, DateTime<Utc>) = sqlx::query_as(
