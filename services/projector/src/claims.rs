@@ -56,7 +56,11 @@ impl Claims {
             seen.clear();
         }
         for ((kind, namespace, hash), row) in identities {
-            let claims = seen.entry((*hash).to_owned()).or_default();
+            // The hash is copied only for an identifier not remembered yet.
+            let claims = match seen.get_mut(*hash) {
+                Some(claims) => claims,
+                None => seen.entry((*hash).to_owned()).or_default(),
+            };
             match claims
                 .iter_mut()
                 .find(|(k, n, _)| k == kind && n == namespace)
