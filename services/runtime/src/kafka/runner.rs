@@ -13,8 +13,8 @@
 //!   applied, the poll thread gathers batch N+1 and lets the sink prepare it (decode), so the
 //!   process's work and the database's overlap.
 //! - A batch cut at the maximum size means more records were waiting than one batch takes:
-//!   the runner reports itself behind ([`CatchUp`]) until it cuts two smaller batches in a row or finds
-//!   nothing to do, so work that only matters once caught up can wait.
+//!   the runner reports itself behind ([`CatchUp`]) until it cuts two smaller batches in a
+//!   row or finds nothing to do, so work that only matters once caught up can wait.
 //! - Retryable sink errors back off and retry the same batch without advancing; fatal ones
 //!   stop the runner with an error.
 //! - On revocation and on shutdown, the in-flight batch is finished before partitions are
@@ -96,7 +96,7 @@ impl CatchUp {
 /// when the records already fetched run out cuts one batch of a backlog short (measured: one
 /// run in four of a 100,000-event catch-up). Two smaller cuts in a row do, also under a
 /// steady load that never leaves the log idle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 struct Cuts {
     smaller_in_a_row: u8,
 }
