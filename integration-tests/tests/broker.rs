@@ -185,6 +185,53 @@ async fn seek_and_offsets_for_times_work() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The runner assigns a partition its sink never saw at a concrete offset read from the broker
+/// (a first fetch of symbolic offsets held the first records back by `fetch.wait.max.ms`).
+#[tokio::test]
+async fn a_new_partition_starts_at_the_offsets_the_broker_reports() -> anyhow::Result<()> {
+    use cdp_runtime::kafka::runner::{start_offset, StartFrom};
+    use cdp_runtime::TopicPartition;
+    let topic = unique("broker-start");
+    create_topics(&[(&topic, 2)]).await?;
+    let producer = Producer::new(&kafka_args(""))?;
+    let recs: Vec<OutgoingRecord<'_>> = (0..3)
+        .map(|_| OutgoingRecord {
+            topic: &topic,
+            partition: Some(0),
+            value: Some(b"x".as_slice()),
+            ..Default::default()
+        })
+        .collect();
+    producer.send_all(&recs).await?;
+    let starts = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Offset>> {
+        let c = assigned_consumer()?;
+        let tp = |partition| TopicPartition {
+            topic: topic.clone(),
+            partition,
+        };
+        Ok(vec![
+            start_offset(&c, &tp(0), StartFrom::Earliest),
+            start_offset(&c, &tp(0), StartFrom::Latest),
+            start_offset(&c, &tp(1), StartFrom::Earliest),
+            start_offset(&c, &tp(1), StartFrom::Latest),
+            // A partition the broker does not have: the client is left to look it up.
+            start_offset(&c, &tp(7), StartFrom::Earliest),
+        ])
+    })
+    .await??;
+    assert_eq!(
+        starts,
+        vec![
+            Offset::Offset(0),
+            Offset::Offset(3),
+            Offset::Offset(0),
+            Offset::Offset(0),
+            Offset::Beginning,
+        ]
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn transactions_are_refused_so_nothing_may_depend_on_them() -> anyhow::Result<()> {
     require_broker().await?;

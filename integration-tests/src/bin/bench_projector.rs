@@ -28,6 +28,9 @@
 //! `CDP_LOG=warn,cdp_projector=debug,cdp_runtime=debug` adds a line per batch (phases of the
 //! projector's transaction, and the runner's commit).
 //!
+//! `CDP_KAFKA_PROPERTIES` (`key=value`, comma-separated) gives the projector's Kafka clients
+//! extra librdkafka properties, as the service reads them (to try fetch sizes, for instance).
+//!
 //! `CDP_BENCH_KEEP_DB=1` keeps the benchmark's database (its name is printed) for `EXPLAIN`.
 
 use std::time::{Duration, Instant};
@@ -127,6 +130,13 @@ async fn main() -> anyhow::Result<()> {
     config.runner.batch_size = batch;
     config.runner.batch_size_max = batch_max;
     config.projector.lanes = lanes;
+    if let Ok(props) = std::env::var("CDP_KAFKA_PROPERTIES") {
+        config.kafka.properties = props
+            .split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(str::to_owned)
+            .collect();
+    }
     println!("projecting {n} events");
     let started = Instant::now();
     let cpu0 = cpu::Snapshot::take();

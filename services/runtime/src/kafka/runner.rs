@@ -443,8 +443,7 @@ impl<S: Sink> Shared<S> {
                 for p in &parts {
                     let offset = match map.get(p) {
                         Some(o) => Offset::Offset(*o),
-                        None if self.start == StartFrom::Earliest => Offset::Beginning,
-                        None => Offset::End,
+                        None => start_offset(consumer, p, self.start),
                     };
                     tracing::info!(group = %self.group, topic = %p.topic, partition = p.partition, offset = ?offset, "partition assigned");
                     if let Err(e) = tpl.set_partition_offset(&p.topic, p.partition, offset) {
@@ -582,6 +581,41 @@ impl<S: Sink> ConsumerContext for RunnerContext<S> {
                 tracing::error!(error = %code, "rebalance error: dropping the assignment");
                 self.shared.on_revoke(consumer, tpl);
             }
+        }
+    }
+}
+
+/// Where a partition the sink never saw starts, as a concrete offset read from the broker (its
+/// first offset for [`StartFrom::Earliest`], its end for [`StartFrom::Latest`]). Assigned as
+/// `Offset::Beginning` or `Offset::End` instead, the client looks each offset up while it
+/// already fetches the partitions it knows: measured with nisshi, a consumer starting on a
+/// backlog sent a first fetch holding only the topics' empty partitions, which the broker held
+/// for `fetch.wait.max.ms` (100 ms) before the partitions with records were asked for at all.
+/// Falls back to the symbolic offset if the broker does not answer within 5 s.
+pub fn start_offset<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    p: &TopicPartition,
+    start: StartFrom,
+) -> Offset {
+    let symbolic = match start {
+        StartFrom::Earliest => Offset::Beginning,
+        StartFrom::Latest => Offset::End,
+    };
+    match consumer.fetch_watermarks(&p.topic, p.partition, Duration::from_secs(5)) {
+        Ok((low, high)) => {
+            let at = match start {
+                StartFrom::Earliest => low,
+                StartFrom::Latest => high,
+            };
+            if at >= 0 {
+                Offset::Offset(at)
+            } else {
+                symbolic
+            }
+        }
+        Err(e) => {
+            tracing::debug!(topic = %p.topic, partition = p.partition, error = %e, "cannot read where the partition starts; the client will look it up");
+            symbolic
         }
     }
 }
