@@ -648,7 +648,16 @@ fn create_consumer<S: Sink>(
         // this only bounds how often an idle consumer asks; a broker that long-polls by
         // sleeping (nisshi sleeps half of what is left of the wait, then looks again) adds up
         // to half of it to every record's latency.
-        .set("fetch.wait.max.ms", "100");
+        .set("fetch.wait.max.ms", "100")
+        // What one fetch brings per partition (librdkafka's default is 1 MiB). The records of
+        // a batch come in the order the fetches brought them, so a batch interleaves its
+        // partitions only as finely as this: with 1 MiB (about 4,000 events of the contract), a
+        // 20,000-record batch held five partitions' runs and a `PgSink`'s lanes, split by
+        // partition, carried 8,000 and 12,000 records, or 3,000 and 15,000, and the batch
+        // waited for the fuller one. With 256 KiB its lanes carry about as much
+        // (docs/benchmarks.md, eleventh session). A fetch still asks for every partition, up
+        // to `fetch.max.bytes` in all.
+        .set("max.partition.fetch.bytes", "262144");
     // The operator's properties win over the defaults above.
     for (k, v) in config
         .kafka
