@@ -209,13 +209,16 @@ async fn a_new_partition_starts_at_the_offsets_the_broker_reports() -> anyhow::R
             topic: topic.clone(),
             partition,
         };
+        let wait = Duration::from_secs(5);
         Ok(vec![
-            start_offset(&c, &tp(0), StartFrom::Earliest),
-            start_offset(&c, &tp(0), StartFrom::Latest),
-            start_offset(&c, &tp(1), StartFrom::Earliest),
-            start_offset(&c, &tp(1), StartFrom::Latest),
+            start_offset(&c, &tp(0), StartFrom::Earliest, wait),
+            start_offset(&c, &tp(0), StartFrom::Latest, wait),
+            start_offset(&c, &tp(1), StartFrom::Earliest, wait),
+            start_offset(&c, &tp(1), StartFrom::Latest, wait),
             // A partition the broker does not have: the client is left to look it up.
-            start_offset(&c, &tp(7), StartFrom::Earliest),
+            start_offset(&c, &tp(7), StartFrom::Earliest, wait),
+            // No time left to ask: likewise, without asking.
+            start_offset(&c, &tp(0), StartFrom::Latest, Duration::ZERO),
         ])
     })
     .await??;
@@ -227,6 +230,7 @@ async fn a_new_partition_starts_at_the_offsets_the_broker_reports() -> anyhow::R
             Offset::Offset(0),
             Offset::Offset(0),
             Offset::Beginning,
+            Offset::End,
         ]
     );
     Ok(())

@@ -47,6 +47,10 @@ use crate::sink::{Sink, SinkError};
 /// How often an idle runner lets its sink act on time.
 const TICK_INTERVAL: Duration = Duration::from_millis(200);
 
+/// How long an assignment may spend reading where new partitions start ([`start_offset`]),
+/// all partitions together.
+const START_LOOKUP_BUDGET: Duration = Duration::from_secs(2);
+
 /// Where a partition the sink has never seen starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StartFrom {
@@ -440,10 +444,18 @@ impl<S: Sink> Shared<S> {
         };
         match positions {
             Ok(map) => {
+                // Looking new partitions' offsets up is bounded as a whole: a broker that
+                // does not answer leaves the rest to the client, not the callback waiting.
+                let deadline = Instant::now() + START_LOOKUP_BUDGET;
                 for p in &parts {
                     let offset = match map.get(p) {
                         Some(o) => Offset::Offset(*o),
-                        None => start_offset(consumer, p, self.start),
+                        None => start_offset(
+                            consumer,
+                            p,
+                            self.start,
+                            deadline.saturating_duration_since(Instant::now()),
+                        ),
                     };
                     tracing::info!(group = %self.group, topic = %p.topic, partition = p.partition, offset = ?offset, "partition assigned");
                     if let Err(e) = tpl.set_partition_offset(&p.topic, p.partition, offset) {
@@ -591,17 +603,22 @@ impl<S: Sink> ConsumerContext for RunnerContext<S> {
 /// already fetches the partitions it knows: measured with nisshi, a consumer starting on a
 /// backlog sent a first fetch holding only the topics' empty partitions, which the broker held
 /// for `fetch.wait.max.ms` (100 ms) before the partitions with records were asked for at all.
-/// Falls back to the symbolic offset if the broker does not answer within 5 s.
+/// Falls back to the symbolic offset if the broker does not answer within `timeout` (at
+/// once if it is zero).
 pub fn start_offset<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     p: &TopicPartition,
     start: StartFrom,
+    timeout: Duration,
 ) -> Offset {
     let symbolic = match start {
         StartFrom::Earliest => Offset::Beginning,
         StartFrom::Latest => Offset::End,
     };
-    match consumer.fetch_watermarks(&p.topic, p.partition, Duration::from_secs(5)) {
+    if timeout.is_zero() {
+        return symbolic;
+    }
+    match consumer.fetch_watermarks(&p.topic, p.partition, timeout) {
         Ok((low, high)) => {
             let at = match start {
                 StartFrom::Earliest => low,
