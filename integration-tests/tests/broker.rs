@@ -189,7 +189,7 @@ async fn seek_and_offsets_for_times_work() -> anyhow::Result<()> {
 /// (a first fetch of symbolic offsets held the first records back by `fetch.wait.max.ms`).
 #[tokio::test]
 async fn a_new_partition_starts_at_the_offsets_the_broker_reports() -> anyhow::Result<()> {
-    use cdp_runtime::kafka::runner::{start_offset, StartFrom};
+    use cdp_runtime::kafka::runner::{start_offsets, StartFrom};
     use cdp_runtime::TopicPartition;
     let topic = unique("broker-start");
     create_topics(&[(&topic, 2)]).await?;
@@ -208,6 +208,10 @@ async fn a_new_partition_starts_at_the_offsets_the_broker_reports() -> anyhow::R
         let tp = |partition| TopicPartition {
             topic: topic.clone(),
             partition,
+        };
+        // One partition per lookup, so each case stands on its own.
+        let start_offset = |c: &BaseConsumer, p: &TopicPartition, start, wait| {
+            start_offsets(c, &[p], start, wait)[0]
         };
         let wait = Duration::from_secs(5);
         Ok(vec![

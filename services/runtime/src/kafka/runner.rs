@@ -47,9 +47,10 @@ use crate::sink::{Sink, SinkError};
 /// How often an idle runner lets its sink act on time.
 const TICK_INTERVAL: Duration = Duration::from_millis(200);
 
-/// How long an assignment may spend reading where new partitions start ([`start_offset`]),
-/// all partitions together.
-const START_LOOKUP_BUDGET: Duration = Duration::from_secs(2);
+/// How long an assignment may wait for the broker to say where new partitions start
+/// ([`start_offsets`]): a broker that does not answer leaves it to the client, not the
+/// rebalance callback waiting.
+const START_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where a partition the sink has never seen starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -444,23 +445,22 @@ impl<S: Sink> Shared<S> {
         };
         match positions {
             Ok(map) => {
-                // Looking new partitions' offsets up is bounded as a whole: a broker that
-                // does not answer leaves the rest to the client, not the callback waiting.
-                let deadline = Instant::now() + START_LOOKUP_BUDGET;
-                for p in &parts {
-                    let offset = match map.get(p) {
-                        Some(o) => Offset::Offset(*o),
-                        None => start_offset(
-                            consumer,
-                            p,
-                            self.start,
-                            deadline.saturating_duration_since(Instant::now()),
-                        ),
-                    };
+                let mut set = |p: &TopicPartition, offset: Offset| {
                     tracing::info!(group = %self.group, topic = %p.topic, partition = p.partition, offset = ?offset, "partition assigned");
                     if let Err(e) = tpl.set_partition_offset(&p.topic, p.partition, offset) {
                         tracing::error!(error = %e, "cannot set assignment offset");
                     }
+                };
+                let mut new = Vec::new();
+                for p in &parts {
+                    match map.get(p) {
+                        Some(o) => set(p, Offset::Offset(*o)),
+                        None => new.push(p),
+                    }
+                }
+                let starts = start_offsets(consumer, &new, self.start, START_LOOKUP_TIMEOUT);
+                for (p, offset) in new.into_iter().zip(starts) {
+                    set(p, offset);
                 }
             }
             Err(source) => {
@@ -597,44 +597,52 @@ impl<S: Sink> ConsumerContext for RunnerContext<S> {
     }
 }
 
-/// Where a partition the sink never saw starts, as a concrete offset read from the broker (its
-/// first offset for [`StartFrom::Earliest`], its end for [`StartFrom::Latest`]). Assigned as
-/// `Offset::Beginning` or `Offset::End` instead, the client looks each offset up while it
-/// already fetches the partitions it knows: measured with nisshi, a consumer starting on a
-/// backlog sent a first fetch holding only the topics' empty partitions, which the broker held
-/// for `fetch.wait.max.ms` (100 ms) before the partitions with records were asked for at all.
-/// Falls back to the symbolic offset if the broker does not answer within `timeout` (at
-/// once if it is zero).
-pub fn start_offset<C: ConsumerContext>(
+/// Where partitions the sink never saw start, as concrete offsets read from the broker (their
+/// first offset for [`StartFrom::Earliest`], their end for [`StartFrom::Latest`]), in the
+/// order given, with one request per broker for all of them. Assigned as `Offset::Beginning`
+/// or `Offset::End` instead, the client looks each offset up while it already fetches the
+/// partitions it knows: measured with nisshi, a consumer starting on a backlog sent a first
+/// fetch holding only the topics' empty partitions, which the broker held for
+/// `fetch.wait.max.ms` (100 ms) before the partitions with records were asked for at all.
+/// A partition the broker gives no offset for within `timeout` (none at all if it is zero)
+/// keeps the symbolic offset, for the client to look up.
+pub fn start_offsets<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
-    p: &TopicPartition,
+    parts: &[&TopicPartition],
     start: StartFrom,
     timeout: Duration,
-) -> Offset {
+) -> Vec<Offset> {
     let symbolic = match start {
         StartFrom::Earliest => Offset::Beginning,
         StartFrom::Latest => Offset::End,
     };
-    if timeout.is_zero() {
-        return symbolic;
+    if parts.is_empty() || timeout.is_zero() {
+        return vec![symbolic; parts.len()];
     }
-    match consumer.fetch_watermarks(&p.topic, p.partition, timeout) {
-        Ok((low, high)) => {
-            let at = match start {
-                StartFrom::Earliest => low,
-                StartFrom::Latest => high,
-            };
-            if at >= 0 {
-                Offset::Offset(at)
-            } else {
-                symbolic
-            }
+    // ListOffsets by "time": the symbolic offsets are the protocol's earliest and latest.
+    let mut ask = TopicPartitionList::new();
+    for p in parts {
+        if let Err(e) = ask.add_partition_offset(&p.topic, p.partition, symbolic) {
+            tracing::debug!(topic = %p.topic, partition = p.partition, error = %e, "cannot ask where the partition starts");
         }
+    }
+    let found = match consumer.offsets_for_times(ask, timeout) {
+        Ok(found) => found,
         Err(e) => {
-            tracing::debug!(topic = %p.topic, partition = p.partition, error = %e, "cannot read where the partition starts; the client will look it up");
-            symbolic
+            tracing::debug!(error = %e, "cannot read where new partitions start; the client will look them up");
+            return vec![symbolic; parts.len()];
         }
-    }
+    };
+    parts
+        .iter()
+        .map(|p| match found.find_partition(&p.topic, p.partition) {
+            Some(e) if e.error().is_ok() => match e.offset() {
+                Offset::Offset(at) if at >= 0 => Offset::Offset(at),
+                _ => symbolic,
+            },
+            _ => symbolic,
+        })
+        .collect()
 }
 
 fn create_consumer<S: Sink>(
