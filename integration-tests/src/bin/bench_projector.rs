@@ -131,11 +131,8 @@ async fn main() -> anyhow::Result<()> {
     config.runner.batch_size_max = batch_max;
     config.projector.lanes = lanes;
     if let Ok(props) = std::env::var("CDP_KAFKA_PROPERTIES") {
-        config.kafka.properties = props
-            .split(',')
-            .filter(|p| !p.trim().is_empty())
-            .map(str::to_owned)
-            .collect();
+        // Empty entries are skipped where the properties are read (`extra_properties`).
+        config.kafka.properties = props.split(',').map(str::to_owned).collect();
     }
     println!("projecting {n} events");
     let started = Instant::now();
