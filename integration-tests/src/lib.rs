@@ -29,6 +29,22 @@ pub fn brokers() -> String {
     std::env::var("CDP_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
 }
 
+/// The Python of the stack's venv (`scripts/stack up` installs Segment's analytics-python,
+/// fastavro and zstandard there), or `CDP_TEST_PYTHON`.
+pub fn stack_python() -> anyhow::Result<std::path::PathBuf> {
+    let p = std::env::var_os("CDP_TEST_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.stack/venv/bin/python")
+        });
+    anyhow::ensure!(
+        p.exists(),
+        "{} is missing: `scripts/stack up` creates the venv (or set CDP_TEST_PYTHON)",
+        p.display()
+    );
+    Ok(p)
+}
+
 pub fn admin_database_url() -> String {
     std::env::var("CDP_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())

@@ -189,13 +189,7 @@ async fn kill_9_at_random_moments_leaves_no_gap_and_no_duplicate() -> anyhow::Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fastavro_reads_the_files_with_the_same_records() -> anyhow::Result<()> {
-    let python =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.stack/venv/bin/python");
-    ensure!(
-        python.exists(),
-        "{} is missing: `scripts/stack up` creates the venv with fastavro",
-        python.display()
-    );
+    let python = cdp_integration_tests::stack_python()?;
     for codec in [
         cdp_archiver::ocf::Codec::Zstandard,
         cdp_archiver::ocf::Codec::Deflate,

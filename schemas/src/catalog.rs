@@ -140,8 +140,11 @@ pub fn markdown(sets: &[&SchemaSet]) -> String {
         "# Event catalogue\n\n\
          Generated from `schemas/avro/*.avsc` by `cdp schemas catalog`; a test fails when this \
          file and the schemas disagree. Every record is framed with Avro single-object encoding \
-         (`C3 01`, the 8-byte little-endian CRC-64-AVRO fingerprint of the writer schema, then the \
-         Avro binary datum). Fields marked **PII** are sealed with the subject's data key \
+         (`C3 01`, the 8-byte little-endian CRC-64-AVRO fingerprint of the writer schema's Parsing \
+         Canonical Form as the Avro specification defines it, then the Avro binary datum): any Avro \
+         implementation computes the same fingerprints from the `.avsc` files. Records written \
+         before 2026-12 carry a legacy fingerprint per version (listed below), read as an alias of \
+         the same version. Fields marked **PII** are sealed with the subject's data key \
          (AES-256-GCM) before they reach Kafka; their plaintext never enters the log.\n",
     );
     let mut seen = std::collections::BTreeSet::new();
@@ -156,7 +159,14 @@ pub fn markdown(sets: &[&SchemaSet]) -> String {
             TOPICS.iter().find(|(n, _)| *n == set.name).map(|(_, t)| *t).unwrap_or("-"),
             current.version,
             current.fingerprint,
-            set.versions().iter().map(|v| format!("v{}", v.version)).collect::<Vec<_>>().join(", "),
+            set.versions()
+                .iter()
+                .map(|v| format!(
+                    "v{} (`{:016x}`, legacy `{:016x}`)",
+                    v.version, v.fingerprint, v.legacy_fingerprint
+                ))
+                .collect::<Vec<_>>()
+                .join(", "),
         ));
         let event_types: Vec<String> = root
             .get("fields")

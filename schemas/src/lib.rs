@@ -6,6 +6,7 @@
 //! async and no Kafka dependency, so producers in any process can use it.
 
 pub mod archive;
+pub mod canonical;
 pub mod catalog;
 pub mod codec;
 pub mod error;

@@ -14,8 +14,14 @@ pub const MAX_ALLOCATION_BYTES: usize = 16 * 1024 * 1024;
 /// One released version of a schema.
 pub struct SchemaVersion {
     pub version: i32,
-    /// CRC-64-AVRO (Rabin) fingerprint of the parsing canonical form.
+    /// CRC-64-AVRO (Rabin) fingerprint of the specification's Parsing Canonical Form: what
+    /// the single-object header carries and what any other Avro implementation computes.
     pub fingerprint: u64,
+    /// The fingerprint records written before 2026-12 carry for the same schema (the Rabin
+    /// fingerprint of the `apache-avro` crate's canonical form, which keeps logical types and
+    /// a decimal's precision and scale). Read as an alias of [`Self::fingerprint`]; never
+    /// written.
+    pub legacy_fingerprint: u64,
     pub schema: &'static Schema,
     /// The `.avsc` text.
     pub source: &'static str,
@@ -30,14 +36,22 @@ pub struct SchemaSet {
     writer: GenericDatumWriter<'static>,
 }
 
-/// CRC-64-AVRO fingerprint of a schema, as the u64 the single-object header carries.
-pub fn fingerprint(schema: &Schema) -> u64 {
+/// The `apache-avro` crate's fingerprint of a parsed schema (see
+/// [`SchemaVersion::legacy_fingerprint`]).
+pub fn legacy_fingerprint(schema: &Schema) -> u64 {
     let fp = schema.fingerprint::<Rabin>();
     let mut le = [0u8; 8];
     for (dst, src) in le.iter_mut().zip(fp.bytes.iter()) {
         *dst = *src;
     }
     u64::from_le_bytes(le)
+}
+
+/// The specification's fingerprint of an embedded schema text.
+fn spec_fingerprint(name: &str, source: &str) -> u64 {
+    // Every embedded source has a canonical form (the unit tests compute them all).
+    crate::canonical::fingerprint(source)
+        .unwrap_or_else(|e| panic!("embedded schema {name} has no canonical form: {e}"))
 }
 
 fn parse(name: &str, source: &str) -> &'static Schema {
@@ -64,14 +78,15 @@ impl SchemaSet {
                 let schema = parse(name, source);
                 SchemaVersion {
                     version: *version,
-                    fingerprint: fingerprint(schema),
+                    fingerprint: spec_fingerprint(name, source),
+                    legacy_fingerprint: legacy_fingerprint(schema),
                     schema,
                     source,
                 }
             })
             .collect();
         let current_schema = parse(name, current);
-        let current_fp = fingerprint(current_schema);
+        let current_fp = spec_fingerprint(name, current);
         let current = match versions.iter().position(|v| v.fingerprint == current_fp) {
             Some(i) => i,
             None => {
@@ -79,6 +94,7 @@ impl SchemaSet {
                 versions.push(SchemaVersion {
                     version: next,
                     fingerprint: current_fp,
+                    legacy_fingerprint: legacy_fingerprint(current_schema),
                     schema: current_schema,
                     source: current,
                 });
@@ -88,18 +104,21 @@ impl SchemaSet {
         let reader_schema = versions[current].schema;
         let readers = versions
             .iter()
-            .map(|v| {
-                let reader = if v.fingerprint == current_fp {
-                    GenericDatumReader::builder(v.schema).build()
-                } else {
-                    GenericDatumReader::builder(v.schema)
-                        .reader_schema(reader_schema)
-                        .build()
+            .flat_map(|v| {
+                let reader = || {
+                    let reader = if v.fingerprint == current_fp {
+                        GenericDatumReader::builder(v.schema).build()
+                    } else {
+                        GenericDatumReader::builder(v.schema)
+                            .reader_schema(reader_schema)
+                            .build()
+                    };
+                    reader.unwrap_or_else(|e| {
+                        panic!("schema {name} v{} cannot be resolved: {e}", v.version)
+                    })
                 };
-                let reader = reader.unwrap_or_else(|e| {
-                    panic!("schema {name} v{} cannot be resolved: {e}", v.version)
-                });
-                (v.fingerprint, reader)
+                // Records carrying the legacy fingerprint are read by the same version.
+                [(v.fingerprint, reader()), (v.legacy_fingerprint, reader())]
             })
             .collect();
         let writer = GenericDatumWriter::builder(reader_schema)
@@ -123,8 +142,11 @@ impl SchemaSet {
         &self.versions
     }
 
+    /// The version a fingerprint names: the specification's, or the legacy alias.
     pub fn by_fingerprint(&self, fingerprint: u64) -> Option<&SchemaVersion> {
-        self.versions.iter().find(|v| v.fingerprint == fingerprint)
+        self.versions
+            .iter()
+            .find(|v| v.fingerprint == fingerprint || v.legacy_fingerprint == fingerprint)
     }
 
     pub(crate) fn reader(&self, fingerprint: u64) -> Option<&GenericDatumReader<'static>> {

@@ -22,6 +22,15 @@ fn golden_path(schema: &str, version: i32) -> PathBuf {
         .join(format!("v{version}.hex"))
 }
 
+/// The same datums as [`golden_path`]'s, framed with the legacy fingerprint of their version
+/// (as records written before the specification's fingerprints were adopted carry it).
+fn legacy_golden_path(schema: &str, version: i32) -> PathBuf {
+    crate_dir()
+        .join("tests/golden")
+        .join(schema)
+        .join(format!("v{version}-legacy-fingerprint.hex"))
+}
+
 /// Golden lines: `<event_type> <hex of the framed record>`.
 fn read_golden(path: &Path) -> Vec<(String, Vec<u8>)> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -81,11 +90,29 @@ fn check_family<E: Contract + PartialEq + std::fmt::Debug>(samples: Vec<E>) {
         E::SCHEMA
     );
 
-    // Every released version's data is readable by the current code.
+    // Every released version's data is readable by the current code, under the
+    // specification's fingerprint and under the legacy one.
     for v in set.versions() {
         let lines = read_golden(&golden_path(E::SCHEMA, v.version));
+        // Versions released after the specification's fingerprints have no legacy data.
+        let legacy_path = legacy_golden_path(E::SCHEMA, v.version);
+        let legacy = if legacy_path.exists() {
+            read_golden(&legacy_path)
+        } else {
+            Vec::new()
+        };
         assert!(!lines.is_empty());
-        for (ty, bytes) in lines {
+        assert!(legacy.is_empty() || lines.len() == legacy.len());
+        for ((_, bytes), (_, old)) in lines.iter().zip(&legacy) {
+            assert_eq!(bytes[2..10], v.fingerprint.to_le_bytes());
+            assert_eq!(old[2..10], v.legacy_fingerprint.to_le_bytes());
+            assert_eq!(
+                bytes[10..],
+                old[10..],
+                "the same datum under both fingerprints"
+            );
+        }
+        for (ty, bytes) in lines.into_iter().chain(legacy) {
             let (event, written_with) = decode_versioned::<E>(&bytes)
                 .unwrap_or_else(|e| panic!("{} v{} {ty}: {e}", E::SCHEMA, v.version));
             assert_eq!(written_with, v.version);
@@ -207,8 +234,49 @@ fn framing_is_standard_single_object_encoding() {
         writer
             .write_value_ref(&event.to_value(set.current().version), &mut theirs)
             .expect("apache-avro single-object writer");
-        assert_eq!(ours, theirs);
+        // The marker and the datum are apache-avro's; the fingerprint is the specification's
+        // (apache-avro's is the legacy alias). integration-tests/tests/contract.rs checks both
+        // against fastavro.
+        assert_eq!(ours[..2], theirs[..2]);
+        assert_eq!(ours[2..10], set.current().fingerprint.to_le_bytes());
+        assert_eq!(
+            theirs[2..10],
+            set.current().legacy_fingerprint.to_le_bytes()
+        );
+        assert_eq!(ours[10..], theirs[10..]);
     }
+}
+
+/// The specification's fingerprint of every released version, as fastavro 1.12.1
+/// (`fastavro.schema.fingerprint(to_parsing_canonical_form(s), "CRC-64-AVRO")`, read as a
+/// little-endian u64) computes it from the `.avsc` file. The integration test
+/// `contract::fastavro_agrees_on_fingerprints_and_bytes` computes them live.
+#[test]
+fn fingerprints_are_the_specifications() {
+    let expected: &[(&str, i32, u64)] = &[
+        ("customer-event", 1, 0x105f_68ad_b988_1eba),
+        ("capsule-event", 1, 0x060e_e70b_1b39_b990),
+        ("compliance-event", 1, 0x91ec_15a2_2f0c_2fa8),
+        ("identity-event", 1, 0x3ca9_e8ae_4d83_5bbc),
+        ("identity-event", 2, 0x763a_c312_5fcc_8184),
+        ("profile-event", 1, 0x4c1e_82cb_e547_c256),
+    ];
+    let mut found = Vec::new();
+    for set in cdp_schemas::all_schemas() {
+        for v in set.versions() {
+            found.push((set.name, v.version, v.fingerprint));
+            assert_ne!(v.fingerprint, v.legacy_fingerprint);
+            assert_eq!(
+                set.by_fingerprint(v.legacy_fingerprint).map(|x| x.version),
+                Some(v.version)
+            );
+            assert_eq!(
+                set.by_fingerprint(v.fingerprint).map(|x| x.version),
+                Some(v.version)
+            );
+        }
+    }
+    assert_eq!(found, expected);
 }
 
 #[test]

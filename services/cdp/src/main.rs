@@ -435,8 +435,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                         ""
                     };
                     println!(
-                        "{:<18} v{} {:016x}{current}",
-                        set.name, v.version, v.fingerprint
+                        "{:<18} v{} {:016x} (legacy alias {:016x}){current}",
+                        set.name, v.version, v.fingerprint, v.legacy_fingerprint
                     );
                 }
             }
