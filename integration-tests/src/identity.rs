@@ -218,33 +218,13 @@ impl IdSlice {
         config: &IdentityConfig,
         timeout: Duration,
     ) -> anyhow::Result<()> {
-        let topic = self.topic(Topic::CustomerEvents);
-        let ends = crate::topic_ends(&topic).await?;
-        let pool = self.pool(config).await?;
-        wait_until(
-            "identity caught up and its outbox relayed",
+        caught_up(
+            &self.db.pool,
+            config,
+            &self.topic(Topic::CustomerEvents),
             timeout,
-            || async {
-                let stored =
-                    cdp_runtime::pg::stored_positions(&self.db.pool, &config.identity.group)
-                        .await?;
-                let applied = ends.iter().all(|(p, end)| {
-                    *end == 0
-                        || stored
-                            .get(&cdp_runtime::TopicPartition {
-                                topic: topic.clone(),
-                                partition: *p,
-                            })
-                            .is_some_and(|s| s >= end)
-                });
-                Ok(applied
-                    && cdp_runtime::outbox::pending(&pool, cdp_identity::handler::OUTBOX).await?
-                        == 0)
-            },
         )
-        .await?;
-        pool.close().await;
-        Ok(())
+        .await
     }
 
     /// Profile of each identifier (plaintext values hashed with this slice's key).
@@ -277,6 +257,69 @@ impl IdSlice {
         }
         Ok(out)
     }
+}
+
+/// An identity configuration beside another service's slice (same topics, database and keys),
+/// with its own schema and group, and the default rules.
+pub fn identity_for(
+    kafka: &KafkaArgs,
+    db: &TestDb,
+    keys: &KeyArgs,
+    schema: &str,
+) -> IdentityConfig {
+    let audit = Topics::new(&kafka.topic_prefix).name(Topic::Audit);
+    IdentityConfig {
+        kafka: kafka.clone(),
+        pg: db.args(),
+        keys: keys.clone(),
+        runner: RunnerArgs {
+            batch_size: 100,
+            batch_linger_ms: 50,
+            ..RunnerArgs::default()
+        },
+        identity: IdentityArgs {
+            group: format!("{audit}.{schema}"),
+            schema: schema.to_owned(),
+            rules: IdSlice::default_rules(),
+            candidates: cdp_identity::candidates::CandidateArgs::default(),
+            cache_nodes: cdp_identity::DEFAULT_CACHE_NODES,
+        },
+    }
+}
+
+/// Waits until the identity service of `config` applied everything in `customer_topic` now
+/// and its outbox is empty. `pool` is the database's (where the consumer positions are).
+pub async fn caught_up(
+    pool: &PgPool,
+    config: &IdentityConfig,
+    customer_topic: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let ends = crate::topic_ends(customer_topic).await?;
+    let schema_pool = cdp_identity::pool(&config.pg, &config.identity.schema).await?;
+    wait_until(
+        "identity caught up and its outbox relayed",
+        timeout,
+        || async {
+            let stored = cdp_runtime::pg::stored_positions(pool, &config.identity.group).await?;
+            let applied = ends.iter().all(|(p, end)| {
+                *end == 0
+                    || stored
+                        .get(&cdp_runtime::TopicPartition {
+                            topic: customer_topic.to_owned(),
+                            partition: *p,
+                        })
+                        .is_some_and(|s| s >= end)
+            });
+            Ok(applied
+                && cdp_runtime::outbox::pending(&schema_pool, cdp_identity::handler::OUTBOX)
+                    .await?
+                    == 0)
+        },
+    )
+    .await?;
+    schema_pool.close().await;
+    Ok(())
 }
 
 /// Runs the identity service in-process until the returned shutdown is triggered.

@@ -624,23 +624,9 @@ async fn gzip_bodies_are_accepted() -> anyhow::Result<()> {
     ing.stop().await
 }
 
-fn python() -> anyhow::Result<std::path::PathBuf> {
-    let p = std::env::var_os("CDP_TEST_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.stack/venv/bin/python")
-        });
-    anyhow::ensure!(
-        p.exists(),
-        "{} is missing: `scripts/stack up` installs Segment's analytics-python there (or set CDP_TEST_PYTHON)",
-        p.display()
-    );
-    Ok(p)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segments_official_python_sdk_works_unchanged() -> anyhow::Result<()> {
-    let python = python()?;
+    let python = stack_python()?;
     let ing = Ingest::start().await?;
     let run = Uuid::new_v4().simple().to_string();
     let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdk/segment_python.py");
@@ -847,5 +833,115 @@ async fn a_direct_producer_gets_the_same_contract_as_the_http_path() -> anyhow::
             Some("direct@example.org")
         );
     }
+    ing.stop().await
+}
+
+/// A NUL character (U+0000) anywhere in a message (Postgres stores none in text or jsonb) is
+/// refused with the path of every string holding one, whatever the route; the message never
+/// reaches Kafka and its rejection is logged (the logged message id and paths spell the NUL
+/// `\u0000`). Other control characters pass unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_character_is_refused_with_its_path_on_every_route() -> anyhow::Result<()> {
+    let ing = Ingest::start().await?;
+    let cases: Vec<(&str, serde_json::Value, Vec<&str>)> = vec![
+        (
+            "/v1/identify",
+            json!({"userId": "u", "traits": {"name": "Ada\u{0}", "email": "ada@example.org"}}),
+            vec!["traits.name"],
+        ),
+        (
+            "/v1/track",
+            json!({"userId": "u", "event": "Sign\u{0}up"}),
+            vec!["event"],
+        ),
+        (
+            "/v1/track",
+            json!({"userId": "u", "event": "x", "properties": {"plan": "pro\u{0}", "tags": ["a", "\u{0}"], "ke\u{0}y": 1}}),
+            vec![
+                "properties.ke\\u0000y",
+                "properties.plan",
+                "properties.tags[1]",
+            ],
+        ),
+        (
+            "/v1/page",
+            json!({"userId": "u", "name": "Home", "properties": {"title": "\u{0}"}}),
+            vec!["properties.title"],
+        ),
+        (
+            "/v1/alias",
+            json!({"userId": "u", "previousId": "old\u{0}"}),
+            vec!["previousId"],
+        ),
+        (
+            "/v1/track",
+            json!({"anonymousId": "a\u{0}", "event": "x", "messageId": "m\u{0}1"}),
+            vec!["anonymousId", "messageId"],
+        ),
+        (
+            "/v1/events",
+            json!({"type": "capsule.created", "userId": "u", "payload": {"capsule_id": "0192f7a0-0000-7000-8000-000000000001", "title": "T\u{0}", "content_type": "text/plain"}}),
+            vec!["payload.title"],
+        ),
+    ];
+    for (path, body, fields) in &cases {
+        let (status, resp) = ing.post(path, body).await?;
+        assert_eq!(status, 400, "{path} {body}: {resp}");
+        let paths: Vec<&str> = resp["errors"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|e| e["path"].as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(&paths, fields, "{path}: {resp}");
+    }
+    // In a batch only the message with a NUL is refused.
+    let (status, resp) = ing
+        .post(
+            "/v1/batch",
+            &json!({"batch": [
+                {"type": "track", "userId": "u", "event": "ok", "messageId": "good-1",
+                 "properties": {"note": "tab\tand\u{1}control\u{7f}characters"}},
+                {"type": "identify", "userId": "u", "traits": {"city": "Par\u{0}is"}, "messageId": "bad-\u{0}"}]}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(resp["accepted"], 1);
+    assert_eq!(
+        resp["rejected"][0]["errors"],
+        json!([
+            {"path": "batch[1].messageId", "reason": "contains a NUL character (U+0000), which is not accepted"},
+            {"path": "batch[1].traits.city", "reason": "contains a NUL character (U+0000), which is not accepted"}
+        ])
+    );
+    // Only the accepted message reached Kafka, its control characters as sent.
+    let events = customer_events(&ing, 1).await?;
+    assert_eq!(topic_len(&ing.topic(Topic::CustomerEvents)).await?, 1);
+    let event = events
+        .values()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("the accepted event"))?;
+    let properties = ing
+        .open(
+            &event.envelope.subject.subject_id,
+            "properties",
+            match &event.payload {
+                cdp_schemas::CustomerPayload::Track(t) => &t.properties,
+                _ => &None,
+            },
+        )
+        .await?
+        .unwrap_or_default();
+    assert!(
+        properties.contains("tab\\tand\\u0001control\u{7f}characters"),
+        "{properties}"
+    );
+    // Every refusal is in the rejection log, NUL spelled out.
+    let logged = cdp_ingest::rejections::recent(&ing.db.pool, 100).await?;
+    assert_eq!(logged.len(), cases.len() + 1);
+    assert!(logged
+        .iter()
+        .any(|r| r.message_id.as_deref() == Some("bad-\\u0000")));
+    assert!(logged
+        .iter()
+        .any(|r| r.errors.to_string().contains("properties.ke\\\\u0000y")));
     ing.stop().await
 }

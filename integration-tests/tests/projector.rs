@@ -923,3 +923,190 @@ async fn a_claim_settled_in_an_earlier_batch_still_gives_way_to_an_earlier_one_a
     task.await??;
     slice.db.drop_db().await
 }
+
+/// Values Postgres refuses (a NUL character in text or a `\u0000` escape in jsonb), produced
+/// straight to Kafka past ingest's check: the projector and identity dead-letter exactly the
+/// records carrying them, with the SQLSTATE as the reason, and project everything else; neither
+/// service stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_postgres_refuses_is_dead_lettered_and_the_pipeline_moves_on() -> anyhow::Result<()>
+{
+    use cdp_ingest::publisher::{envelope, plain, Draft};
+    use cdp_integration_tests::identity::{identity_for, origin};
+    use cdp_keystore::RawIdentifier;
+    use cdp_runtime::dlq::headers;
+    use cdp_schemas::model::capsule::CapsuleCreated;
+    use cdp_schemas::model::customer::{Identify, Track};
+    use cdp_schemas::{
+        CapsuleEvent, CapsulePayload, CustomerEvent, CustomerPayload, IdentifierKind,
+    };
+    use uuid::Uuid;
+
+    let slice = Slice::create().await?;
+    let at = |n: u128| origin() + chrono::Duration::seconds(n as i64);
+    let user = |n: u128| {
+        vec![RawIdentifier::new(
+            IdentifierKind::UserId,
+            format!("nul-{n}"),
+        )]
+    };
+    let customer = |n: u128, payload, identifiers| Draft {
+        event: CustomerEvent {
+            envelope: envelope(Uuid::from_u128(0x0a11_0000 + n), at(n), at(n), "test"),
+            payload,
+        },
+        identifiers,
+    };
+    let good = |n: u128| {
+        customer(
+            n,
+            CustomerPayload::Track(cdp_integration_tests::product_view(n as u64)),
+            user(n),
+        )
+    };
+    let track = |name: &str, properties: &str| {
+        CustomerPayload::Track(Track {
+            interaction_type: name.to_owned(),
+            channel: None,
+            touchpoint: None,
+            duration_ms: None,
+            outcome: None,
+            properties: plain(properties),
+        })
+    };
+    // Each refused value, each followed by a good event of another subject.
+    let mut customers = vec![
+        customer(1, track("Sign\u{0}up", "{}"), user(1)),
+        customer(
+            3,
+            CustomerPayload::Identify(Identify {
+                email: plain("ada\u{0}@example.org"),
+                ..Identify::default()
+            }),
+            user(3),
+        ),
+        customer(
+            5,
+            CustomerPayload::Identify(Identify {
+                country: Some("G\u{0}B".to_owned()),
+                ..Identify::default()
+            }),
+            user(5),
+        ),
+        customer(7, track("Clicked", r#"{"plan": "a\u0000b"}"#), user(7)),
+        customer(9, track("Clicked", "not json \u{0}"), user(9)),
+        // Only identity stores an external id's namespace.
+        customer(
+            11,
+            track("Clicked", "{}"),
+            vec![
+                RawIdentifier::new(IdentifierKind::UserId, "nul-11"),
+                RawIdentifier {
+                    kind: IdentifierKind::ExternalId,
+                    namespace: Some("crm\u{0}x".to_owned()),
+                    value: "c-11".to_owned(),
+                },
+            ],
+        ),
+    ];
+    customers.extend([2, 4, 6, 8, 10, 12].map(good));
+    let capsule = |n: u128, title: &str| Draft {
+        event: CapsuleEvent {
+            envelope: envelope(Uuid::from_u128(0x0a11_0000 + n), at(n), at(n), "test"),
+            payload: CapsulePayload::Created(CapsuleCreated {
+                capsule_id: Uuid::from_u128(0xca95 + n),
+                owner_subject_id: String::new(),
+                title: title.to_owned(),
+                content_type: "text/plain".to_owned(),
+                storage_path: None,
+                settings: Default::default(),
+            }),
+        },
+        identifiers: user(n),
+    };
+    let mut prepared = slice.publisher.prepare(customers).await?;
+    prepared.extend(
+        slice
+            .publisher
+            .prepare(vec![capsule(13, "T\u{0}"), capsule(14, "Fine")])
+            .await?,
+    );
+    slice.produce(&prepared, |_| Some(0)).await?;
+
+    let pc = slice.config("nul");
+    let ic = identity_for(&slice.kafka, &slice.db, &slice.key_args, "id_nul");
+    let (stop_p, task_p) = spawn(pc.clone());
+    let (stop_i, task_i) = cdp_integration_tests::identity::spawn(ic.clone());
+    cdp_integration_tests::identity::caught_up(
+        &slice.db.pool,
+        &ic,
+        &slice.topic(Topic::CustomerEvents),
+        Duration::from_secs(120),
+    )
+    .await?;
+    slice.caught_up(&pc, Duration::from_secs(120)).await?;
+    assert!(
+        !task_p.is_finished() && !task_i.is_finished(),
+        "both services are still running"
+    );
+
+    // Every good event is projected (and the bad ones' other records did not get in).
+    let (interactions,): (i64,) = sqlx::query_as("SELECT count(*) FROM p_nul_read.interactions")
+        .fetch_one(&slice.db.pool)
+        .await?;
+    assert_eq!(
+        interactions, 7,
+        "the six good tracks and the external-id one"
+    );
+    let (capsules,): (Vec<String>,) =
+        sqlx::query_as("SELECT array_agg(title) FROM p_nul_read.capsules")
+            .fetch_one(&slice.db.pool)
+            .await?;
+    assert_eq!(capsules, ["Fine"]);
+
+    // Dead letters: six from the projector, one from identity.
+    let dead = consume(&slice.topic(Topic::DeadLetter), 7, Duration::from_secs(60)).await?;
+    assert_eq!(
+        topic_len(&slice.topic(Topic::DeadLetter)).await?,
+        7,
+        "one dead letter per refused record and consumer, no more"
+    );
+    let mut letters = std::collections::BTreeSet::new();
+    for d in &dead {
+        assert_eq!(
+            d.headers.get(headers::KIND).map(String::as_str),
+            Some("refused_by_database"),
+            "{:?}",
+            d.headers
+        );
+        let reason = d.headers.get(headers::REASON).cloned().unwrap_or_default();
+        assert!(
+            reason.contains("SQLSTATE 22021") || reason.contains("SQLSTATE 22P05"),
+            "{reason}"
+        );
+        let header = |h: &str| d.headers.get(h).cloned().unwrap_or_default();
+        letters.insert((
+            header(headers::GROUP) == ic.identity.group,
+            header(headers::TOPIC),
+            header(headers::OFFSET).parse::<i64>().unwrap_or(-1),
+        ));
+    }
+    // Customer events went in order onto partition 0: the refused ones at offsets 0 to 5.
+    let (customer_topic, capsule_topic) = (
+        slice.topic(Topic::CustomerEvents),
+        slice.topic(Topic::CapsuleEvents),
+    );
+    let mut want: std::collections::BTreeSet<(bool, String, i64)> =
+        (0..5).map(|o| (false, customer_topic.clone(), o)).collect();
+    want.insert((false, capsule_topic, 0));
+    want.insert((true, customer_topic, 5));
+    assert_eq!(
+        letters, want,
+        "the projector dead-lettered its five customer records and the capsule, identity the namespace"
+    );
+    stop_p.trigger();
+    stop_i.trigger();
+    task_p.await??;
+    task_i.await??;
+    slice.db.drop_db().await
+}

@@ -241,3 +241,77 @@ impl<'a> Obj<'a> {
         (!rest.is_empty()).then(|| Value::Object(rest).to_string())
     }
 }
+
+/// A key as it appears in a path: NUL characters are written `\u0000` (the path is logged and
+/// stored, and Postgres refuses NUL in text).
+fn path_key(key: &str) -> std::borrow::Cow<'_, str> {
+    if key.contains('\0') {
+        key.replace('\0', "\\u0000").into()
+    } else {
+        key.into()
+    }
+}
+
+/// Every string of a message, key or value at any depth, that holds a NUL character
+/// (U+0000), by path. Such a message is refused whole: Postgres stores no NUL in text or
+/// `jsonb`, so the value could not be projected as sent, and silently changing it would
+/// change the data. Other control characters are kept as sent.
+pub fn nul_characters(path: &str, v: &Value) -> Vec<FieldError> {
+    fn walk(path: &str, v: &Value, out: &mut Vec<FieldError>) {
+        const REASON: &str = "contains a NUL character (U+0000), which is not accepted";
+        match v {
+            Value::String(s) if s.contains('\0') => out.push(FieldError::new(
+                if path.is_empty() { "body" } else { path },
+                REASON,
+            )),
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    walk(&format!("{path}[{i}]"), item, out);
+                }
+            }
+            Value::Object(map) => {
+                for (k, item) in map {
+                    let p = join(path, &path_key(k));
+                    if k.contains('\0') {
+                        out.push(FieldError::new(p.clone(), format!("key {REASON}")));
+                    }
+                    walk(&p, item, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(path, v, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod nul_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_nul_is_named_by_its_path_and_other_control_characters_pass() {
+        let v = json!({
+            "event": "Sign\u{0}up",
+            "properties": {"plan": "pro", "list": ["a", "b\u{0}"], "k\u{0}ey": 1},
+            "traits": {"name": "tab\there\u{1}\u{7f}"}
+        });
+        let errors = nul_characters("batch[2]", &v);
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "batch[2].event",
+                "batch[2].properties.k\\u0000ey",
+                "batch[2].properties.list[1]"
+            ]
+        );
+        assert!(errors
+            .iter()
+            .all(|e| !e.path.contains('\0') && !e.reason.contains('\0')));
+        assert!(nul_characters("", &json!({"traits": {"name": "tab\there\u{1b}"}})).is_empty());
+        assert_eq!(nul_characters("", &json!("\u{0}"))[0].path, "body");
+    }
+}

@@ -140,9 +140,16 @@ struct Sorted {
     accepted_messages: usize,
 }
 
+/// The message id as the rejection log keeps it: at most 100 characters, NUL written `\u0000`
+/// (Postgres stores no NUL in text).
 fn message_id_of(v: &Value) -> Option<String> {
     match v.get("messageId") {
-        Some(Value::String(s)) => Some(s.chars().take(100).collect()),
+        Some(Value::String(s)) => Some(
+            s.chars()
+                .take(100)
+                .collect::<String>()
+                .replace('\0', "\\u0000"),
+        ),
         Some(Value::Number(n)) => Some(n.to_string()),
         _ => None,
     }
@@ -156,7 +163,10 @@ fn sort_messages(
     let mut out = Sorted::default();
     for (index, (path, v, call)) in items.iter().enumerate() {
         let size = serde_json::to_vec(v).map(|b| b.len()).unwrap_or(0);
-        let result = if size > ctx.limits.max_event_bytes {
+        let nul = crate::fields::nul_characters(path, v);
+        let result = if !nul.is_empty() {
+            Err(nul)
+        } else if size > ctx.limits.max_event_bytes {
             Err(vec![FieldError::new(
                 if path.is_empty() {
                     "body".to_owned()

@@ -48,26 +48,69 @@ pub async fn create_schema(pool: &PgPool, schema: &str) -> Result<(), sqlx::Erro
     tx.commit().await
 }
 
-/// Classifies a database error: transient failures are retried, the rest stop the consumer.
+/// Classifies a database error: transient failures are retried; data the database refuses
+/// (SQLSTATE class 22, data exception: a NUL character in text, a number or date out of
+/// range; a not-null or check constraint the data breaks, 23502 and 23514; class 54, a value
+/// past a limit, such as an index row too large) is [`SinkError::Refused`], which [`PgSink`]
+/// pins on the record that carries it; the rest stop the consumer. Unique and foreign-key
+/// violations are not the record's fault by themselves (handlers upsert; a reference may wait
+/// for a row another partition brings) and stay fatal: they point at a defect.
 pub fn classify(e: sqlx::Error) -> SinkError {
+    let code = match &e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    };
     let retryable = match &e {
         sqlx::Error::Io(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
-            // serialization_failure, deadlock_detected, admin/crash shutdown, cannot_connect_now,
-            // and every connection_exception (08xxx)
-            matches!(c.as_ref(), "40001" | "40P01" | "57P01" | "57P02" | "57P03")
-                || c.starts_with("08")
+        // serialization_failure, deadlock_detected, admin/crash shutdown, cannot_connect_now,
+        // and every connection_exception (08xxx)
+        sqlx::Error::Database(_) => code.as_deref().is_some_and(|c| {
+            matches!(c, "40001" | "40P01" | "57P01" | "57P02" | "57P03") || c.starts_with("08")
         }),
         _ => false,
     };
     if retryable {
         SinkError::Retryable(Box::new(e))
+    } else if code.as_deref().is_some_and(|c| {
+        c.starts_with("22") || c.starts_with("54") || matches!(c, "23502" | "23514")
+    }) {
+        SinkError::Refused(Box::new(e))
     } else {
         SinkError::Fatal(Box::new(e))
     }
+}
+
+/// The dead-letter reason for a record whose data the database refused: the SQLSTATE and the
+/// constraint, never the database's message (it may quote the value, which may be personal).
+fn refused(cause: &(dyn std::error::Error + 'static)) -> Rejection {
+    let db = cause.downcast_ref::<sqlx::Error>().and_then(|e| match e {
+        sqlx::Error::Database(db) => Some(db),
+        _ => None,
+    });
+    let code = db.and_then(|db| db.code()).unwrap_or_default();
+    let condition = match code.as_ref() {
+        "22021" => " (character_not_in_repertoire: a NUL character in text)",
+        "22P05" => " (untranslatable_character: a \\u0000 escape in JSON)",
+        "22003" => " (numeric_value_out_of_range)",
+        "22008" => " (datetime_field_overflow)",
+        "22001" => " (string_data_right_truncation)",
+        "22P02" => " (invalid_text_representation)",
+        "23502" => " (not_null_violation)",
+        "23514" => " (check_violation)",
+        "54000" => " (program_limit_exceeded: a value too large, e.g. for an index)",
+        _ => "",
+    };
+    let constraint = db
+        .and_then(|db| db.constraint())
+        .map(|c| format!(", constraint {c}"))
+        .unwrap_or_default();
+    Rejection::new(
+        "refused_by_database",
+        format!("the database refused the record's data: SQLSTATE {code}{condition}{constraint}"),
+    )
 }
 
 /// A record that decoded, handed to the handler.
@@ -312,14 +355,101 @@ impl<H: PgHandler> Sink for PgSink<H> {
     }
 }
 
+/// How a lane hands its records to the handler.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Parts {
+    /// All at once (every batch, first).
+    Whole,
+    /// In parts under savepoints, after the database refused the whole (see [`isolate`]).
+    Isolating,
+}
+
+/// Applies `batch` in parts, each under a savepoint: a part the database refuses is rolled
+/// back and halved until the record it refuses is alone; that record is rejected (it goes to
+/// the dead-letter topic) and every other is applied. Handlers are correct for any cut of
+/// the log into batches, so applying a batch as several smaller ones changes nothing else.
+/// About two handler calls per halving: some 30 for one bad record in 20,000.
+async fn isolate<H: PgHandler>(
+    handler: &H,
+    tx: &mut PgConnection,
+    batch: &[Decoded<'_, H::Event>],
+) -> Result<Vec<Rejected>, SinkError> {
+    let mut rejected = Vec::new();
+    // Parts still to apply, the next one last (so they run in batch order).
+    let mut parts = vec![(0, batch.len())];
+    while let Some((from, to)) = parts.pop() {
+        sqlx::query("SAVEPOINT cdp_part")
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        match handler.handle(tx, &batch[from..to]).await {
+            Ok(part) => {
+                sqlx::query("RELEASE SAVEPOINT cdp_part")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+                rejected.extend(part.into_iter().map(|r| Rejected {
+                    index: r.index + from,
+                    rejection: r.rejection,
+                }));
+            }
+            Err(SinkError::Refused(cause)) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT cdp_part")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+                sqlx::query("RELEASE SAVEPOINT cdp_part")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+                if to - from == 1 {
+                    rejected.push(Rejected {
+                        index: from,
+                        rejection: refused(cause.as_ref()),
+                    });
+                } else {
+                    let mid = from + (to - from) / 2;
+                    parts.push((mid, to));
+                    parts.push((from, mid));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(rejected)
+}
+
 impl<H: PgHandler> Lane<H> {
     /// Applies the records at `indices` of a batch (in batch order) in one transaction with
-    /// their partitions' positions.
+    /// their partitions' positions. When the database refuses data of the batch, the
+    /// transaction is rolled back and the batch applied again in parts, so that only the
+    /// records it refuses are dead-lettered (a record's bad value never stops the service).
     async fn apply(
         &self,
         prepared: &PgBatch<H::Event>,
         indices: &[usize],
         dlq: &DeadLetters,
+    ) -> Result<ApplyStats, SinkError> {
+        match self.apply_as(prepared, indices, dlq, Parts::Whole).await {
+            Err(SinkError::Refused(_)) => {
+                tracing::warn!(
+                    group = %self.group,
+                    records = indices.len(),
+                    "the database refused data of a batch; applying it in parts to dead-letter the records at fault"
+                );
+                self.apply_as(prepared, indices, dlq, Parts::Isolating)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    async fn apply_as(
+        &self,
+        prepared: &PgBatch<H::Event>,
+        indices: &[usize],
+        dlq: &DeadLetters,
+        mode: Parts,
     ) -> Result<ApplyStats, SinkError> {
         let mut stats = ApplyStats::default();
         if indices.is_empty() {
@@ -361,7 +491,10 @@ impl<H: PgHandler> Lane<H> {
                 }),
             }
         }
-        let rejected = self.handler.handle(&mut tx, &decoded).await?;
+        let rejected = match mode {
+            Parts::Whole => self.handler.handle(&mut tx, &decoded).await?,
+            Parts::Isolating => isolate(&self.handler, &mut tx, &decoded).await?,
+        };
         let mut rejected_idx = BTreeSet::new();
         for Rejected { index, rejection } in rejected {
             if let Some(d) = decoded.get(index) {

@@ -21,6 +21,12 @@ pub enum SinkError {
     /// A defect or a state no retry can fix: the consumer stops with an error.
     #[error("fatal sink failure")]
     Fatal(#[source] BoxError),
+    /// The store refused data a record of the batch carries (a value Postgres cannot hold,
+    /// such as a NUL character in text): the record's fault, not the service's. A sink that
+    /// can tell which record it was dead-letters it and applies the rest (`PgSink` does); for
+    /// the runner it is fatal like [`SinkError::Fatal`] (see `pg::classify` for the SQLSTATEs).
+    #[error("the store refused a record's data")]
+    Refused(#[source] BoxError),
 }
 
 impl SinkError {
