@@ -254,6 +254,44 @@ impl Slice {
         self.topics.name(t)
     }
 
+    /// Publishes what the identity service publishes when it links two identifiers in a
+    /// profile (`IdentifiersLinked`, keyed by the link), as of the event at `at`.
+    pub async fn publish_link(
+        &self,
+        profile: Uuid,
+        from: cdp_schemas::Identifier,
+        to: cdp_schemas::Identifier,
+        at: DateTime<Utc>,
+    ) -> anyhow::Result<()> {
+        use cdp_schemas::model::identity::IdentifiersLinked;
+        use cdp_schemas::{IdentityEvent, IdentityPayload};
+        let link_id = Uuid::new_v4();
+        let mut envelope = envelope(Uuid::new_v4(), at, at, "identity");
+        envelope.subject.subject_id = link_id.to_string();
+        envelope.partition_key = link_id.to_string();
+        let event = IdentityEvent {
+            envelope,
+            payload: IdentityPayload::IdentifiersLinked(IdentifiersLinked {
+                link_id,
+                profile_id: profile,
+                from,
+                to,
+                cause_event_id: Uuid::new_v4(),
+            }),
+        };
+        let value = cdp_schemas::encode(&event)?;
+        let topic = self.topic(Topic::Identity);
+        self.producer
+            .send(OutgoingRecord {
+                topic: &topic,
+                key: Some(link_id.to_string().as_bytes()),
+                value: Some(&value),
+                ..Default::default()
+            })
+            .await?;
+        Ok(())
+    }
+
     /// A projector configuration with its own schemas and group.
     pub fn config(&self, name: &str) -> ProjectorConfig {
         ProjectorConfig {

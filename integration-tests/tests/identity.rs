@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use cdp_identity::SplitTarget;
-use cdp_integration_tests::identity::{spawn, workload, IdSlice, Spec};
+use cdp_integration_tests::identity::{identity_for, spawn, workload, IdSlice, Spec};
 use cdp_integration_tests::{brokers, consume, topic_len, wait_until};
 use cdp_runtime::topics::Topic;
 use cdp_schemas::{CustomerEvent, IdentifierKind, IdentityEvent, IdentityPayload};
@@ -459,34 +459,6 @@ async fn the_api_shows_a_profiles_identifiers_to_operators_only() -> anyhow::Res
     slice.db.drop_db().await
 }
 
-/// An identity configuration beside another service's slice (same topics, database and keys),
-/// with its own schema and group.
-fn identity_for(
-    kafka: &cdp_runtime::config::KafkaArgs,
-    db: &cdp_integration_tests::TestDb,
-    keys: &cdp_keystore::config::KeyArgs,
-    schema: &str,
-) -> cdp_identity::IdentityConfig {
-    let audit = cdp_runtime::topics::Topics::new(&kafka.topic_prefix).name(Topic::Audit);
-    cdp_identity::IdentityConfig {
-        kafka: kafka.clone(),
-        pg: db.args(),
-        keys: keys.clone(),
-        runner: cdp_runtime::config::RunnerArgs {
-            batch_size: 100,
-            batch_linger_ms: 50,
-            ..cdp_runtime::config::RunnerArgs::default()
-        },
-        identity: cdp_identity::IdentityArgs {
-            group: format!("{audit}.{schema}"),
-            schema: schema.to_owned(),
-            rules: IdSlice::default_rules(),
-            candidates: cdp_identity::candidates::CandidateArgs::default(),
-            cache_nodes: cdp_identity::DEFAULT_CACHE_NODES,
-        },
-    }
-}
-
 /// Track events with chosen identifiers, sealed and published as ingest does.
 async fn publish_tracks(
     slice: &cdp_integration_tests::projector::Slice,
@@ -738,15 +710,24 @@ async fn fuzzy_duplicates_are_scored_from_the_read_model_and_merged_only_over_th
     let (stop_i, task_i) = spawn(ic.clone());
     let pc = slice.config("cand");
     let (stop_p, task_p) = cdp_integration_tests::projector::spawn(pc.clone());
+    // Identity's links (which email is whose) reach the read model through the projector.
+    cdp_integration_tests::identity::caught_up(
+        &slice.db.pool,
+        &ic,
+        &slice.topic(Topic::CustomerEvents),
+        WAIT,
+    )
+    .await?;
     slice.caught_up(&pc, WAIT).await?;
     let graph = cdp_identity::pool(&ic.pg, &ic.identity.schema).await?;
-    wait_until("identity observed every event", WAIT, || async {
-        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM identity_observations")
-            .fetch_one(&graph)
-            .await?;
-        Ok(n == people.len() as i64)
-    })
-    .await?;
+    let (observed,): (i64,) = sqlx::query_as("SELECT count(*) FROM identity_observations")
+        .fetch_one(&graph)
+        .await?;
+    assert_eq!(
+        observed,
+        people.len() as i64,
+        "identity observed every event"
+    );
     let hasher = slice.key_args.hasher()?;
     // The read model's profile of an email (by its hash: a merged profile keeps one email trait).
     let profile = |email: &'static str| {
@@ -1001,4 +982,202 @@ async fn identifiers_a_pattern_blocks_at_ingest_never_link_and_the_refusal_is_re
     task.await??;
     pool.close().await;
     ing.stop().await
+}
+
+/// Events for the refusal test: tracks with chosen identifiers, and one alias.
+async fn publish_specs_and_alias(
+    slice: &cdp_integration_tests::projector::Slice,
+    specs: &[Spec],
+    alias: (u128, i64, &str, &str),
+) -> anyhow::Result<()> {
+    use cdp_ingest::publisher::{envelope, Draft};
+    use cdp_schemas::model::customer::Alias;
+    use cdp_schemas::CustomerPayload;
+    let mut drafts: Vec<Draft<CustomerEvent>> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| cdp_integration_tests::identity::track_draft(s, i, "test"))
+        .collect();
+    let (n, secs, user, previous) = alias;
+    let at = cdp_integration_tests::identity::origin() + chrono::Duration::seconds(secs);
+    let previous = slice
+        .key_args
+        .hasher()?
+        .identifier(&cdp_keystore::RawIdentifier::new(User, previous))?
+        .0;
+    drafts.push(Draft {
+        event: CustomerEvent {
+            envelope: envelope(Uuid::from_u128(0xa11a5 + n), at, at, "test"),
+            payload: CustomerPayload::Alias(Alias { previous }),
+        },
+        identifiers: vec![cdp_keystore::RawIdentifier::new(User, user)],
+    });
+    let prepared = slice.publisher.prepare(drafts).await?;
+    slice.produce(&prepared, |i| Some((i % 3) as i32)).await
+}
+
+/// The projector follows identity's decisions: an identifier whose link a rule refuses is
+/// not given to the profile of the event that carried it, so a lookup by it never returns
+/// that profile (a refused alias made `?user_id=<previous id>` return another person).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_projector_follows_identitys_refusals() -> anyhow::Result<()> {
+    use cdp_integration_tests::projector::Slice;
+    let slice = Slice::create().await?;
+    let specs = vec![
+        // unique (alias): B exists; an alias names a new user id as B's previous one, which
+        // would give B a second user id. A arrives later with that user id.
+        Spec::new(1, 0, &[(User, "u-b"), (Email, "b@example.org")]),
+        Spec::new(3, 20, &[(User, "u-a"), (Email, "a@example.org")]),
+        // unique (event): C shows B's email.
+        Spec::new(4, 30, &[(User, "u-c"), (Email, "b@example.org")]),
+        // limit: a third email for D (the test allows two).
+        Spec::new(5, 40, &[(User, "u-d"), (Email, "d1@example.org")]),
+        Spec::new(6, 41, &[(User, "u-d"), (Email, "d2@example.org")]),
+        Spec::new(7, 42, &[(User, "u-d"), (Email, "d3@example.org")]),
+        // blocked: the default list has test@example.com.
+        Spec::new(8, 50, &[(User, "u-e"), (Email, "TEST@example.com")]),
+        // expired: the device last linked two hours before (the test's TTL is one hour).
+        Spec::new(9, 60, &[(User, "u-y1"), (Device, "dev-1")]),
+        Spec::new(10, 60 + 7_200, &[(User, "u-y2"), (Device, "dev-1")]),
+        // an anonymous session that links normally, for contrast.
+        Spec::new(11, 70, &[(User, "u-g"), (Anon, "anon-g")]),
+    ];
+    publish_specs_and_alias(&slice, &specs, (2, 10, "u-b", "u-a")).await?;
+    let mut ic = identity_for(&slice.kafka, &slice.db, &slice.key_args, "id_refusals");
+    ic.identity.rules.limits = vec!["email=2".to_owned()];
+    ic.identity.rules.ttl = vec!["device_id=1h".to_owned()];
+    let (stop_i, task_i) = spawn(ic.clone());
+    let pc = slice.config("refusals");
+    let (stop_p, task_p) = cdp_integration_tests::projector::spawn(pc.clone());
+    let customers = slice.topic(Topic::CustomerEvents);
+    cdp_integration_tests::identity::caught_up(&slice.db.pool, &ic, &customers, WAIT).await?;
+    slice.caught_up(&pc, WAIT).await?;
+
+    // A severed identifier: an operator splits G's anonymous id off; a later event of another
+    // user carrying it is refused.
+    cdp_identity::split(
+        &ic,
+        SplitTarget::Identifier(Anon, None, "anon-g".to_owned()),
+        "shared kiosk",
+    )
+    .await?;
+    let severed = vec![Spec::new(12, 80, &[(User, "u-h"), (Anon, "anon-g")])];
+    publish_tracks(&slice, &severed).await?;
+    cdp_integration_tests::identity::caught_up(&slice.db.pool, &ic, &customers, WAIT).await?;
+    slice.caught_up(&pc, WAIT).await?;
+
+    let pool = cdp_identity::pool(&ic.pg, &ic.identity.schema).await?;
+    let (refusals,): (Vec<String>,) =
+        sqlx::query_as("SELECT array_agg(DISTINCT reason ORDER BY reason) FROM identity_refusals")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(
+        refusals,
+        ["blocked", "expired", "limit", "severed", "unique"],
+        "every refusal kind happened"
+    );
+    pool.close().await;
+
+    // Through the profile API, as the outside tester did.
+    let shutdown = cdp_runtime::Shutdown::new();
+    let api = cdp_projector::ApiArgs {
+        api_addr: "127.0.0.1:0".parse()?,
+        api_tokens: vec!["analyst:read:s3cret".into()],
+    };
+    let (addr, serve) = cdp_projector::bind_api(
+        &slice.db.args(),
+        &slice.key_args,
+        "p_refusals",
+        &api,
+        shutdown.clone(),
+    )
+    .await?;
+    let server = tokio::spawn(serve);
+    let client = reqwest::Client::new();
+    let lookup = |query: &'static str| {
+        let req = client
+            .get(format!("http://{addr}/v1/profiles?{query}"))
+            .bearer_auth("s3cret");
+        async move {
+            let resp = req.send().await?;
+            let status = resp.status().as_u16();
+            let body: serde_json::Value = resp.json().await.unwrap_or_default();
+            anyhow::Ok((status, body["profile_id"].as_str().map(str::to_owned)))
+        }
+    };
+    let hasher = slice.key_args.hasher()?;
+    let profile = |kind, v: &str| -> anyhow::Result<String> {
+        let id = hasher
+            .identifier(&cdp_keystore::RawIdentifier::new(kind, v))?
+            .0;
+        Ok(cdp_schemas::profile_id_of(&id.value_hash).to_string())
+    };
+    let found = |p: String| (200u16, Some(p));
+    assert_eq!(
+        lookup("user_id=u-a").await?,
+        found(profile(User, "u-a")?),
+        "the refused alias's previous id is A's, not B's"
+    );
+    assert_eq!(
+        lookup("email=b%40example.org").await?,
+        found(profile(User, "u-b")?),
+        "B's email stays B's"
+    );
+    assert_eq!(
+        lookup("email=d2%40example.org").await?,
+        found(profile(User, "u-d")?)
+    );
+    assert_eq!(
+        lookup("email=d3%40example.org").await?.0,
+        404,
+        "an email over the limit belongs to no profile"
+    );
+    assert_eq!(
+        lookup("email=test%40example.com").await?.0,
+        404,
+        "a blocked value belongs to no profile"
+    );
+    let (status, owner) = lookup("anonymous_id=anon-g").await?;
+    assert!(
+        !(status == 200 && owner == Some(profile(User, "u-h")?)),
+        "a severed identifier is not given to the user who showed it after the split"
+    );
+    // B lists its own identifiers only: its user id and its email.
+    let b = profile(User, "u-b")?;
+    let body: serde_json::Value = client
+        .get(format!("http://{addr}/v1/profiles/{b}"))
+        .bearer_auth("s3cret")
+        .send()
+        .await?
+        .json()
+        .await?;
+    let kinds: BTreeSet<String> = body["identities"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|i| i["kind"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        body["identities"].as_array().map(Vec::len),
+        Some(2),
+        "{body}"
+    );
+    assert_eq!(kinds, ["EMAIL".to_owned(), "USER_ID".to_owned()].into());
+    // The expired device stays with the profile that linked it first.
+    let (device_owner,): (Uuid,) = sqlx::query_as(
+        "SELECT profile_id FROM p_refusals_read.customer_identities WHERE kind = 'DEVICE_ID'",
+    )
+    .fetch_one(&slice.db.pool)
+    .await?;
+    assert_eq!(device_owner.to_string(), profile(User, "u-y1")?);
+
+    shutdown.trigger();
+    server.await??;
+    stop_i.trigger();
+    stop_p.trigger();
+    task_i.await??;
+    task_p.await??;
+    slice.db.drop_db().await
 }

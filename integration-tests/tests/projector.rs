@@ -469,8 +469,25 @@ async fn the_profile_api_looks_up_pages_caches_audits_and_refuses_strangers() ->
         .produce(&slice.prepare(0..2_000, 49).await?, |_| None)
         .await?;
     let config = slice.config("api");
+    // Identity decides which identifiers belong to which profile (emails, anonymous ids).
+    let identity = cdp_integration_tests::identity::identity_for(
+        &slice.kafka,
+        &slice.db,
+        &slice.key_args,
+        "id_api",
+    );
+    let (stop_identity, identity_task) = cdp_integration_tests::identity::spawn(identity.clone());
     let (stop, task) = spawn(config.clone());
+    cdp_integration_tests::identity::caught_up(
+        &slice.db.pool,
+        &identity,
+        &slice.topic(Topic::CustomerEvents),
+        Duration::from_secs(120),
+    )
+    .await?;
     slice.caught_up(&config, Duration::from_secs(120)).await?;
+    stop_identity.trigger();
+    identity_task.await??;
     let shutdown = cdp_runtime::Shutdown::new();
     let api_args = cdp_projector::ApiArgs {
         api_addr: "127.0.0.1:0".parse()?,
@@ -854,28 +871,23 @@ async fn merges_wait_for_batches_in_flight_and_batches_for_merges() -> anyhow::R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_settled_in_an_earlier_batch_still_gives_way_to_an_earlier_one_arriving_later(
 ) -> anyhow::Result<()> {
-    use cdp_ingest::publisher::Draft;
-    use cdp_integration_tests::identity::{origin, track_draft, Spec};
-    use cdp_schemas::{CustomerEvent, IdentifierKind};
+    use cdp_integration_tests::identity::origin;
+    use cdp_schemas::IdentifierKind;
     use chrono::{DateTime, Utc};
 
     let slice = Slice::create().await?;
     let config = slice.config("claims");
     let (stop, task) = spawn(config.clone());
     let hasher = slice.key_args.hasher()?;
-    let profile =
-        |u: &str| cdp_schemas::profile_id_of(&hasher.hash(IdentifierKind::UserId, None, u));
-    let at = |secs: i64| origin() + chrono::Duration::seconds(secs);
-    // One batch at a time: a subject shows the shared email at a time.
-    let mut n = 0u128;
-    let mut show = |user: &str, secs: i64| {
-        n += 1;
-        let ids = [
-            (IdentifierKind::UserId, user),
-            (IdentifierKind::Email, "shared@example.org"),
-        ];
-        track_draft(&Spec::new(n, secs, &ids), n as usize, "test")
+    let id = |kind, v: &str| {
+        hasher
+            .identifier(&cdp_keystore::RawIdentifier::new(kind, v))
+            .map(|(i, _)| i)
     };
+    let user = |u: &str| id(IdentifierKind::UserId, u);
+    let profile = |u: &str| user(u).map(|i| cdp_schemas::profile_id_of(&i.value_hash));
+    let shared = id(IdentifierKind::Email, "shared@example.org")?;
+    let at = |secs: i64| origin() + chrono::Duration::seconds(secs);
     let claim = || async {
         let row: (uuid::Uuid, DateTime<Utc>) = sqlx::query_as(
             "SELECT profile_id, first_seen FROM p_claims_read.customer_identities WHERE kind = 'EMAIL'",
@@ -884,35 +896,38 @@ async fn a_claim_settled_in_an_earlier_batch_still_gives_way_to_an_earlier_one_a
         .await?;
         anyhow::Ok(row)
     };
-    let batch = |drafts: Vec<Draft<CustomerEvent>>| {
-        let (slice, config) = (&slice, &config);
+    // One batch at a time: identity links a user's id with the shared email at a time (as
+    // it would when several profiles claim one email over time, re-deriving on late events).
+    let link = |u: &str, secs: i64| {
+        let (slice, config, shared) = (&slice, &config, shared.clone());
+        let (from, profile) = (user(u), profile(u));
         async move {
             slice
-                .produce(&slice.publisher.prepare(drafts).await?, |_| None)
+                .publish_link(profile?, from?, shared, at(secs))
                 .await?;
             slice.caught_up(config, Duration::from_secs(60)).await
         }
     };
-    let (a, b, c) = (profile("user-a"), profile("user-b"), profile("user-c"));
+    let (a, b, c) = (profile("user-a")?, profile("user-b")?, profile("user-c")?);
 
-    batch(vec![show("user-a", 100)]).await?;
+    link("user-a", 100).await?;
     assert_eq!(claim().await?, (a, at(100)));
     // Later than the claim this projector already saw: it stays A's.
-    batch(vec![show("user-b", 200)]).await?;
+    link("user-b", 200).await?;
     assert_eq!(
         claim().await?,
         (a, at(100)),
         "a later claim changes nothing"
     );
     // Earlier, arriving later: it wins.
-    batch(vec![show("user-c", 50)]).await?;
+    link("user-c", 50).await?;
     assert_eq!(
         claim().await?,
         (c, at(50)),
         "an earlier claim wins whenever it arrives"
     );
     // The same time as the claim: the lower profile id wins, so it must reach Postgres.
-    batch(vec![show("user-b", 50)]).await?;
+    link("user-b", 50).await?;
     assert_eq!(
         claim().await?,
         (b.min(c), at(50)),

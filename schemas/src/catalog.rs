@@ -16,7 +16,7 @@ const TOPICS: &[(&str, &str)] = &[
     ("compliance-event", "`cdp.compliance`, keyed by subject id"),
     (
         "identity-event",
-        "`cdp.identity` (compacted), keyed by profile id",
+        "`cdp.identity` (compacted), keyed by the link id (`IdentifiersLinked`), the loser's profile id (`ProfilesMerged`) or the new profile id (`ProfileSplit`)",
     ),
 ];
 

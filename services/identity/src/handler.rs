@@ -167,7 +167,9 @@ pub fn identity_records(
                 to: identifier(&l.to),
                 cause_event_id: l.cause,
             }),
-            profile,
+            // Keyed by the link, not the profile: the topic is compacted, and every link must
+            // survive compaction for a rebuilt projection to know which identifiers it joined.
+            l.link_id,
             &format!("linked:{}", l.link_id),
             at(&l.cause),
         );

@@ -171,7 +171,17 @@ impl ProjectorHandler {
         let id = env.event_id;
         let Owner { origin, profile } = owner;
         rows.seen(profile, stamp, &env.source);
-        for i in &env.subject.identifiers {
+        // The event's own subject identifier is the subject's profile's by construction. Its
+        // other identifiers (and an alias's previous one) belong to a profile only when the
+        // identity service links them (`IdentifiersLinked`): its rules may refuse a link
+        // (unique kinds, limits, blocked values, time-to-live, operator splits), and the read
+        // model must not link what identity keeps apart.
+        for i in env
+            .subject
+            .identifiers
+            .iter()
+            .filter(|i| i.value_hash == env.subject.subject_id)
+        {
             rows.identity(
                 (
                     i.kind.as_str(),
@@ -315,20 +325,32 @@ impl ProjectorHandler {
                     stamp,
                 },
             ),
-            CustomerPayload::Alias(a) => {
-                rows.identity(
-                    (
-                        a.previous.kind.as_str(),
-                        a.previous.namespace.as_deref().unwrap_or(""),
-                        &a.previous.value_hash,
-                    ),
-                    profile,
-                    origin,
-                    env.occurred_at,
-                );
-            }
+            // What an alias links is identity's decision (see above).
+            CustomerPayload::Alias(_) => {}
         }
         Ok(())
+    }
+
+    /// A link identity accepted: both identifiers belong to the link's profile (as merges
+    /// have moved it since), claimed at the time of the event that carried them.
+    fn fold_link<'a>(e: &'a IdentityEvent, profile: Uuid, rows: &mut Rows<'a>) {
+        let IdentityPayload::IdentifiersLinked(l) = &e.payload else {
+            return;
+        };
+        // Its snapshot on the profiles topic lists identifiers.
+        rows.touched.insert(profile);
+        for i in [&l.from, &l.to] {
+            rows.identity(
+                (
+                    i.kind.as_str(),
+                    i.namespace.as_deref().unwrap_or(""),
+                    &i.value_hash,
+                ),
+                profile,
+                l.profile_id,
+                e.envelope.occurred_at,
+            );
+        }
     }
 
     fn fold_capsule<'a>(
@@ -396,12 +418,18 @@ impl ProjectorHandler {
     }
 }
 
-/// The subject of a customer or capsule event.
-fn subject_of(event: &Projected) -> Option<&str> {
+/// The profile a record is about before merges: its subject's own profile for customer and
+/// capsule events, the linked profile for a link (none for a link of identifiers no event was
+/// about, whose profile identity leaves nil).
+fn origin_of(event: &Projected) -> Option<Uuid> {
     match event {
-        Projected::Customer(e) => Some(&e.envelope.subject.subject_id),
-        Projected::Capsule(e) => Some(&e.envelope.subject.subject_id),
-        Projected::Identity(_) | Projected::Tombstone => None,
+        Projected::Customer(e) => Some(profile_id_of(&e.envelope.subject.subject_id)),
+        Projected::Capsule(e) => Some(profile_id_of(&e.envelope.subject.subject_id)),
+        Projected::Identity(e) => match &e.payload {
+            IdentityPayload::IdentifiersLinked(l) if !l.profile_id.is_nil() => Some(l.profile_id),
+            _ => None,
+        },
+        Projected::Tombstone => None,
     }
 }
 
@@ -500,11 +528,8 @@ impl PgHandler for ProjectorHandler {
             .map_err(|e| SinkError::Retryable(Box::new(e)))?;
         let t1 = std::time::Instant::now();
         let opener = Opener::new(&keys);
-        // Each event's subject's own profile, hashed once.
-        let origins: Vec<Option<Uuid>> = batch
-            .iter()
-            .map(|d| subject_of(d.event).map(profile_id_of))
-            .collect();
+        // Each record's profile before merges, hashed once.
+        let origins: Vec<Option<Uuid>> = batch.iter().map(|d| origin_of(d.event)).collect();
         let base: Vec<Uuid> = origins
             .iter()
             .flatten()
@@ -532,7 +557,13 @@ impl PgHandler for ProjectorHandler {
                         self.fold_customer(e, owner(index), &opener, &mut rows)
                     }
                     Projected::Capsule(e) => self.fold_capsule(e, owner(index), &opener, &mut rows),
-                    Projected::Identity(_) | Projected::Tombstone => Ok(()),
+                    Projected::Identity(e) => {
+                        if origins[index].is_some() {
+                            Self::fold_link(e, owner(index).profile, &mut rows);
+                        }
+                        Ok(())
+                    }
+                    Projected::Tombstone => Ok(()),
                 };
                 if let Err(e) = result {
                     failed.push(Rejected {
