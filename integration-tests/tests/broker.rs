@@ -280,3 +280,48 @@ async fn deleting_a_topic_leaves_the_others_alone() -> anyhow::Result<()> {
     assert!(names.contains(&kept), "deleting one topic removed another");
     Ok(())
 }
+
+/// Our producer (librdkafka, `partitioner=murmur2_random`) puts a keyed record where Kafka's
+/// Java client would (`cdp_runtime::kafka::partition`), which is also where the outbox relays
+/// put theirs: records and tombstones of one key share a partition whatever path wrote them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_producer_partitions_keys_as_the_java_client_does() -> anyhow::Result<()> {
+    use cdp_runtime::kafka::partition::partition_of;
+    require_broker().await?;
+    let topic = unique("partitioner");
+    create_topics(&[(&topic, 7)]).await?;
+    let producer = Producer::new(&kafka_args("partitioner"))?;
+    let keys: Vec<String> = (0..300)
+        .map(|i| match i % 3 {
+            0 => format!("{i}"),
+            1 => uuid::Uuid::new_v4().to_string(),
+            _ => format!("subject-{i}-{}", "x".repeat(i % 11)),
+        })
+        .collect();
+    let records: Vec<OutgoingRecord<'_>> = keys
+        .iter()
+        .map(|k| OutgoingRecord {
+            topic: &topic,
+            key: Some(k.as_bytes()),
+            value: Some(b"v"),
+            ..Default::default()
+        })
+        .collect();
+    let delivered = producer.send_all(&records).await?;
+    for (k, d) in keys.iter().zip(&delivered) {
+        assert_eq!(
+            d.partition,
+            partition_of(k.as_bytes(), 7),
+            "key {k}: the producer and the Java client's partitioner disagree"
+        );
+    }
+    assert!(
+        delivered
+            .iter()
+            .map(|d| d.partition)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            == 7
+    );
+    Ok(())
+}

@@ -1181,3 +1181,46 @@ async fn the_projector_follows_identitys_refusals() -> anyhow::Result<()> {
     task_p.await??;
     slice.db.drop_db().await
 }
+
+/// The identity service's outbox relay puts every keyed record where our producer and Kafka's
+/// Java clients put a record of that key: on the identity topic (which erasure's tombstones and
+/// any other writer share) and on the resolved stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_relay_partitions_keys_as_the_producer_does() -> anyhow::Result<()> {
+    use cdp_runtime::kafka::partition::partition_of;
+    let slice = IdSlice::create(None).await?;
+    let specs: Vec<Spec> = (0..120u128)
+        .map(|i| {
+            let user = format!("u{}", i % 40);
+            let email = format!("p{}@example.org", i % 40);
+            let anon = format!("a{}", i % 60);
+            Spec::new(
+                i,
+                i as i64,
+                &[(User, &user), (Email, &email), (Anon, &anon)],
+            )
+        })
+        .collect();
+    slice.produce(&specs, |_| None).await?;
+    let config = slice.config("partitions", IdSlice::default_rules());
+    let (stop, task) = spawn(config.clone());
+    slice.caught_up(&config, WAIT).await?;
+    stop.trigger();
+    task.await??;
+    for t in [Topic::Identity, Topic::ResolvedEvents] {
+        let topic = slice.topic(t);
+        let n = topic_len(&topic).await? as usize;
+        assert!(n > 0, "{topic} is empty");
+        let partitions = t.spec().partitions;
+        for r in consume(&topic, n, Duration::from_secs(60)).await? {
+            let key = r.key.unwrap_or_default();
+            assert_eq!(
+                r.partition,
+                partition_of(&key, partitions),
+                "{topic}: key {}",
+                String::from_utf8_lossy(&key)
+            );
+        }
+    }
+    slice.db.drop_db().await
+}

@@ -139,17 +139,14 @@ pub async fn push(
     Ok(())
 }
 
-/// The partition a keyed record goes to: FNV-1a of the key, modulo the partition count
-/// (stable across processes and releases, so a re-published record lands where it did).
+/// The partition a record goes to: Kafka's default partitioner for a keyed record (murmur2,
+/// as the producer and every Java client compute it, so records of one key share a partition
+/// whichever path wrote them), its sequence number modulo the partition count otherwise.
 pub fn partition_for(key: Option<&[u8]>, seq: i64, partitions: i32) -> i32 {
-    let n = partitions.max(1) as u64;
-    let h = match key {
-        Some(k) => k.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-        }),
-        None => seq as u64,
-    };
-    (h % n) as i32
+    match key {
+        Some(k) => crate::kafka::partition::partition_of(k, partitions),
+        None => (seq.rem_euclid(i64::from(partitions.max(1)))) as i32,
+    }
 }
 
 /// The highest outbox seq already in each partition (partitions holding none are absent).
@@ -433,13 +430,10 @@ mod tests {
     }
 
     #[test]
-    fn partitions_are_stable_and_spread() {
-        let n = 6;
-        let p = partition_for(Some(b"profile-1"), 0, n);
-        assert_eq!(p, partition_for(Some(b"profile-1"), 99, n));
-        let used: BTreeSet<i32> = (0..100)
-            .map(|i| partition_for(Some(format!("k{i}").as_bytes()), 0, n))
-            .collect();
-        assert_eq!(used.len(), 6);
+    fn keyed_records_go_where_the_producer_puts_them() {
+        let p = crate::kafka::partition::partition_of(b"profile-1", 6);
+        assert_eq!(partition_for(Some(b"profile-1"), 0, 6), p);
+        assert_eq!(partition_for(Some(b"profile-1"), 99, 6), p);
+        assert_eq!(partition_for(None, 13, 6), 1);
     }
 }

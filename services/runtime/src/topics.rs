@@ -92,7 +92,7 @@ impl Topic {
                 6,
                 Cleanup::Compact,
                 -1,
-                "identity graph changes, keyed by profile id",
+                "identity graph changes, keyed by link id (links), loser (merges) or new profile (splits)",
             ),
             Topic::ResolvedEvents => (
                 "customer-events-resolved",

@@ -1,6 +1,7 @@
 //! Kafka plumbing on rdkafka: client configuration, records, the producer and the
 //! consumer runner.
 
+pub mod partition;
 pub mod producer;
 pub mod record;
 pub mod runner;
