@@ -454,11 +454,18 @@ pub async fn topic_len(topic: &str) -> anyhow::Result<i64> {
 pub struct OwnBroker {
     pub port: u16,
     dir: std::path::PathBuf,
+    storage: String,
     child: Option<std::process::Child>,
 }
 
 impl OwnBroker {
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with("sqlite://broker.db")
+    }
+
+    /// With a storage URL of the test's choosing (relative paths are in the broker's own
+    /// directory), e.g. `sqlite://broker.db?maintenance_interval=1s`.
+    pub fn start_with(storage: &str) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -467,6 +474,7 @@ impl OwnBroker {
         let mut b = Self {
             port,
             dir,
+            storage: storage.to_owned(),
             child: None,
         };
         b.resume()?;
@@ -504,7 +512,7 @@ impl OwnBroker {
                 "--group-initial-rebalance-delay",
                 "0s",
                 "--storage-engine",
-                "sqlite://broker.db",
+                &self.storage,
             ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

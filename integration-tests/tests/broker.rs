@@ -325,3 +325,121 @@ async fn the_producer_partitions_keys_as_the_java_client_does() -> anyhow::Resul
     );
     Ok(())
 }
+
+/// Every record left in one partition (offset, key, whether it is a tombstone), read from its
+/// low to its high watermark.
+fn records_left(brokers: &str, topic: &str) -> anyhow::Result<Vec<(i64, String, bool)>> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("compaction-check"))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let (low, high) = c.fetch_watermarks(topic, 0, Duration::from_secs(10))?;
+    let mut out = Vec::new();
+    if high <= low {
+        return Ok(out);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(low))?;
+    c.assign(&tpl)?;
+    let started = std::time::Instant::now();
+    while out.last().is_none_or(|(o, _, _)| *o < high - 1) {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "read {out:?}, up to {high}"
+        );
+        if let Some(m) = c.poll(Duration::from_millis(200)) {
+            let m = m?;
+            let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+            out.push((m.offset(), key, m.payload().is_none()));
+        }
+    }
+    Ok(out)
+}
+
+/// On a broker of the test's own with `storage`, a compacted topic holding five values of key
+/// `a`, then a value and a tombstone of key `b` (offsets 0 to 6).
+async fn compacted_topic(storage: &str) -> anyhow::Result<(OwnBroker, String)> {
+    let broker = OwnBroker::start_with(storage)?;
+    let topic = unique("compacted");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
+        .create()?;
+    let created =
+        admin
+            .create_topics(
+                [&rdkafka::admin::NewTopic::new(
+                    &topic,
+                    1,
+                    rdkafka::admin::TopicReplication::Fixed(1),
+                )
+                .set("cleanup.policy", "compact")],
+                &AdminOptions::new(),
+            )
+            .await?;
+    for r in created {
+        r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
+    }
+    let mut kafka = kafka_args("compaction");
+    kafka.brokers = broker.brokers();
+    let producer = Producer::new(&kafka)?;
+    let mut records: Vec<OutgoingRecord<'_>> = (0..5)
+        .map(|_| OutgoingRecord {
+            topic: &topic,
+            key: Some(b"a"),
+            value: Some(b"value"),
+            partition: Some(0),
+            ..Default::default()
+        })
+        .collect();
+    records.push(OutgoingRecord {
+        topic: &topic,
+        key: Some(b"b"),
+        value: Some(b"value"),
+        partition: Some(0),
+        ..Default::default()
+    });
+    records.push(OutgoingRecord {
+        topic: &topic,
+        key: Some(b"b"),
+        value: None,
+        partition: Some(0),
+        ..Default::default()
+    });
+    producer.send_all(&records).await?;
+    Ok((broker, topic))
+}
+
+/// The test broker compacts `cleanup.policy=compact` topics with sqlite storage, in its
+/// maintenance task (every `maintenance_interval`, 10 minutes by default), not when records
+/// are written: older records of a key are physically removed, the latest value and
+/// tombstones stay. Run on brokers of the test's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_storage_compacts_a_compacted_topic_in_its_maintenance_task() -> anyhow::Result<()> {
+    // Before the task runs, everything is there.
+    let (idle, topic) = compacted_topic("sqlite://broker.db?maintenance_interval=1h").await?;
+    let brokers = idle.brokers();
+    let all = tokio::task::spawn_blocking(move || records_left(&brokers, &topic)).await??;
+    assert_eq!(
+        all.iter().map(|(o, _, _)| *o).collect::<Vec<_>>(),
+        (0..7).collect::<Vec<i64>>()
+    );
+    drop(idle);
+    // With a one-second interval, the task compacts it.
+    let (broker, topic) = compacted_topic("sqlite://broker.db?maintenance_interval=1s").await?;
+    let compacted = vec![(4, "a".to_owned(), false), (6, "b".to_owned(), true)];
+    wait_until(
+        "only the latest value of a and b's tombstone are left",
+        Duration::from_secs(60),
+        || {
+            let (brokers, topic, want) = (broker.brokers(), topic.clone(), compacted.clone());
+            async move {
+                let left =
+                    tokio::task::spawn_blocking(move || records_left(&brokers, &topic)).await??;
+                Ok(left == want)
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
