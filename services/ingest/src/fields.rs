@@ -287,7 +287,7 @@ pub fn nul_characters(path: &str, v: &Value) -> Vec<FieldError> {
 }
 
 #[cfg(test)]
-mod nul_tests {
+mod tests {
     use super::*;
     use serde_json::json;
 
