@@ -242,13 +242,13 @@ impl<'a> Obj<'a> {
     }
 }
 
-/// A key as it appears in a path: NUL characters are written `\u0000` (the path is logged and
-/// stored, and Postgres refuses NUL in text).
-fn path_key(key: &str) -> std::borrow::Cow<'_, str> {
-    if key.contains('\0') {
-        key.replace('\0', "\\u0000").into()
+/// Text from a request as the service logs and stores it (paths, the rejection log's message
+/// id): NUL characters written `\u0000`, since Postgres refuses NUL in text.
+pub fn spell_nul(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        text.replace('\0', "\\u0000").into()
     } else {
-        key.into()
+        text.into()
     }
 }
 
@@ -271,7 +271,7 @@ pub fn nul_characters(path: &str, v: &Value) -> Vec<FieldError> {
             }
             Value::Object(map) => {
                 for (k, item) in map {
-                    let p = join(path, &path_key(k));
+                    let p = join(path, &spell_nul(k));
                     if k.contains('\0') {
                         out.push(FieldError::new(p.clone(), format!("key {REASON}")));
                     }

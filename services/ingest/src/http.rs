@@ -140,16 +140,13 @@ struct Sorted {
     accepted_messages: usize,
 }
 
-/// The message id as the rejection log keeps it: at most 100 characters, NUL written `\u0000`
-/// (Postgres stores no NUL in text).
+/// The message id as the rejection log keeps it: at most 100 characters, NUL spelled out.
 fn message_id_of(v: &Value) -> Option<String> {
     match v.get("messageId") {
-        Some(Value::String(s)) => Some(
-            s.chars()
-                .take(100)
-                .collect::<String>()
-                .replace('\0', "\\u0000"),
-        ),
+        Some(Value::String(s)) => {
+            let head: String = s.chars().take(100).collect();
+            Some(crate::fields::spell_nul(&head).into_owned())
+        }
         Some(Value::Number(n)) => Some(n.to_string()),
         _ => None,
     }

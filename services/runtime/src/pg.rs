@@ -364,19 +364,23 @@ enum Parts {
     Isolating,
 }
 
-/// Applies `batch` in parts, each under a savepoint: a part the database refuses is rolled
-/// back and halved until the record it refuses is alone; that record is rejected (it goes to
-/// the dead-letter topic) and every other is applied. Handlers are correct for any cut of
-/// the log into batches, so applying a batch as several smaller ones changes nothing else.
-/// About two handler calls per halving: some 30 for one bad record in 20,000.
+/// Applies `batch`, which the database refused whole, in parts, each under a savepoint: a
+/// part the database refuses is rolled back and halved until the record it refuses is alone;
+/// that record is rejected (it goes to the dead-letter topic) and every other is applied.
+/// Handlers are correct for any cut of the log into batches, so applying a batch as several
+/// smaller ones changes nothing else. About two handler calls per halving: some 30 for one
+/// bad record in 20,000.
 async fn isolate<H: PgHandler>(
     handler: &H,
     tx: &mut PgConnection,
     batch: &[Decoded<'_, H::Event>],
 ) -> Result<Vec<Rejected>, SinkError> {
     let mut rejected = Vec::new();
-    // Parts still to apply, the next one last (so they run in batch order).
-    let mut parts = vec![(0, batch.len())];
+    // Parts still to apply, the next one last (so they run in batch order); the whole was
+    // refused already, so its halves come first.
+    let mid = batch.len() / 2;
+    let mut parts = vec![(mid, batch.len()), (0, mid)];
+    parts.retain(|(from, to)| from < to);
     while let Some((from, to)) = parts.pop() {
         sqlx::query("SAVEPOINT cdp_part")
             .execute(&mut *tx)
