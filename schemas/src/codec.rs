@@ -87,6 +87,7 @@ pub fn decode_versioned<E: Contract>(bytes: &[u8]) -> Result<(E, i32), CodecErro
     let body = &bytes[HEADER_LEN..];
     let mut cursor = Cursor::new(body);
     let value = reader
+        .reader
         .read_value(&mut cursor)
         .map_err(|e| CodecError::Avro {
             schema: E::SCHEMA,
@@ -99,6 +100,16 @@ pub fn decode_versioned<E: Contract>(bytes: &[u8]) -> Result<(E, i32), CodecErro
             trailing: body.len() - consumed,
         });
     }
+    let value = if version == set.current().version {
+        value
+    } else {
+        set.upgrade(reader, value)
+            .map_err(|source| CodecError::Unresolvable {
+                schema: E::SCHEMA,
+                version,
+                source,
+            })?
+    };
     let event = E::from_value(value).map_err(|source| CodecError::Contract {
         schema: E::SCHEMA,
         source,

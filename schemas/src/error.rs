@@ -65,6 +65,13 @@ pub enum CodecError {
         schema: &'static str,
         trailing: usize,
     },
+    #[error("a datum of {schema} v{version} does not resolve to the current schema")]
+    Unresolvable {
+        schema: &'static str,
+        version: i32,
+        #[source]
+        source: crate::resolve::ResolveError,
+    },
     #[error("datum does not fit the {schema} contract")]
     Contract {
         schema: &'static str,
@@ -83,6 +90,7 @@ impl CodecError {
             CodecError::UnknownFingerprint { .. } => "unknown_fingerprint",
             CodecError::Avro { .. } => "corrupt_avro",
             CodecError::TrailingBytes { .. } => "trailing_bytes",
+            CodecError::Unresolvable { .. } => "unresolvable",
             CodecError::Contract { .. } => "contract",
         }
     }

@@ -5,6 +5,7 @@
 //! them, and the codec that frames each datum with Avro single-object encoding. It has no
 //! async and no Kafka dependency, so producers in any process can use it.
 
+mod aliases;
 pub mod archive;
 pub mod canonical;
 pub mod catalog;
@@ -13,6 +14,7 @@ pub mod error;
 pub mod fixtures;
 pub mod model;
 pub mod registry;
+mod resolve;
 mod value;
 
 pub use codec::{decode, decode_versioned, encode, fingerprint_of, Contract};

@@ -4,8 +4,12 @@ use std::collections::HashMap;
 
 use apache_avro::rabin::Rabin;
 use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::schema::ResolvedSchema;
+use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
+
+use crate::resolve::{resolve, Names, ResolveError};
 
 /// Records larger than this are refused by the decoder before it allocates for them
 /// (Kafka's default max message size is 1 MB; a corrupt length prefix must not cost more).
@@ -28,12 +32,22 @@ pub struct SchemaVersion {
 }
 
 /// A schema (one per topic family) with its released history.
+/// How data of one released version is read.
+pub(crate) struct Writer {
+    pub(crate) reader: GenericDatumReader<'static>,
+    schema: &'static Schema,
+    names: ResolvedSchema<'static>,
+}
+
 pub struct SchemaSet {
     pub name: &'static str,
     versions: Vec<SchemaVersion>,
     current: usize,
-    readers: HashMap<u64, GenericDatumReader<'static>>,
+    /// By fingerprint: a reader of the writer's datum (no resolution) and the writer schema
+    /// as the current schema's field aliases name its fields.
+    readers: HashMap<u64, Writer>,
     writer: GenericDatumWriter<'static>,
+    names: ResolvedSchema<'static>,
 }
 
 /// The `apache-avro` crate's fingerprint of a parsed schema (see
@@ -102,25 +116,34 @@ impl SchemaSet {
             }
         };
         let reader_schema = versions[current].schema;
+        let reader_source = versions[current].source;
         let readers = versions
             .iter()
             .flat_map(|v| {
+                let renamed = crate::aliases::apply_field_aliases(v.source, reader_source);
+                let writer = if renamed == v.source {
+                    v.schema
+                } else {
+                    parse(name, &renamed)
+                };
                 let reader = || {
-                    let reader = if v.fingerprint == current_fp {
-                        GenericDatumReader::builder(v.schema).build()
-                    } else {
-                        GenericDatumReader::builder(v.schema)
-                            .reader_schema(reader_schema)
-                            .build()
+                    let fail = |e: apache_avro::Error| -> ! {
+                        panic!("schema {name} v{} cannot be read: {e}", v.version)
                     };
-                    reader.unwrap_or_else(|e| {
-                        panic!("schema {name} v{} cannot be resolved: {e}", v.version)
-                    })
+                    Writer {
+                        reader: GenericDatumReader::builder(writer)
+                            .build()
+                            .unwrap_or_else(|e| fail(e)),
+                        schema: writer,
+                        names: ResolvedSchema::new(writer).unwrap_or_else(|e| fail(e)),
+                    }
                 };
                 // Records carrying the legacy fingerprint are read by the same version.
                 [(v.fingerprint, reader()), (v.legacy_fingerprint, reader())]
             })
             .collect();
+        let names = ResolvedSchema::new(reader_schema)
+            .unwrap_or_else(|e| panic!("schema {name} has unresolvable names: {e}"));
         let writer = GenericDatumWriter::builder(reader_schema)
             .build()
             .unwrap_or_else(|e| panic!("schema {name} cannot be written: {e}"));
@@ -130,6 +153,7 @@ impl SchemaSet {
             current,
             readers,
             writer,
+            names,
         }
     }
 
@@ -149,8 +173,18 @@ impl SchemaSet {
             .find(|v| v.fingerprint == fingerprint || v.legacy_fingerprint == fingerprint)
     }
 
-    pub(crate) fn reader(&self, fingerprint: u64) -> Option<&GenericDatumReader<'static>> {
+    pub(crate) fn reader(&self, fingerprint: u64) -> Option<&Writer> {
         self.readers.get(&fingerprint)
+    }
+
+    /// A datum of an older version, decoded with its writer schema, as the current schema
+    /// reads it ([`crate::resolve`]).
+    pub(crate) fn upgrade(&self, writer: &Writer, value: Value) -> Result<Value, ResolveError> {
+        let names = Names {
+            writer: writer.names.get_names(),
+            reader: self.names.get_names(),
+        };
+        resolve(value, writer.schema, self.current().schema, &names)
     }
 
     pub(crate) fn writer(&self) -> &GenericDatumWriter<'static> {
