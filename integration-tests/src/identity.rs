@@ -1,5 +1,5 @@
-//! A platform slice for identity tests: its own topics, database and identifier key; customer
-//! events with chosen identifiers, produced as ingest would (hashed, keyed by subject).
+//! A platform slice for identity tests: its own topics, database and keys; customer events
+//! with chosen identifiers, produced as ingest would (vault tokens, keyed by subject).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +7,8 @@ use std::time::Duration;
 use cdp_identity::rules::RulesArgs;
 use cdp_identity::{IdentityArgs, IdentityConfig};
 use cdp_keystore::config::KeyArgs;
-use cdp_keystore::identifiers::{subject_id, IdentifierHasher, RawIdentifier};
+use cdp_keystore::identifiers::{subject_id, Normalized, RawIdentifier};
+use cdp_keystore::Vault;
 use cdp_runtime::config::{KafkaArgs, RunnerArgs};
 use cdp_runtime::kafka::producer::{OutgoingRecord, Producer};
 use cdp_runtime::topics::{self, Topic, Topics};
@@ -38,7 +39,7 @@ impl Spec {
 }
 
 /// A spec as a product-view track event carrying its identifiers (plaintext, for the
-/// publisher to hash and seal); `i` varies the product.
+/// publisher to tokenize and seal); `i` varies the product.
 pub fn track_draft(
     s: &Spec,
     i: usize,
@@ -52,6 +53,7 @@ pub fn track_draft(
             envelope: envelope(s.event_id, at, at, source),
             payload: CustomerPayload::Track(crate::product_view(i as u64)),
         },
+        references: Vec::new(),
         identifiers: s
             .ids
             .iter()
@@ -71,37 +73,45 @@ pub struct IdSlice {
     pub topics: Topics,
     pub db: TestDb,
     pub key_args: KeyArgs,
-    pub hasher: Arc<IdentifierHasher>,
+    pub vault: Arc<Vault>,
     pub producer: Arc<Producer>,
 }
 
+/// A spec's identifier as a client sends it (external ids in the `crm` namespace).
+fn raw(kind: IdentifierKind, value: &str) -> RawIdentifier {
+    RawIdentifier {
+        kind,
+        namespace: (kind == IdentifierKind::ExternalId).then(|| "crm".to_owned()),
+        value: value.to_owned(),
+    }
+}
+
 impl IdSlice {
-    /// A slice; `key_args` shared between slices makes their hashes (and profile ids) equal.
-    pub async fn create(key_args: Option<KeyArgs>) -> anyhow::Result<Self> {
+    /// A slice with its own topics, beside `other` when given: then in the same database,
+    /// with the same keys and vault, so the same identifiers have the same tokens (and
+    /// profile ids) in both.
+    pub async fn create(other: Option<&IdSlice>) -> anyhow::Result<Self> {
         let prefix = format!("{}.", unique("ident"));
         let kafka = KafkaArgs::local(crate::brokers(), prefix.clone());
         let topics = Topics::new(&prefix);
         topics::ensure(&kafka, &topics::catalogue(&topics)).await?;
-        let db = TestDb::create().await?;
-        let hex = || -> String {
-            (0..32)
-                .map(|_| format!("{:02x}", rand::random::<u8>()))
-                .collect()
+        let (db, key_args, vault) = match other {
+            Some(o) => (o.db.share(), o.key_args.clone(), o.vault.clone()),
+            None => {
+                let db = TestDb::create().await?;
+                cdp_keystore::store::migrator().run(&db.pool).await?;
+                let key_args = crate::random_key_args();
+                let vault = Arc::new(key_args.vault(db.pool.clone())?);
+                (db, key_args, vault)
+            }
         };
-        let key_args = key_args.unwrap_or_else(|| KeyArgs {
-            master_key: hex(),
-            identifier_key: hex(),
-            default_phone_region: "US".to_owned(),
-            key_cache_ttl_secs: 60,
-        });
-        let hasher = Arc::new(key_args.hasher()?);
         let producer = Arc::new(Producer::new(&kafka)?);
         Ok(Self {
             kafka,
             topics,
             db,
             key_args,
-            hasher,
+            vault,
             producer,
         })
     }
@@ -145,36 +155,50 @@ impl IdSlice {
         }
     }
 
-    /// The event a spec describes: a track event carrying the identifiers, hashed.
-    pub fn event(&self, s: &Spec) -> anyhow::Result<CustomerEvent> {
-        let mut e = crate::event(0, "x");
-        let mut ids = Vec::new();
-        for (k, v) in &s.ids {
-            let raw = if *k == IdentifierKind::ExternalId {
-                RawIdentifier {
-                    kind: *k,
-                    namespace: Some("crm".to_owned()),
-                    value: v.clone(),
-                }
-            } else {
-                RawIdentifier::new(*k, v.as_str())
-            };
-            ids.push(self.hasher.identifier(&raw)?.0);
+    /// The events specs describe: track events carrying the identifiers as tokens.
+    pub async fn events(&self, specs: &[Spec]) -> anyhow::Result<Vec<CustomerEvent>> {
+        let hasher = self.vault.hasher();
+        let mut normalized: Vec<Normalized> = Vec::new();
+        for s in specs {
+            for (k, v) in &s.ids {
+                normalized.push(hasher.identifier(&raw(*k, v))?);
+            }
         }
-        let subject = subject_id(&ids).unwrap_or_default();
-        e.envelope.event_id = s.event_id;
-        e.envelope.occurred_at = origin() + chrono::Duration::seconds(s.at);
-        e.envelope.subject.subject_id = subject.clone();
-        e.envelope.subject.identifiers = ids;
-        e.envelope.partition_key = subject;
-        Ok(e)
+        let mut tokens = self.vault.identifiers(&normalized).await?.into_iter();
+        let mut out = Vec::with_capacity(specs.len());
+        for s in specs {
+            let ids: Vec<_> = tokens.by_ref().take(s.ids.len()).collect();
+            let subject = subject_id(&ids).unwrap_or_default();
+            let mut e = crate::event(0, "x");
+            e.envelope.event_id = s.event_id;
+            e.envelope.occurred_at = origin() + chrono::Duration::seconds(s.at);
+            e.envelope.subject.subject_id = subject.clone();
+            e.envelope.subject.identifiers = ids;
+            e.envelope.partition_key = subject;
+            out.push(e);
+        }
+        Ok(out)
+    }
+
+    /// The event a spec describes.
+    pub async fn event(&self, s: &Spec) -> anyhow::Result<CustomerEvent> {
+        self.events(std::slice::from_ref(s))
+            .await?
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("no event"))
     }
 
     /// The profile id ingest's subject rule gives an event carrying these identifiers.
-    pub fn profile_of(&self, ids: &[(IdentifierKind, &str)]) -> anyhow::Result<Uuid> {
-        let s = Spec::new(0, 0, ids);
-        let e = self.event(&s)?;
+    pub async fn profile_of(&self, ids: &[(IdentifierKind, &str)]) -> anyhow::Result<Uuid> {
+        let e = self.event(&Spec::new(0, 0, ids)).await?;
         Ok(cdp_schemas::profile_id_of(&e.envelope.subject.subject_id))
+    }
+
+    /// The token of a spec's identifier.
+    pub async fn token(&self, kind: IdentifierKind, value: &str) -> anyhow::Result<String> {
+        let id = self.vault.hasher().identifier(&raw(kind, value))?;
+        let mut t = self.vault.tokens(&[id]).await?;
+        t.pop().ok_or_else(|| anyhow::anyhow!("no token"))
     }
 
     /// Produces the events, each onto `partition(i)` (or by key when None).
@@ -186,8 +210,7 @@ impl IdSlice {
         let topic = self.topic(Topic::CustomerEvents);
         for (c, chunk) in specs.chunks(2_000).enumerate() {
             let mut encoded = Vec::with_capacity(chunk.len());
-            for s in chunk {
-                let e = self.event(s)?;
+            for e in self.events(chunk).await? {
                 encoded.push((e.envelope.partition_key.clone(), cdp_schemas::encode(&e)?));
             }
             let recs: Vec<OutgoingRecord<'_>> = encoded
@@ -227,7 +250,7 @@ impl IdSlice {
         .await
     }
 
-    /// Profile of each identifier (plaintext values hashed with this slice's key).
+    /// Profile of each identifier (plaintext values, looked up in this slice's vault).
     pub async fn profiles(
         &self,
         pool: &PgPool,
@@ -235,22 +258,14 @@ impl IdSlice {
     ) -> anyhow::Result<Vec<Option<Uuid>>> {
         let mut out = Vec::new();
         for (k, v) in ids {
-            let raw = if *k == IdentifierKind::ExternalId {
-                RawIdentifier {
-                    kind: *k,
-                    namespace: Some("crm".to_owned()),
-                    value: (*v).to_owned(),
-                }
-            } else {
-                RawIdentifier::new(*k, *v)
-            };
-            let (id, _) = self.hasher.identifier(&raw)?;
+            let id = raw(*k, v);
+            let token = self.token(*k, v).await?;
             let row: Option<(Option<Uuid>,)> = sqlx::query_as(
-                "SELECT profile_id FROM identity_nodes WHERE kind = $1 AND namespace = $2 AND value_hash = $3",
+                "SELECT profile_id FROM identity_nodes WHERE kind = $1 AND namespace = $2 AND token = $3",
             )
             .bind(id.kind.as_str())
             .bind(id.namespace.unwrap_or_default())
-            .bind(&id.value_hash)
+            .bind(&token)
             .fetch_optional(pool)
             .await?;
             out.push(row.and_then(|r| r.0));

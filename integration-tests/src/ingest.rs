@@ -2,21 +2,21 @@
 //! with its own topics (unique prefix), database and keys.
 
 use std::sync::Arc;
-use std::time::Duration;
 
+use anyhow::Context;
 use cdp_ingest::config::IngestArgs;
 use cdp_ingest::IngestConfig;
 use cdp_keystore::config::KeyArgs;
 use cdp_keystore::crypto::{field_aad, sealed_version};
-use cdp_keystore::{IdentifierHasher, KeyStore};
+use cdp_keystore::{KeyStore, RawIdentifier, Vault};
 use cdp_runtime::admin::Readiness;
 use cdp_runtime::config::KafkaArgs;
 use cdp_runtime::metrics::Metrics;
 use cdp_runtime::topics::{self, Topic, Topics};
 use cdp_runtime::Shutdown;
-use cdp_schemas::Sealed;
+use cdp_schemas::{IdentifierKind, Sealed};
 
-use crate::{brokers, unique, TestDb};
+use crate::{brokers, random_key_args, unique, TestDb};
 
 pub const WRITE_KEY: &str = "test-write-key";
 
@@ -25,19 +25,14 @@ pub struct Ingest {
     pub topics: Topics,
     pub db: TestDb,
     pub keys: Arc<KeyStore>,
-    pub hasher: IdentifierHasher,
+    /// The vault the service uses (same database and identifier key).
+    pub vault: Arc<Vault>,
     pub metrics: Metrics,
     pub kafka: KafkaArgs,
     /// The service's key material, for a direct producer of the same deployment.
     pub key_args: KeyArgs,
     pub shutdown: Shutdown,
     pub task: tokio::task::JoinHandle<Result<(), cdp_ingest::IngestError>>,
-}
-
-fn hex_key() -> String {
-    (0..32)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect()
 }
 
 /// Options a test may change.
@@ -69,12 +64,7 @@ impl Ingest {
         let topics = Topics::new(&prefix);
         topics::ensure(&kafka, &topics::catalogue(&topics)).await?;
         let db = TestDb::create().await?;
-        let keys_args = KeyArgs {
-            master_key: hex_key(),
-            identifier_key: hex_key(),
-            default_phone_region: "US".to_owned(),
-            key_cache_ttl_secs: 60,
-        };
+        let keys_args = random_key_args();
         let config = IngestConfig {
             kafka: kafka.clone(),
             pg: db.args(),
@@ -95,15 +85,11 @@ impl Ingest {
         let (addr, serve) =
             cdp_ingest::bind(config, &metrics, &Readiness::default(), shutdown.clone()).await?;
         let task = tokio::spawn(serve);
-        let keys = Arc::new(KeyStore::new(
-            db.pool.clone(),
-            keys_args.master()?,
-            Duration::from_secs(1),
-        ));
+        let keys = Arc::new(keys_args.key_store(db.pool.clone())?);
         Ok(Self {
             base_url: format!("http://{addr}"),
             topics,
-            hasher: keys_args.hasher()?,
+            vault: Arc::new(keys_args.vault(db.pool.clone())?),
             keys,
             db,
             metrics,
@@ -112,6 +98,21 @@ impl Ingest {
             shutdown,
             task,
         })
+    }
+
+    /// The token the vault holds for a plaintext identifier (an error when it holds none:
+    /// ingest creates tokens, a lookup never does).
+    pub async fn token(&self, kind: IdentifierKind, value: &str) -> anyhow::Result<String> {
+        let id = self
+            .vault
+            .hasher()
+            .identifier(&RawIdentifier::new(kind, value))?;
+        self.vault
+            .find(&[id])
+            .await?
+            .pop()
+            .flatten()
+            .context("the vault holds no token for this identifier")
     }
 
     pub fn topic(&self, t: Topic) -> String {

@@ -6,12 +6,14 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use cdp_keystore::config::KeyArgs;
+use cdp_keystore::{RawIdentifier, Vault};
 use cdp_runtime::config::{KafkaArgs, PostgresArgs};
 use cdp_runtime::kafka::producer::{OutgoingRecord, Producer};
 use cdp_runtime::pg::{Decoded, PgHandler, Rejected};
 use cdp_runtime::sink::{Rejection, SinkError};
 use cdp_runtime::RawRecord;
-use cdp_schemas::{CodecError, CustomerEvent, CustomerPayload};
+use cdp_schemas::{CodecError, CustomerEvent, CustomerPayload, IdentifierKind};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -74,6 +76,29 @@ pub fn log_from_env() -> anyhow::Result<()> {
 /// A name no other test run uses.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Fresh random key material (master and identifier keys), other settings at their defaults.
+pub fn random_key_args() -> KeyArgs {
+    let hex = || -> String {
+        (0..32)
+            .map(|_| format!("{:02x}", rand::random::<u8>()))
+            .collect()
+    };
+    KeyArgs::with_keys(hex(), hex())
+}
+
+/// The vault token of a plaintext identifier (created when the vault has none yet, as ingest
+/// and the publisher would).
+pub async fn token(vault: &Vault, kind: IdentifierKind, value: &str) -> anyhow::Result<String> {
+    let id = vault
+        .hasher()
+        .identifier(&RawIdentifier::new(kind, value))?;
+    vault
+        .tokens(&[id])
+        .await?
+        .pop()
+        .context("the vault answered no token")
 }
 
 pub fn kafka_args(prefix: &str) -> KafkaArgs {
@@ -144,6 +169,15 @@ impl TestDb {
         let pool = PgPool::connect(&url).await?;
         cdp_runtime::pg::migrator().run(&pool).await?;
         Ok(Self { name, url, pool })
+    }
+
+    /// Another handle on the same database (for slices that share it and its vault).
+    pub fn share(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            url: self.url.clone(),
+            pool: self.pool.clone(),
+        }
     }
 
     pub fn args(&self) -> PostgresArgs {

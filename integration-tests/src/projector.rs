@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use cdp_ingest::publisher::{envelope, plain, Draft, Prepared, Publisher};
 use cdp_keystore::config::KeyArgs;
-use cdp_keystore::{KeyStore, RawIdentifier};
+use cdp_keystore::{KeyStore, RawIdentifier, Vault};
 use cdp_projector::{ProjectorArgs, ProjectorConfig};
 use cdp_runtime::config::{KafkaArgs, RunnerArgs};
 use cdp_runtime::kafka::producer::{OutgoingRecord, Producer};
@@ -27,14 +27,9 @@ pub struct Slice {
     pub db: TestDb,
     pub key_args: KeyArgs,
     pub keys: Arc<KeyStore>,
+    pub vault: Arc<Vault>,
     pub producer: Arc<Producer>,
     pub publisher: Publisher,
-}
-
-fn hex_key() -> String {
-    (0..32)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect()
 }
 
 /// Event `n` of a deterministic, realistic mix over `subjects` subjects.
@@ -75,6 +70,7 @@ pub fn draft(n: u64, subjects: u64) -> (Option<Draft<CustomerEvent>>, Option<Dra
                 envelope: env.clone(),
                 payload,
             },
+            references: Vec::new(),
             identifiers: ids.clone(),
         })
     };
@@ -139,6 +135,7 @@ pub fn draft(n: u64, subjects: u64) -> (Option<Draft<CustomerEvent>>, Option<Dra
                             settings: Default::default(),
                         }),
                     },
+                    references: Vec::new(),
                     identifiers: ids,
                 }),
             )
@@ -159,6 +156,7 @@ pub fn draft(n: u64, subjects: u64) -> (Option<Draft<CustomerEvent>>, Option<Dra
                             duration_ms: Some(1000),
                         }),
                     },
+                    references: Vec::new(),
                     identifiers: ids,
                 }),
             )
@@ -174,23 +172,14 @@ impl Slice {
         topics::ensure(&kafka, &topics::catalogue(&topics)).await?;
         let db = TestDb::create().await?;
         cdp_projector::migrate(&db.pool).await?;
-        let key_args = KeyArgs {
-            master_key: hex_key(),
-            identifier_key: hex_key(),
-            default_phone_region: "US".to_owned(),
-            key_cache_ttl_secs: 60,
-        };
-        // A short TTL: tests destroy keys and must see it.
-        let keys = Arc::new(KeyStore::new(
-            db.pool.clone(),
-            key_args.master()?,
-            Duration::from_millis(10),
-        ));
+        let key_args = crate::random_key_args();
+        let keys = Arc::new(key_args.key_store(db.pool.clone())?);
+        let vault = Arc::new(key_args.vault(db.pool.clone())?);
         let producer = Arc::new(Producer::new(&kafka)?);
         let publisher = Publisher::new(
             producer.clone(),
             keys.clone(),
-            Arc::new(key_args.hasher()?),
+            vault.clone(),
             topics.clone(),
         );
         Ok(Self {
@@ -199,9 +188,22 @@ impl Slice {
             db,
             key_args,
             keys,
+            vault,
             producer,
             publisher,
         })
+    }
+
+    /// The vault token of a plaintext identifier.
+    pub async fn token(&self, kind: IdentifierKind, value: &str) -> anyhow::Result<String> {
+        crate::token(&self.vault, kind, value).await
+    }
+
+    /// The profile id of a user id as a subject (before any merge).
+    pub async fn profile_of_user(&self, user_id: &str) -> anyhow::Result<Uuid> {
+        Ok(cdp_schemas::profile_id_of(
+            &self.token(IdentifierKind::UserId, user_id).await?,
+        ))
     }
 
     /// Seals and encodes events `range` of the mix.

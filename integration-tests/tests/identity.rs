@@ -251,7 +251,7 @@ async fn a_junk_email_merges_1000_people_only_when_unblocked_and_a_split_restore
     for p in [0, 500, 999] {
         let anon = format!("anon-{p}");
         let got = slice.profiles(&pool, &[(Anon, &anon)]).await?;
-        assert_eq!(got[0], Some(slice.profile_of(&[(Anon, &anon)])?));
+        assert_eq!(got[0], Some(slice.profile_of(&[(Anon, &anon)]).await?));
     }
     // The running service relays the ProfileSplit events.
     slice.caught_up(&unblocked, WAIT).await?;
@@ -307,7 +307,7 @@ async fn kill_9_during_50000_events_gives_the_graph_and_stream_of_an_uninterrupt
     const N: usize = 50_000;
     let specs = workload(N, 8_000, 11);
     let reference = IdSlice::create(None).await?;
-    let killed = IdSlice::create(Some(reference.key_args.clone())).await?;
+    let killed = IdSlice::create(Some(&reference)).await?;
     reference.produce(&specs, |_| None).await?;
     killed.produce(&specs, |_| None).await?;
 
@@ -369,7 +369,7 @@ async fn two_instances_in_one_group_give_the_graph_of_one() -> anyhow::Result<()
     const N: usize = 12_000;
     let specs = workload(N, 2_000, 5);
     let one = IdSlice::create(None).await?;
-    let two = IdSlice::create(Some(one.key_args.clone())).await?;
+    let two = IdSlice::create(Some(&one)).await?;
     one.produce(&specs, |_| None).await?;
     two.produce(&specs, |_| None).await?;
 
@@ -425,7 +425,7 @@ async fn the_api_shows_a_profiles_identifiers_to_operators_only() -> anyhow::Res
         anyhow::bail!("the API is on");
     };
     let server = tokio::spawn(serve);
-    let profile = slice.profile_of(&[(Anon, "a1")])?;
+    let profile = slice.profile_of(&[(Anon, "a1")]).await?;
     let http = reqwest::Client::new();
     let url = format!("http://{addr}/v1/identity/{profile}");
     assert_eq!(http.get(&url).send().await?.status(), 401);
@@ -491,16 +491,10 @@ async fn the_projector_follows_a_merge_and_its_split() -> anyhow::Result<()> {
     let (stop_i, task_i) = spawn(ic.clone());
     let pc = slice.config("follow");
     let (stop_p, task_p) = cdp_integration_tests::projector::spawn(pc.clone());
-    let profile = |a: &str| -> anyhow::Result<Uuid> {
-        let h = slice
-            .key_args
-            .hasher()?
-            .identifier(&cdp_keystore::RawIdentifier::new(Anon, a))?
-            .0
-            .value_hash;
-        Ok(cdp_schemas::profile_id_of(&h))
-    };
-    let (p1, p2) = (profile("a1")?, profile("a2")?);
+    let (p1, p2) = (
+        cdp_schemas::profile_id_of(&cdp_integration_tests::token(&slice.vault, Anon, "a1").await?),
+        cdp_schemas::profile_id_of(&cdp_integration_tests::token(&slice.vault, Anon, "a2").await?),
+    );
     let count = |p: Uuid| {
         let pool = slice.db.pool.clone();
         async move {
@@ -576,6 +570,7 @@ async fn publish_identifies(
                         ..Identify::default()
                     }),
                 },
+                references: Vec::new(),
                 identifiers: p
                     .ids
                     .iter()
@@ -728,18 +723,17 @@ async fn fuzzy_duplicates_are_scored_from_the_read_model_and_merged_only_over_th
         people.len() as i64,
         "identity observed every event"
     );
-    let hasher = slice.key_args.hasher()?;
-    // The read model's profile of an email (by its hash: a merged profile keeps one email trait).
+    // The read model's profile of an email (by its token: a merged profile keeps one email
+    // trait).
     let profile = |email: &'static str| {
         let pool = slice.db.pool.clone();
-        let hash = hasher
-            .identifier(&cdp_keystore::RawIdentifier::new(Email, email))
-            .map(|i| i.0.value_hash);
+        let vault = slice.vault.clone();
         async move {
+            let token = cdp_integration_tests::token(&vault, Email, email).await?;
             let (id,): (Uuid,) = sqlx::query_as(
-                "SELECT profile_id FROM p_cand_read.customer_identities WHERE kind = 'EMAIL' AND value_hash = $1",
+                "SELECT profile_id FROM p_cand_read.customer_identities WHERE kind = 'EMAIL' AND token = $1",
             )
-            .bind(hash?)
+            .bind(token)
             .fetch_one(&pool)
             .await?;
             anyhow::Ok(id)
@@ -927,17 +921,15 @@ async fn identifiers_a_pattern_blocks_at_ingest_never_link_and_the_refusal_is_re
         Ok(n == 4)
     })
     .await?;
-    let profile = |anon: &str| {
-        let hash = ing
-            .hasher
-            .identifier(&cdp_keystore::RawIdentifier::new(Anon, anon))
-            .map(|i| i.0.value_hash);
+    let profile = |anon: &'static str| {
         let pool = pool.clone();
+        let ing = &ing;
         async move {
+            let token = ing.token(Anon, anon).await?;
             let (p,): (Option<Uuid>,) = sqlx::query_as(
-                "SELECT profile_id FROM identity_nodes WHERE kind = 'ANONYMOUS_ID' AND value_hash = $1",
+                "SELECT profile_id FROM identity_nodes WHERE kind = 'ANONYMOUS_ID' AND token = $1",
             )
-            .bind(hash?)
+            .bind(token)
             .fetch_one(&pool)
             .await?;
             anyhow::Ok(p)
@@ -1000,16 +992,18 @@ async fn publish_specs_and_alias(
         .collect();
     let (n, secs, user, previous) = alias;
     let at = cdp_integration_tests::identity::origin() + chrono::Duration::seconds(secs);
-    let previous = slice
-        .key_args
-        .hasher()?
-        .identifier(&cdp_keystore::RawIdentifier::new(User, previous))?
-        .0;
     drafts.push(Draft {
         event: CustomerEvent {
             envelope: envelope(Uuid::from_u128(0xa11a5 + n), at, at, "test"),
-            payload: CustomerPayload::Alias(Alias { previous }),
+            payload: CustomerPayload::Alias(Alias {
+                previous: cdp_schemas::Identifier {
+                    kind: User,
+                    namespace: None,
+                    token: String::new(),
+                },
+            }),
         },
+        references: vec![cdp_keystore::RawIdentifier::new(User, previous)],
         identifiers: vec![cdp_keystore::RawIdentifier::new(User, user)],
     });
     let prepared = slice.publisher.prepare(drafts).await?;
@@ -1105,27 +1099,27 @@ async fn the_projector_follows_identitys_refusals() -> anyhow::Result<()> {
             anyhow::Ok((status, body["profile_id"].as_str().map(str::to_owned)))
         }
     };
-    let hasher = slice.key_args.hasher()?;
-    let profile = |kind, v: &str| -> anyhow::Result<String> {
-        let id = hasher
-            .identifier(&cdp_keystore::RawIdentifier::new(kind, v))?
-            .0;
-        Ok(cdp_schemas::profile_id_of(&id.value_hash).to_string())
+    let profile = |kind, v: &'static str| {
+        let vault = slice.vault.clone();
+        async move {
+            let token = cdp_integration_tests::token(&vault, kind, v).await?;
+            anyhow::Ok(cdp_schemas::profile_id_of(&token).to_string())
+        }
     };
     let found = |p: String| (200u16, Some(p));
     assert_eq!(
         lookup("user_id=u-a").await?,
-        found(profile(User, "u-a")?),
+        found(profile(User, "u-a").await?),
         "the refused alias's previous id is A's, not B's"
     );
     assert_eq!(
         lookup("email=b%40example.org").await?,
-        found(profile(User, "u-b")?),
+        found(profile(User, "u-b").await?),
         "B's email stays B's"
     );
     assert_eq!(
         lookup("email=d2%40example.org").await?,
-        found(profile(User, "u-d")?)
+        found(profile(User, "u-d").await?)
     );
     assert_eq!(
         lookup("email=d3%40example.org").await?.0,
@@ -1139,11 +1133,11 @@ async fn the_projector_follows_identitys_refusals() -> anyhow::Result<()> {
     );
     let (status, owner) = lookup("anonymous_id=anon-g").await?;
     assert!(
-        !(status == 200 && owner == Some(profile(User, "u-h")?)),
+        !(status == 200 && owner == Some(profile(User, "u-h").await?)),
         "a severed identifier is not given to the user who showed it after the split"
     );
     // B lists its own identifiers only: its user id and its email.
-    let b = profile(User, "u-b")?;
+    let b = profile(User, "u-b").await?;
     let body: serde_json::Value = client
         .get(format!("http://{addr}/v1/profiles/{b}"))
         .bearer_auth("s3cret")
@@ -1171,7 +1165,7 @@ async fn the_projector_follows_identitys_refusals() -> anyhow::Result<()> {
     )
     .fetch_one(&slice.db.pool)
     .await?;
-    assert_eq!(device_owner.to_string(), profile(User, "u-y1")?);
+    assert_eq!(device_owner.to_string(), profile(User, "u-y1").await?);
 
     shutdown.trigger();
     server.await??;

@@ -130,8 +130,8 @@ async fn every_endpoint_round_trips_into_the_contract_with_pii_sealed() -> anyho
             IdentifierKind::Phone
         ]
     );
-    let user_hash = ing.hasher.hash(IdentifierKind::UserId, None, "u-1");
-    assert_eq!(subject, user_hash, "the subject is the hashed user id");
+    let user_token = ing.token(IdentifierKind::UserId, "u-1").await?;
+    assert_eq!(subject, user_token, "the subject is the user id's token");
     let CustomerPayload::Identify(t) = &identify.payload else {
         panic!("not identify")
     };
@@ -226,7 +226,7 @@ async fn every_endpoint_round_trips_into_the_contract_with_pii_sealed() -> anyho
     );
 
     let page = ev(&m_page)?;
-    let anon_subject = ing.hasher.hash(IdentifierKind::AnonymousId, None, "a-1");
+    let anon_subject = ing.token(IdentifierKind::AnonymousId, "a-1").await?;
     assert_eq!(page.envelope.subject.subject_id, anon_subject);
     let CustomerPayload::PageViewed(p) = &page.payload else {
         panic!("not page")
@@ -266,8 +266,8 @@ async fn every_endpoint_round_trips_into_the_contract_with_pii_sealed() -> anyho
         panic!("not alias")
     };
     assert_eq!(
-        a.previous.value_hash,
-        ing.hasher.hash(IdentifierKind::UserId, None, "a-1")
+        a.previous.token,
+        ing.token(IdentifierKind::UserId, "a-1").await?
     );
 
     let CustomerPayload::Transaction(o) = ev(&m_order)?.payload else {
@@ -294,7 +294,7 @@ async fn every_endpoint_round_trips_into_the_contract_with_pii_sealed() -> anyho
     let CustomerPayload::Identify(b2) = ev(&m_b2)?.payload else {
         panic!("batch identify")
     };
-    let u2 = ing.hasher.hash(IdentifierKind::UserId, None, "u-2");
+    let u2 = ing.token(IdentifierKind::UserId, "u-2").await?;
     assert_eq!(
         ing.open(&u2, "email", &b2.email).await?.as_deref(),
         Some("grace@example.org")
@@ -339,7 +339,7 @@ async fn native_capsule_consent_and_transaction_events_round_trip() -> anyhow::R
             .all(|r| r.key.as_deref() == Some(capsule_id.to_string().as_bytes())),
         "keyed by capsule"
     );
-    let owner = ing.hasher.hash(IdentifierKind::UserId, None, "owner-1");
+    let owner = ing.token(IdentifierKind::UserId, "owner-1").await?;
     let by_type: HashMap<&str, &CapsuleEvent> = capsule
         .iter()
         .map(|e| (e.payload.event_type(), e))
@@ -371,8 +371,7 @@ async fn native_capsule_consent_and_transaction_events_round_trip() -> anyhow::R
     let viewed = by_type["capsule.viewed"];
     assert_eq!(
         viewed.envelope.subject.subject_id,
-        ing.hasher
-            .hash(IdentifierKind::AnonymousId, None, "viewer-9")
+        ing.token(IdentifierKind::AnonymousId, "viewer-9").await?
     );
     assert!(
         matches!(&by_type["capsule.deleted"].payload, CapsulePayload::Deleted(d) if d.reason.as_deref() == Some("spring is over"))
@@ -658,8 +657,8 @@ async fn segments_official_python_sdk_works_unchanged() -> anyhow::Result<()> {
         ]
     );
     let user = ing
-        .hasher
-        .hash(IdentifierKind::UserId, None, &format!("sdk-user-{run}"));
+        .token(IdentifierKind::UserId, &format!("sdk-user-{run}"))
+        .await?;
     for e in events.values() {
         assert_eq!(e.envelope.subject.subject_id, user);
         let expected = cdp_ingest::segment::event_id(
@@ -775,10 +774,14 @@ async fn a_direct_producer_gets_the_same_contract_as_the_http_path() -> anyhow::
         )
         .await?;
     assert_eq!(status, 200);
-    // Straight to Kafka with the library, same keys and hasher as the service.
+    // Straight to Kafka with the library, same keys and vault as the service.
     let producer = std::sync::Arc::new(cdp_runtime::kafka::producer::Producer::new(&ing.kafka)?);
-    let hasher = std::sync::Arc::new(ing.key_args.hasher()?);
-    let publisher = Publisher::new(producer, ing.keys.clone(), hasher, ing.topics.clone());
+    let publisher = Publisher::new(
+        producer,
+        ing.keys.clone(),
+        ing.vault.clone(),
+        ing.topics.clone(),
+    );
     let now = chrono::Utc::now();
     let draft = Draft {
         event: CustomerEvent {
@@ -788,6 +791,7 @@ async fn a_direct_producer_gets_the_same_contract_as_the_http_path() -> anyhow::
                 ..Identify::default()
             }),
         },
+        references: Vec::new(),
         identifiers: vec![
             RawIdentifier::new(IdentifierKind::UserId, "direct-1"),
             RawIdentifier::new(IdentifierKind::Email, "Direct@Example.org"),
@@ -801,6 +805,7 @@ async fn a_direct_producer_gets_the_same_contract_as_the_http_path() -> anyhow::
             envelope: envelope(Uuid::now_v7(), now, now, "direct-app"),
             payload: CustomerPayload::Identify(Identify::default()),
         },
+        references: Vec::new(),
         identifiers: vec![],
     };
     assert!(publisher.publish(vec![orphan]).await.is_err());
@@ -817,7 +822,7 @@ async fn a_direct_producer_gets_the_same_contract_as_the_http_path() -> anyhow::
     let (http, direct) = (&events[0], &events[1]);
     assert_eq!(
         http.envelope.subject, direct.envelope.subject,
-        "same subject and hashed identifiers"
+        "same subject and identifier tokens"
     );
     assert_eq!(
         http.envelope.partition_key, direct.envelope.partition_key,

@@ -266,11 +266,10 @@ async fn a_merge_repoints_rows_and_applying_it_twice_changes_nothing() -> anyhow
     let config = slice.config("merge");
     let (stop, task) = spawn(config.clone());
     slice.caught_up(&config, Duration::from_secs(120)).await?;
-    let hasher = slice.key_args.hasher()?;
-    let profile = |u: &str| {
-        cdp_schemas::profile_id_of(&hasher.hash(cdp_schemas::IdentifierKind::UserId, None, u))
-    };
-    let (winner, loser) = (profile("user-1"), profile("user-2"));
+    let (winner, loser) = (
+        slice.profile_of_user("user-1").await?,
+        slice.profile_of_user("user-2").await?,
+    );
     let count = |p: uuid::Uuid| {
         let pool = slice.db.pool.clone();
         async move {
@@ -338,8 +337,8 @@ async fn a_merge_repoints_rows_and_applying_it_twice_changes_nothing() -> anyhow
             .fetch_one(&slice.db.pool)
             .await?;
     let identifiers: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT kind, namespace, value_hash FROM p_merge_read.customer_identities WHERE profile_id = $1
-          ORDER BY kind COLLATE \"C\", namespace COLLATE \"C\", value_hash COLLATE \"C\"",
+        "SELECT kind, namespace, token FROM p_merge_read.customer_identities WHERE profile_id = $1
+          ORDER BY kind COLLATE \"C\", namespace COLLATE \"C\", token COLLATE \"C\"",
     )
     .bind(winner)
     .fetch_all(&slice.db.pool)
@@ -359,7 +358,7 @@ async fn a_merge_repoints_rows_and_applying_it_twice_changes_nothing() -> anyhow
             .iter()
             .map(|i| {
                 let ns = i.namespace.clone().unwrap_or_default();
-                (i.kind.as_str().to_owned(), ns, i.value_hash.clone())
+                (i.kind.as_str().to_owned(), ns, i.token.clone())
             })
             .collect();
         s.interactions == interactions && s.transactions == transactions && ids == identifiers
@@ -422,10 +421,13 @@ async fn an_erased_subjects_events_write_no_pii_on_replay() -> anyhow::Result<()
     slice.caught_up(&config, Duration::from_secs(120)).await?;
     stop.trigger();
     task.await??;
-    let hasher = slice.key_args.hasher()?;
-    let subject = hasher.hash(cdp_schemas::IdentifierKind::UserId, None, "user-3");
+    let subject = slice
+        .token(cdp_schemas::IdentifierKind::UserId, "user-3")
+        .await?;
     let profile = cdp_schemas::profile_id_of(&subject);
-    assert!(slice.keys.destroy(&subject).await? >= 1);
+    let mut conn = slice.db.pool.acquire().await?;
+    assert!(cdp_keystore::KeyStore::destroy(&mut conn, &[subject]).await? >= 1);
+    drop(conn);
     let rebuilt = cdp_projector::rebuild(
         config.clone(),
         cdp_projector::ReplayFrom::Earliest,
@@ -514,12 +516,7 @@ async fn the_profile_api_looks_up_pages_caches_audits_and_refuses_strangers() ->
         }
         req.send()
     };
-    let hasher = slice.key_args.hasher()?;
-    let user7 = cdp_schemas::profile_id_of(&hasher.hash(
-        cdp_schemas::IdentifierKind::UserId,
-        None,
-        "user-7",
-    ));
+    let user7 = slice.profile_of_user("user-7").await?;
 
     // Lookup by each identifier (values normalized like at ingest).
     for q in [
@@ -532,11 +529,7 @@ async fn the_profile_api_looks_up_pages_caches_audits_and_refuses_strangers() ->
         let body: serde_json::Value = resp.json().await?;
         assert_eq!(body["profile_id"], user7.to_string(), "{q}");
     }
-    let user5 = cdp_schemas::profile_id_of(&hasher.hash(
-        cdp_schemas::IdentifierKind::UserId,
-        None,
-        "user-5",
-    ));
+    let user5 = slice.profile_of_user("user-5").await?;
     let resp = get(
         "/v1/profiles?phone=%2B44%2020%207123%200005".into(),
         Some("s3cret"),
@@ -561,9 +554,17 @@ async fn the_profile_api_looks_up_pages_caches_audits_and_refuses_strangers() ->
     assert!(body["traits"]["email"]
         .as_str()
         .is_some_and(|e| e.starts_with("user-7-")));
-    assert!(body["identities"].as_array().is_some_and(|a| a
+    // Identities are shown as the vault's tokens: the user id's is the subject's.
+    let user7_token = slice
+        .token(cdp_schemas::IdentifierKind::UserId, "user-7")
+        .await?;
+    let identities = body["identities"].as_array().cloned().unwrap_or_default();
+    assert!(identities.iter().all(|i| i["token"]
+        .as_str()
+        .is_some_and(|t| t.len() == 32 && t.bytes().all(|c| c.is_ascii_hexdigit()))));
+    assert!(identities
         .iter()
-        .all(|i| i["value_hash"].as_str().is_some_and(|h| h.len() == 64))));
+        .any(|i| i["kind"] == "USER_ID" && i["token"] == user7_token.as_str()));
     assert!(!body["consents"]
         .as_array()
         .map(Vec::is_empty)
@@ -878,15 +879,17 @@ async fn a_claim_settled_in_an_earlier_batch_still_gives_way_to_an_earlier_one_a
     let slice = Slice::create().await?;
     let config = slice.config("claims");
     let (stop, task) = spawn(config.clone());
-    let hasher = slice.key_args.hasher()?;
-    let id = |kind, v: &str| {
-        hasher
-            .identifier(&cdp_keystore::RawIdentifier::new(kind, v))
-            .map(|(i, _)| i)
+    let id = |kind, v: &'static str| {
+        let slice = &slice;
+        async move {
+            anyhow::Ok(cdp_schemas::Identifier {
+                kind,
+                namespace: None,
+                token: slice.token(kind, v).await?,
+            })
+        }
     };
-    let user = |u: &str| id(IdentifierKind::UserId, u);
-    let profile = |u: &str| user(u).map(|i| cdp_schemas::profile_id_of(&i.value_hash));
-    let shared = id(IdentifierKind::Email, "shared@example.org")?;
+    let shared = id(IdentifierKind::Email, "shared@example.org").await?;
     let at = |secs: i64| origin() + chrono::Duration::seconds(secs);
     let claim = || async {
         let row: (uuid::Uuid, DateTime<Utc>) = sqlx::query_as(
@@ -898,17 +901,20 @@ async fn a_claim_settled_in_an_earlier_batch_still_gives_way_to_an_earlier_one_a
     };
     // One batch at a time: identity links a user's id with the shared email at a time (as
     // it would when several profiles claim one email over time, re-deriving on late events).
-    let link = |u: &str, secs: i64| {
+    let link = |u: &'static str, secs: i64| {
         let (slice, config, shared) = (&slice, &config, shared.clone());
-        let (from, profile) = (user(u), profile(u));
         async move {
-            slice
-                .publish_link(profile?, from?, shared, at(secs))
-                .await?;
+            let from = id(IdentifierKind::UserId, u).await?;
+            let profile = cdp_schemas::profile_id_of(&from.token);
+            slice.publish_link(profile, from, shared, at(secs)).await?;
             slice.caught_up(config, Duration::from_secs(60)).await
         }
     };
-    let (a, b, c) = (profile("user-a")?, profile("user-b")?, profile("user-c")?);
+    let (a, b, c) = (
+        slice.profile_of_user("user-a").await?,
+        slice.profile_of_user("user-b").await?,
+        slice.profile_of_user("user-c").await?,
+    );
 
     link("user-a", 100).await?;
     assert_eq!(claim().await?, (a, at(100)));
@@ -971,6 +977,7 @@ async fn a_value_postgres_refuses_is_dead_lettered_and_the_pipeline_moves_on() -
             payload,
         },
         identifiers,
+        references: Vec::new(),
     };
     let good = |n: u128| {
         customer(
@@ -1037,6 +1044,7 @@ async fn a_value_postgres_refuses_is_dead_lettered_and_the_pipeline_moves_on() -
                 settings: Default::default(),
             }),
         },
+        references: Vec::new(),
         identifiers: user(n),
     };
     let mut prepared = slice.publisher.prepare(customers).await?;

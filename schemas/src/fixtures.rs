@@ -27,8 +27,9 @@ fn sealed(tag: &str) -> Option<Sealed> {
     Some(Sealed::from_bytes(format!("sealed:{tag}").into_bytes()))
 }
 
-fn hash(tag: &str) -> String {
-    format!("{tag:0>64}")
+/// A token-shaped value (the vault's tokens are 32 hex characters).
+fn token(tag: &str) -> String {
+    format!("{tag:0>32}")
 }
 
 /// A sample envelope for event number `n`, about subject `subject`.
@@ -39,21 +40,21 @@ pub fn envelope(n: u128, subject: &str) -> Envelope {
         received_at: at(n as i64 + 1),
         source: "fixtures".to_owned(),
         subject: Subject {
-            subject_id: hash(subject),
+            subject_id: token(subject),
             identifiers: vec![
                 Identifier {
                     kind: IdentifierKind::UserId,
                     namespace: None,
-                    value_hash: hash(&format!("u{subject}")),
+                    token: token(&format!("u{subject}")),
                 },
                 Identifier {
                     kind: IdentifierKind::ExternalId,
                     namespace: Some("salesforce".to_owned()),
-                    value_hash: hash(&format!("sf{subject}")),
+                    token: token(&format!("sf{subject}")),
                 },
             ],
         },
-        partition_key: hash(subject),
+        partition_key: token(subject),
     }
 }
 
@@ -147,7 +148,7 @@ pub fn customer_events() -> Vec<CustomerEvent> {
                 previous: Identifier {
                     kind: IdentifierKind::AnonymousId,
                     namespace: None,
-                    value_hash: hash("anon1"),
+                    token: token("anon1"),
                 },
             }),
         ),
@@ -165,7 +166,7 @@ pub fn capsule_events() -> Vec<CapsuleEvent> {
             11,
             CapsulePayload::Created(CapsuleCreated {
                 capsule_id,
-                owner_subject_id: hash("2"),
+                owner_subject_id: token("2"),
                 title: "Spring lookbook".to_owned(),
                 content_type: "text/markdown".to_owned(),
                 storage_path: Some("capsules/c0/index.md".to_owned()),
@@ -259,7 +260,7 @@ pub fn identity_events() -> Vec<IdentityEvent> {
     let ident = |kind, tag: &str| Identifier {
         kind,
         namespace: None,
-        value_hash: hash(tag),
+        token: token(tag),
     };
     vec![
         e(
@@ -304,21 +305,21 @@ pub fn profile_events() -> Vec<ProfileEvent> {
             identifiers: vec![Identifier {
                 kind: IdentifierKind::Email,
                 namespace: None,
-                value_hash: hash("e5"),
+                token: token("e5"),
             }],
             traits: vec![
                 TraitValue {
                     name: "country".to_owned(),
                     value: Some("GB".to_owned()),
                     sealed: None,
-                    subject_id: hash("5"),
+                    subject_id: token("5"),
                     asserted_at: at(10),
                 },
                 TraitValue {
                     name: "email".to_owned(),
                     value: None,
                     sealed: sealed("ada@example.org"),
-                    subject_id: hash("5"),
+                    subject_id: token("5"),
                     asserted_at: at(10),
                 },
             ],

@@ -255,11 +255,16 @@ fn framing_is_standard_single_object_encoding() {
 fn fingerprints_are_the_specifications() {
     let expected: &[(&str, i32, u64)] = &[
         ("customer-event", 1, 0x105f_68ad_b988_1eba),
+        ("customer-event", 2, 0x830c_2a9a_d56a_b304),
         ("capsule-event", 1, 0x060e_e70b_1b39_b990),
+        ("capsule-event", 2, 0xd8d4_6e14_5898_c044),
         ("compliance-event", 1, 0x91ec_15a2_2f0c_2fa8),
+        ("compliance-event", 2, 0x53df_d34f_bcc3_56a5),
         ("identity-event", 1, 0x3ca9_e8ae_4d83_5bbc),
         ("identity-event", 2, 0x763a_c312_5fcc_8184),
+        ("identity-event", 3, 0x574d_510a_912b_e2af),
         ("profile-event", 1, 0x4c1e_82cb_e547_c256),
+        ("profile-event", 2, 0xc3ab_ef07_f0ae_d6e5),
     ];
     let mut found = Vec::new();
     for set in cdp_schemas::all_schemas() {

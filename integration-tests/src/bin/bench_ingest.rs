@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use cdp_ingest::publisher::Publisher;
 use cdp_integration_tests::*;
 use cdp_keystore::config::KeyArgs;
-use cdp_keystore::KeyStore;
 use cdp_runtime::kafka::producer::{OutgoingRecord, Producer};
 use cdp_runtime::topics::{self, Topics};
 use serde_json::{json, Value};
@@ -128,27 +127,14 @@ async fn main() -> anyhow::Result<()> {
     topics::ensure(&kafka, &topics::catalogue(&topics)).await?;
     let db = TestDb::create().await?;
     let hex = |b: u8| (0..32).map(|_| format!("{b:02x}")).collect::<String>();
-    let key_args = KeyArgs {
-        master_key: hex(0x11),
-        identifier_key: hex(0x22),
-        default_phone_region: "US".into(),
-        key_cache_ttl_secs: 600,
-    };
+    let key_args = KeyArgs::with_keys(hex(0x11), hex(0x22));
     cdp_ingest::migrate(&db.pool).await?;
 
     // 1. Ceiling: the same events, prepared by the same library, produced straight to Kafka.
     let producer = Arc::new(Producer::new(&kafka)?);
-    let keys = Arc::new(KeyStore::new(
-        db.pool.clone(),
-        key_args.master()?,
-        Duration::from_secs(600),
-    ));
-    let publisher = Publisher::new(
-        producer.clone(),
-        keys,
-        Arc::new(key_args.hasher()?),
-        topics.clone(),
-    );
+    let keys = Arc::new(key_args.key_store(db.pool.clone())?);
+    let vault = Arc::new(key_args.vault(db.pool.clone())?);
+    let publisher = Publisher::new(producer.clone(), keys, vault, topics.clone());
     let ctx_limits = cdp_ingest::config::IngestArgs {
         addr: "127.0.0.1:0".parse()?,
         write_keys: vec![],

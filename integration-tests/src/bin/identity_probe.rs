@@ -26,12 +26,7 @@ async fn main() -> anyhow::Result<()> {
             database_url: var("CDP_DATABASE_URL")?,
             max_connections: 4,
         },
-        keys: KeyArgs {
-            master_key: var("CDP_MASTER_KEY")?,
-            identifier_key: var("CDP_IDENTIFIER_KEY")?,
-            default_phone_region: "US".to_owned(),
-            key_cache_ttl_secs: 60,
-        },
+        keys: KeyArgs::with_keys(var("CDP_MASTER_KEY")?, var("CDP_IDENTIFIER_KEY")?),
         runner: RunnerArgs {
             batch_size: var("CDP_BATCH_SIZE")
                 .ok()

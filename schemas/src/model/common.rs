@@ -38,7 +38,7 @@ pub struct Identifier {
     /// The issuing system, for [`IdentifierKind::ExternalId`].
     pub namespace: Option<String>,
     /// Lower-case hex HMAC-SHA256 of the normalized value.
-    pub value_hash: String,
+    pub token: String,
 }
 
 avro_enum! {
@@ -235,7 +235,7 @@ impl Identifier {
         value::record(vec![
             ("kind", self.kind.to_value()),
             ("namespace", value::opt_string(&self.namespace)),
-            ("value_hash", value::string(&self.value_hash)),
+            ("token", value::string(&self.token)),
         ])
     }
 
@@ -243,7 +243,7 @@ impl Identifier {
         Ok(Self {
             kind: f.symbol("kind")?,
             namespace: f.opt_string("namespace")?,
-            value_hash: f.string("value_hash")?,
+            token: f.string("token")?,
         })
     }
 }

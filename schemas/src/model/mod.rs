@@ -20,39 +20,66 @@ contract!(
     CustomerPayload,
     "customer-event",
     "CustomerEvent",
-    &[(
-        1,
-        include_str!(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/avro/history/customer-event/v1.avsc"
-        ))
-    )]
+    &[
+        (
+            1,
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/avro/history/customer-event/v1.avsc"
+            ))
+        ),
+        (
+            2,
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/avro/history/customer-event/v2.avsc"
+            ))
+        )
+    ]
 );
 contract!(
     CapsuleEvent,
     CapsulePayload,
     "capsule-event",
     "CapsuleEvent",
-    &[(
-        1,
-        include_str!(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/avro/history/capsule-event/v1.avsc"
-        ))
-    )]
+    &[
+        (
+            1,
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/avro/history/capsule-event/v1.avsc"
+            ))
+        ),
+        (
+            2,
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/avro/history/capsule-event/v2.avsc"
+            ))
+        )
+    ]
 );
 contract!(
     ComplianceEvent,
     CompliancePayload,
     "compliance-event",
     "ComplianceEvent",
-    &[(
-        1,
-        include_str!(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/avro/history/compliance-event/v1.avsc"
-        ))
-    )]
+    &[
+        (
+            1,
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/avro/history/compliance-event/v1.avsc"
+            ))
+        ),
+        (
+            2,
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/avro/history/compliance-event/v2.avsc"
+            ))
+        )
+    ]
 );
 contract!(
     IdentityEvent,
@@ -73,6 +100,13 @@ contract!(
                 env!("CARGO_MANIFEST_DIR"),
                 "/avro/history/identity-event/v2.avsc"
             ))
+        ),
+        (
+            3,
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/avro/history/identity-event/v3.avsc"
+            ))
         )
     ]
 );
@@ -81,11 +115,20 @@ contract!(
     ProfilePayload,
     "profile-event",
     "ProfileEvent",
-    &[(
-        1,
-        include_str!(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/avro/history/profile-event/v1.avsc"
-        ))
-    )]
+    &[
+        (
+            1,
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/avro/history/profile-event/v1.avsc"
+            ))
+        ),
+        (
+            2,
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/avro/history/profile-event/v2.avsc"
+            ))
+        )
+    ]
 );

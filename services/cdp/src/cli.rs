@@ -230,8 +230,9 @@ pub enum IdentityAction {
     /// remaining links (ProfileSplit events on the identity topic; the projector follows).
     /// Rules and keys come from the same settings as the service's.
     Split {
-        /// `link:<link id>`, `<kind>:<value>` (normalized and hashed like ingest does, e.g.
-        /// `email:test@example.com`), or `<kind>:hash:<hex>` as the identity API shows it.
+        /// `link:<link id>`, `<kind>:<value>` (normalized like ingest does and looked up in
+        /// the identifier vault, e.g. `email:test@example.com`), or `<kind>:token:<hex>` as
+        /// the identity API shows it.
         target: cdp_identity::SplitTarget,
         /// Why (kept with the severance).
         #[arg(long, default_value = "")]

@@ -1,7 +1,7 @@
 //! The operators' view of the graph: `GET /v1/identity/{profile_id}` lists a profile's
-//! identifiers (kind, hashed value, first and last seen), the links that joined them with the
+//! identifiers (kind, token, first and last seen), the links that joined them with the
 //! events that caused them, and the links the rules refused. Bearer tokens; the `operator`
-//! role is required. Values are keyed hashes: the graph holds no plaintext.
+//! role is required. Values are vault tokens: the graph holds no identifier, plain or hashed.
 //! `GET /v1/identity/candidates` lists fuzzy duplicate candidates (profile pairs and their
 //! scores, best first, with a cursor).
 
@@ -78,8 +78,8 @@ type NodeRow = (
 /// A profile's identity as JSON, or None when no identifier belongs to it.
 pub async fn profile_identity(pool: &PgPool, id: Uuid) -> Result<Option<Value>, sqlx::Error> {
     let nodes: Vec<NodeRow> = sqlx::query_as(
-        "SELECT node_id, kind, namespace, value_hash, first_at, last_at, subject
-           FROM identity_nodes WHERE profile_id = $1 ORDER BY first_at, kind, value_hash",
+        "SELECT node_id, kind, namespace, token, first_at, last_at, subject
+           FROM identity_nodes WHERE profile_id = $1 ORDER BY first_at, kind, token",
     )
     .bind(id)
     .fetch_all(pool)
@@ -89,7 +89,7 @@ pub async fn profile_identity(pool: &PgPool, id: Uuid) -> Result<Option<Value>, 
     }
     let ids: Vec<i64> = nodes.iter().map(|n| n.0).collect();
     let links: Vec<LinkRow> = sqlx::query_as(
-        "SELECT l.link_id, f.kind, f.value_hash, t.kind, t.value_hash, l.cause_event_id, l.occurred_at
+        "SELECT l.link_id, f.kind, f.token, t.kind, t.token, l.cause_event_id, l.occurred_at
            FROM identity_links l
            JOIN identity_nodes f ON f.node_id = l.from_node
            JOIN identity_nodes t ON t.node_id = l.to_node
@@ -99,26 +99,25 @@ pub async fn profile_identity(pool: &PgPool, id: Uuid) -> Result<Option<Value>, 
     .bind(&ids)
     .fetch_all(pool)
     .await?;
-    let refusals: Vec<RefusalRow> =
-        sqlx::query_as(
-            "SELECT r.event_id, n.kind, n.value_hash, o.kind, o.value_hash, r.reason, r.rule_kind, r.occurred_at
+    let refusals: Vec<RefusalRow> = sqlx::query_as(
+        "SELECT r.event_id, n.kind, n.token, o.kind, o.token, r.reason, r.rule_kind, r.occurred_at
                FROM identity_refusals r
                JOIN identity_nodes n ON n.node_id = r.node
                JOIN identity_nodes o ON o.node_id = r.other_node
               WHERE r.node = ANY($1) OR r.other_node = ANY($1)
               ORDER BY r.occurred_at DESC, r.event_id
               LIMIT 200",
-        )
-        .bind(&ids)
-        .fetch_all(pool)
-        .await?;
-    let ident = |kind: &str, hash: &str| json!({"kind": kind, "value_hash": hash});
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    let ident = |kind: &str, token: &str| json!({"kind": kind, "token": token});
     Ok(Some(json!({
         "profile_id": id,
-        "identifiers": nodes.iter().map(|(_, kind, ns, hash, first, last, subject)| json!({
+        "identifiers": nodes.iter().map(|(_, kind, ns, token, first, last, subject)| json!({
             "kind": kind,
             "namespace": (!ns.is_empty()).then_some(ns),
-            "value_hash": hash,
+            "token": token,
             "first_seen": first,
             "last_seen": last,
             "subject": subject,

@@ -197,7 +197,7 @@ mod tests {
         Key {
             kind: Kind::Id(IdentifierKind::Email),
             namespace: String::new(),
-            hash: h.to_owned(),
+            token: h.to_owned(),
         }
     }
 
@@ -216,7 +216,7 @@ mod tests {
         held.into_iter()
             .map(|g| {
                 let mut g: Vec<(String, i64)> =
-                    g.into_iter().map(|(k, n)| (k.hash, n.label)).collect();
+                    g.into_iter().map(|(k, n)| (k.token, n.label)).collect();
                 g.sort();
                 g
             })

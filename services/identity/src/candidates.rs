@@ -1,7 +1,7 @@
 //! Fuzzy duplicate candidates: profiles that are probably one person although no identifier
 //! links them (a customer who signed up twice with two emails).
 //!
-//! The identity graph holds keyed hashes only, so names and addresses cannot be compared
+//! The identity graph holds vault tokens only, so names and addresses cannot be compared
 //! there. The one place their plaintext legitimately lives is the projector's read model
 //! (decrypted with each subject's key, gone when the key is destroyed), so a sweep reads the
 //! `customer_360` view, groups profiles by country and postal code (blocking), and scores each
@@ -465,9 +465,9 @@ async fn subject_identifier(
     profile: Uuid,
 ) -> Result<Option<Identifier>, sqlx::Error> {
     let rows: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT kind, namespace, value_hash FROM identity_nodes
+        "SELECT kind, namespace, token FROM identity_nodes
           WHERE profile_id = $1 AND subject AND kind <> 'SUBJECT'
-          ORDER BY first_at, kind, value_hash",
+          ORDER BY first_at, kind, token",
     )
     .bind(profile)
     .fetch_all(&mut *tx)
@@ -477,11 +477,11 @@ async fn subject_identifier(
         .iter()
         .find(|r| cdp_schemas::profile_id_of(&r.2) == profile)
         .or(rows.first());
-    Ok(pick.and_then(|(kind, ns, hash)| {
+    Ok(pick.and_then(|(kind, ns, token)| {
         IdentifierKind::from_symbol(kind).map(|kind| Identifier {
             kind,
             namespace: (!ns.is_empty()).then(|| ns.clone()),
-            value_hash: hash.clone(),
+            token: token.clone(),
         })
     }))
 }
@@ -503,10 +503,10 @@ pub fn merge_event(
             received_at: now,
             source: SOURCE.to_owned(),
             subject: Subject {
-                subject_id: a.value_hash.clone(),
+                subject_id: a.token.clone(),
                 identifiers: vec![a.clone()],
             },
-            partition_key: a.value_hash.clone(),
+            partition_key: a.token.clone(),
         },
         payload: CustomerPayload::Alias(Alias {
             previous: b.clone(),
@@ -733,13 +733,13 @@ mod tests {
         let id = |h: &str| Identifier {
             kind: IdentifierKind::Email,
             namespace: None,
-            value_hash: h.to_owned(),
+            token: h.to_owned(),
         };
         let pair = (Uuid::from_u128(1), Uuid::from_u128(2));
         let x = merge_event(&id("aa"), &id("bb"), pair, Utc::now());
         let y = merge_event(&id("aa"), &id("bb"), pair, Utc::now());
         assert_eq!(x.envelope.event_id, y.envelope.event_id);
         assert_eq!(x.envelope.subject.subject_id, "aa");
-        assert!(matches!(&x.payload, CustomerPayload::Alias(a) if a.previous.value_hash == "bb"));
+        assert!(matches!(&x.payload, CustomerPayload::Alias(a) if a.previous.token == "bb"));
     }
 }

@@ -29,8 +29,8 @@ pub type Position = (Micros, Uuid);
 /// Namespace of link ids (UUIDv5 of the event and the two identifiers).
 const LINK_NAMESPACE: Uuid = Uuid::from_u128(0x7c1e_55a0_2b1d_4f8e_8a3c_9d4e_0f11_0010);
 
-/// What a node of the graph is: an identifier kind, or a subject id that none of its event's
-/// identifiers hashes to (events produced straight to Kafka may name such a subject).
+/// What a node of the graph is: an identifier kind, or a subject id that is the token of none
+/// of its event's identifiers (events produced straight to Kafka may name such a subject).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     Id(IdentifierKind),
@@ -69,26 +69,26 @@ impl Kind {
     }
 }
 
-/// One identifier (or bare subject) as the graph knows it: a keyed hash, never plaintext.
+/// One identifier (or bare subject) as the graph knows it: a vault token, never the value.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Key {
     pub kind: Kind,
     pub namespace: String,
-    pub hash: String,
+    pub token: String,
 }
 
 impl Key {
-    pub fn new(kind: Kind, namespace: Option<&str>, hash: &str) -> Self {
+    pub fn new(kind: Kind, namespace: Option<&str>, token: &str) -> Self {
         Self {
             kind,
             namespace: namespace.unwrap_or_default().to_owned(),
-            hash: hash.to_owned(),
+            token: token.to_owned(),
         }
     }
 
     /// The profile this key is the subject of (the projector's base profile id).
     pub fn profile_id(&self) -> Uuid {
-        profile_id_of(&self.hash)
+        profile_id_of(&self.token)
     }
 }
 
@@ -108,7 +108,7 @@ pub struct Observation {
 
 impl Observation {
     /// Builds an observation from an event's subject id and identifiers: the subject is the
-    /// identifier whose hash is the subject id, or a bare subject node when none is.
+    /// identifier whose token is the subject id, or a bare subject node when none is.
     pub fn new(event_id: Uuid, at: Micros, subject_id: &str, identifiers: Vec<Key>) -> Self {
         let mut keys: Vec<Key> = Vec::with_capacity(identifiers.len() + 1);
         for k in identifiers {
@@ -118,7 +118,7 @@ impl Observation {
         }
         let subject = keys
             .iter()
-            .filter(|k| k.hash == subject_id)
+            .filter(|k| k.token == subject_id)
             .min()
             .cloned()
             .unwrap_or_else(|| Key::new(Kind::Subject, None, subject_id));
@@ -134,12 +134,12 @@ impl Observation {
         }
     }
 
-    /// Marks the keys whose value hash is in `hashes` as blocked in this event.
-    pub fn block(mut self, hashes: &[&str]) -> Self {
+    /// Marks the keys whose token is in `tokens` as blocked in this event.
+    pub fn block(mut self, tokens: &[&str]) -> Self {
         self.blocked = self
             .keys
             .iter()
-            .filter(|k| hashes.contains(&k.hash.as_str()))
+            .filter(|k| tokens.contains(&k.token.as_str()))
             .cloned()
             .collect();
         self.blocked.sort();
@@ -170,7 +170,7 @@ pub struct Rules {
     /// A value of this kind not seen for this long (event time) no longer links until it is
     /// seen again.
     pub ttl: BTreeMap<Kind, Micros>,
-    /// Values that never link (exact match on the keyed hash of the normalized value).
+    /// Values that never link (exact match on the token of the normalized value).
     pub blocked: HashSet<Key>,
 }
 
@@ -703,13 +703,13 @@ pub struct Assignment {
 /// The link id of an accepted link: the same event linking the same pair always gets it.
 /// The id of the link between two identifiers (the smaller key first): one per pair.
 pub fn link_id(from: &Key, to: &Key) -> Uuid {
-    let mut name = Vec::with_capacity(from.hash.len() + to.hash.len() + 32);
+    let mut name = Vec::with_capacity(from.token.len() + to.token.len() + 32);
     for k in [from, to] {
         name.extend_from_slice(k.kind.as_str().as_bytes());
         name.push(0);
         name.extend_from_slice(k.namespace.as_bytes());
         name.push(0);
-        name.extend_from_slice(k.hash.as_bytes());
+        name.extend_from_slice(k.token.as_bytes());
         name.push(0);
     }
     Uuid::new_v5(&LINK_NAMESPACE, &name)
@@ -737,7 +737,7 @@ mod tests {
     }
 
     fn obs(n: u128, at: Micros, keys: &[Key]) -> Observation {
-        let subject = keys[0].hash.clone();
+        let subject = keys[0].token.clone();
         Observation::new(Uuid::from_u128(n), at, &subject, keys.to_vec())
     }
 

@@ -72,7 +72,7 @@ pub fn observation(e: &CustomerEvent, kinds: &BTreeSet<IdentifierKind>) -> Obser
         .iter()
         .chain(previous)
         .filter(|i| kinds.contains(&i.kind))
-        .map(|i| Key::new(Kind::Id(i.kind), i.namespace.as_deref(), &i.value_hash))
+        .map(|i| Key::new(Kind::Id(i.kind), i.namespace.as_deref(), &i.token))
         .collect();
     Observation::new(
         e.envelope.event_id,
@@ -82,9 +82,9 @@ pub fn observation(e: &CustomerEvent, kinds: &BTreeSet<IdentifierKind>) -> Obser
     )
 }
 
-/// The value hashes ingest named in the record's `cdp-blocked-identifiers` header (a blocked
+/// The tokens ingest named in the record's `cdp-blocked-identifiers` header (a blocked
 /// pattern matched their plaintext).
-pub fn blocked_hashes(record: &RawRecord) -> Vec<&str> {
+pub fn blocked_tokens(record: &RawRecord) -> Vec<&str> {
     record
         .headers
         .iter()
@@ -104,7 +104,7 @@ fn identifier(k: &Key) -> Identifier {
     Identifier {
         kind,
         namespace: (!k.namespace.is_empty()).then(|| k.namespace.clone()),
-        value_hash: k.hash.clone(),
+        token: k.token.clone(),
     }
 }
 
@@ -269,7 +269,7 @@ impl PgHandler for IdentityHandler {
         }
         let observations: Vec<Observation> = fresh
             .iter()
-            .map(|(i, e)| observation(e, &self.kinds).block(&blocked_hashes(batch[*i].record)))
+            .map(|(i, e)| observation(e, &self.kinds).block(&blocked_tokens(batch[*i].record)))
             .collect();
         let severed = g.severed().await.map_err(classify)?;
         let t0 = std::time::Instant::now();
@@ -361,7 +361,7 @@ mod tests {
         let id = |kind, h: &str| Identifier {
             kind,
             namespace: None,
-            value_hash: h.to_owned(),
+            token: h.to_owned(),
         };
         let e = crate::candidates::merge_event(
             &id(IdentifierKind::UserId, "aa"),
@@ -373,7 +373,7 @@ mod tests {
             [IdentifierKind::UserId, IdentifierKind::AnonymousId].into();
         let o = observation(&e, &all);
         assert_eq!(o.keys.len(), 2);
-        assert_eq!(o.subject.hash, "aa");
+        assert_eq!(o.subject.token, "aa");
         let users: BTreeSet<IdentifierKind> = [IdentifierKind::UserId].into();
         assert_eq!(observation(&e, &users).keys.len(), 1);
     }

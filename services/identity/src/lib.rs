@@ -1,7 +1,7 @@
 //! Identity resolution and event dedup: `cdp identity`.
 //!
-//! Consumes the customer events, keeps an identity graph in Postgres (identifiers as keyed
-//! hashes, linked by the events that carry several of them, under configurable rules),
+//! Consumes the customer events, keeps an identity graph in Postgres (identifiers as vault
+//! tokens, linked by the events that carry several of them, under configurable rules),
 //! and publishes through a transactional outbox: graph changes (`IdentifiersLinked`,
 //! `ProfilesMerged`, `ProfileSplit`) to the identity topic, which the projector follows, and
 //! every customer event once, stamped with its profile id, to the resolved-events topic.
@@ -122,6 +122,8 @@ pub enum IdentityError {
     NoIdentifier,
     #[error("identifier: {0}")]
     Identifier(#[from] cdp_keystore::identifiers::NormalizeError),
+    #[error("identifier vault")]
+    Vault(#[from] cdp_keystore::VaultError),
     #[error("{0}")]
     Sink(String),
     #[error("cannot listen on {addr}")]
@@ -189,12 +191,23 @@ fn out_topics(kafka: &KafkaArgs) -> (Topics, OutTopics) {
     (topics, out)
 }
 
-fn handler(
+/// The handler with its rules; blocked values are replaced by their vault tokens (created if
+/// new, so a blocked value first sent later gets the token the rules hold).
+async fn handler(
     config: &IdentityConfig,
     metrics: IdentityMetrics,
+    pool: &PgPool,
 ) -> Result<IdentityHandler, IdentityError> {
-    let hasher = config.keys.hasher()?;
-    let rules = rules::rules(&config.identity.rules, &hasher)?;
+    let vault = config.keys.vault(pool.clone())?;
+    let mut rules = rules::rules(&config.identity.rules)?;
+    let blocked = rules::blocked(&config.identity.rules, vault.hasher())?;
+    for id in vault.identifiers(&blocked).await? {
+        rules.blocked.insert(Key::new(
+            Kind::Id(id.kind),
+            id.namespace.as_deref(),
+            &id.token,
+        ));
+    }
     let kinds = rules::kinds(&config.identity.rules)?;
     let (_, out) = out_topics(&config.kafka);
     Ok(IdentityHandler {
@@ -220,7 +233,7 @@ pub async fn run(
     config.identity.candidates.check()?;
     let pool = pool(&config.pg, &config.identity.schema).await?;
     let identity_metrics = IdentityMetrics::register(metrics);
-    let handler = handler(&config, identity_metrics.clone())?;
+    let handler = handler(&config, identity_metrics.clone(), &pool).await?;
     let producer = Arc::new(Producer::new(&config.kafka)?);
     let (topics, _) = out_topics(&config.kafka);
     let sweeps = tokio::spawn(candidates::run_sweeps(
@@ -307,21 +320,22 @@ pub async fn position_store(
 pub enum SplitTarget {
     /// One accepted link (its id, from the identity API or the identity topic).
     Link(Uuid),
-    /// An identifier as clients send it (`email:test@example.com`); normalized and hashed.
+    /// An identifier as clients send it (`email:test@example.com`); normalized and looked up
+    /// in the vault.
     Identifier(IdentifierKind, Option<String>, String),
-    /// An identifier by its keyed hash (`email:<hex>`), as the identity API shows it.
-    Hash(IdentifierKind, Option<String>, String),
+    /// An identifier by its token (`email:token:<hex>`), as the identity API shows it.
+    Token(IdentifierKind, Option<String>, String),
 }
 
 impl FromStr for SplitTarget {
     type Err = String;
 
-    /// `link:<uuid>`, `<kind>:<value>`, `<kind>:hash:<hex>`; external ids put their namespace
+    /// `link:<uuid>`, `<kind>:<value>`, `<kind>:token:<hex>`; external ids put their namespace
     /// after the kind (`external_id:salesforce:42`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (head, rest) = s
             .split_once(':')
-            .ok_or_else(|| format!("`{s}`: expected link:<id>, kind:value or kind:hash:<hex>"))?;
+            .ok_or_else(|| format!("`{s}`: expected link:<id>, kind:value or kind:token:<hex>"))?;
         if head == "link" {
             return Uuid::parse_str(rest.trim())
                 .map(SplitTarget::Link)
@@ -338,8 +352,8 @@ impl FromStr for SplitTarget {
         } else {
             (None, rest)
         };
-        Ok(match rest.strip_prefix("hash:") {
-            Some(h) => SplitTarget::Hash(kind, ns, h.trim().to_ascii_lowercase()),
+        Ok(match rest.strip_prefix("token:") {
+            Some(t) => SplitTarget::Token(kind, ns, t.trim().to_ascii_lowercase()),
             None => SplitTarget::Identifier(kind, ns, rest.to_owned()),
         })
     }
@@ -363,7 +377,7 @@ pub async fn split(
     note: &str,
 ) -> Result<SplitReport, IdentityError> {
     let pool = pool(&config.pg, &config.identity.schema).await?;
-    let handler = handler(config, IdentityMetrics::default())?;
+    let handler = handler(config, IdentityMetrics::default(), &pool).await?;
     let mut tx = pool.begin().await?;
     store::lock_graph(&mut tx).await?;
     let (node, other, link_id, cause): (i64, i64, Option<Uuid>, Uuid) = match &target {
@@ -377,25 +391,32 @@ pub async fn split(
             let (a, b, cause) = row.ok_or(IdentityError::NoLink(*id))?;
             (a.min(b), a.max(b), Some(*id), cause)
         }
-        SplitTarget::Identifier(..) | SplitTarget::Hash(..) => {
-            let (kind, ns, hash) = match target.clone() {
+        SplitTarget::Identifier(..) | SplitTarget::Token(..) => {
+            let (kind, ns, token) = match target.clone() {
                 SplitTarget::Identifier(kind, ns, value) => {
-                    let (id, _) = config.keys.hasher()?.identifier(&RawIdentifier {
+                    let vault = config.keys.vault(pool.clone())?;
+                    let id = vault.hasher().identifier(&RawIdentifier {
                         kind,
                         namespace: ns,
                         value,
                     })?;
-                    (id.kind, id.namespace, id.value_hash)
+                    let token = vault
+                        .find(std::slice::from_ref(&id))
+                        .await?
+                        .pop()
+                        .flatten()
+                        .ok_or(IdentityError::NoIdentifier)?;
+                    (id.kind, id.namespace, token)
                 }
-                SplitTarget::Hash(kind, ns, hash) => (kind, ns, hash),
+                SplitTarget::Token(kind, ns, token) => (kind, ns, token),
                 SplitTarget::Link(_) => return Err(IdentityError::NoIdentifier),
             };
             let row: Option<(i64,)> = sqlx::query_as(
-                "SELECT node_id FROM identity_nodes WHERE kind = $1 AND namespace = $2 AND value_hash = $3",
+                "SELECT node_id FROM identity_nodes WHERE kind = $1 AND namespace = $2 AND token = $3",
             )
             .bind(kind.as_str())
             .bind(ns.unwrap_or_default())
-            .bind(&hash)
+            .bind(&token)
             .fetch_optional(&mut *tx)
             .await?;
             let (n,) = row.ok_or(IdentityError::NoIdentifier)?;
@@ -412,19 +433,18 @@ pub async fn split(
     .bind(note)
     .execute(&mut *tx)
     .await?;
-    let keys: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT kind, namespace, value_hash FROM identity_nodes WHERE node_id = ANY($1)",
-    )
-    .bind([node, other].as_slice())
-    .fetch_all(&mut *tx)
-    .await?;
+    let keys: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT kind, namespace, token FROM identity_nodes WHERE node_id = ANY($1)")
+            .bind([node, other].as_slice())
+            .fetch_all(&mut *tx)
+            .await?;
     let force: Vec<Key> = keys
         .into_iter()
         .filter_map(|(k, ns, h)| {
             Kind::parse(&k).map(|kind| Key {
                 kind,
                 namespace: ns,
-                hash: h,
+                token: h,
             })
         })
         .collect();
@@ -554,8 +574,8 @@ mod tests {
             ))
         );
         assert_eq!(
-            "external_id:crm:hash:ABC".parse(),
-            Ok(SplitTarget::Hash(
+            "external_id:crm:token:ABC".parse(),
+            Ok(SplitTarget::Token(
                 IdentifierKind::ExternalId,
                 Some("crm".to_owned()),
                 "abc".to_owned()

@@ -578,12 +578,12 @@ mod tests {
         )
         .prop_map(|raw| {
             let keys = pool();
-            let patterned = keys[4].hash.clone();
+            let patterned = keys[4].token.clone();
             raw.into_iter()
                 .enumerate()
                 .map(|(i, (at, picks, flagged))| {
                     let ids: Vec<Key> = picks.iter().map(|p| keys[*p].clone()).collect();
-                    let subject = ids[0].hash.clone();
+                    let subject = ids[0].token.clone();
                     let o = Observation::new(Uuid::from_u128(i as u128 + 1), at, &subject, ids);
                     if flagged {
                         o.block(&[patterned.as_str()])

@@ -3,11 +3,11 @@
 
 use std::collections::BTreeSet;
 
-use cdp_keystore::identifiers::{IdentifierHasher, RawIdentifier};
+use cdp_keystore::identifiers::{IdentifierHasher, Normalized, RawIdentifier};
 use cdp_schemas::IdentifierKind;
 use clap::Args;
 
-use crate::graph::{Key, Kind, Micros, Rules};
+use crate::graph::{Kind, Micros, Rules};
 
 #[derive(Args, Clone, Debug)]
 pub struct RulesArgs {
@@ -60,8 +60,8 @@ pub struct RulesArgs {
     )]
     pub ttl: Vec<String>,
     /// Values that never link, `kind:value` (external ids `external_id:namespace:value`),
-    /// comma-separated. Normalized and hashed with the identifier key at start, so they match
-    /// however clients spell them. The graph holds only hashes, so rules match exact values.
+    /// comma-separated. Normalized and replaced by their vault tokens at start, so they match
+    /// however clients spell them. The graph holds only tokens, so rules match exact values.
     #[arg(
         id = "identity_blocked",
         long = "identity-blocked",
@@ -121,8 +121,8 @@ pub fn kinds(args: &RulesArgs) -> Result<BTreeSet<IdentifierKind>, RulesError> {
         .collect()
 }
 
-/// Builds the rules; blocked values are hashed with `hasher`.
-pub fn rules(args: &RulesArgs, hasher: &IdentifierHasher) -> Result<Rules, RulesError> {
+/// Builds the rules, except the blocked values (see [`blocked`]: they need the vault).
+pub fn rules(args: &RulesArgs) -> Result<Rules, RulesError> {
     let mut r = Rules {
         priority: nonempty(&args.priority)
             .map(kind)
@@ -147,6 +147,12 @@ pub fn rules(args: &RulesArgs, hasher: &IdentifierHasher) -> Result<Rules, Rules
         let d = duration_micros(d).ok_or_else(|| RulesError::Ttl(entry.to_owned()))?;
         r.ttl.insert(kind(k)?, d);
     }
+    Ok(r)
+}
+
+/// The blocked values, normalized, for the vault to replace by their tokens.
+pub fn blocked(args: &RulesArgs, hasher: &IdentifierHasher) -> Result<Vec<Normalized>, RulesError> {
+    let mut out = Vec::new();
     for entry in nonempty(&args.blocked) {
         let bad = |reason: String| RulesError::Blocked {
             entry: entry.to_owned(),
@@ -170,14 +176,9 @@ pub fn rules(args: &RulesArgs, hasher: &IdentifierHasher) -> Result<Rules, Rules
         } else {
             RawIdentifier::new(k, rest)
         };
-        let (id, _) = hasher.identifier(&raw).map_err(|e| bad(e.to_string()))?;
-        r.blocked.insert(Key::new(
-            Kind::Id(id.kind),
-            id.namespace.as_deref(),
-            &id.value_hash,
-        ));
+        out.push(hasher.identifier(&raw).map_err(|e| bad(e.to_string()))?);
     }
-    Ok(r)
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -205,7 +206,7 @@ mod tests {
 
     #[test]
     fn defaults_parse_and_block_common_junk_however_spelled() {
-        let r = rules(&args(&[]), &hasher()).unwrap_or_else(|e| panic!("{e}"));
+        let r = rules(&args(&[])).unwrap_or_else(|e| panic!("{e}"));
         assert!(r.unique.contains(&Kind::Id(IdentifierKind::UserId)));
         assert_eq!(r.limits.get(&Kind::Id(IdentifierKind::Email)), Some(&5));
         let h = hasher();
@@ -214,9 +215,9 @@ mod tests {
                 IdentifierKind::Email,
                 " TEST@Example.com ",
             ))
-            .map(|(i, _)| Key::new(Kind::Id(i.kind), None, &i.value_hash))
             .unwrap_or_else(|e| panic!("{e}"));
-        assert!(r.blocked.contains(&junk));
+        let blocked = blocked(&args(&[]), &h).unwrap_or_else(|e| panic!("{e}"));
+        assert!(blocked.contains(&junk));
         assert_eq!(kinds(&args(&[])).map(|k| k.len()), Ok(6));
     }
 
@@ -224,19 +225,19 @@ mod tests {
     fn bad_entries_are_named() {
         let h = hasher();
         assert_eq!(
-            rules(&args(&["--identity-limits", "email=five"]), &h).err(),
+            rules(&args(&["--identity-limits", "email=five"])).err(),
             Some(RulesError::Limit("email=five".to_owned()))
         );
         assert_eq!(
-            rules(&args(&["--identity-unique", "mail"]), &h).err(),
+            rules(&args(&["--identity-unique", "mail"])).err(),
             Some(RulesError::Kind("mail".to_owned()))
         );
         assert!(matches!(
-            rules(&args(&["--identity-blocked", "email:not-an-email"]), &h),
+            blocked(&args(&["--identity-blocked", "email:not-an-email"]), &h),
             Err(RulesError::Blocked { .. })
         ));
         assert_eq!(
-            rules(&args(&["--identity-ttl", "anonymous_id=3w"]), &h).err(),
+            rules(&args(&["--identity-ttl", "anonymous_id=3w"])).err(),
             Some(RulesError::Ttl("anonymous_id=3w".to_owned()))
         );
     }

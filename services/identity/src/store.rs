@@ -47,7 +47,7 @@ type NodeRow = (
 type ObservationRow = (Uuid, DateTime<Utc>, i64, Vec<i64>, Vec<i64>);
 
 const NODE_COLUMNS: &str =
-    "n.node_id, n.kind, n.namespace, n.value_hash, coalesce(n.label, n.node_id), n.profile_id,
+    "n.node_id, n.kind, n.namespace, n.token, coalesce(n.label, n.node_id), n.profile_id,
      n.first_at, n.first_event, n.last_at, n.last_event, n.subject, n.link_at, n.link_event";
 
 /// The graph's rows a batch reads and writes, keyed both ways.
@@ -76,11 +76,11 @@ pub struct Reads {
     pub observation_rows: usize,
 }
 
-fn key_of(kind: &str, namespace: String, hash: String) -> Option<Key> {
+fn key_of(kind: &str, namespace: String, token: String) -> Option<Key> {
     Kind::parse(kind).map(|kind| Key {
         kind,
         namespace,
-        hash,
+        token,
     })
 }
 
@@ -88,7 +88,7 @@ fn columns(keys: &[Key]) -> (Vec<&str>, Vec<&str>, Vec<&str>) {
     (
         keys.iter().map(|k| k.kind.as_str()).collect(),
         keys.iter().map(|k| k.namespace.as_str()).collect(),
-        keys.iter().map(|k| k.hash.as_str()).collect(),
+        keys.iter().map(|k| k.token.as_str()).collect(),
     )
 }
 
@@ -135,30 +135,30 @@ impl<'c> PgGraph<'c> {
         if missing.is_empty() {
             return Ok(());
         }
-        let (kinds, namespaces, hashes) = columns(&missing);
+        let (kinds, namespaces, tokens) = columns(&missing);
         let rows: Vec<(i64, String, String, String, bool)> = sqlx::query_as(
-            "WITH k AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]) AS k(kind, namespace, value_hash)),
+            "WITH k AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]) AS k(kind, namespace, token)),
              ins AS (
-                INSERT INTO identity_nodes (kind, namespace, value_hash)
-                SELECT kind, namespace, value_hash FROM k ORDER BY kind, namespace, value_hash
+                INSERT INTO identity_nodes (kind, namespace, token)
+                SELECT kind, namespace, token FROM k ORDER BY kind, namespace, token
                 ON CONFLICT DO NOTHING
-                RETURNING node_id, kind, namespace, value_hash)
-             SELECT node_id, kind, namespace, value_hash, true FROM ins
+                RETURNING node_id, kind, namespace, token)
+             SELECT node_id, kind, namespace, token, true FROM ins
              UNION ALL
-             SELECT n.node_id, n.kind, n.namespace, n.value_hash, false
-               FROM identity_nodes n JOIN k USING (kind, namespace, value_hash)",
+             SELECT n.node_id, n.kind, n.namespace, n.token, false
+               FROM identity_nodes n JOIN k USING (kind, namespace, token)",
         )
         .bind(&kinds)
         .bind(&namespaces)
-        .bind(&hashes)
+        .bind(&tokens)
         .fetch_all(&mut *self.tx)
         .await?;
         let mut known = Vec::with_capacity(rows.len());
-        for (id, kind, ns, hash, new) in rows {
+        for (id, kind, ns, token, new) in rows {
             if new {
                 self.created.insert(id);
             }
-            known.push((id, kind, ns, hash));
+            known.push((id, kind, ns, token));
         }
         self.remember_all(known);
         Ok(())
@@ -171,8 +171,8 @@ impl<'c> PgGraph<'c> {
     }
 
     fn remember_all(&mut self, rows: Vec<(i64, String, String, String)>) {
-        for (id, kind, ns, hash) in rows {
-            if let Some(k) = key_of(&kind, ns, hash) {
+        for (id, kind, ns, token) in rows {
+            if let Some(k) = key_of(&kind, ns, token) {
                 self.remember(id, k);
             }
         }
@@ -195,7 +195,7 @@ impl<'c> PgGraph<'c> {
             return Ok(());
         }
         let rows: Vec<(i64, String, String, String)> = sqlx::query_as(
-            "SELECT node_id, kind, namespace, value_hash FROM identity_nodes WHERE node_id = ANY($1)",
+            "SELECT node_id, kind, namespace, token FROM identity_nodes WHERE node_id = ANY($1)",
         )
         .bind(&missing)
         .fetch_all(&mut *self.tx)
@@ -586,8 +586,8 @@ impl Source for PgGraph<'_> {
         .await?;
         self.reads.component_rows += rows.len();
         let mut comps: HashMap<i64, Vec<(Key, Option<Seen>)>> = HashMap::new();
-        for (id, kind, ns, hash, label, profile, fa, fe, la, le, subject, ka, ke) in rows {
-            let Some(k) = key_of(&kind, ns, hash) else {
+        for (id, kind, ns, token, label, profile, fa, fe, la, le, subject, ka, ke) in rows {
+            let Some(k) = key_of(&kind, ns, token) else {
                 continue;
             };
             let link = ka.zip(ke).map(|(a, e)| (micros(a), e));
@@ -666,17 +666,17 @@ impl Source for PgGraph<'_> {
 pub async fn digest(pool: &sqlx::PgPool) -> Result<String, sqlx::Error> {
     let (d,): (Option<String>,) = sqlx::query_as(
         "SELECT md5(
-            coalesce((SELECT string_agg(concat_ws('|', kind, namespace, value_hash, profile_id, first_at, first_event,
-                                                  last_at, last_event, subject), E'\\n' ORDER BY kind, namespace, value_hash)
+            coalesce((SELECT string_agg(concat_ws('|', kind, namespace, token, profile_id, first_at, first_event,
+                                                  last_at, last_event, subject), E'\\n' ORDER BY kind, namespace, token)
                         FROM identity_nodes WHERE first_at IS NOT NULL), '')
             || '#' ||
-            coalesce((SELECT string_agg(concat_ws('|', l.link_id, f.kind, f.value_hash, t.kind, t.value_hash, l.cause_event_id, l.occurred_at),
+            coalesce((SELECT string_agg(concat_ws('|', l.link_id, f.kind, f.token, t.kind, t.token, l.cause_event_id, l.occurred_at),
                                         E'\\n' ORDER BY l.link_id)
                         FROM identity_links l JOIN identity_nodes f ON f.node_id = l.from_node
                         JOIN identity_nodes t ON t.node_id = l.to_node), '')
             || '#' ||
-            coalesce((SELECT string_agg(concat_ws('|', r.event_id, n.kind, n.value_hash, o.kind, o.value_hash, r.reason, r.rule_kind),
-                                        E'\\n' ORDER BY r.event_id, n.kind, n.value_hash, o.kind, o.value_hash)
+            coalesce((SELECT string_agg(concat_ws('|', r.event_id, n.kind, n.token, o.kind, o.token, r.reason, r.rule_kind),
+                                        E'\\n' ORDER BY r.event_id, n.kind, n.token, o.kind, o.token)
                         FROM identity_refusals r JOIN identity_nodes n ON n.node_id = r.node
                         JOIN identity_nodes o ON o.node_id = r.other_node), ''))",
     )

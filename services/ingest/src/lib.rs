@@ -18,10 +18,8 @@ pub mod segment;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use cdp_keystore::config::KeyArgs;
-use cdp_keystore::KeyStore;
 use cdp_runtime::admin::Readiness;
 use cdp_runtime::config::{KafkaArgs, PostgresArgs};
 use cdp_runtime::kafka::producer::{Producer, ProducerOptions};
@@ -87,15 +85,10 @@ pub async fn bind(
     IngestError,
 > {
     let write_keys = config.ingest.write_key_map()?;
-    let master = config.keys.master()?;
-    let hasher = Arc::new(config.keys.hasher()?);
     let pool = pg::connect(&config.pg).await?;
     migrate(&pool).await?;
-    let keys = Arc::new(KeyStore::new(
-        pool.clone(),
-        master,
-        Duration::from_secs(config.keys.key_cache_ttl_secs),
-    ));
+    let keys = Arc::new(config.keys.key_store(pool.clone())?);
+    let vault = Arc::new(config.keys.vault(pool.clone())?);
     let producer = Arc::new(Producer::with_options(
         &config.kafka,
         ProducerOptions {
@@ -108,7 +101,7 @@ pub async fn bind(
         publisher: Publisher::new(
             producer,
             keys,
-            hasher,
+            vault,
             Topics::new(&config.kafka.topic_prefix),
         )
         .with_blocked_patterns(cdp_keystore::BlockPatterns::parse(

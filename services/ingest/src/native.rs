@@ -7,7 +7,6 @@
 //!  "payload": {"capsule_id": "…", "title": "…", "content_type": "text/markdown"}}
 //! ```
 
-use cdp_keystore::identifiers::subject_id;
 use cdp_keystore::RawIdentifier;
 use cdp_schemas::model::capsule::*;
 use cdp_schemas::model::customer::*;
@@ -99,8 +98,8 @@ fn extra_identifiers(c: &mut Common<'_>, ctx: &Ctx<'_>, errs: &mut Errors) {
                 value,
             };
             match ctx.hasher.identifier(&raw) {
-                Ok((_, normalized)) => c.identifiers.push(RawIdentifier {
-                    value: normalized,
+                Ok(normalized) => c.identifiers.push(RawIdentifier {
+                    value: normalized.value,
                     ..raw
                 }),
                 Err(e) => errs.add(o.path_of("value"), e.to_string()),
@@ -127,7 +126,9 @@ fn settings(o: &Obj<'_>, errs: &mut Errors) -> std::collections::BTreeMap<String
     out
 }
 
-fn capsule(kind: &str, p: &Obj<'_>, owner: &str, errs: &mut Errors) -> Option<CapsulePayload> {
+/// A capsule payload; a created capsule's owner is the event's subject, which the publisher
+/// fills in.
+fn capsule(kind: &str, p: &Obj<'_>, errs: &mut Errors) -> Option<CapsulePayload> {
     let capsule_id = uuid_field(p, "capsule_id", errs);
     let s = |errs: &mut Errors, k: &str| errs.check(p.opt_str(k)).flatten();
     let payload = match kind {
@@ -136,7 +137,7 @@ fn capsule(kind: &str, p: &Obj<'_>, owner: &str, errs: &mut Errors) -> Option<Ca
             let content_type = errs.check(p.str("content_type"));
             CapsulePayload::Created(CapsuleCreated {
                 capsule_id: capsule_id?,
-                owner_subject_id: owner.to_owned(),
+                owner_subject_id: String::new(),
                 title: title?,
                 content_type: content_type?,
                 storage_path: s(errs, "storage_path"),
@@ -280,30 +281,24 @@ pub fn parse(
     }
     let env = envelope(c.event_id, c.occurred_at, ctx.received_at, ctx.source);
     let draft = if kind.starts_with("capsule.") {
-        let hashed: Vec<_> = c
-            .identifiers
-            .iter()
-            .filter_map(|r| ctx.hasher.identifier(r).ok().map(|(i, _)| i))
-            .collect();
-        let owner = subject_id(&hashed).unwrap_or_default();
-        capsule(&kind, &p, &owner, &mut errs).map(|payload| {
-            NativeDraft::Capsule(Draft {
-                event: CapsuleEvent {
+        capsule(&kind, &p, &mut errs).map(|payload| {
+            NativeDraft::Capsule(Draft::new(
+                CapsuleEvent {
                     envelope: env,
                     payload,
                 },
-                identifiers: c.identifiers.clone(),
-            })
+                c.identifiers.clone(),
+            ))
         })
     } else {
         customer(&kind, &p, &mut errs).map(|payload| {
-            NativeDraft::Customer(Draft {
-                event: CustomerEvent {
+            NativeDraft::Customer(Draft::new(
+                CustomerEvent {
                     envelope: env,
                     payload,
                 },
-                identifiers: c.identifiers.clone(),
-            })
+                c.identifiers.clone(),
+            ))
         })
     };
     match draft {

@@ -1,7 +1,8 @@
 //! The direct-producer library: what the HTTP API does after parsing, usable by any Rust
-//! app that produces straight to Kafka. It normalizes and hashes identifiers, picks the
-//! subject and its data key (created on first sight), seals every PII field, keys the
-//! record, encodes it in the contract and produces it idempotently with `acks=all`.
+//! app that produces straight to Kafka. It normalizes identifiers and replaces them by their
+//! vault tokens (created on first sight), picks the subject and its data key (created on
+//! first sight), seals every PII field, keys the record, encodes it in the contract and
+//! produces it idempotently with `acks=all`.
 //!
 //! Build a [`Draft`]: a contract event whose PII fields hold *plaintext* (see
 //! [`plain`]), with an empty subject, plus the raw identifiers. The publisher fills in the
@@ -12,12 +13,14 @@ use std::sync::Arc;
 use cdp_keystore::crypto::field_aad;
 use cdp_keystore::identifiers::{subject_id, BLOCKED_HEADER};
 use cdp_keystore::{
-    BlockPatterns, IdentifierHasher, KeyStore, KeyStoreError, NormalizeError, RawIdentifier,
+    BlockPatterns, IdentifierHasher, KeyStore, KeyStoreError, NormalizeError, Normalized,
+    RawIdentifier, Vault, VaultError,
 };
 use cdp_runtime::kafka::producer::{OutgoingRecord, ProduceError, Producer};
 use cdp_runtime::topics::{Topic, Topics};
 use cdp_schemas::{
-    CapsuleEvent, CodecError, Contract, CustomerEvent, Envelope, IdentifierKind, Sealed, Subject,
+    CapsuleEvent, CapsulePayload, CodecError, Contract, CustomerEvent, CustomerPayload, Envelope,
+    Identifier, IdentifierKind, Sealed, Subject,
 };
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -50,9 +53,25 @@ pub fn envelope(
 /// An event before sealing and keying.
 #[derive(Debug, Clone)]
 pub struct Draft<E> {
-    /// PII fields hold plaintext; the subject and partition key are filled in on publish.
+    /// PII fields hold plaintext; the subject, the partition key and the identifiers the
+    /// payload refers to are filled in on publish.
     pub event: E,
+    /// The subject's identifiers.
     pub identifiers: Vec<RawIdentifier>,
+    /// Identifiers the payload refers to besides the subject's own (an alias's previous id),
+    /// tokenized with them and handed to [`Publishable::bind`] in order.
+    pub references: Vec<RawIdentifier>,
+}
+
+impl<E> Draft<E> {
+    /// A draft whose payload refers to no identifier but the subject's.
+    pub fn new(event: E, identifiers: Vec<RawIdentifier>) -> Self {
+        Self {
+            event,
+            identifiers,
+            references: Vec::new(),
+        }
+    }
 }
 
 /// Events the publisher routes: which topic, and which key.
@@ -60,6 +79,9 @@ pub trait Publishable: Contract {
     const TOPIC: Topic;
     /// The Kafka key, once the subject is known.
     fn partition_key(&self) -> String;
+    /// Fills what the payload holds of the subject (its token) and of the draft's references
+    /// (their identifiers, in order).
+    fn bind(&mut self, subject: &str, references: Vec<Identifier>);
 }
 
 impl Publishable for CustomerEvent {
@@ -67,12 +89,24 @@ impl Publishable for CustomerEvent {
     fn partition_key(&self) -> String {
         self.envelope.subject.subject_id.clone()
     }
+    fn bind(&mut self, _subject: &str, references: Vec<Identifier>) {
+        if let (CustomerPayload::Alias(a), Some(previous)) =
+            (&mut self.payload, references.into_iter().next())
+        {
+            a.previous = previous;
+        }
+    }
 }
 
 impl Publishable for CapsuleEvent {
     const TOPIC: Topic = Topic::CapsuleEvents;
     fn partition_key(&self) -> String {
         self.payload.capsule_id().to_string()
+    }
+    fn bind(&mut self, subject: &str, _references: Vec<Identifier>) {
+        if let CapsulePayload::Created(c) = &mut self.payload {
+            c.owner_subject_id = subject.to_owned();
+        }
     }
 }
 
@@ -84,7 +118,7 @@ pub struct Prepared {
     pub value: Vec<u8>,
     pub event_id: Uuid,
     pub event_type: &'static str,
-    /// The `cdp-blocked-identifiers` header: hashes of the identifiers a blocked pattern
+    /// The `cdp-blocked-identifiers` header: tokens of the identifiers a blocked pattern
     /// matched, comma-separated (None when none did).
     pub blocked: Option<String>,
 }
@@ -116,6 +150,8 @@ pub enum PublishError {
     NoIdentifier { index: usize },
     #[error("the key store failed")]
     Keys(#[from] KeyStoreError),
+    #[error("the identifier vault failed")]
+    Vault(#[from] VaultError),
     #[error("sealing PII failed")]
     Seal(#[from] cdp_keystore::CryptoError),
     #[error("encoding failed")]
@@ -127,22 +163,30 @@ pub enum PublishError {
 pub struct Publisher {
     producer: Arc<Producer>,
     keys: Arc<KeyStore>,
-    hasher: Arc<IdentifierHasher>,
+    vault: Arc<Vault>,
     topics: Topics,
     blocked: BlockPatterns,
+}
+
+/// A draft with its identifiers normalized, before tokenizing.
+struct Staged<E> {
+    event: E,
+    identifiers: Vec<Normalized>,
+    references: Vec<Normalized>,
+    blocked: Vec<usize>,
 }
 
 impl Publisher {
     pub fn new(
         producer: Arc<Producer>,
         keys: Arc<KeyStore>,
-        hasher: Arc<IdentifierHasher>,
+        vault: Arc<Vault>,
         topics: Topics,
     ) -> Self {
         Self {
             producer,
             keys,
-            hasher,
+            vault,
             topics,
             blocked: BlockPatterns::default(),
         }
@@ -156,43 +200,71 @@ impl Publisher {
     }
 
     pub fn hasher(&self) -> &IdentifierHasher {
-        &self.hasher
+        self.vault.hasher()
     }
 
-    /// Normalizes, hashes, seals, keys and encodes drafts. Nothing is produced.
+    /// Normalizes, tokenizes, seals, keys and encodes drafts. Nothing is produced.
     pub async fn prepare<E: Publishable>(
         &self,
         drafts: Vec<Draft<E>>,
     ) -> Result<Vec<Prepared>, PublishError> {
+        let hasher = self.vault.hasher();
         let mut staged = Vec::with_capacity(drafts.len());
         for (index, d) in drafts.into_iter().enumerate() {
-            let mut ids = Vec::with_capacity(d.identifiers.len());
-            let mut blocked: Vec<String> = Vec::new();
+            let normalize = |raw: &RawIdentifier| {
+                hasher
+                    .identifier(raw)
+                    .map_err(|source| PublishError::Identifier {
+                        index,
+                        kind: raw.kind,
+                        source,
+                    })
+            };
+            let mut identifiers: Vec<Normalized> = Vec::with_capacity(d.identifiers.len());
+            let mut blocked = Vec::new();
             for raw in &d.identifiers {
-                let (id, normalized) =
-                    self.hasher
-                        .identifier(raw)
-                        .map_err(|source| PublishError::Identifier {
-                            index,
-                            kind: raw.kind,
-                            source,
-                        })?;
-                if self.blocked.blocks(id.kind, &normalized) && !blocked.contains(&id.value_hash) {
-                    blocked.push(id.value_hash.clone());
-                }
-                if !ids.contains(&id) {
-                    ids.push(id);
+                let n = normalize(raw)?;
+                if !identifiers.contains(&n) {
+                    if self.blocked.blocks(n.kind, &n.value) {
+                        blocked.push(identifiers.len());
+                    }
+                    identifiers.push(n);
                 }
             }
-            let subject = subject_id(&ids).ok_or(PublishError::NoIdentifier { index })?;
-            let blocked = (!blocked.is_empty()).then(|| blocked.join(","));
-            staged.push((subject, ids, d.event, blocked));
+            if identifiers.is_empty() {
+                return Err(PublishError::NoIdentifier { index });
+            }
+            let references = d
+                .references
+                .iter()
+                .map(normalize)
+                .collect::<Result<Vec<_>, _>>()?;
+            staged.push(Staged {
+                event: d.event,
+                identifiers,
+                references,
+                blocked,
+            });
         }
-        let subjects: Vec<&str> = staged.iter().map(|(s, ..)| s.as_str()).collect();
+        let all: Vec<Normalized> = staged
+            .iter()
+            .flat_map(|s| s.identifiers.iter().chain(&s.references).cloned())
+            .collect();
+        let mut tokens = self.vault.identifiers(&all).await?.into_iter();
+        let mut bound = Vec::with_capacity(staged.len());
+        for s in staged {
+            let ids: Vec<Identifier> = tokens.by_ref().take(s.identifiers.len()).collect();
+            let references: Vec<Identifier> = tokens.by_ref().take(s.references.len()).collect();
+            let subject = subject_id(&ids).ok_or(VaultError::Race)?;
+            let blocked: Vec<&str> = s.blocked.iter().map(|i| ids[*i].token.as_str()).collect();
+            let blocked = (!blocked.is_empty()).then(|| blocked.join(","));
+            bound.push((subject, ids, references, s.event, blocked));
+        }
+        let subjects: Vec<&str> = bound.iter().map(|(s, ..)| s.as_str()).collect();
         let keys = self.keys.current_keys(&subjects).await?;
         let topic = self.topics.name(E::TOPIC);
-        let mut out = Vec::with_capacity(staged.len());
-        for (subject, ids, mut event, blocked) in staged {
+        let mut out = Vec::with_capacity(bound.len());
+        for (subject, ids, references, mut event, blocked) in bound {
             let key = keys
                 .get(&subject)
                 .ok_or_else(|| KeyStoreError::Race(subject.clone()))?;
@@ -205,6 +277,7 @@ impl Publisher {
                     )?);
                 }
             }
+            event.bind(&subject, references);
             event.envelope_mut().subject = Subject {
                 subject_id: subject,
                 identifiers: ids,

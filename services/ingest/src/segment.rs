@@ -3,7 +3,7 @@
 
 use cdp_keystore::{IdentifierHasher, RawIdentifier};
 use cdp_schemas::model::customer::*;
-use cdp_schemas::{Amount, CustomerEvent, CustomerPayload, IdentifierKind};
+use cdp_schemas::{Amount, CustomerEvent, CustomerPayload, Identifier, IdentifierKind};
 use chrono::{DateTime, Duration, Utc};
 use serde_json::Value;
 use uuid::Uuid;
@@ -185,13 +185,13 @@ fn draft(
     event_id: Uuid,
     payload: CustomerPayload,
 ) -> Draft<CustomerEvent> {
-    Draft {
-        event: CustomerEvent {
+    Draft::new(
+        CustomerEvent {
             envelope: envelope(event_id, c.occurred_at, ctx.received_at, ctx.source),
             payload,
         },
-        identifiers: c.identifiers.clone(),
-    }
+        c.identifiers.clone(),
+    )
 }
 
 /// The email and phone of a traits object, validated, normalized and added as identifiers.
@@ -471,18 +471,31 @@ fn group(c: &Common<'_>, errs: &mut Errors) -> Option<CustomerPayload> {
     }))
 }
 
-fn alias(ctx: &Ctx<'_>, c: &Common<'_>, errs: &mut Errors) -> Option<CustomerPayload> {
+/// An alias: its `previousId` is a reference the publisher replaces by its token.
+fn alias(
+    ctx: &Ctx<'_>,
+    c: &Common<'_>,
+    errs: &mut Errors,
+    references: &mut Vec<RawIdentifier>,
+) -> Option<CustomerPayload> {
     if !c.obj.has("userId") {
         errs.add(c.obj.path_of("userId"), "is required for alias");
     }
     let previous = errs.check(c.obj.opt_id("previousId").and_then(|p| {
         p.ok_or_else(|| FieldError::new(c.obj.path_of("previousId"), "is required"))
     }))?;
-    match ctx
-        .hasher
-        .identifier(&RawIdentifier::new(IdentifierKind::UserId, previous))
-    {
-        Ok((previous, _)) => Some(CustomerPayload::Alias(Alias { previous })),
+    let previous = RawIdentifier::new(IdentifierKind::UserId, previous);
+    match ctx.hasher.identifier(&previous) {
+        Ok(_) => {
+            references.push(previous);
+            Some(CustomerPayload::Alias(Alias {
+                previous: Identifier {
+                    kind: IdentifierKind::UserId,
+                    namespace: None,
+                    token: String::new(),
+                },
+            }))
+        }
         Err(e) => {
             errs.add(c.obj.path_of("previousId"), e.to_string());
             None
@@ -544,13 +557,14 @@ pub fn parse(ctx: &Ctx<'_>, call: Call, path: &str, v: &Value) -> Result<Parsed,
     let Some(mut c) = common(ctx, obj, &mut errs) else {
         return Err(errs.0);
     };
+    let mut references = Vec::new();
     let payload = match call {
         Call::Identify => identify(ctx, &mut c, &mut errs),
         Call::Track => track(&c, &mut errs),
         Call::Page => page(&c, &mut errs),
         Call::Screen => screen(&c, &mut errs),
         Call::Group => group(&c, &mut errs),
-        Call::Alias => alias(ctx, &c, &mut errs),
+        Call::Alias => alias(ctx, &c, &mut errs, &mut references),
     };
     if call != Call::Identify {
         // Traits sent with other calls in context.traits still link email and phone.
@@ -565,7 +579,9 @@ pub fn parse(ctx: &Ctx<'_>, call: Call, path: &str, v: &Value) -> Result<Parsed,
     let consent = consents(ctx, &c, &mut errs);
     match payload {
         Some(p) if errs.is_empty() => {
-            let mut drafts = vec![draft(ctx, &c, c.event_id, p)];
+            let mut main = draft(ctx, &c, c.event_id, p);
+            main.references = references;
+            let mut drafts = vec![main];
             drafts.extend(consent);
             Ok(Parsed {
                 message_id: c.message_id,

@@ -26,7 +26,7 @@ pub enum CryptoError {
     Open,
 }
 
-fn random<const N: usize>(rng: &SystemRandom) -> Result<[u8; N], CryptoError> {
+pub(crate) fn random<const N: usize>(rng: &SystemRandom) -> Result<[u8; N], CryptoError> {
     let mut b = [0u8; N];
     rng.fill(&mut b).map_err(|_| CryptoError::Random)?;
     Ok(b)

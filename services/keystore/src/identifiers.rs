@@ -1,6 +1,7 @@
-//! Identifier normalization and keyed hashing. The same person's email written
-//! ` Ada@Example.ORG ` and `ada@example.org` yields one hash; the hash reveals nothing
-//! without the identifier key.
+//! Identifier normalization and the vault's keyed digests. The same person's email written
+//! ` Ada@Example.ORG ` and `ada@example.org` normalizes to one value and one digest; the
+//! digest reveals nothing without the identifier key, and it never leaves the vault (the
+//! log, the graph and the read models carry the vault's random tokens instead).
 
 use cdp_schemas::{Identifier, IdentifierKind};
 use ring::hmac;
@@ -41,7 +42,27 @@ pub enum NormalizeError {
     MissingNamespace,
 }
 
-/// Normalizes and hashes identifiers with the identifier key.
+/// An identifier in canonical form: what the vault tokenizes. The value is plaintext
+/// personal data: it is never logged (its `Debug` hides it), stored or used as a key.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Normalized {
+    pub kind: IdentifierKind,
+    /// For external ids: the issuing system, trimmed.
+    pub namespace: Option<String>,
+    pub value: String,
+}
+
+impl std::fmt::Debug for Normalized {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Normalized")
+            .field("kind", &self.kind)
+            .field("namespace", &self.namespace)
+            .field("value", &"<personal>")
+            .finish()
+    }
+}
+
+/// Normalizes identifiers and computes their keyed digests (the vault's lookup key).
 pub struct IdentifierHasher {
     key: hmac::Key,
     region: Option<phonenumber::country::Id>,
@@ -122,20 +143,22 @@ impl IdentifierHasher {
         Ok(number.format().mode(phonenumber::Mode::E164).to_string())
     }
 
-    /// Hex HMAC-SHA256 of `kind | namespace | normalized value`.
-    pub fn hash(&self, kind: IdentifierKind, namespace: Option<&str>, normalized: &str) -> String {
+    /// HMAC-SHA256 of `kind | 0 | namespace | 0 | normalized value`: the vault's key for
+    /// an identifier. It never leaves the vault.
+    pub fn digest(&self, id: &Normalized) -> [u8; 32] {
         let mut ctx = hmac::Context::with_key(&self.key);
-        ctx.update(kind.as_str().as_bytes());
+        ctx.update(id.kind.as_str().as_bytes());
         ctx.update(&[0]);
-        ctx.update(namespace.unwrap_or("").as_bytes());
+        ctx.update(id.namespace.as_deref().unwrap_or("").as_bytes());
         ctx.update(&[0]);
-        ctx.update(normalized.as_bytes());
-        hex::encode(ctx.sign().as_ref())
+        ctx.update(id.value.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.sign().as_ref());
+        out
     }
 
-    /// Normalizes and hashes one identifier; also returns the normalized plaintext (which the
-    /// caller may seal as PII, never log or key by).
-    pub fn identifier(&self, raw: &RawIdentifier) -> Result<(Identifier, String), NormalizeError> {
+    /// One identifier in canonical form (external ids need a namespace).
+    pub fn identifier(&self, raw: &RawIdentifier) -> Result<Normalized, NormalizeError> {
         let namespace = raw
             .namespace
             .as_deref()
@@ -144,22 +167,20 @@ impl IdentifierHasher {
         if raw.kind == IdentifierKind::ExternalId && namespace.is_none() {
             return Err(NormalizeError::MissingNamespace);
         }
-        let normalized = self.normalize(raw.kind, &raw.value)?;
-        let id = Identifier {
+        Ok(Normalized {
             kind: raw.kind,
             namespace: namespace.map(str::to_owned),
-            value_hash: self.hash(raw.kind, namespace, &normalized),
-        };
-        Ok((id, normalized))
+            value: self.normalize(raw.kind, &raw.value)?,
+        })
     }
 }
 
 /// Identifier values that must never link, as regular expressions over the normalized value
-/// (`email:^test\+.*@example\.com$`). The identity graph holds keyed hashes only, so patterns
+/// (`email:^test\+.*@example\.com$`). The identity graph holds tokens only, so patterns
 /// are evaluated where the plaintext is — ingest and the publishing library — and the
 /// identifiers they match travel with the event (the `cdp-blocked-identifiers` header) for
 /// identity resolution to refuse and record.
-/// The Kafka header listing, comma-separated, the value hashes of an event's identifiers
+/// The Kafka header listing, comma-separated, the tokens of an event's identifiers
 /// that a blocked pattern matched.
 pub const BLOCKED_HEADER: &str = "cdp-blocked-identifiers";
 
@@ -216,7 +237,7 @@ pub fn subject_id(identifiers: &[Identifier]) -> Option<String> {
         .iter()
         .find_map(|k| identifiers.iter().find(|i| i.kind == *k))
         .or_else(|| identifiers.first())
-        .map(|i| i.value_hash.clone())
+        .map(|i| i.token.clone())
 }
 
 #[cfg(test)]
@@ -290,7 +311,7 @@ mod tests {
     }
 
     #[test]
-    fn hashes_are_keyed_stable_and_separate_kinds() {
+    fn digests_are_keyed_stable_and_separate_kinds() {
         let h = hasher();
         let a = h.identifier(&RawIdentifier::new(
             IdentifierKind::Email,
@@ -301,47 +322,52 @@ mod tests {
             "ada@example.org ",
         ));
         assert_eq!(a, b);
-        let (id, _) = a.unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(id.value_hash.len(), 64);
-        assert!(!id.value_hash.contains("ada"));
-        let as_user = h.hash(IdentifierKind::UserId, None, "ada@example.org");
-        assert_ne!(as_user, id.value_hash, "kinds hash apart");
-        let other_key = IdentifierHasher::new(&[4u8; 32], "GB").hash(
-            IdentifierKind::Email,
-            None,
-            "ada@example.org",
+        let id = a.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(id.value, "ada@example.org");
+        assert!(!format!("{id:?}").contains("ada"), "Debug hides the value");
+        let as_user = Normalized {
+            kind: IdentifierKind::UserId,
+            ..id.clone()
+        };
+        assert_ne!(h.digest(&as_user), h.digest(&id), "kinds digest apart");
+        let other_key = IdentifierHasher::new(&[4u8; 32], "GB");
+        assert_ne!(
+            other_key.digest(&id),
+            h.digest(&id),
+            "the digest depends on the key"
         );
-        assert_ne!(other_key, id.value_hash, "the hash depends on the key");
         assert_eq!(
             h.identifier(&RawIdentifier::new(IdentifierKind::ExternalId, "42"))
                 .err(),
             Some(NormalizeError::MissingNamespace)
         );
+        let ns = |n: &str| RawIdentifier {
+            kind: IdentifierKind::ExternalId,
+            namespace: Some(n.to_owned()),
+            value: "42".to_owned(),
+        };
+        let crm = h.identifier(&ns(" crm ")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(crm.namespace.as_deref(), Some("crm"));
+        let erp = h.identifier(&ns("erp")).unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(h.digest(&crm), h.digest(&erp), "namespaces digest apart");
     }
 
     #[test]
     fn the_subject_is_the_user_id_first() {
-        let h = hasher();
-        let id = |k, v: &str| {
-            h.identifier(&RawIdentifier::new(k, v))
-                .map(|(i, _)| i)
-                .unwrap_or_else(|e| panic!("{e}"))
+        let id = |kind, token: &str| Identifier {
+            kind,
+            namespace: None,
+            token: token.to_owned(),
         };
         let anon = id(IdentifierKind::AnonymousId, "a1");
         let user = id(IdentifierKind::UserId, "u1");
-        let email = id(IdentifierKind::Email, "x@example.org");
+        let email = id(IdentifierKind::Email, "e1");
         assert_eq!(
             subject_id(&[email.clone(), anon.clone(), user.clone()]),
-            Some(user.value_hash)
+            Some(user.token)
         );
-        assert_eq!(
-            subject_id(&[email.clone(), anon.clone()]),
-            Some(anon.value_hash)
-        );
-        assert_eq!(
-            subject_id(std::slice::from_ref(&email)),
-            Some(email.value_hash)
-        );
+        assert_eq!(subject_id(&[email.clone(), anon.clone()]), Some(anon.token));
+        assert_eq!(subject_id(std::slice::from_ref(&email)), Some(email.token));
         assert_eq!(subject_id(&[]), None);
     }
 }

@@ -2,15 +2,21 @@
 //!
 //! - [`crypto`]: AES-256-GCM sealing of PII with a subject's data key, and wrapping of data
 //!   keys by the master key (`ring`).
-//! - [`identifiers`]: normalization (email case and whitespace, phone to E.164) and keyed
-//!   hashes (HMAC-SHA256) of identifiers, so the log and the graph never hold them in plaintext.
+//! - [`identifiers`]: normalization (email case and whitespace, phone to E.164) and the
+//!   keyed digests (HMAC-SHA256) the vault looks identifiers up by.
+//! - [`vault`]: random tokens for identifiers, so the log, the graph and the read models
+//!   never hold an identifier, not even hashed; erasure deletes the vault rows.
 //! - [`store`]: per-subject keys in Postgres, created on first sight, destroyed by erasure.
+//! - `epoch`: how a destruction reaches every process's caches within a bounded time.
 
 pub mod config;
 pub mod crypto;
+mod epoch;
 pub mod identifiers;
 pub mod store;
+pub mod vault;
 
 pub use crypto::{CryptoError, DataKey, MasterKey};
-pub use identifiers::{BlockPatterns, IdentifierHasher, NormalizeError, RawIdentifier};
+pub use identifiers::{BlockPatterns, IdentifierHasher, NormalizeError, Normalized, RawIdentifier};
 pub use store::{KeyStore, KeyStoreError};
+pub use vault::{Vault, VaultError};

@@ -1,16 +1,19 @@
 //! Per-subject data keys in Postgres (`subject_keys`), wrapped by the master key, created on
-//! first sight and destroyed by erasure. Unwrapped keys are cached per process for a short
-//! TTL; the table is the only shared state, so any number of replicas agree.
+//! first sight and destroyed by erasure. Unwrapped keys are cached per process until the key
+//! store's epoch moves (see [`crate::epoch`]): a key destroyed anywhere stops opening data in
+//! every process within the check interval. The tables are the only shared state, so any
+//! number of replicas agree.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use ring::rand::SystemRandom;
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
 
 use crate::crypto::{CryptoError, DataKey, MasterKey};
+use crate::epoch::{Cache, Epoch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyStoreError {
@@ -38,34 +41,33 @@ pub fn migrator() -> Migrator {
 
 const CACHE_MAX: usize = 100_000;
 
-type Cached = (Option<Arc<DataKey>>, Instant);
-
 pub struct KeyStore {
     pool: PgPool,
     master: MasterKey,
     rng: SystemRandom,
-    ttl: Duration,
-    live: Mutex<HashMap<String, (Arc<DataKey>, Instant)>>,
-    versions: Mutex<HashMap<(String, u32), Cached>>,
+    epoch: Epoch,
+    live: Cache<String, Arc<DataKey>>,
+    versions: Cache<KeyId, Option<Arc<DataKey>>>,
 }
 
-fn guard<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+/// A subject's key version.
+type KeyId = (String, u32);
 
 fn version_of(v: i32) -> u32 {
     u32::try_from(v).unwrap_or(0)
 }
 
 impl KeyStore {
-    pub fn new(pool: PgPool, master: MasterKey, ttl: Duration) -> Self {
+    /// `check_interval`: how long a key destroyed elsewhere may still be used from this
+    /// process's cache.
+    pub fn new(pool: PgPool, master: MasterKey, check_interval: Duration) -> Self {
         Self {
+            epoch: Epoch::new(pool.clone(), check_interval),
             pool,
             master,
             rng: SystemRandom::new(),
-            ttl,
-            live: Mutex::new(HashMap::new()),
-            versions: Mutex::new(HashMap::new()),
+            live: Cache::new(CACHE_MAX),
+            versions: Cache::new(CACHE_MAX),
         }
     }
 
@@ -79,19 +81,9 @@ impl KeyStore {
         &self,
         subjects: &[&str],
     ) -> Result<HashMap<String, Arc<DataKey>>, KeyStoreError> {
-        let mut out = HashMap::with_capacity(subjects.len());
-        let mut missing: Vec<String> = Vec::new();
-        {
-            let cache = guard(&self.live);
-            for s in subjects {
-                match cache.get(*s) {
-                    Some((k, at)) if at.elapsed() < self.ttl => {
-                        out.insert((*s).to_owned(), k.clone());
-                    }
-                    _ => missing.push((*s).to_owned()),
-                }
-            }
-        }
+        let generation = self.epoch.generation().await?;
+        let wanted: Vec<String> = subjects.iter().map(|s| (*s).to_owned()).collect();
+        let (mut out, mut missing) = self.live.get_many(generation, &wanted);
         missing.sort();
         missing.dedup();
         if missing.is_empty() {
@@ -157,16 +149,12 @@ impl KeyStore {
                 return Err(KeyStoreError::Race(s.clone()));
             }
         }
-        let mut cache = guard(&self.live);
-        if cache.len() > CACHE_MAX {
-            cache.clear();
-        }
-        let now = Instant::now();
-        for s in &missing {
-            if let Some(k) = out.get(s) {
-                cache.insert(s.clone(), (k.clone(), now));
-            }
-        }
+        self.live.put_many(
+            generation,
+            missing
+                .iter()
+                .filter_map(|s| out.get(s).map(|k| (s.clone(), k.clone()))),
+        );
         Ok(out)
     }
 
@@ -194,10 +182,9 @@ impl KeyStore {
         version: u32,
     ) -> Result<Option<Arc<DataKey>>, KeyStoreError> {
         let id = (subject_id.to_owned(), version);
-        if let Some((k, at)) = guard(&self.versions).get(&id) {
-            if at.elapsed() < self.ttl {
-                return Ok(k.clone());
-            }
+        let generation = self.epoch.generation().await?;
+        if let Some(k) = self.versions.get_many(generation, [&id]).0.remove(&id) {
+            return Ok(k);
         }
         let row: Option<(Option<Vec<u8>>,)> = sqlx::query_as(
             "SELECT wrapped_key FROM subject_keys WHERE subject_id = $1 AND key_version = $2",
@@ -212,11 +199,7 @@ impl KeyStore {
             }
             _ => None,
         };
-        let mut cache = guard(&self.versions);
-        if cache.len() > CACHE_MAX {
-            cache.clear();
-        }
-        cache.insert(id, (key.clone(), Instant::now()));
+        self.versions.put_many(generation, [(id, key.clone())]);
         Ok(key)
     }
 
@@ -226,19 +209,8 @@ impl KeyStore {
         &self,
         wanted: &[(String, u32)],
     ) -> Result<HashMap<(String, u32), Option<Arc<DataKey>>>, KeyStoreError> {
-        let mut out = HashMap::with_capacity(wanted.len());
-        let mut missing: Vec<(String, u32)> = Vec::new();
-        {
-            let cache = guard(&self.versions);
-            for id in wanted {
-                match cache.get(id) {
-                    Some((k, at)) if at.elapsed() < self.ttl => {
-                        out.insert(id.clone(), k.clone());
-                    }
-                    _ => missing.push(id.clone()),
-                }
-            }
-        }
+        let generation = self.epoch.generation().await?;
+        let (mut out, mut missing) = self.versions.get_many(generation, wanted);
         missing.sort();
         missing.dedup();
         if missing.is_empty() {
@@ -266,31 +238,34 @@ impl KeyStore {
             };
             found.insert((s, version_of(v)), key);
         }
-        let mut cache = guard(&self.versions);
-        if cache.len() > CACHE_MAX {
-            cache.clear();
-        }
-        let now = Instant::now();
-        for id in missing {
-            let key = found.remove(&id).flatten();
-            cache.insert(id.clone(), (key.clone(), now));
-            out.insert(id, key);
-        }
+        let loaded: Vec<(KeyId, Option<Arc<DataKey>>)> = missing
+            .into_iter()
+            .map(|id| {
+                let key = found.remove(&id).flatten();
+                (id, key)
+            })
+            .collect();
+        self.versions.put_many(generation, loaded.iter().cloned());
+        out.extend(loaded);
         Ok(out)
     }
 
-    /// Destroys every key version of a subject (erasure). Returns how many were destroyed.
-    /// Other processes may keep using a cached key for up to the cache TTL.
-    pub async fn destroy(&self, subject_id: &str) -> Result<u64, KeyStoreError> {
+    /// Destroys every key version of these subjects (erasure), in the caller's transaction:
+    /// the rows stay (versions never restart), the wrapped keys are gone, and the epoch moves
+    /// so every process drops its cached keys within the check interval. Returns how many
+    /// versions were destroyed.
+    pub async fn destroy(
+        tx: &mut sqlx::PgConnection,
+        subjects: &[String],
+    ) -> Result<u64, KeyStoreError> {
         let done = sqlx::query(
             "UPDATE subject_keys SET wrapped_key = NULL, destroyed_at = now()
-              WHERE subject_id = $1 AND destroyed_at IS NULL",
+              WHERE subject_id = ANY($1) AND destroyed_at IS NULL",
         )
-        .bind(subject_id)
-        .execute(&self.pool)
+        .bind(subjects)
+        .execute(&mut *tx)
         .await?;
-        guard(&self.live).remove(subject_id);
-        guard(&self.versions).retain(|(s, _), _| s != subject_id);
+        Epoch::bump(tx).await?;
         Ok(done.rows_affected())
     }
 }

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine;
-use cdp_keystore::IdentifierHasher;
+use cdp_keystore::{RawIdentifier, Vault};
 use cdp_schemas::IdentifierKind;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
@@ -27,7 +27,8 @@ pub struct Principal {
 pub struct ApiState {
     /// Connections whose search_path is the read views schema.
     pub pool: PgPool,
-    pub hasher: IdentifierHasher,
+    /// Read-only: a lookup by identifier finds its token, never creates one.
+    pub vault: Vault,
     /// Bearer secret → principal.
     pub tokens: HashMap<String, Principal>,
 }
@@ -109,7 +110,7 @@ struct Access<'a> {
     lookup: Option<&'a str>,
 }
 
-/// Which profile a read asks for: by id, or the owner of an identifier (kind, hash).
+/// Which profile a read asks for: by id, or the owner of an identifier (kind, token).
 enum Target<'a> {
     Id(Uuid),
     Identifier(&'a str, &'a str),
@@ -130,15 +131,15 @@ const PROFILE_360: &str = concat!("WITH target AS (
        SELECT $1::uuid AS id WHERE $1::uuid IS NOT NULL
        UNION ALL
        SELECT profile_id FROM customer_identities
-        WHERE $1::uuid IS NULL AND kind = $5 AND namespace = '' AND value_hash = $6
+        WHERE $1::uuid IS NULL AND kind = $5 AND namespace = '' AND token = $6
      ), audited AS (
        INSERT INTO public.profile_access_audit (principal, route, profile_id, lookup)
        SELECT $2, $3, (SELECT id FROM target), $4
      )
      SELECT c.profile_id, c.first_seen, c.last_seen, c.active, c.data_source,
        (SELECT coalesce(jsonb_object_agg(trait, value), '{}') FROM customer_traits WHERE profile_id = c.profile_id),
-       (SELECT coalesce(jsonb_agg(jsonb_build_object('kind', kind, 'namespace', nullif(namespace, ''), 'value_hash', value_hash,
-                'first_seen', first_seen) ORDER BY kind, namespace, value_hash), '[]')
+       (SELECT coalesce(jsonb_agg(jsonb_build_object('kind', kind, 'namespace', nullif(namespace, ''), 'token', token,
+                'first_seen', first_seen) ORDER BY kind, namespace, token), '[]')
           FROM customer_identities WHERE profile_id = c.profile_id),
        (SELECT coalesce(jsonb_agg(jsonb_build_object('purpose', purpose, 'status', status, 'basis', basis,
                 'policy_version', policy_version, 'changed_at', changed_at, 'evidence_event_id', evidence_event_id) ORDER BY purpose), '[]')
@@ -178,7 +179,7 @@ async fn profile_json(
 ) -> Result<Option<Value>, sqlx::Error> {
     let (id, identifier) = match *target {
         Target::Id(id) => (Some(id), None),
-        Target::Identifier(kind, hash) => (None, Some((kind, hash))),
+        Target::Identifier(kind, token) => (None, Some((kind, token))),
     };
     let row: Option<Profile360Row> = sqlx::query_as(PROFILE_360)
         .bind(id)
@@ -354,12 +355,28 @@ async fn lookup(
             "give one of email, phone, user_id, anonymous_id",
         );
     };
-    let Ok(normalized) = s.hasher.normalize(kind, value) else {
+    let token = match s
+        .vault
+        .hasher()
+        .identifier(&RawIdentifier::new(kind, value.as_str()))
+    {
+        Ok(normalized) => match s.vault.find(&[normalized]).await {
+            Ok(mut found) => found.pop().flatten(),
+            Err(e) => {
+                tracing::error!(error = %e, "identifier vault lookup failed");
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the read models are unavailable",
+                );
+            }
+        },
+        Err(_) => None,
+    };
+    let Some(token) = token else {
         let _ = audit(&s.pool, &who, "/v1/profiles", None, Some(name)).await;
         return error(StatusCode::NOT_FOUND, "no such profile");
     };
-    let hash = s.hasher.hash(kind, None, &normalized);
-    let target = Target::Identifier(kind.as_str(), &hash);
+    let target = Target::Identifier(kind.as_str(), &token);
     respond_profile(&s, &who, &headers, target, "/v1/profiles", Some(name)).await
 }
 

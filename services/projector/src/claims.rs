@@ -25,7 +25,7 @@ use crate::rows::{IdentityKey, IdentityRow};
 /// starts again (it only saves work).
 const MAX_IDENTIFIERS: usize = 200_000;
 
-/// value hash → (kind, namespace, earliest first_seen seen) of each identifier with it.
+/// token → (kind, namespace, earliest first_seen seen) of each identifier with it.
 type Seen = HashMap<String, Vec<(String, String, DateTime<Utc>)>>;
 
 #[derive(Default)]
@@ -33,8 +33,8 @@ pub struct Claims {
     seen: Mutex<Seen>,
 }
 
-fn claimed(seen: &Seen, (kind, namespace, hash): &IdentityKey<'_>) -> Option<DateTime<Utc>> {
-    seen.get(*hash)?
+fn claimed(seen: &Seen, (kind, namespace, token): &IdentityKey<'_>) -> Option<DateTime<Utc>> {
+    seen.get(*token)?
         .iter()
         .find(|(k, n, _)| k == kind && n == namespace)
         .map(|(_, _, at)| *at)
@@ -55,11 +55,11 @@ impl Claims {
         if seen.len() + identities.len() > MAX_IDENTIFIERS {
             seen.clear();
         }
-        for ((kind, namespace, hash), row) in identities {
-            // The hash is copied only for an identifier not remembered yet.
-            let claims = match seen.get_mut(*hash) {
+        for ((kind, namespace, token), row) in identities {
+            // The token is copied only for an identifier not remembered yet.
+            let claims = match seen.get_mut(*token) {
                 Some(claims) => claims,
-                None => seen.entry((*hash).to_owned()).or_default(),
+                None => seen.entry((*token).to_owned()).or_default(),
             };
             match claims
                 .iter_mut()
@@ -100,7 +100,7 @@ mod tests {
         let mut kept = batch(&[
             // The same time: the profile id decides, so Postgres must see it.
             (("EMAIL", "", "h1"), 10, 0),
-            // Another kind or namespace with the same hash is another identifier.
+            // Another kind or namespace with the same token is another identifier.
             (("USER_ID", "", "h1"), 20, 1),
             (("EXTERNAL_ID", "crm", "h1"), 20, 1),
             // Never seen.

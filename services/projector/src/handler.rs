@@ -180,13 +180,13 @@ impl ProjectorHandler {
             .subject
             .identifiers
             .iter()
-            .filter(|i| i.value_hash == env.subject.subject_id)
+            .filter(|i| i.token == env.subject.subject_id)
         {
             rows.identity(
                 (
                     i.kind.as_str(),
                     i.namespace.as_deref().unwrap_or(""),
-                    &i.value_hash,
+                    &i.token,
                 ),
                 profile,
                 origin,
@@ -344,7 +344,7 @@ impl ProjectorHandler {
                 (
                     i.kind.as_str(),
                     i.namespace.as_deref().unwrap_or(""),
-                    &i.value_hash,
+                    &i.token,
                 ),
                 profile,
                 l.profile_id,

@@ -173,11 +173,7 @@ async fn parts(config: &ProjectorConfig) -> Result<Parts, ProjectorError> {
     generation::check_prefix(&config.projector.schema_prefix)?;
     let admin = pg::connect(&config.pg).await?;
     migrate(&admin).await?;
-    let keys = Arc::new(KeyStore::new(
-        admin.clone(),
-        config.keys.master()?,
-        Duration::from_secs(config.keys.key_cache_ttl_secs),
-    ));
+    let keys = Arc::new(config.keys.key_store(admin.clone())?);
     let producer = Arc::new(Producer::new(&config.kafka)?);
     let (topics, names) = topic_names(&config.kafka);
     Ok(Parts {
@@ -541,8 +537,8 @@ pub async fn bind_api(
         .connect_with(opts)
         .await?;
     let state = Arc::new(api::ApiState {
+        vault: keys.vault(pool.clone())?,
         pool,
-        hasher: keys.hasher()?,
         tokens: tokens(&api.api_tokens)?,
     });
     let listener = tokio::net::TcpListener::bind(api.api_addr)

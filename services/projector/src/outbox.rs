@@ -64,19 +64,19 @@ pub async fn snapshots(
         return Ok(HashMap::new());
     }
     let identifiers: Vec<(Uuid, String, String, String)> = sqlx::query_as(
-        "SELECT profile_id, kind, namespace, value_hash FROM customer_identities WHERE profile_id = ANY($1)",
+        "SELECT profile_id, kind, namespace, token FROM customer_identities WHERE profile_id = ANY($1)",
     )
     .bind(ids)
     .fetch_all(&mut *tx)
     .await?;
-    for (id, kind, namespace, value_hash) in identifiers {
+    for (id, kind, namespace, token) in identifiers {
         let (Some(s), Some(kind)) = (out.get_mut(&id), IdentifierKind::from_symbol(&kind)) else {
             continue;
         };
         s.identifiers.push(Identifier {
             kind,
             namespace: (!namespace.is_empty()).then_some(namespace),
-            value_hash,
+            token,
         });
     }
     type Trait = (
@@ -148,10 +148,10 @@ pub async fn snapshots(
         .into_iter()
         .map(|(id, mut s)| {
             s.identifiers.sort_by(|a, b| {
-                (a.kind.as_str(), &a.namespace, &a.value_hash).cmp(&(
+                (a.kind.as_str(), &a.namespace, &a.token).cmp(&(
                     b.kind.as_str(),
                     &b.namespace,
-                    &b.value_hash,
+                    &b.token,
                 ))
             });
             s.traits.sort_by(|a, b| a.name.cmp(&b.name));

@@ -114,7 +114,7 @@ pub struct CapsuleViewRow<'a> {
     pub duration_ms: Option<i64>,
 }
 
-/// An identifier: (kind, namespace, value hash).
+/// An identifier: (kind, namespace, token).
 pub type IdentityKey<'a> = (&'a str, &'a str, &'a str);
 
 /// Everything one batch writes.

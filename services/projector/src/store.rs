@@ -357,13 +357,13 @@ fn writes(rows: &Rows<'_>) -> Result<Vec<Statement>, sqlx::Error> {
         // ever moves earlier, so one skipped here cannot become due by a concurrent write).
         out.push(
             Statement::new(
-            "INSERT INTO customer_identities AS c (kind, namespace, value_hash, profile_id, first_seen, origin)
+            "INSERT INTO customer_identities AS c (kind, namespace, token, profile_id, first_seen, origin)
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::uuid[], $5::timestamptz[], $6::uuid[])
-                        AS x(kind, namespace, value_hash, profile_id, first_seen, origin)
+                        AS x(kind, namespace, token, profile_id, first_seen, origin)
               WHERE NOT EXISTS (SELECT 1 FROM customer_identities e
-                                 WHERE (e.kind, e.namespace, e.value_hash) = (x.kind, x.namespace, x.value_hash)
+                                 WHERE (e.kind, e.namespace, e.token) = (x.kind, x.namespace, x.token)
                                    AND (e.first_seen, e.profile_id) <= (x.first_seen, x.profile_id))
-             ON CONFLICT (kind, namespace, value_hash) DO UPDATE SET
+             ON CONFLICT (kind, namespace, token) DO UPDATE SET
                  profile_id = EXCLUDED.profile_id, origin = EXCLUDED.origin, first_seen = EXCLUDED.first_seen
              WHERE (EXCLUDED.first_seen, EXCLUDED.profile_id) < (c.first_seen, c.profile_id)",
         )

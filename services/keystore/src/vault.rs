@@ -1,0 +1,193 @@
+//! The identifier vault: the one place where an identifier meets its token.
+//!
+//! `identifier_vault` maps the keyed digest of a normalized identifier (HMAC-SHA256 with the
+//! identifier key) to a random 128-bit token. Everything durable outside the vault (the log,
+//! the archive, the identity graph, the read models, subject ids, key names and Kafka keys)
+//! carries only tokens. A keyed hash would stay linkable to the person by anyone holding the
+//! key and the email; a token links to the person only through its vault row, and erasure
+//! deletes that row ([`Vault::forget`]).
+//!
+//! Tokens are created on first sight ([`Vault::tokens`], batched; replicas racing on one
+//! identifier agree on the stored row) and looked up read-only by operator and API reads
+//! ([`Vault::find`]). Each process caches tokens, bounded in size; a deletion moves the
+//! key store's epoch, which empties every process's cache within the check interval.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cdp_schemas::Identifier;
+use ring::rand::SystemRandom;
+use sqlx::PgPool;
+
+use crate::crypto::random;
+use crate::epoch::{Cache, Epoch};
+use crate::identifiers::{IdentifierHasher, Normalized};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("identifier vault database error")]
+    Db(#[from] sqlx::Error),
+    #[error("the system random generator failed")]
+    Random,
+    #[error("an identifier's token was neither stored nor found")]
+    Race,
+}
+
+type Digest = [u8; 32];
+
+pub struct Vault {
+    pool: PgPool,
+    hasher: IdentifierHasher,
+    rng: SystemRandom,
+    epoch: Epoch,
+    cache: Cache<Digest, Arc<str>>,
+}
+
+/// A fresh token: 128 random bits as 32 lower-case hex characters.
+fn token(rng: &SystemRandom) -> Result<String, VaultError> {
+    let bytes: [u8; 16] = random(rng).map_err(|_| VaultError::Random)?;
+    Ok(hex::encode(bytes))
+}
+
+impl Vault {
+    /// `cache_entries` bounds this process's token cache; `check_interval` is how stale a
+    /// cached token may be after an erasure deleted it elsewhere.
+    pub fn new(
+        pool: PgPool,
+        hasher: IdentifierHasher,
+        cache_entries: usize,
+        check_interval: Duration,
+    ) -> Self {
+        Self {
+            epoch: Epoch::new(pool.clone(), check_interval),
+            pool,
+            hasher,
+            rng: SystemRandom::new(),
+            cache: Cache::new(cache_entries.max(1)),
+        }
+    }
+
+    /// Normalization (for parsers that check identifiers before tokenizing them).
+    pub fn hasher(&self) -> &IdentifierHasher {
+        &self.hasher
+    }
+
+    /// The token of each identifier, in order, creating tokens for identifiers seen for the
+    /// first time.
+    pub async fn tokens(&self, ids: &[Normalized]) -> Result<Vec<String>, VaultError> {
+        let digests: Vec<Digest> = ids.iter().map(|i| self.hasher.digest(i)).collect();
+        let generation = self.epoch.generation().await?;
+        let (mut found, missing) = self.cache.get_many(generation, &digests);
+        if !missing.is_empty() {
+            let mut missing = missing;
+            missing.sort_unstable();
+            missing.dedup();
+            let stored = self.select(&missing).await?;
+            let absent: Vec<Digest> = missing
+                .iter()
+                .filter(|d| !stored.contains_key(*d))
+                .copied()
+                .collect();
+            let mut fresh = HashMap::new();
+            if !absent.is_empty() {
+                fresh = self.insert(&absent).await?;
+                let lost: Vec<Digest> = absent
+                    .iter()
+                    .filter(|d| !fresh.contains_key(*d))
+                    .copied()
+                    .collect();
+                if !lost.is_empty() {
+                    // Another replica stored these first: theirs are the tokens.
+                    fresh.extend(self.select(&lost).await?);
+                }
+            }
+            let loaded: Vec<(Digest, Arc<str>)> = stored.into_iter().chain(fresh).collect();
+            self.cache.put_many(generation, loaded.iter().cloned());
+            found.extend(loaded);
+        }
+        digests
+            .iter()
+            .map(|d| found.get(d).map(|t| t.to_string()).ok_or(VaultError::Race))
+            .collect()
+    }
+
+    /// Contract identifiers (kind, namespace, token) for normalized ones, in order.
+    pub async fn identifiers(&self, ids: &[Normalized]) -> Result<Vec<Identifier>, VaultError> {
+        let tokens = self.tokens(ids).await?;
+        Ok(ids
+            .iter()
+            .zip(tokens)
+            .map(|(n, token)| Identifier {
+                kind: n.kind,
+                namespace: n.namespace.clone(),
+                token,
+            })
+            .collect())
+    }
+
+    /// The token of each identifier if the vault holds one; never creates. For reads by a
+    /// plaintext identifier (the profile API, operator commands, erasure requests).
+    pub async fn find(&self, ids: &[Normalized]) -> Result<Vec<Option<String>>, VaultError> {
+        let digests: Vec<Digest> = ids.iter().map(|i| self.hasher.digest(i)).collect();
+        let generation = self.epoch.generation().await?;
+        let (mut found, missing) = self.cache.get_many(generation, &digests);
+        if !missing.is_empty() {
+            let stored = self.select(&missing).await?;
+            self.cache
+                .put_many(generation, stored.iter().map(|(d, t)| (*d, t.clone())));
+            found.extend(stored);
+        }
+        Ok(digests
+            .iter()
+            .map(|d| found.get(d).map(|t| t.to_string()))
+            .collect())
+    }
+
+    /// Deletes the vault rows of these tokens (erasure), in the caller's transaction, and
+    /// moves the epoch so every process drops its cached tokens within the check interval.
+    /// Returns how many rows were deleted.
+    pub async fn forget(tx: &mut sqlx::PgConnection, tokens: &[String]) -> Result<u64, VaultError> {
+        let done = sqlx::query("DELETE FROM identifier_vault WHERE token = ANY($1)")
+            .bind(tokens)
+            .execute(&mut *tx)
+            .await?;
+        Epoch::bump(tx).await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn select(&self, digests: &[Digest]) -> Result<HashMap<Digest, Arc<str>>, VaultError> {
+        let keys: Vec<&[u8]> = digests.iter().map(|d| d.as_slice()).collect();
+        let rows: Vec<(Vec<u8>, String)> = sqlx::query_as(
+            "SELECT digest, token FROM identifier_vault WHERE digest = ANY($1::bytea[])",
+        )
+        .bind(&keys)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().filter_map(entry).collect())
+    }
+
+    async fn insert(&self, digests: &[Digest]) -> Result<HashMap<Digest, Arc<str>>, VaultError> {
+        let keys: Vec<&[u8]> = digests.iter().map(|d| d.as_slice()).collect();
+        let tokens = digests
+            .iter()
+            .map(|_| token(&self.rng))
+            .collect::<Result<Vec<_>, _>>()?;
+        let rows: Vec<(Vec<u8>, String)> = sqlx::query_as(
+            "INSERT INTO identifier_vault (digest, token)
+             SELECT * FROM UNNEST($1::bytea[], $2::text[])
+             ON CONFLICT DO NOTHING
+             RETURNING digest, token",
+        )
+        .bind(&keys)
+        .bind(&tokens)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().filter_map(entry).collect())
+    }
+}
+
+fn entry((digest, token): (Vec<u8>, String)) -> Option<(Digest, Arc<str>)> {
+    let digest: Digest = digest.try_into().ok()?;
+    Some((digest, Arc::from(token)))
+}
