@@ -41,6 +41,8 @@ pub struct Options {
     pub produce_timeout_ms: u64,
     /// `CDP_IDENTITY_BLOCKED_PATTERNS` entries.
     pub blocked_patterns: Vec<String>,
+    /// `CDP_ERASURE_PROPAGATION_MS` of the service (0: it sees an erasure at once).
+    pub erasure_propagation_ms: u64,
 }
 
 impl Default for Options {
@@ -49,6 +51,7 @@ impl Default for Options {
             brokers: brokers(),
             produce_timeout_ms: 10_000,
             blocked_patterns: Vec::new(),
+            erasure_propagation_ms: 1000,
         }
     }
 }
@@ -64,7 +67,8 @@ impl Ingest {
         let topics = Topics::new(&prefix);
         topics::ensure(&kafka, &topics::catalogue(&topics)).await?;
         let db = TestDb::create().await?;
-        let keys_args = random_key_args();
+        let mut keys_args = random_key_args();
+        keys_args.erasure_propagation_ms = opts.erasure_propagation_ms;
         let config = IngestConfig {
             kafka: kafka.clone(),
             pg: db.args(),

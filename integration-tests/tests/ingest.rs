@@ -950,3 +950,139 @@ async fn a_nul_character_is_refused_with_its_path_on_every_route() -> anyhow::Re
         .any(|r| r.errors.to_string().contains("properties.ke\\\\u0000y")));
     ing.stop().await
 }
+
+/// After an erasure (shredded with suppression, as the erasure processor does), events
+/// carrying any of the person's identifiers are refused at ingest, message by message, with a
+/// typed rejection that names no value, and by the direct-producer library; everybody else's
+/// events go through. A new identifier of the same person, never erased, is accepted (as a
+/// new person: nothing links it to the erased tokens).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_an_erased_person_are_refused_at_ingest_and_by_the_library() -> anyhow::Result<()>
+{
+    use cdp_keystore::erasure::{shred, Shred};
+    let ing = Ingest::start_with(ingest::Options {
+        erasure_propagation_ms: 0,
+        ..Default::default()
+    })
+    .await?;
+    let run = id();
+    let (ada, ada_mail, bob) = (
+        format!("ada-{run}"),
+        format!("ada-{run}@example.org"),
+        format!("bob-{run}"),
+    );
+    let (status, _) = ing
+        .post(
+            "/v1/identify",
+            &json!({"userId": ada, "traits": {"email": ada_mail, "firstName": "Ada"}}),
+        )
+        .await?;
+    assert_eq!(status, 200);
+    let tokens = vec![
+        ing.token(IdentifierKind::UserId, &ada).await?,
+        ing.token(IdentifierKind::Email, &ada_mail).await?,
+    ];
+    let mut tx = ing.db.pool.begin().await?;
+    shred(
+        &mut tx,
+        &ing.key_args.suppression_key()?,
+        &Shred {
+            tokens: &tokens,
+            named: &[],
+            suppress: true,
+            request_id: Uuid::now_v7(),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+
+    // A batch: Ada by user id, Ada by email alone, Bob, and Ada's new device.
+    let (status, body) = ing
+        .post(
+            "/v1/batch",
+            &json!({"batch": [
+                {"type": "track", "userId": ada, "event": "Login", "messageId": "m-ada"},
+                {"type": "identify", "anonymousId": "anon-x", "traits": {"email": ada_mail.to_uppercase()}, "messageId": "m-mail"},
+                {"type": "track", "userId": bob, "event": "Login", "messageId": "m-bob"},
+                {"type": "track", "anonymousId": format!("new-device-{run}"), "event": "Open", "messageId": "m-new"},
+            ]}),
+        )
+        .await?;
+    assert_eq!(status, 200);
+    assert_eq!(body["accepted"], 2, "{body}");
+    let rejected = body["rejected"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        rejected
+            .iter()
+            .map(|r| (r["index"].as_u64(), r["messageId"].as_str()))
+            .collect::<Vec<_>>(),
+        vec![(Some(0), Some("m-ada")), (Some(1), Some("m-mail"))]
+    );
+    assert!(rejected.iter().all(|r| r["errors"][0]["reason"]
+        .as_str()
+        .is_some_and(|m| m.contains("erased person"))));
+    let text = body.to_string();
+    assert!(
+        !text.contains(&ada) && !text.contains("ada-"),
+        "no value in the answer"
+    );
+
+    // A single call gets a 400.
+    let (status, _) = ing
+        .post("/v1/track", &json!({"userId": ada, "event": "Again"}))
+        .await?;
+    assert_eq!(status, 400);
+    let (logged,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM ingest_rejections WHERE errors::text LIKE '%erased person%'",
+    )
+    .fetch_one(&ing.db.pool)
+    .await?;
+    assert_eq!(logged, 3);
+    let (leaked,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM ingest_rejections WHERE errors::text LIKE '%' || $1 || '%'",
+    )
+    .bind(&run)
+    .fetch_one(&ing.db.pool)
+    .await?;
+    assert_eq!(leaked, 0, "the rejection log holds no value");
+
+    // The library refuses too, naming the draft.
+    let producer = std::sync::Arc::new(cdp_runtime::kafka::producer::Producer::new(&ing.kafka)?);
+    let publisher = cdp_ingest::publisher::Publisher::new(
+        producer,
+        ing.keys.clone(),
+        ing.vault.clone(),
+        ing.topics.clone(),
+    );
+    let now = chrono::Utc::now();
+    let draft = |user: &str| {
+        cdp_ingest::publisher::Draft::new(
+            CustomerEvent {
+                envelope: cdp_ingest::publisher::envelope(Uuid::now_v7(), now, now, "direct"),
+                payload: CustomerPayload::Track(product_view(1)),
+            },
+            vec![cdp_keystore::RawIdentifier::new(
+                IdentifierKind::UserId,
+                user,
+            )],
+        )
+    };
+    assert!(matches!(
+        publisher.publish(vec![draft(&bob), draft(&ada)]).await,
+        Err(cdp_ingest::publisher::PublishError::Erased { index: 1 })
+    ));
+
+    // On the topic: the first identify, Bob's and the new device's events; nothing of Ada's
+    // after the erasure.
+    let events = customer_events(&ing, 3).await?;
+    let subjects: Vec<&str> = events
+        .values()
+        .map(|e| e.envelope.subject.subject_id.as_str())
+        .collect();
+    assert_eq!(
+        subjects.iter().filter(|s| **s == tokens[0]).count(),
+        1,
+        "only the identify before the erasure"
+    );
+    ing.stop().await
+}

@@ -158,3 +158,199 @@ async fn an_erasure_empties_every_processs_caches_at_its_next_check() -> anyhow:
     assert_eq!(n, 0);
     db.drop_db().await
 }
+
+async fn count(db: &TestDb, sql: &str) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(sql).fetch_one(&db.pool).await?)
+}
+
+/// Shredding a person: suppression entries for their identifiers (also one the vault never
+/// saw), their tokens in the ledger, their keys destroyed, their vault rows gone, in one
+/// transaction. Afterwards the vault refuses their identifiers, the key store gives their
+/// subject no key, nothing in the registry leads to a token, and shredding again changes
+/// nothing; after unsuppressing, the same email is a new, unrelated person. Without
+/// suppression, a person comes back at once as a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shredding_makes_a_person_unlinkable_and_keeps_them_out() -> anyhow::Result<()> {
+    use cdp_keystore::erasure::{erased, shred, unsuppress, Shred, Shredded};
+    let db = TestDb::create().await?;
+    cdp_keystore::store::migrator().run(&db.pool).await?;
+    let keys = random_key_args();
+    let vault = keys.vault(db.pool.clone())?;
+    let store = keys.key_store(db.pool.clone())?;
+    let sk = keys.suppression_key()?;
+    let n = |k, v: &str| normalized(&vault, k, v);
+    let (ada_mail, ada_user, ada_phone, grace) = (
+        n(IdentifierKind::Email, "ada@example.org"),
+        n(IdentifierKind::UserId, "ada"),
+        n(IdentifierKind::Phone, "+442071234567"),
+        n(IdentifierKind::Email, "grace@example.org"),
+    );
+    let t = vault
+        .tokens(&[ada_mail.clone(), ada_user.clone(), grace.clone()])
+        .await?;
+    let (mail_t, user_t, grace_t) = (t[0].clone(), t[1].clone(), t[2].clone());
+    let created = store
+        .current_keys(&[user_t.as_str(), grace_t.as_str()])
+        .await?;
+    let ada_key = (user_t.clone(), created[&user_t].version());
+
+    let request = uuid::Uuid::now_v7();
+    let cluster = [mail_t.clone(), user_t.clone()];
+    // The phone was never seen: named by the request, it is suppressed all the same.
+    let named = [vault.hasher().digest(&ada_phone)];
+    let what = Shred {
+        tokens: &cluster,
+        named: &named,
+        suppress: true,
+        request_id: request,
+    };
+    let mut tx = db.pool.begin().await?;
+    let done = shred(&mut tx, &sk, &what).await?;
+    tx.commit().await?;
+    assert_eq!(
+        done,
+        Shredded {
+            vault_rows: 2,
+            keys_destroyed: 1,
+            suppressed: 3,
+            ledgered: 2
+        }
+    );
+
+    // Unreadable and unlinkable: no vault row, no key, and no key again. (Another process,
+    // checking the epoch at every use, so that later erasures reach it at once.)
+    let mut eager = keys.clone();
+    eager.erasure_propagation_ms = 0;
+    let fresh = eager.vault(db.pool.clone())?;
+    assert_eq!(
+        fresh
+            .find(&[ada_mail.clone(), ada_user.clone(), grace.clone()])
+            .await?,
+        vec![None, None, Some(grace_t.clone())]
+    );
+    let fresh_store = keys.key_store(db.pool.clone())?;
+    assert!(fresh_store.key(&ada_key.0, ada_key.1).await?.is_none());
+    assert!(
+        !fresh_store
+            .current_keys(&[user_t.as_str()])
+            .await?
+            .contains_key(&user_t),
+        "an erased subject never gets a key again"
+    );
+    // Kept out: the vault makes no token for any of the three identifiers.
+    assert_eq!(
+        fresh
+            .tokens_unless_suppressed(&[ada_mail.clone(), grace.clone(), ada_phone.clone()])
+            .await?,
+        vec![None, Some(grace_t.clone()), None]
+    );
+    assert!(matches!(
+        fresh.tokens(std::slice::from_ref(&ada_user)).await,
+        Err(cdp_keystore::VaultError::Suppressed(0))
+    ));
+    // The ledger names the tokens; the registry holds entries and the request, nothing else.
+    let mut conn = db.pool.acquire().await?;
+    let ledger = erased(&mut conn, &[mail_t.as_str(), grace_t.as_str()]).await?;
+    assert!(ledger.contains(&mail_t) && !ledger.contains(&grace_t));
+    drop(conn);
+    let columns: Vec<String> = sqlx::query_scalar(
+        "SELECT column_name::text FROM information_schema.columns
+          WHERE table_name = 'suppressions' ORDER BY ordinal_position",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    assert_eq!(columns, ["entry", "request_id"]);
+    let digests_there = count(
+        &db,
+        "SELECT count(*) FROM suppressions s JOIN identifier_vault v ON v.digest = s.entry",
+    )
+    .await?;
+    assert_eq!(digests_there, 0, "an entry is not a vault digest");
+
+    // Again: nothing left to do.
+    let mut tx = db.pool.begin().await?;
+    assert_eq!(shred(&mut tx, &sk, &what).await?, Shredded::default());
+    tx.commit().await?;
+
+    // Unsuppressed, the email starts a new person, linked to nothing erased.
+    let mut tx = db.pool.begin().await?;
+    assert_eq!(
+        unsuppress(&mut tx, &sk, &[vault.hasher().digest(&ada_mail)]).await?,
+        1
+    );
+    tx.commit().await?;
+    let again = fresh.tokens(std::slice::from_ref(&ada_mail)).await?;
+    assert_ne!(again[0], mail_t);
+
+    // Without suppression (DELETE_ONLY), Grace may come back at once, as someone new.
+    let mut tx = db.pool.begin().await?;
+    let gone = shred(
+        &mut tx,
+        &sk,
+        &Shred {
+            tokens: std::slice::from_ref(&grace_t),
+            named: &[],
+            suppress: false,
+            request_id: uuid::Uuid::now_v7(),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    assert_eq!((gone.vault_rows, gone.suppressed), (1, 0));
+    let back = fresh.tokens(std::slice::from_ref(&grace)).await?;
+    assert_ne!(back[0], grace_t);
+    db.drop_db().await
+}
+
+/// Token creation racing an erasure of the same identifier: whoever wins, no token of a
+/// suppressed identifier survives the erasure, and every token handed out is either the
+/// erased one (in the ledger) or none at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_created_while_its_identifier_is_erased_does_not_survive() -> anyhow::Result<()> {
+    use cdp_keystore::erasure::{erased, shred, Shred};
+    let db = TestDb::create().await?;
+    cdp_keystore::store::migrator().run(&db.pool).await?;
+    let keys = random_key_args();
+    let sk = keys.suppression_key()?;
+    for round in 0..40 {
+        // A new identifier each round, named by the request before any event carried it.
+        let creator = keys.vault(db.pool.clone())?;
+        let id = normalized(
+            &creator,
+            IdentifierKind::Email,
+            &format!("late{round}@example.org"),
+        );
+        let named = [creator.hasher().digest(&id)];
+        let erase = async {
+            let mut tx = db.pool.begin().await?;
+            shred(
+                &mut tx,
+                &sk,
+                &Shred {
+                    tokens: &[],
+                    named: &named,
+                    suppress: true,
+                    request_id: uuid::Uuid::now_v7(),
+                },
+            )
+            .await?;
+            tx.commit().await?;
+            anyhow::Ok(())
+        };
+        let (created, erased_ok) = tokio::join!(
+            creator.tokens_unless_suppressed(std::slice::from_ref(&id)),
+            erase
+        );
+        erased_ok?;
+        let left = count(&db, "SELECT count(*) FROM identifier_vault").await?;
+        assert_eq!(left, 0, "round {round}: no token survives the erasure");
+        if let Some(token) = created?.pop().flatten() {
+            let mut conn = db.pool.acquire().await?;
+            assert!(
+                erased(&mut conn, &[token.as_str()]).await?.contains(&token),
+                "round {round}: a token handed out before the erasure is in the ledger"
+            );
+        }
+    }
+    db.drop_db().await
+}

@@ -136,6 +136,10 @@ fn reason_label(path: &str) -> String {
 struct Sorted {
     customer: Vec<crate::publisher::Draft<cdp_schemas::CustomerEvent>>,
     capsule: Vec<crate::publisher::Draft<cdp_schemas::CapsuleEvent>>,
+    /// The message (position and id) each customer and capsule draft came from.
+    customer_from: Vec<usize>,
+    capsule_from: Vec<usize>,
+    message_ids: Vec<Option<String>>,
     rejected: Vec<Rejected>,
     accepted_messages: usize,
 }
@@ -159,6 +163,7 @@ fn sort_messages(
 ) -> Sorted {
     let mut out = Sorted::default();
     for (index, (path, v, call)) in items.iter().enumerate() {
+        out.message_ids.push(message_id_of(v));
         let size = serde_json::to_vec(v).map(|b| b.len()).unwrap_or(0);
         let nul = crate::fields::nul_characters(path, v);
         let result = if !nul.is_empty() {
@@ -179,12 +184,20 @@ fn sort_messages(
             match (kind, call) {
                 (RouteKind::Native, _) => native::parse(ctx, path, v).map(|(m, d)| {
                     match d {
-                        NativeDraft::Customer(c) => out.customer.push(c),
-                        NativeDraft::Capsule(c) => out.capsule.push(c),
+                        NativeDraft::Customer(c) => {
+                            out.customer.push(c);
+                            out.customer_from.push(index);
+                        }
+                        NativeDraft::Capsule(c) => {
+                            out.capsule.push(c);
+                            out.capsule_from.push(index);
+                        }
                     }
                     m
                 }),
                 (_, Some(call)) => segment::parse(ctx, *call, path, v).map(|p| {
+                    out.customer_from
+                        .extend(std::iter::repeat_n(index, p.drafts.len()));
                     out.customer.extend(p.drafts);
                     p.message_id
                 }),
@@ -210,9 +223,36 @@ fn segment_type_path(path: &str) -> String {
     crate::fields::join(path, "type")
 }
 
-async fn publish(app: &App, sorted: Sorted) -> Result<(usize, Vec<Rejected>), PublishError> {
-    let mut prepared: Vec<Prepared> = app.publisher.prepare(sorted.customer).await?;
-    prepared.extend(app.publisher.prepare(sorted.capsule).await?);
+/// What a request's publication did.
+struct Published {
+    accepted: usize,
+    /// Messages refused because they carry an erased person's identifier.
+    erased: Vec<Rejected>,
+}
+
+async fn publish(app: &App, sorted: Sorted) -> Result<Published, PublishError> {
+    let customer = app.publisher.prepare_each(sorted.customer).await?;
+    let capsule = app.publisher.prepare_each(sorted.capsule).await?;
+    // A message is refused whole when any of its drafts is.
+    let mut refused: Vec<usize> = customer
+        .refused
+        .iter()
+        .map(|(i, _)| sorted.customer_from[*i])
+        .chain(capsule.refused.iter().map(|(i, _)| sorted.capsule_from[*i]))
+        .collect();
+    refused.sort_unstable();
+    refused.dedup();
+    let prepared: Vec<Prepared> = customer
+        .prepared
+        .into_iter()
+        .filter(|p| !refused.contains(&sorted.customer_from[p.draft]))
+        .chain(
+            capsule
+                .prepared
+                .into_iter()
+                .filter(|p| !refused.contains(&sorted.capsule_from[p.draft])),
+        )
+        .collect();
     let n = prepared.len();
     app.metrics.in_flight.inc_by(n as i64);
     let started = Instant::now();
@@ -229,7 +269,21 @@ async fn publish(app: &App, sorted: Sorted) -> Result<(usize, Vec<Rejected>), Pu
             ))
         }
     }
-    Ok((sorted.accepted_messages, sorted.rejected))
+    let erased = refused
+        .iter()
+        .map(|&index| Rejected {
+            index,
+            message_id: sorted.message_ids[index].clone(),
+            errors: vec![FieldError::new(
+                "",
+                "carries an identifier of an erased person: refused (the identifier is suppressed)",
+            )],
+        })
+        .collect::<Vec<_>>();
+    Ok(Published {
+        accepted: sorted.accepted_messages - erased.len(),
+        erased,
+    })
 }
 
 async fn handle(
@@ -313,7 +367,7 @@ async fn handle(
             .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
             .map(|t| t.with_timezone(&chrono::Utc)),
     };
-    let sorted = sort_messages(&ctx, route.kind, &items);
+    let mut sorted = sort_messages(&ctx, route.kind, &items);
     let single = matches!(route.kind, RouteKind::Segment(_))
         || (matches!(route.kind, RouteKind::Native) && value.get("batch").is_none());
     for r in &sorted.rejected {
@@ -338,8 +392,9 @@ async fn handle(
             .collect();
         return reply(StatusCode::BAD_REQUEST, error_body(&errors));
     }
+    let mut rejected = std::mem::take(&mut sorted.rejected);
     match publish(&app, sorted).await {
-        Ok((accepted, rejected)) => {
+        Ok(Published { accepted, erased }) => {
             app.metrics
                 .events
                 .get_or_create(&EventLabels {
@@ -347,12 +402,35 @@ async fn handle(
                     reason: String::new(),
                 })
                 .inc_by(accepted as u64);
+            if !erased.is_empty() {
+                app.metrics
+                    .events
+                    .get_or_create(&EventLabels {
+                        outcome: "rejected",
+                        reason: "erased".to_owned(),
+                    })
+                    .inc_by(erased.len() as u64);
+                if let Err(e) = rejections::record(&app.pool, &source, route.path, &erased).await {
+                    tracing::error!(error = %e, rejected = erased.len(), "could not write the rejection log");
+                }
+            }
+            if single && !erased.is_empty() {
+                let errors: Vec<FieldError> =
+                    erased.iter().flat_map(|r| r.errors.clone()).collect();
+                return reply(StatusCode::BAD_REQUEST, error_body(&errors));
+            }
+            rejected.extend(erased);
+            rejected.sort_by_key(|r| r.index);
             reply(
                 StatusCode::OK,
                 json!({"success": true, "accepted": accepted, "rejected": rejected}),
             )
         }
-        Err(e @ (PublishError::Identifier { .. } | PublishError::NoIdentifier { .. })) => reply(
+        Err(
+            e @ (PublishError::Identifier { .. }
+            | PublishError::NoIdentifier { .. }
+            | PublishError::Erased { .. }),
+        ) => reply(
             StatusCode::BAD_REQUEST,
             error_body(&[FieldError::new("", e.to_string())]),
         ),

@@ -113,6 +113,8 @@ impl Publishable for CapsuleEvent {
 /// A sealed, encoded record ready to produce.
 #[derive(Debug, Clone)]
 pub struct Prepared {
+    /// The draft's position in the batch it was prepared from.
+    pub draft: usize,
     pub topic: String,
     pub key: String,
     pub value: Vec<u8>,
@@ -148,6 +150,8 @@ pub enum PublishError {
     },
     #[error("event {index} has no identifier: at least a user id or an anonymous id is needed")]
     NoIdentifier { index: usize },
+    #[error("event {index} carries an identifier of an erased person: refused (suppressed)")]
+    Erased { index: usize },
     #[error("the key store failed")]
     Keys(#[from] KeyStoreError),
     #[error("the identifier vault failed")]
@@ -166,6 +170,21 @@ pub struct Publisher {
     vault: Arc<Vault>,
     topics: Topics,
     blocked: BlockPatterns,
+}
+
+/// Why the publisher refused a draft.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// It carries an identifier of an erased person (suppressed), or names an erased
+    /// subject.
+    Erased,
+}
+
+/// Drafts prepared: the records to produce, and the drafts refused, by position.
+#[derive(Debug, Default)]
+pub struct Preparation {
+    pub prepared: Vec<Prepared>,
+    pub refused: Vec<(usize, Refusal)>,
 }
 
 /// A draft with its identifiers normalized, before tokenizing.
@@ -203,11 +222,26 @@ impl Publisher {
         self.vault.hasher()
     }
 
-    /// Normalizes, tokenizes, seals, keys and encodes drafts. Nothing is produced.
+    /// Normalizes, tokenizes, seals, keys and encodes drafts; a draft carrying an erased
+    /// person's identifier fails the whole batch ([`PublishError::Erased`]). Nothing is
+    /// produced.
     pub async fn prepare<E: Publishable>(
         &self,
         drafts: Vec<Draft<E>>,
     ) -> Result<Vec<Prepared>, PublishError> {
+        let p = self.prepare_each(drafts).await?;
+        match p.refused.first() {
+            Some((index, Refusal::Erased)) => Err(PublishError::Erased { index: *index }),
+            None => Ok(p.prepared),
+        }
+    }
+
+    /// Like [`Self::prepare`], refusing drafts one by one: those carrying an erased person's
+    /// identifier are left out and named in [`Preparation::refused`].
+    pub async fn prepare_each<E: Publishable>(
+        &self,
+        drafts: Vec<Draft<E>>,
+    ) -> Result<Preparation, PublishError> {
         let hasher = self.vault.hasher();
         let mut staged = Vec::with_capacity(drafts.len());
         for (index, d) in drafts.into_iter().enumerate() {
@@ -250,24 +284,48 @@ impl Publisher {
             .iter()
             .flat_map(|s| s.identifiers.iter().chain(&s.references).cloned())
             .collect();
-        let mut tokens = self.vault.identifiers(&all).await?.into_iter();
+        let mut tokens = self
+            .vault
+            .tokens_unless_suppressed(&all)
+            .await?
+            .into_iter()
+            .zip(all)
+            .map(|(t, n)| {
+                t.map(|token| Identifier {
+                    kind: n.kind,
+                    namespace: n.namespace,
+                    token,
+                })
+            });
         let mut bound = Vec::with_capacity(staged.len());
-        for s in staged {
-            let ids: Vec<Identifier> = tokens.by_ref().take(s.identifiers.len()).collect();
-            let references: Vec<Identifier> = tokens.by_ref().take(s.references.len()).collect();
+        let mut refused = Vec::new();
+        for (index, s) in staged.into_iter().enumerate() {
+            // Each draft takes exactly its own tokens, refused or not.
+            let ids: Vec<Option<Identifier>> = tokens.by_ref().take(s.identifiers.len()).collect();
+            let references: Vec<Option<Identifier>> =
+                tokens.by_ref().take(s.references.len()).collect();
+            let ids: Option<Vec<Identifier>> = ids.into_iter().collect();
+            let references: Option<Vec<Identifier>> = references.into_iter().collect();
+            let (Some(ids), Some(references)) = (ids, references) else {
+                refused.push((index, Refusal::Erased));
+                continue;
+            };
             let subject = subject_id(&ids).ok_or(VaultError::Race)?;
             let blocked: Vec<&str> = s.blocked.iter().map(|i| ids[*i].token.as_str()).collect();
             let blocked = (!blocked.is_empty()).then(|| blocked.join(","));
-            bound.push((subject, ids, references, s.event, blocked));
+            bound.push((index, subject, ids, references, s.event, blocked));
         }
-        let subjects: Vec<&str> = bound.iter().map(|(s, ..)| s.as_str()).collect();
+        let subjects: Vec<&str> = bound.iter().map(|(_, s, ..)| s.as_str()).collect();
         let keys = self.keys.current_keys(&subjects).await?;
         let topic = self.topics.name(E::TOPIC);
         let mut out = Vec::with_capacity(bound.len());
-        for (subject, ids, references, mut event, blocked) in bound {
-            let key = keys
-                .get(&subject)
-                .ok_or_else(|| KeyStoreError::Race(subject.clone()))?;
+        for (index, subject, ids, references, mut event, blocked) in bound {
+            // The key store gives an erased subject no key (a token cached before the
+            // erasure reached this process).
+            let Some(key) = keys.get(&subject) else {
+                refused.push((index, Refusal::Erased));
+                continue;
+            };
             for (field, slot) in event.pii_mut() {
                 if let Some(plaintext) = slot.take() {
                     *slot = Some(key.seal(
@@ -285,6 +343,7 @@ impl Publisher {
             event.envelope_mut().partition_key = event.partition_key();
             let value = cdp_schemas::encode(&event)?;
             out.push(Prepared {
+                draft: index,
                 topic: topic.clone(),
                 key: event.partition_key(),
                 value,
@@ -293,7 +352,11 @@ impl Publisher {
                 blocked,
             });
         }
-        Ok(out)
+        refused.sort_unstable_by_key(|(i, _)| *i);
+        Ok(Preparation {
+            prepared: out,
+            refused,
+        })
     }
 
     /// Produces prepared records and waits until the broker acknowledged every one.

@@ -7,6 +7,7 @@ use clap::Args;
 use sqlx::PgPool;
 
 use crate::crypto::{CryptoError, MasterKey};
+use crate::erasure::SuppressionKey;
 use crate::identifiers::IdentifierHasher;
 use crate::store::KeyStore;
 use crate::vault::Vault;
@@ -105,8 +106,17 @@ impl KeyArgs {
         Ok(Vault::new(
             pool,
             self.hasher()?,
+            self.suppression_key()?,
             self.vault_cache_entries,
             self.propagation(),
         ))
+    }
+
+    /// The suppression registry's key (derived from the master key).
+    pub fn suppression_key(&self) -> Result<SuppressionKey, CryptoError> {
+        Ok(SuppressionKey::from_master(&key_bytes(
+            "CDP_MASTER_KEY",
+            &self.master_key,
+        )?))
     }
 }

@@ -8,10 +8,13 @@
 //!   never hold an identifier, not even hashed; erasure deletes the vault rows.
 //! - [`store`]: per-subject keys in Postgres, created on first sight, destroyed by erasure.
 //! - `epoch`: how a destruction reaches every process's caches within a bounded time.
+//! - [`erasure`]: shredding a person (suppression registry, erasure ledger, keys and vault
+//!   rows, in one transaction) and keeping them out.
 
 pub mod config;
 pub mod crypto;
 mod epoch;
+pub mod erasure;
 pub mod identifiers;
 pub mod store;
 pub mod vault;

@@ -75,8 +75,10 @@ impl KeyStore {
         &self.rng
     }
 
-    /// The live key of each subject, creating keys for subjects seen for the first time (or
-    /// seen again after an erasure: they get a new version; erased versions stay destroyed).
+    /// The live key of each subject, creating keys for subjects seen for the first time.
+    /// A subject whose keys an erasure destroyed is absent from the result: it never gets a
+    /// key again (its token is in the erasure ledger; the person, if they come back, has new
+    /// tokens and so new subjects).
     pub async fn current_keys(
         &self,
         subjects: &[&str],
@@ -106,7 +108,7 @@ impl KeyStore {
                     let key = self.unwrap(s, *v, wrapped)?;
                     out.insert(s.clone(), key);
                 }
-                Some((v, None)) => to_create.push((s.clone(), v + 1)),
+                Some((_, None)) => {}
                 None => to_create.push((s.clone(), 1)),
             }
         }

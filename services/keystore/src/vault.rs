@@ -8,7 +8,8 @@
 //! deletes that row ([`Vault::forget`]).
 //!
 //! Tokens are created on first sight ([`Vault::tokens`], batched; replicas racing on one
-//! identifier agree on the stored row) and looked up read-only by operator and API reads
+//! identifier agree on the stored row), never for an identifier the suppression registry
+//! holds (see [`crate::erasure`]), and looked up read-only by operator and API reads
 //! ([`Vault::find`]). Each process caches tokens, bounded in size; a deletion moves the
 //! key store's epoch, which empties every process's cache within the check interval.
 
@@ -22,6 +23,7 @@ use sqlx::PgPool;
 
 use crate::crypto::random;
 use crate::epoch::{Cache, Epoch};
+use crate::erasure::{lock, SuppressionKey};
 use crate::identifiers::{IdentifierHasher, Normalized};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,8 @@ pub enum VaultError {
     Random,
     #[error("an identifier's token was neither stored nor found")]
     Race,
+    #[error("identifier {0} of the batch was erased and is suppressed")]
+    Suppressed(usize),
 }
 
 type Digest = [u8; 32];
@@ -39,6 +43,7 @@ type Digest = [u8; 32];
 pub struct Vault {
     pool: PgPool,
     hasher: IdentifierHasher,
+    suppression: SuppressionKey,
     rng: SystemRandom,
     epoch: Epoch,
     cache: Cache<Digest, Arc<str>>,
@@ -56,6 +61,7 @@ impl Vault {
     pub fn new(
         pool: PgPool,
         hasher: IdentifierHasher,
+        suppression: SuppressionKey,
         cache_entries: usize,
         check_interval: Duration,
     ) -> Self {
@@ -63,6 +69,7 @@ impl Vault {
             epoch: Epoch::new(pool.clone(), check_interval),
             pool,
             hasher,
+            suppression,
             rng: SystemRandom::new(),
             cache: Cache::new(cache_entries.max(1)),
         }
@@ -74,8 +81,23 @@ impl Vault {
     }
 
     /// The token of each identifier, in order, creating tokens for identifiers seen for the
-    /// first time.
+    /// first time; [`VaultError::Suppressed`] names the first identifier that was erased and
+    /// is suppressed.
     pub async fn tokens(&self, ids: &[Normalized]) -> Result<Vec<String>, VaultError> {
+        self.tokens_unless_suppressed(ids)
+            .await?
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| t.ok_or(VaultError::Suppressed(i)))
+            .collect()
+    }
+
+    /// Like [`Self::tokens`], with `None` for each identifier that was erased and is
+    /// suppressed (no token exists for it and none is created).
+    pub async fn tokens_unless_suppressed(
+        &self,
+        ids: &[Normalized],
+    ) -> Result<Vec<Option<String>>, VaultError> {
         let digests: Vec<Digest> = ids.iter().map(|i| self.hasher.digest(i)).collect();
         let generation = self.epoch.generation().await?;
         let (mut found, missing) = self.cache.get_many(generation, &digests);
@@ -106,10 +128,46 @@ impl Vault {
             self.cache.put_many(generation, loaded.iter().cloned());
             found.extend(loaded);
         }
+        let suppressed = self.suppressed(&digests, &found).await?;
         digests
             .iter()
-            .map(|d| found.get(d).map(|t| t.to_string()).ok_or(VaultError::Race))
+            .map(|d| match found.get(d) {
+                Some(t) => Ok(Some(t.to_string())),
+                None if suppressed.contains(d) => Ok(None),
+                None => Err(VaultError::Race),
+            })
             .collect()
+    }
+
+    /// Which of the digests without a token are suppressed.
+    async fn suppressed(
+        &self,
+        digests: &[Digest],
+        found: &HashMap<Digest, Arc<str>>,
+    ) -> Result<Vec<Digest>, VaultError> {
+        let missing: Vec<Digest> = digests
+            .iter()
+            .filter(|d| !found.contains_key(*d))
+            .copied()
+            .collect();
+        if missing.is_empty() {
+            return Ok(Vec::new());
+        }
+        let entries: Vec<Vec<u8>> = missing
+            .iter()
+            .map(|d| self.suppression.entry(d).to_vec())
+            .collect();
+        let hit: Vec<Vec<u8>> =
+            sqlx::query_scalar("SELECT entry FROM suppressions WHERE entry = ANY($1::bytea[])")
+                .bind(&entries)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(missing
+            .into_iter()
+            .zip(entries)
+            .filter(|(_, e)| hit.contains(e))
+            .map(|(d, _)| d)
+            .collect())
     }
 
     /// Contract identifiers (kind, namespace, token) for normalized ones, in order.
@@ -167,22 +225,35 @@ impl Vault {
         Ok(rows.into_iter().filter_map(entry).collect())
     }
 
+    /// Stores tokens for identifiers seen for the first time, except suppressed ones, under
+    /// the identifiers' shared locks: an erasure holding one exclusively has either not
+    /// begun (its suppression entry is absent and it will delete the row made here) or has
+    /// committed (the statement below, which starts after the lock, sees its entry).
     async fn insert(&self, digests: &[Digest]) -> Result<HashMap<Digest, Arc<str>>, VaultError> {
         let keys: Vec<&[u8]> = digests.iter().map(|d| d.as_slice()).collect();
+        let entries: Vec<Vec<u8>> = digests
+            .iter()
+            .map(|d| self.suppression.entry(d).to_vec())
+            .collect();
         let tokens = digests
             .iter()
             .map(|_| token(&self.rng))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut tx = self.pool.begin().await?;
+        lock(&mut tx, digests, false).await?;
         let rows: Vec<(Vec<u8>, String)> = sqlx::query_as(
             "INSERT INTO identifier_vault (digest, token)
-             SELECT * FROM UNNEST($1::bytea[], $2::text[])
+             SELECT x.d, x.t FROM UNNEST($1::bytea[], $2::text[], $3::bytea[]) AS x(d, t, s)
+              WHERE NOT EXISTS (SELECT 1 FROM suppressions WHERE entry = x.s)
              ON CONFLICT DO NOTHING
              RETURNING digest, token",
         )
         .bind(&keys)
         .bind(&tokens)
-        .fetch_all(&self.pool)
+        .bind(&entries)
+        .fetch_all(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(rows.into_iter().filter_map(entry).collect())
     }
 }
