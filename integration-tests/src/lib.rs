@@ -101,6 +101,29 @@ pub async fn token(vault: &Vault, kind: IdentifierKind, value: &str) -> anyhow::
         .context("the vault answered no token")
 }
 
+/// Shreds a person's tokens with suppression (the key store's part of an erasure, as the
+/// erasure processor runs it), in one transaction.
+pub async fn shred(
+    pool: &PgPool,
+    keys: &KeyArgs,
+    tokens: &[String],
+) -> anyhow::Result<cdp_keystore::erasure::Shredded> {
+    let mut tx = pool.begin().await?;
+    let done = cdp_keystore::erasure::shred(
+        &mut tx,
+        &keys.suppression_key()?,
+        &cdp_keystore::erasure::Shred {
+            tokens,
+            named: &[],
+            suppress: true,
+            request_id: uuid::Uuid::now_v7(),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(done)
+}
+
 pub fn kafka_args(prefix: &str) -> KafkaArgs {
     KafkaArgs::local(brokers(), prefix)
 }

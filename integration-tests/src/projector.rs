@@ -324,6 +324,25 @@ impl Slice {
     }
 
     /// [`Slice::caught_up`], looking every `every`.
+    /// Waits until identity (`identity`, beside this slice) has resolved everything in the
+    /// customer topic and emptied its outbox, then until the projector has applied
+    /// everything, identity's links included.
+    pub async fn caught_up_with_identity(
+        &self,
+        identity: &cdp_identity::IdentityConfig,
+        config: &ProjectorConfig,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        crate::identity::caught_up(
+            &self.db.pool,
+            identity,
+            &self.topic(Topic::CustomerEvents),
+            timeout,
+        )
+        .await?;
+        self.caught_up(config, timeout).await
+    }
+
     pub async fn caught_up_every(
         &self,
         config: &ProjectorConfig,

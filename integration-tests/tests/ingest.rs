@@ -959,7 +959,6 @@ async fn a_nul_character_is_refused_with_its_path_on_every_route() -> anyhow::Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_of_an_erased_person_are_refused_at_ingest_and_by_the_library() -> anyhow::Result<()>
 {
-    use cdp_keystore::erasure::{shred, Shred};
     let ing = Ingest::start_with(ingest::Options {
         erasure_propagation_ms: 0,
         ..Default::default()
@@ -982,19 +981,7 @@ async fn events_of_an_erased_person_are_refused_at_ingest_and_by_the_library() -
         ing.token(IdentifierKind::UserId, &ada).await?,
         ing.token(IdentifierKind::Email, &ada_mail).await?,
     ];
-    let mut tx = ing.db.pool.begin().await?;
-    shred(
-        &mut tx,
-        &ing.key_args.suppression_key()?,
-        &Shred {
-            tokens: &tokens,
-            named: &[],
-            suppress: true,
-            request_id: Uuid::now_v7(),
-        },
-    )
-    .await?;
-    tx.commit().await?;
+    shred(&ing.db.pool, &ing.key_args, &tokens).await?;
 
     // A batch: Ada by user id, Ada by email alone, Bob, and Ada's new device.
     let (status, body) = ing

@@ -480,14 +480,9 @@ async fn the_profile_api_looks_up_pages_caches_audits_and_refuses_strangers() ->
     );
     let (stop_identity, identity_task) = cdp_integration_tests::identity::spawn(identity.clone());
     let (stop, task) = spawn(config.clone());
-    cdp_integration_tests::identity::caught_up(
-        &slice.db.pool,
-        &identity,
-        &slice.topic(Topic::CustomerEvents),
-        Duration::from_secs(120),
-    )
-    .await?;
-    slice.caught_up(&config, Duration::from_secs(120)).await?;
+    slice
+        .caught_up_with_identity(&identity, &config, Duration::from_secs(120))
+        .await?;
     stop_identity.trigger();
     identity_task.await??;
     let shutdown = cdp_runtime::Shutdown::new();
@@ -1060,14 +1055,9 @@ async fn a_value_postgres_refuses_is_dead_lettered_and_the_pipeline_moves_on() -
     let ic = identity_for(&slice.kafka, &slice.db, &slice.key_args, "id_nul");
     let (stop_p, task_p) = spawn(pc.clone());
     let (stop_i, task_i) = cdp_integration_tests::identity::spawn(ic.clone());
-    cdp_integration_tests::identity::caught_up(
-        &slice.db.pool,
-        &ic,
-        &slice.topic(Topic::CustomerEvents),
-        Duration::from_secs(120),
-    )
-    .await?;
-    slice.caught_up(&pc, Duration::from_secs(120)).await?;
+    slice
+        .caught_up_with_identity(&ic, &pc, Duration::from_secs(120))
+        .await?;
     assert!(
         !task_p.is_finished() && !task_i.is_finished(),
         "both services are still running"

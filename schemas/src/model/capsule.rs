@@ -16,6 +16,18 @@ pub struct CapsuleEvent {
     pub payload: CapsulePayload,
 }
 
+impl CapsuleEvent {
+    /// Every identifier token the event names: its subject's, its identifiers', and a
+    /// created capsule's owner.
+    pub fn tokens(&self) -> impl Iterator<Item = &str> {
+        let owner = match &self.payload {
+            CapsulePayload::Created(c) => Some(c.owner_subject_id.as_str()),
+            _ => None,
+        };
+        self.envelope.tokens().chain(owner)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CapsulePayload {
     Created(CapsuleCreated),

@@ -176,6 +176,13 @@ impl std::fmt::Display for Amount {
 }
 
 impl Envelope {
+    /// The tokens the envelope names: its subject's and its identifiers'.
+    pub fn tokens(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.subject.subject_id.as_str())
+            .chain(self.subject.identifiers.iter().map(|i| i.token.as_str()))
+            .filter(|t| !t.is_empty())
+    }
+
     pub(crate) fn to_value(&self, event_type: &str, schema_version: i32) -> Value {
         value::record(vec![
             ("event_id", value::uuid(&self.event_id)),

@@ -13,6 +13,18 @@ pub struct CustomerEvent {
     pub payload: CustomerPayload,
 }
 
+impl CustomerEvent {
+    /// Every identifier token the event names: its subject's, its identifiers', and an
+    /// alias's previous id. An event naming an erased token belongs to an erased person.
+    pub fn tokens(&self) -> impl Iterator<Item = &str> {
+        let previous = match &self.payload {
+            CustomerPayload::Alias(a) => Some(a.previous.token.as_str()),
+            _ => None,
+        };
+        self.envelope.tokens().chain(previous)
+    }
+}
+
 /// The body of a customer event, one variant per branch of the `payload` union (in order).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CustomerPayload {

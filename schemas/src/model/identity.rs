@@ -13,6 +13,20 @@ pub struct IdentityEvent {
     pub payload: IdentityPayload,
 }
 
+impl IdentityEvent {
+    /// The identifier tokens the event names: both ends of a link. (Merges and splits name
+    /// profiles, not identifiers; the envelope names the record's key.)
+    pub fn tokens(&self) -> impl Iterator<Item = &str> {
+        let link = match &self.payload {
+            IdentityPayload::IdentifiersLinked(l) => {
+                vec![l.from.token.as_str(), l.to.token.as_str()]
+            }
+            _ => Vec::new(),
+        };
+        link.into_iter()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdentityPayload {
     IdentifiersLinked(IdentifiersLinked),

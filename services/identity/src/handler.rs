@@ -253,7 +253,15 @@ impl PgHandler for IdentityHandler {
         }
         let ids: Vec<Uuid> = firsts.iter().map(|(_, e)| e.envelope.event_id).collect();
         let known = g.known_events(&ids).await.map_err(classify)?;
-        let fresh: Vec<(usize, &CustomerEvent)> = firsts
+        // Events of an erased person (a token in the erasure ledger) are not resolved, not
+        // observed and not passed on: a replay never re-creates the person.
+        let mut tokens: Vec<&str> = firsts.iter().flat_map(|(_, e)| e.tokens()).collect();
+        tokens.sort_unstable();
+        tokens.dedup();
+        let erased = cdp_keystore::erasure::erased(g.conn(), &tokens)
+            .await
+            .map_err(classify)?;
+        let unseen: Vec<(usize, &CustomerEvent)> = firsts
             .into_iter()
             .filter(|(_, e)| !known.contains(&e.envelope.event_id))
             .collect();
@@ -263,7 +271,11 @@ impl PgHandler for IdentityHandler {
             .count();
         self.metrics
             .duplicates
-            .inc_by((events - fresh.len()) as u64);
+            .inc_by((events - unseen.len()) as u64);
+        let fresh: Vec<(usize, &CustomerEvent)> = unseen
+            .into_iter()
+            .filter(|(_, e)| !e.tokens().any(|t| erased.contains(t)))
+            .collect();
         if fresh.is_empty() {
             return Ok(Vec::new());
         }

@@ -451,6 +451,35 @@ fn wanted_keys(batch: &[Decoded<'_, Projected>]) -> Vec<(String, u32)> {
     out.into_iter().map(|(s, v)| (s.to_owned(), v)).collect()
 }
 
+/// The records that name a token of an erased person (the erasure ledger): they have no
+/// effect, so a replay, a rebuild or a restore never re-creates the person.
+async fn erased_records(
+    tx: &mut PgConnection,
+    batch: &[Decoded<'_, Projected>],
+) -> Result<BTreeSet<usize>, SinkError> {
+    let per: Vec<Vec<&str>> = batch
+        .iter()
+        .map(|d| match d.event {
+            Projected::Customer(e) => e.tokens().collect(),
+            Projected::Capsule(e) => e.tokens().collect(),
+            Projected::Identity(e) => e.tokens().collect(),
+            Projected::Tombstone => Vec::new(),
+        })
+        .collect();
+    let mut all: Vec<&str> = per.iter().flatten().copied().collect();
+    all.sort_unstable();
+    all.dedup();
+    let erased = cdp_keystore::erasure::erased(tx, &all)
+        .await
+        .map_err(classify)?;
+    Ok(per
+        .iter()
+        .enumerate()
+        .filter(|(_, tokens)| tokens.iter().any(|t| erased.contains(*t)))
+        .map(|(i, _)| i)
+        .collect())
+}
+
 impl PgHandler for ProjectorHandler {
     type Event = Projected;
 
@@ -491,6 +520,7 @@ impl PgHandler for ProjectorHandler {
             matches!(d.event, Projected::Identity(e) if !matches!(e.payload, IdentityPayload::IdentifiersLinked(_)))
         });
         store::hold_merges(tx, reshapes).await.map_err(classify)?;
+        let erased = erased_records(tx, batch).await?;
         // Merges and splits first, in log order: everything written below already follows them.
         for d in batch {
             if let Projected::Identity(e) = d.event {
@@ -575,10 +605,12 @@ impl PgHandler for ProjectorHandler {
             (rows, failed)
         };
         let t2 = std::time::Instant::now();
-        let (mut rows, rejected) = fold(&BTreeSet::new());
+        let (mut rows, rejected) = fold(&erased);
         if !rejected.is_empty() {
             // Fold again without the rejected records, so they have no effect at all.
-            rows = fold(&rejected.iter().map(|r| r.index).collect()).0;
+            let mut skip = erased.clone();
+            skip.extend(rejected.iter().map(|r| r.index));
+            rows = fold(&skip).0;
         }
         let settled = self.claims.skip_settled(&mut rows.identities);
         let t3 = std::time::Instant::now();
@@ -586,6 +618,7 @@ impl PgHandler for ProjectorHandler {
         self.claims.record(&rows.identities);
         tracing::debug!(
             events = batch.len(),
+            erased = erased.len(),
             profiles = rows.customers.len(),
             identifiers_settled = settled,
             merges_and_keys_ms = (t1 - t0).as_millis() as u64,
