@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 
 use cdp_integration_tests::{random_key_args, TestDb};
-use cdp_keystore::{KeyStore, Normalized, RawIdentifier, Vault};
+use cdp_keystore::{Normalized, RawIdentifier, Vault};
 use cdp_schemas::IdentifierKind;
 
 fn normalized(vault: &Vault, kind: IdentifierKind, value: &str) -> Normalized {
@@ -121,14 +121,19 @@ async fn an_erasure_empties_every_processs_caches_at_its_next_check() -> anyhow:
     assert!(eager_keys.key(&ada_v1.0, ada_v1.1).await?.is_some());
 
     let mut tx = db.pool.begin().await?;
-    assert_eq!(
-        Vault::forget(&mut tx, std::slice::from_ref(&ada_t)).await?,
-        1
-    );
-    assert_eq!(
-        KeyStore::destroy(&mut tx, std::slice::from_ref(&ada_t)).await?,
-        1
-    );
+    let done = cdp_keystore::erasure::shred(
+        &mut tx,
+        &keys.suppression_key()?,
+        &cdp_keystore::erasure::Shred {
+            tokens: std::slice::from_ref(&ada_t),
+            named: &[],
+            suppress: false,
+            request_id: uuid::Uuid::now_v7(),
+        },
+    )
+    .await?;
+    assert_eq!(done.vault_rows, 1);
+    assert_eq!(done.keys_destroyed, 1);
     tx.commit().await?;
 
     assert_eq!(

@@ -253,14 +253,6 @@ impl PgHandler for IdentityHandler {
         }
         let ids: Vec<Uuid> = firsts.iter().map(|(_, e)| e.envelope.event_id).collect();
         let known = g.known_events(&ids).await.map_err(classify)?;
-        // Events of an erased person (a token in the erasure ledger) are not resolved, not
-        // observed and not passed on: a replay never re-creates the person.
-        let mut tokens: Vec<&str> = firsts.iter().flat_map(|(_, e)| e.tokens()).collect();
-        tokens.sort_unstable();
-        tokens.dedup();
-        let erased = cdp_keystore::erasure::erased(g.conn(), &tokens)
-            .await
-            .map_err(classify)?;
         let unseen: Vec<(usize, &CustomerEvent)> = firsts
             .into_iter()
             .filter(|(_, e)| !known.contains(&e.envelope.event_id))
@@ -272,6 +264,14 @@ impl PgHandler for IdentityHandler {
         self.metrics
             .duplicates
             .inc_by((events - unseen.len()) as u64);
+        // Events of an erased person (a token in the erasure ledger) are not resolved, not
+        // observed and not passed on: a replay never re-creates the person.
+        let mut tokens: Vec<&str> = unseen.iter().flat_map(|(_, e)| e.tokens()).collect();
+        tokens.sort_unstable();
+        tokens.dedup();
+        let erased = cdp_keystore::erasure::erased(g.conn(), &tokens)
+            .await
+            .map_err(classify)?;
         let fresh: Vec<(usize, &CustomerEvent)> = unseen
             .into_iter()
             .filter(|(_, e)| !e.tokens().any(|t| erased.contains(t)))

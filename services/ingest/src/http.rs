@@ -211,7 +211,7 @@ fn sort_messages(
             Ok(_) => out.accepted_messages += 1,
             Err(errors) => out.rejected.push(Rejected {
                 index,
-                message_id: message_id_of(v),
+                message_id: out.message_ids[index].clone(),
                 errors,
             }),
         }

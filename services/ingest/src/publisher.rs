@@ -289,14 +289,8 @@ impl Publisher {
             .tokens_unless_suppressed(&all)
             .await?
             .into_iter()
-            .zip(all)
-            .map(|(t, n)| {
-                t.map(|token| Identifier {
-                    kind: n.kind,
-                    namespace: n.namespace,
-                    token,
-                })
-            });
+            .zip(&all)
+            .map(|(t, n)| t.map(|token| n.with_token(token)));
         let mut bound = Vec::with_capacity(staged.len());
         let mut refused = Vec::new();
         for (index, s) in staged.into_iter().enumerate() {

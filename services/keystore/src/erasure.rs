@@ -18,11 +18,8 @@ use ring::hmac;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::epoch::Epoch;
+use crate::identifiers::Digest;
 use crate::store::{KeyStore, KeyStoreError};
-
-/// A vault digest: HMAC-SHA256 of a normalized identifier under the identifier key.
-pub type Digest = [u8; 32];
 
 /// Keys suppression entries. Derived from the master key, so a deployment has no further
 /// secret to keep, and independent of the identifier key.
@@ -141,12 +138,7 @@ pub async fn shred(
             .bind(&keys)
             .fetch_all(&mut *tx)
             .await?;
-    let mut tokens: Vec<&str> = what
-        .tokens
-        .iter()
-        .chain(&current)
-        .map(String::as_str)
-        .collect();
+    let mut tokens: Vec<String> = what.tokens.iter().cloned().chain(current).collect();
     tokens.sort_unstable();
     tokens.dedup();
     let mut done = Shredded::default();
@@ -170,14 +162,13 @@ pub async fn shred(
     .await?
     .rows_affected();
     // A subject id is a token: destroying the keys of every token destroys the subjects'.
-    let owned: Vec<String> = tokens.iter().map(|t| (*t).to_owned()).collect();
-    done.keys_destroyed = KeyStore::destroy(tx, &owned).await?;
+    // It also moves the epoch, which empties every process's caches of keys and tokens.
+    done.keys_destroyed = KeyStore::destroy(tx, &tokens).await?;
     done.vault_rows = sqlx::query("DELETE FROM identifier_vault WHERE digest = ANY($1::bytea[])")
         .bind(&keys)
         .execute(&mut *tx)
         .await?
         .rows_affected();
-    Epoch::bump(tx).await?;
     Ok(done)
 }
 

@@ -42,6 +42,9 @@ pub enum NormalizeError {
     MissingNamespace,
 }
 
+/// A vault digest: HMAC-SHA256 of a normalized identifier under the identifier key.
+pub type Digest = [u8; 32];
+
 /// An identifier in canonical form: what the vault tokenizes. The value is plaintext
 /// personal data: it is never logged (its `Debug` hides it), stored or used as a key.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -50,6 +53,17 @@ pub struct Normalized {
     /// For external ids: the issuing system, trimmed.
     pub namespace: Option<String>,
     pub value: String,
+}
+
+impl Normalized {
+    /// The contract's identifier: this one's kind and namespace, with its token.
+    pub fn with_token(&self, token: String) -> Identifier {
+        Identifier {
+            kind: self.kind,
+            namespace: self.namespace.clone(),
+            token,
+        }
+    }
 }
 
 impl std::fmt::Debug for Normalized {
@@ -145,7 +159,7 @@ impl IdentifierHasher {
 
     /// HMAC-SHA256 of `kind | 0 | namespace | 0 | normalized value`: the vault's key for
     /// an identifier. It never leaves the vault.
-    pub fn digest(&self, id: &Normalized) -> [u8; 32] {
+    pub fn digest(&self, id: &Normalized) -> Digest {
         let mut ctx = hmac::Context::with_key(&self.key);
         ctx.update(id.kind.as_str().as_bytes());
         ctx.update(&[0]);

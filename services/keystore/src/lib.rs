@@ -20,6 +20,8 @@ pub mod store;
 pub mod vault;
 
 pub use crypto::{CryptoError, DataKey, MasterKey};
-pub use identifiers::{BlockPatterns, IdentifierHasher, NormalizeError, Normalized, RawIdentifier};
+pub use identifiers::{
+    BlockPatterns, Digest, IdentifierHasher, NormalizeError, Normalized, RawIdentifier,
+};
 pub use store::{KeyStore, KeyStoreError};
 pub use vault::{Vault, VaultError};

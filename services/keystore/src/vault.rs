@@ -5,7 +5,7 @@
 //! the archive, the identity graph, the read models, subject ids, key names and Kafka keys)
 //! carries only tokens. A keyed hash would stay linkable to the person by anyone holding the
 //! key and the email; a token links to the person only through its vault row, and erasure
-//! deletes that row ([`Vault::forget`]).
+//! deletes that row ([`crate::erasure::shred`]).
 //!
 //! Tokens are created on first sight ([`Vault::tokens`], batched; replicas racing on one
 //! identifier agree on the stored row), never for an identifier the suppression registry
@@ -24,7 +24,7 @@ use sqlx::PgPool;
 use crate::crypto::random;
 use crate::epoch::{Cache, Epoch};
 use crate::erasure::{lock, SuppressionKey};
-use crate::identifiers::{IdentifierHasher, Normalized};
+use crate::identifiers::{Digest, IdentifierHasher, Normalized};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
@@ -37,8 +37,6 @@ pub enum VaultError {
     #[error("identifier {0} of the batch was erased and is suppressed")]
     Suppressed(usize),
 }
-
-type Digest = [u8; 32];
 
 pub struct Vault {
     pool: PgPool,
@@ -176,11 +174,7 @@ impl Vault {
         Ok(ids
             .iter()
             .zip(tokens)
-            .map(|(n, token)| Identifier {
-                kind: n.kind,
-                namespace: n.namespace.clone(),
-                token,
-            })
+            .map(|(n, token)| n.with_token(token))
             .collect())
     }
 
@@ -200,18 +194,6 @@ impl Vault {
             .iter()
             .map(|d| found.get(d).map(|t| t.to_string()))
             .collect())
-    }
-
-    /// Deletes the vault rows of these tokens (erasure), in the caller's transaction, and
-    /// moves the epoch so every process drops its cached tokens within the check interval.
-    /// Returns how many rows were deleted.
-    pub async fn forget(tx: &mut sqlx::PgConnection, tokens: &[String]) -> Result<u64, VaultError> {
-        let done = sqlx::query("DELETE FROM identifier_vault WHERE token = ANY($1)")
-            .bind(tokens)
-            .execute(&mut *tx)
-            .await?;
-        Epoch::bump(tx).await?;
-        Ok(done.rows_affected())
     }
 
     async fn select(&self, digests: &[Digest]) -> Result<HashMap<Digest, Arc<str>>, VaultError> {
