@@ -13,7 +13,8 @@ const TOPICS: &[(&str, &str)] = &[
         "`cdp.customer-events`, keyed by subject id",
     ),
     ("capsule-event", "`cdp.capsule-events`, keyed by capsule id"),
-    ("compliance-event", "`cdp.compliance`, keyed by subject id"),
+    ("compliance-event", "`cdp.compliance`, keyed by request id"),
+    ("audit-event", "`cdp.audit`, keyed by request id"),
     (
         "identity-event",
         "`cdp.identity` (compacted), keyed by the link id (`IdentifiersLinked`), the loser's profile id (`ProfilesMerged`) or the new profile id (`ProfileSplit`)",

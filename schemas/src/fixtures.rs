@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, TimeZone, Utc};
 use uuid::Uuid;
 
+use crate::model::audit::*;
 use crate::model::capsule::*;
 use crate::model::common::*;
 use crate::model::compliance::*;
@@ -219,8 +220,9 @@ pub fn compliance_events() -> Vec<ComplianceEvent> {
             21,
             CompliancePayload::ErasureRequested(ErasureRequested {
                 request_id: id(0xE1),
-                requested_by: "dpo@example.org".to_owned(),
-                reason: Some("Art. 17 request".to_owned()),
+                profile_ids: vec![id(0xF1)],
+                suppress: true,
+                force: false,
                 due_at: at(30 * 86_400),
             }),
         ),
@@ -231,6 +233,14 @@ pub fn compliance_events() -> Vec<ComplianceEvent> {
                 keys_destroyed: 1,
                 rows_deleted: 42,
                 tombstones_emitted: 3,
+                outcome: ErasureOutcome::Erased,
+                profiles: 2,
+                tokens: 5,
+                vault_rows_deleted: 4,
+                suppressed: 4,
+                refused_links: 1,
+                stores: [("projector.customers".to_owned(), 2)].into(),
+                elapsed_ms: 840,
             }),
         ),
         e(
@@ -247,6 +257,24 @@ pub fn compliance_events() -> Vec<ComplianceEvent> {
                 request_id: id(0xE2),
                 location: "s3://exports/e2.json".to_owned(),
                 record_count: 17,
+            }),
+        ),
+        e(
+            25,
+            CompliancePayload::ErasureScoped(ErasureScoped {
+                request_id: id(0xE1),
+                tokens: vec!["0123456789abcdef0123456789abcdef".to_owned()],
+                profile_ids: vec![id(0xF1), id(0xF2)],
+            }),
+        ),
+        e(
+            26,
+            CompliancePayload::ErasureApplied(ErasureApplied {
+                request_id: id(0xE1),
+                service: "projector".to_owned(),
+                rows_deleted: 40,
+                tombstones_emitted: 2,
+                stores: [("customers".to_owned(), 2)].into(),
             }),
         ),
     ]
@@ -331,6 +359,42 @@ pub fn profile_events() -> Vec<ProfileEvent> {
             }],
             interactions: 12,
             transactions: 2,
+        }),
+    }]
+}
+
+pub fn audit_events() -> Vec<AuditEvent> {
+    vec![AuditEvent {
+        envelope: Envelope {
+            subject: Subject {
+                subject_id: audit_subject(id(0x61)),
+                identifiers: Vec::new(),
+            },
+            partition_key: id(0x61).to_string(),
+            ..envelope(51, "6")
+        },
+        payload: AuditPayload::ErasureAudited(ErasureAudited {
+            request_id: id(0x61),
+            requested_by: sealed("dpo@example.org"),
+            reason: sealed("Art. 17 request, ticket 4711"),
+            requested_at: at(0),
+            due_at: at(30 * 86_400),
+            completed_at: at(2),
+            outcome: AuditedOutcome::Erased,
+            suppress: true,
+            force: false,
+            profiles: 3,
+            tokens: 5,
+            refused_links: 1,
+            keys_destroyed: 3,
+            vault_rows_deleted: 5,
+            suppressed: 5,
+            rows_deleted: 42,
+            tombstones_emitted: 9,
+            // One entry: Avro maps encode in hash order, so golden bytes need one.
+            stores: BTreeMap::from([("projector.customers".to_owned(), 1)]),
+            services: vec!["identity".to_owned(), "projector".to_owned()],
+            elapsed_ms: 850,
         }),
     }]
 }

@@ -19,6 +19,7 @@ mod value;
 
 pub use codec::{decode, decode_versioned, encode, fingerprint_of, Contract};
 pub use error::{CodecError, ContractError};
+pub use model::audit::{AuditEvent, AuditPayload};
 pub use model::capsule::{CapsuleEvent, CapsulePayload};
 pub use model::common::{Amount, Envelope, Identifier, IdentifierKind, Sealed, Subject};
 pub use model::compliance::{ComplianceEvent, CompliancePayload};
@@ -27,12 +28,13 @@ pub use model::identity::{IdentityEvent, IdentityPayload};
 pub use model::profile::{profile_id_of, ProfileEvent, ProfilePayload, ProfileSnapshot};
 
 /// Every schema of the contract: (file stem, its schema set).
-pub fn all_schemas() -> [&'static registry::SchemaSet; 5] {
+pub fn all_schemas() -> [&'static registry::SchemaSet; 6] {
     [
         CustomerEvent::schema_set(),
         CapsuleEvent::schema_set(),
         ComplianceEvent::schema_set(),
         IdentityEvent::schema_set(),
         ProfileEvent::schema_set(),
+        AuditEvent::schema_set(),
     ]
 }

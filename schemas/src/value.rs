@@ -108,6 +108,22 @@ pub(crate) fn string_map(m: &std::collections::BTreeMap<String, String>) -> Valu
     )
 }
 
+pub(crate) fn long_map(m: &std::collections::BTreeMap<String, i64>) -> Value {
+    Value::Map(
+        m.iter()
+            .map(|(k, v)| (k.clone(), Value::Long(*v)))
+            .collect(),
+    )
+}
+
+pub(crate) fn string_array(items: &[String]) -> Value {
+    Value::Array(items.iter().map(|s| string(s)).collect())
+}
+
+pub(crate) fn uuid_array(items: &[Uuid]) -> Value {
+    Value::Array(items.iter().map(uuid).collect())
+}
+
 fn describe(v: &Value) -> String {
     let s = format!("{v:?}");
     match s.find('(') {
@@ -299,6 +315,48 @@ impl Fields {
             .into_iter()
             .map(|v| self.uuid_of(field, v))
             .collect()
+    }
+
+    pub(crate) fn bool(&mut self, field: &'static str) -> Result<bool, ContractError> {
+        match self.take(field)? {
+            Value::Boolean(b) => Ok(b),
+            v => Err(self.wrong(field, "boolean", &v)),
+        }
+    }
+
+    pub(crate) fn string_array(
+        &mut self,
+        field: &'static str,
+    ) -> Result<Vec<String>, ContractError> {
+        let items = self.array(field)?;
+        items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                other => Err(self.wrong(field, "array of strings", &other)),
+            })
+            .collect()
+    }
+
+    pub(crate) fn long_map(
+        &mut self,
+        field: &'static str,
+    ) -> Result<std::collections::BTreeMap<String, i64>, ContractError> {
+        match self.take(field)? {
+            Value::Map(m) => {
+                let mut out = std::collections::BTreeMap::new();
+                for (k, v) in m {
+                    match v {
+                        Value::Long(n) => {
+                            out.insert(k, n);
+                        }
+                        other => return Err(self.wrong(field, "map of longs", &other)),
+                    }
+                }
+                Ok(out)
+            }
+            v => Err(self.wrong(field, "map", &v)),
+        }
     }
 
     pub(crate) fn string_map(

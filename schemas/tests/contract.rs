@@ -179,6 +179,11 @@ fn profile_events_round_trip_and_stay_compatible() {
 }
 
 #[test]
+fn audit_events_round_trip_and_stay_compatible() {
+    check_family::<cdp_schemas::AuditEvent>(fixtures::audit_events());
+}
+
+#[test]
 fn typed_errors_for_bad_frames() {
     assert!(matches!(
         decode::<CustomerEvent>(&[]),
@@ -260,11 +265,13 @@ fn fingerprints_are_the_specifications() {
         ("capsule-event", 2, 0xd8d4_6e14_5898_c044),
         ("compliance-event", 1, 0x91ec_15a2_2f0c_2fa8),
         ("compliance-event", 2, 0x53df_d34f_bcc3_56a5),
+        ("compliance-event", 3, 0x7d8e_eddc_a295_bc4e),
         ("identity-event", 1, 0x3ca9_e8ae_4d83_5bbc),
         ("identity-event", 2, 0x763a_c312_5fcc_8184),
         ("identity-event", 3, 0x574d_510a_912b_e2af),
         ("profile-event", 1, 0x4c1e_82cb_e547_c256),
         ("profile-event", 2, 0xc3ab_ef07_f0ae_d6e5),
+        ("audit-event", 1, 0x242d_0114_b375_9247),
     ];
     let mut found = Vec::new();
     for set in cdp_schemas::all_schemas() {
@@ -464,6 +471,13 @@ fn the_pii_visitor_matches_the_schema_marks() {
         let n = e.pii_mut().len();
         assert_eq!(n, 2, "one sealed slot per trait");
         visited.push(("TraitValue".to_owned(), "sealed".to_owned()));
+    }
+    for mut e in fixtures::audit_events() {
+        visited.extend(
+            e.pii_mut()
+                .into_iter()
+                .map(|(f, _)| ("ErasureAudited".to_owned(), f.to_owned())),
+        );
     }
     visited.sort();
     let mut marked = marked;

@@ -107,10 +107,7 @@ impl IdentityPayload {
                 vec![
                     ("from_profile_id", value::uuid(&p.from_profile_id)),
                     ("to_profile_id", value::uuid(&p.to_profile_id)),
-                    (
-                        "moved_profile_ids",
-                        Value::Array(p.moved_profile_ids.iter().map(value::uuid).collect()),
-                    ),
+                    ("moved_profile_ids", value::uuid_array(&p.moved_profile_ids)),
                     ("reason", Value::String(p.reason.clone())),
                     ("cause_event_id", value::uuid(&p.cause_event_id)),
                 ],

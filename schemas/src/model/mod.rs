@@ -1,6 +1,7 @@
 //! Typed events, one module per topic family. Field order and union branch order follow
 //! the `.avsc` files exactly.
 
+pub mod audit;
 pub mod capsule;
 pub mod common;
 pub mod compliance;
@@ -9,6 +10,7 @@ pub mod identity;
 pub mod profile;
 
 use crate::codec::contract;
+use audit::{AuditEvent, AuditPayload};
 use capsule::{CapsuleEvent, CapsulePayload};
 use compliance::{ComplianceEvent, CompliancePayload};
 use customer::{CustomerEvent, CustomerPayload};
@@ -78,6 +80,13 @@ contract!(
                 env!("CARGO_MANIFEST_DIR"),
                 "/avro/history/compliance-event/v2.avsc"
             ))
+        ),
+        (
+            3,
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/avro/history/compliance-event/v3.avsc"
+            ))
         )
     ]
 );
@@ -131,4 +140,17 @@ contract!(
             ))
         )
     ]
+);
+contract!(
+    AuditEvent,
+    AuditPayload,
+    "audit-event",
+    "AuditEvent",
+    &[(
+        1,
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/avro/history/audit-event/v1.avsc"
+        ))
+    )]
 );
