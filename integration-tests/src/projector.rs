@@ -349,38 +349,7 @@ impl Slice {
         timeout: Duration,
         every: Duration,
     ) -> anyhow::Result<()> {
-        let topics = [
-            self.topic(Topic::CustomerEvents),
-            self.topic(Topic::CapsuleEvents),
-            self.topic(Topic::Identity),
-        ];
-        let mut marks = Vec::new();
-        for t in &topics {
-            marks.push((t.clone(), crate::topic_ends(t).await?));
-        }
-        wait_until_every("the projector caught up", timeout, every, || async {
-            let Some(g) =
-                cdp_projector::generation::live(&self.db.pool, &config.projector.schema_prefix)
-                    .await?
-            else {
-                return Ok(false);
-            };
-            let stored =
-                cdp_runtime::pg::stored_positions(&self.db.pool, &g.group(&config.projector.group))
-                    .await?;
-            Ok(marks.iter().all(|(t, ends)| {
-                ends.iter().all(|(p, end)| {
-                    *end == 0
-                        || stored
-                            .get(&cdp_runtime::TopicPartition {
-                                topic: t.clone(),
-                                partition: *p,
-                            })
-                            .is_some_and(|s| s >= end)
-                })
-            }))
-        })
-        .await
+        caught_up(&self.db.pool, config, timeout, every).await
     }
 
     pub async fn digest(&self, config: &ProjectorConfig) -> anyhow::Result<String> {
@@ -400,6 +369,49 @@ pub fn lanes_from_env() -> u32 {
         .ok()
         .and_then(|l| l.parse().ok())
         .unwrap_or(cdp_projector::DEFAULT_LANES)
+}
+
+/// Waits until the live generation of `config` has applied everything in its input topics
+/// now (the compliance topic included), looking every `every`. `pool` is the database's.
+pub async fn caught_up(
+    pool: &sqlx::PgPool,
+    config: &ProjectorConfig,
+    timeout: Duration,
+    every: Duration,
+) -> anyhow::Result<()> {
+    let names = Topics::new(&config.kafka.topic_prefix);
+    let mut marks = Vec::new();
+    for t in [
+        Topic::CustomerEvents,
+        Topic::CapsuleEvents,
+        Topic::Identity,
+        Topic::Compliance,
+    ] {
+        let t = names.name(t);
+        let ends = crate::topic_ends(&t).await?;
+        marks.push((t, ends));
+    }
+    wait_until_every("the projector caught up", timeout, every, || async {
+        let Some(g) =
+            cdp_projector::generation::live(pool, &config.projector.schema_prefix).await?
+        else {
+            return Ok(false);
+        };
+        let stored =
+            cdp_runtime::pg::stored_positions(pool, &g.group(&config.projector.group)).await?;
+        Ok(marks.iter().all(|(t, ends)| {
+            ends.iter().all(|(p, end)| {
+                *end == 0
+                    || stored
+                        .get(&cdp_runtime::TopicPartition {
+                            topic: t.clone(),
+                            partition: *p,
+                        })
+                        .is_some_and(|s| s >= end)
+            })
+        }))
+    })
+    .await
 }
 
 /// Runs a projector in-process until the returned handle's shutdown is triggered.

@@ -5,14 +5,14 @@
 //! `GET /v1/identity/candidates` lists fuzzy duplicate candidates (profile pairs and their
 //! scores, best first, with a cursor).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use cdp_runtime::auth::ApiTokens;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -24,8 +24,7 @@ pub const ROLE: &str = "operator";
 pub struct ApiState {
     /// Connections whose search_path is the identity schema.
     pub pool: PgPool,
-    /// Bearer secret → (principal, role).
-    pub tokens: HashMap<String, (String, String)>,
+    pub tokens: ApiTokens,
 }
 
 fn error(status: StatusCode, reason: &str) -> Response {
@@ -33,24 +32,7 @@ fn error(status: StatusCode, reason: &str) -> Response {
 }
 
 fn authorize(state: &ApiState, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some((_, role)) = token.and_then(|t| state.tokens.get(t)) else {
-        let mut r = error(StatusCode::UNAUTHORIZED, "a bearer token is required");
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return Err(Box::new(r));
-    };
-    if role != ROLE {
-        return Err(Box::new(error(
-            StatusCode::FORBIDDEN,
-            "the operator role is required",
-        )));
-    }
-    Ok(())
+    state.tokens.authorize(headers, ROLE).map(|_| ())
 }
 
 type LinkRow = (Uuid, String, String, String, String, Uuid, DateTime<Utc>);

@@ -9,16 +9,18 @@ use cdp_runtime::outbox::{self, Outbox, Record};
 use cdp_runtime::pg::{classify, Decoded, PgHandler, Rejected};
 use cdp_runtime::sink::{Rejection, SinkError};
 use cdp_runtime::RawRecord;
+use cdp_schemas::model::compliance::ErasureScoped;
 use cdp_schemas::model::identity::{IdentifiersLinked, ProfileSplit, ProfilesMerged};
 use cdp_schemas::{
-    CustomerEvent, CustomerPayload, Envelope, Identifier, IdentifierKind, IdentityEvent,
-    IdentityPayload, Subject,
+    ComplianceEvent, CompliancePayload, CustomerEvent, CustomerPayload, Envelope, Identifier,
+    IdentifierKind, IdentityEvent, IdentityPayload, Subject,
 };
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::cache::GraphCache;
+use crate::erase;
 use crate::graph::{Key, Kind, Observation, Rules};
 use crate::metrics::IdentityMetrics;
 use crate::resolve::{resolve, Outcome, ProfileChange};
@@ -41,6 +43,8 @@ const EVENT_NAMESPACE: Uuid = Uuid::from_u128(0x7c1e_55a0_2b1d_4f8e_8a3c_9d4e_0f
 pub struct OutTopics {
     pub identity: String,
     pub resolved: String,
+    /// Read for erasures, written with the answers to them.
+    pub compliance: String,
 }
 
 pub struct IdentityHandler {
@@ -52,10 +56,13 @@ pub struct IdentityHandler {
     pub cache: GraphCache,
 }
 
-/// A customer event, or a tombstone (erasure): tombstones carry no identifiers.
+/// A customer event, a tombstone (they carry no identifiers), or from the compliance
+/// topic a person to erase or an event that is not identity's to act on.
 pub enum Input {
     Event(Box<CustomerEvent>),
     Tombstone,
+    Erasure(ErasureScoped),
+    Ignored,
 }
 
 /// What identity resolution reads of an event: the subject's identifiers, and an alias's
@@ -229,6 +236,14 @@ impl PgHandler for IdentityHandler {
         let Some(value) = record.value.as_deref() else {
             return Ok(Input::Tombstone);
         };
+        if *record.topic == *self.out.compliance {
+            return cdp_schemas::decode::<ComplianceEvent>(value)
+                .map(|e| match e.payload {
+                    CompliancePayload::ErasureScoped(s) => Input::Erasure(s),
+                    _ => Input::Ignored,
+                })
+                .map_err(|e| Rejection::from_error("undecodable", &e));
+        }
         cdp_schemas::decode::<CustomerEvent>(value)
             .map(|e| Input::Event(Box::new(e)))
             .map_err(|e| Rejection::from_error("undecodable", &e))
@@ -240,6 +255,34 @@ impl PgHandler for IdentityHandler {
         batch: &[Decoded<'_, Input>],
     ) -> Result<Vec<Rejected>, SinkError> {
         lock_graph(tx).await.map_err(classify)?;
+        self.resolve_events(tx, batch).await?;
+        // Erasures last: whatever this batch linked for the person goes too.
+        for d in batch {
+            if let Input::Erasure(scoped) = d.event {
+                let removed = erase::erase(tx, scoped).await.map_err(classify)?;
+                let records =
+                    erase::records(&self.out.identity, &self.out.compliance, scoped, &removed)
+                        .map_err(|e| SinkError::Fatal(Box::new(e)))?;
+                outbox::push(tx, OUTBOX, &records).await.map_err(classify)?;
+                tracing::info!(
+                    request_id = %scoped.request_id,
+                    rows = removed.rows(),
+                    tombstones = removed.keys.len(),
+                    "erasure applied to the identity graph"
+                );
+            }
+        }
+        Ok(Vec::new())
+    }
+}
+
+impl IdentityHandler {
+    /// Resolves the batch's customer events (holding the graph lock).
+    async fn resolve_events(
+        &self,
+        tx: &mut PgConnection,
+        batch: &[Decoded<'_, Input>],
+    ) -> Result<(), SinkError> {
         let mut g = PgGraph::cached(tx, &self.cache).await.map_err(classify)?;
         // Event-level dedup: within the batch, then against everything resolved before.
         let mut firsts: Vec<(usize, &CustomerEvent)> = Vec::with_capacity(batch.len());
@@ -277,7 +320,7 @@ impl PgHandler for IdentityHandler {
             .filter(|(_, e)| !e.tokens().any(|t| erased.contains(t)))
             .collect();
         if fresh.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let observations: Vec<Observation> = fresh
             .iter()
@@ -360,7 +403,7 @@ impl PgHandler for IdentityHandler {
             outbox_ms = t2.elapsed().as_millis() as u64,
             "batch resolved"
         );
-        Ok(Vec::new())
+        Ok(())
     }
 }
 

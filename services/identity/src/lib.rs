@@ -10,6 +10,7 @@
 pub mod api;
 pub mod cache;
 pub mod candidates;
+pub mod erase;
 pub mod graph;
 pub mod handler;
 pub mod metrics;
@@ -17,7 +18,7 @@ pub mod resolve;
 pub mod rules;
 pub mod store;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -37,7 +38,6 @@ use cdp_runtime::topics::{Topic, Topics};
 use cdp_runtime::Shutdown;
 use cdp_schemas::IdentifierKind;
 use clap::Args;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -114,8 +114,8 @@ pub enum IdentityError {
     Candidates(#[from] candidates::CandidateError),
     #[error("`{0}` is not a valid schema name (lower-case letters, digits, underscores)")]
     Schema(String),
-    #[error("CDP_API_TOKENS entry {0} is not principal:role:secret")]
-    Token(usize),
+    #[error(transparent)]
+    Token(#[from] cdp_runtime::auth::TokenError),
     #[error("no link {0} in the graph")]
     NoLink(Uuid),
     #[error("the identifier is not in the graph")]
@@ -146,12 +146,7 @@ pub struct IdentityConfig {
 }
 
 pub(crate) fn check_schema(s: &str) -> Result<(), IdentityError> {
-    let ok = !s.is_empty()
-        && s.len() <= 48
-        && s.starts_with(|c: char| c.is_ascii_lowercase())
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if ok {
+    if pg::valid_schema_name(s) {
         Ok(())
     } else {
         Err(IdentityError::Schema(s.to_owned()))
@@ -171,13 +166,7 @@ pub async fn pool(pg_args: &PostgresArgs, schema: &str) -> Result<PgPool, Identi
     cdp_keystore::store::migrator().run(&admin).await?;
     pg::create_schema(&admin, schema).await?;
     admin.close().await;
-    let opts = PgConnectOptions::from_str(&pg_args.database_url)?
-        .options([("search_path", format!("\"{schema}\",public"))]);
-    let pool = PgPoolOptions::new()
-        .max_connections(pg_args.max_connections)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(opts)
-        .await?;
+    let pool = pg::connect_in(pg_args, schema).await?;
     migrator().run(&pool).await?;
     Ok(pool)
 }
@@ -187,6 +176,7 @@ fn out_topics(kafka: &KafkaArgs) -> (Topics, OutTopics) {
     let out = OutTopics {
         identity: topics.name(Topic::Identity),
         resolved: topics.name(Topic::ResolvedEvents),
+        compliance: topics.name(Topic::Compliance),
     };
     (topics, out)
 }
@@ -260,7 +250,10 @@ pub async fn run(
         RunnerConfig {
             kafka: config.kafka.clone(),
             group_id: config.identity.group.clone(),
-            topics: vec![topics.name(Topic::CustomerEvents)],
+            topics: vec![
+                topics.name(Topic::CustomerEvents),
+                topics.name(Topic::Compliance),
+            ],
             dead_letter_topic: topics.name(Topic::DeadLetter),
             tuning: config.runner.clone(),
             start: StartFrom::Earliest,
@@ -311,7 +304,10 @@ pub async fn position_store(
             pool: admin,
             group: config.identity.group.clone(),
         },
-        vec![topics.name(Topic::CustomerEvents)],
+        vec![
+            topics.name(Topic::CustomerEvents),
+            topics.name(Topic::Compliance),
+        ],
     ))
 }
 
@@ -500,25 +496,6 @@ pub async fn split(
     })
 }
 
-/// Parses `principal:role:secret` entries into secret → (principal, role).
-pub fn tokens(entries: &[String]) -> Result<HashMap<String, (String, String)>, IdentityError> {
-    let mut out = HashMap::new();
-    for (i, e) in entries
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| !e.trim().is_empty())
-    {
-        let mut it = e.trim().splitn(3, ':');
-        match (it.next(), it.next(), it.next()) {
-            (Some(n), Some(r), Some(s)) if !n.is_empty() && !r.is_empty() && !s.is_empty() => {
-                out.insert(s.to_owned(), (n.to_owned(), r.to_owned()));
-            }
-            _ => return Err(IdentityError::Token(i)),
-        }
-    }
-    Ok(out)
-}
-
 /// Binds the identity API; the future serves until shutdown. `None` when it is `off`.
 pub async fn bind_api(
     pg_args: &PostgresArgs,
@@ -539,7 +516,7 @@ pub async fn bind_api(
     let pool = pool(pg_args, schema).await?;
     let state = Arc::new(api::ApiState {
         pool,
-        tokens: tokens(api_tokens)?,
+        tokens: cdp_runtime::auth::ApiTokens::parse(api_tokens)?,
     });
     let listener = tokio::net::TcpListener::bind(api.identity_api_addr.trim())
         .await

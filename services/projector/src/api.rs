@@ -17,45 +17,26 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// A caller of the API.
-#[derive(Debug, Clone)]
-pub struct Principal {
-    pub name: String,
-    pub role: String,
-}
+use cdp_runtime::auth::ApiTokens;
+pub use cdp_runtime::auth::Principal;
 
 pub struct ApiState {
     /// Connections whose search_path is the read views schema.
     pub pool: PgPool,
     /// Read-only: a lookup by identifier finds its token, never creates one.
     pub vault: Vault,
-    /// Bearer secret → principal.
-    pub tokens: HashMap<String, Principal>,
+    pub tokens: ApiTokens,
 }
 
 fn error(status: StatusCode, reason: &str) -> Response {
     (status, Json(json!({"error": reason}))).into_response()
 }
 
+/// The role the profile API requires.
+pub const ROLE: &str = "read";
+
 fn authorize(state: &ApiState, headers: &HeaderMap) -> Result<Principal, Box<Response>> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(p) = token.and_then(|t| state.tokens.get(t)) else {
-        let mut r = error(StatusCode::UNAUTHORIZED, "a bearer token is required");
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return Err(Box::new(r));
-    };
-    if p.role != "read" {
-        return Err(Box::new(error(
-            StatusCode::FORBIDDEN,
-            "the read role is required",
-        )));
-    }
-    Ok(p.clone())
+    state.tokens.authorize(headers, ROLE)
 }
 
 async fn audit(

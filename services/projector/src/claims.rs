@@ -5,8 +5,9 @@
 //!
 //! Why skipping is exact: an identifier's `first_seen` in the read model only ever moves
 //! earlier (a claim replaces another only when it is earlier; merges and splits re-point
-//! `profile_id` and leave `first_seen` alone; nothing deletes identities), so a time seen
-//! here stays an upper bound of the stored one. A candidate strictly later than it loses to
+//! `profile_id` and leave `first_seen` alone; only an erasure deletes identities, and no
+//! event naming an erased token is applied again), so a time seen here stays an upper bound
+//! of the stored one for every identifier a batch can still write. A candidate strictly later than it loses to
 //! the stored claim whatever its profile, and the statement would leave the row as it is.
 //! A time is recorded once the batch's statements ran, before its commit: if the commit
 //! fails, the same events are applied again before any later batch (a retry, or after a
@@ -47,6 +48,15 @@ impl Claims {
         let before = identities.len();
         identities.retain(|key, row| claimed(&seen, key).is_none_or(|at| row.first_seen <= at));
         before - identities.len()
+    }
+
+    /// Forgets identifiers an erasure deleted (their events are never applied again, so this
+    /// only frees the memory; another instance's cache keeps them harmlessly).
+    pub fn forget(&self, tokens: &[String]) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        for t in tokens {
+            seen.remove(t);
+        }
     }
 
     /// Remembers the claims a batch wrote (or found earlier ones for).

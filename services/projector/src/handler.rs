@@ -6,18 +6,21 @@ use std::sync::Arc;
 
 use cdp_keystore::crypto::{field_aad, sealed_version};
 use cdp_keystore::{DataKey, KeyStore};
+use cdp_runtime::outbox;
 use cdp_runtime::pg::{classify, Decoded, PgHandler, Rejected};
 use cdp_runtime::sink::{Rejection, SinkError};
 use cdp_runtime::RawRecord;
 use cdp_schemas::model::capsule::CapsulePayload;
+use cdp_schemas::model::compliance::ErasureScoped;
 use cdp_schemas::{
-    profile_id_of, CapsuleEvent, CodecError, CustomerEvent, CustomerPayload, IdentityEvent,
-    IdentityPayload, Sealed,
+    profile_id_of, CapsuleEvent, CodecError, ComplianceEvent, CompliancePayload, CustomerEvent,
+    CustomerPayload, IdentityEvent, IdentityPayload, Sealed,
 };
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::claims::Claims;
+use crate::erase;
 use crate::rows::*;
 use crate::store;
 
@@ -29,6 +32,10 @@ pub enum Projected {
     Identity(IdentityEvent),
     /// A tombstone on the identity topic (compaction marker): nothing to do.
     Tombstone,
+    /// A person to erase (the erasure processor scoped and shredded them).
+    Erasure(ErasureScoped),
+    /// A compliance event that is not the projector's to act on.
+    Ignored,
 }
 
 /// Which topic carries what.
@@ -37,21 +44,25 @@ pub struct TopicNames {
     pub customer: String,
     pub capsule: String,
     pub identity: String,
+    pub compliance: String,
 }
 
 pub struct ProjectorHandler {
     topics: TopicNames,
     keys: Arc<KeyStore>,
     claims: Claims,
+    /// The generation's consumer group: names its answers to erasures.
+    generation: String,
 }
 
 impl ProjectorHandler {
-    /// A handler for one projector run (one generation).
-    pub fn new(topics: TopicNames, keys: Arc<KeyStore>) -> Self {
+    /// A handler for one projector run (one generation, consuming as `group`).
+    pub fn new(topics: TopicNames, keys: Arc<KeyStore>, group: &str) -> Self {
         Self {
             topics,
             keys,
             claims: Claims::default(),
+            generation: group.to_owned(),
         }
     }
 }
@@ -429,7 +440,7 @@ fn origin_of(event: &Projected) -> Option<Uuid> {
             IdentityPayload::IdentifiersLinked(l) if !l.profile_id.is_nil() => Some(l.profile_id),
             _ => None,
         },
-        Projected::Tombstone => None,
+        Projected::Tombstone | Projected::Erasure(_) | Projected::Ignored => None,
     }
 }
 
@@ -440,7 +451,10 @@ fn wanted_keys(batch: &[Decoded<'_, Projected>]) -> Vec<(String, u32)> {
         let (subject, sealed) = match d.event {
             Projected::Customer(e) => (&e.envelope.subject.subject_id, e.payload.pii()),
             Projected::Capsule(e) => (&e.envelope.subject.subject_id, e.payload.pii()),
-            Projected::Identity(_) | Projected::Tombstone => continue,
+            Projected::Identity(_)
+            | Projected::Tombstone
+            | Projected::Erasure(_)
+            | Projected::Ignored => continue,
         };
         for s in sealed.into_iter().filter_map(|(_, s)| s.as_ref()) {
             if let Ok(v) = sealed_version(s) {
@@ -463,7 +477,7 @@ async fn erased_records(
             Projected::Customer(e) => e.tokens().collect(),
             Projected::Capsule(e) => e.tokens().collect(),
             Projected::Identity(e) => e.tokens().collect(),
-            Projected::Tombstone => Vec::new(),
+            Projected::Tombstone | Projected::Erasure(_) | Projected::Ignored => Vec::new(),
         })
         .collect();
     let mut all: Vec<&str> = per.iter().flatten().copied().collect();
@@ -502,6 +516,13 @@ impl PgHandler for ProjectorHandler {
             cdp_schemas::decode(value)
                 .map(Projected::Identity)
                 .map_err(rejection)
+        } else if *record.topic == *self.topics.compliance {
+            cdp_schemas::decode::<ComplianceEvent>(value)
+                .map(|e| match e.payload {
+                    CompliancePayload::ErasureScoped(s) => Projected::Erasure(s),
+                    _ => Projected::Ignored,
+                })
+                .map_err(rejection)
         } else {
             Err(Rejection::new(
                 "unknown_topic",
@@ -516,8 +537,11 @@ impl PgHandler for ProjectorHandler {
         batch: &[Decoded<'_, Projected>],
     ) -> Result<Vec<Rejected>, SinkError> {
         let t0 = std::time::Instant::now();
-        let reshapes = batch.iter().any(|d| {
-            matches!(d.event, Projected::Identity(e) if !matches!(e.payload, IdentityPayload::IdentifiersLinked(_)))
+        // Merges, splits and erasures hold the merge lock exclusively.
+        let reshapes = batch.iter().any(|d| match d.event {
+            Projected::Identity(e) => !matches!(e.payload, IdentityPayload::IdentifiersLinked(_)),
+            Projected::Erasure(_) => true,
+            _ => false,
         });
         store::hold_merges(tx, reshapes).await.map_err(classify)?;
         let erased = erased_records(tx, batch).await?;
@@ -593,7 +617,7 @@ impl PgHandler for ProjectorHandler {
                         }
                         Ok(())
                     }
-                    Projected::Tombstone => Ok(()),
+                    Projected::Tombstone | Projected::Erasure(_) | Projected::Ignored => Ok(()),
                 };
                 if let Err(e) = result {
                     failed.push(Rejected {
@@ -616,6 +640,29 @@ impl PgHandler for ProjectorHandler {
         let t3 = std::time::Instant::now();
         store::apply(tx, &rows).await.map_err(classify)?;
         self.claims.record(&rows.identities);
+        // Erasures last: whatever this batch wrote for the person goes too.
+        let mut answers = Vec::new();
+        for d in batch {
+            if let Projected::Erasure(scoped) = d.event {
+                let removed = erase::erase(tx, scoped).await.map_err(classify)?;
+                self.claims.forget(&scoped.tokens);
+                tracing::info!(
+                    request_id = %scoped.request_id,
+                    rows = removed.rows(),
+                    tombstones = removed.tombstones,
+                    "erasure applied to the read models"
+                );
+                answers.push(
+                    erase::applied(&self.topics.compliance, &self.generation, scoped, &removed)
+                        .map_err(|e| SinkError::Fatal(Box::new(e)))?,
+                );
+            }
+        }
+        if !answers.is_empty() {
+            outbox::push(tx, erase::OUTBOX, &answers)
+                .await
+                .map_err(classify)?;
+        }
         tracing::debug!(
             events = batch.len(),
             erased = erased.len(),

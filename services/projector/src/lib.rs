@@ -5,6 +5,7 @@
 pub mod api;
 pub mod claims;
 pub mod digest;
+pub mod erase;
 pub mod generation;
 pub mod handler;
 pub mod outbox;
@@ -24,6 +25,7 @@ use cdp_runtime::config::{KafkaArgs, PostgresArgs, RunnerArgs};
 use cdp_runtime::kafka::producer::Producer;
 use cdp_runtime::kafka::runner::{self, RunnerConfig, RunnerError, StartFrom};
 use cdp_runtime::metrics::{Metrics, RunnerMetrics};
+use cdp_runtime::outbox::Relay;
 use cdp_runtime::pg::PgSink;
 use cdp_runtime::replay::{self, PositionStore};
 use cdp_runtime::topics::{Topic, Topics};
@@ -116,8 +118,8 @@ pub enum ProjectorError {
     Replay(#[from] cdp_runtime::replay::ReplayError),
     #[error(transparent)]
     Runner(#[from] RunnerError),
-    #[error("CDP_API_TOKENS entry {0} is not principal:role:secret")]
-    Token(usize),
+    #[error(transparent)]
+    Token(#[from] cdp_runtime::auth::TokenError),
     #[error("`{0}` is not earliest, an RFC 3339 time or topic:partition:offset,...")]
     From(String),
     #[error("the rebuild stopped before it caught up with the log")]
@@ -149,6 +151,7 @@ fn topic_names(kafka: &KafkaArgs) -> (Topics, TopicNames) {
         customer: topics.name(Topic::CustomerEvents),
         capsule: topics.name(Topic::CapsuleEvents),
         identity: topics.name(Topic::Identity),
+        compliance: topics.name(Topic::Compliance),
     };
     (topics, names)
 }
@@ -193,6 +196,7 @@ fn runner_config(config: &ProjectorConfig, p: &Parts, g: &Generation) -> RunnerC
             p.names.customer.clone(),
             p.names.capsule.clone(),
             p.names.identity.clone(),
+            p.names.compliance.clone(),
         ],
         dead_letter_topic: p.topics.name(Topic::DeadLetter),
         tuning: config.runner.clone(),
@@ -200,6 +204,10 @@ fn runner_config(config: &ProjectorConfig, p: &Parts, g: &Generation) -> RunnerC
         catch_up: Default::default(),
     }
 }
+
+/// Pass size and interval of the relay of the projector's erasure answers.
+const ANSWER_ROWS: i64 = 1_000;
+const ANSWER_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Runs the projector on the live generation until shutdown; when a rebuild swaps in a new
 /// generation, it moves to it (its offsets are the rebuild's) and carries on.
@@ -263,9 +271,22 @@ pub async fn run(
             PgSink::new(
                 pool.clone(),
                 g.group(&config.projector.group),
-                ProjectorHandler::new(p.names.clone(), p.keys.clone()),
+                ProjectorHandler::new(
+                    p.names.clone(),
+                    p.keys.clone(),
+                    &g.group(&config.projector.group),
+                ),
             )
             .with_lanes(config.projector.lanes),
+        );
+        let answers = tokio::spawn(
+            Relay::new(
+                pool.clone(),
+                p.producer.clone(),
+                config.kafka.clone(),
+                erase::OUTBOX,
+            )
+            .run(stop.clone(), ANSWER_INTERVAL, ANSWER_ROWS),
         );
         let result = runner::run(
             consumer,
@@ -279,6 +300,7 @@ pub async fn run(
         stop.trigger();
         watcher.abort();
         let _ = relay.await;
+        let _ = answers.await;
         pool.close().await;
         result?;
     }
@@ -302,7 +324,12 @@ pub async fn position_store(
             pool: admin,
             group: live.group(&config.projector.group),
         },
-        vec![names.customer, names.capsule, names.identity],
+        vec![
+            names.customer,
+            names.capsule,
+            names.identity,
+            names.compliance,
+        ],
     )))
 }
 
@@ -426,7 +453,7 @@ pub async fn rebuild(
         PgSink::new(
             pool.clone(),
             group.clone(),
-            ProjectorHandler::new(p.names.clone(), p.keys.clone()),
+            ProjectorHandler::new(p.names.clone(), p.keys.clone(), &group),
         )
         .with_lanes(config.projector.lanes),
     );
@@ -481,30 +508,6 @@ pub async fn live_digest(
     Ok(Some(d))
 }
 
-/// Parses `principal:role:secret` entries.
-pub fn tokens(entries: &[String]) -> Result<HashMap<String, api::Principal>, ProjectorError> {
-    entries
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| !e.trim().is_empty())
-        .map(|(i, e)| {
-            let mut it = e.trim().splitn(3, ':');
-            match (it.next(), it.next(), it.next()) {
-                (Some(n), Some(r), Some(s)) if !n.is_empty() && !r.is_empty() && !s.is_empty() => {
-                    Ok((
-                        s.to_owned(),
-                        api::Principal {
-                            name: n.to_owned(),
-                            role: r.to_owned(),
-                        },
-                    ))
-                }
-                _ => Err(ProjectorError::Token(i)),
-            }
-        })
-        .collect()
-}
-
 /// Binds the profile API over the `<prefix>_read` views; the future serves until shutdown.
 pub async fn bind_api(
     pg_args: &PostgresArgs,
@@ -539,7 +542,7 @@ pub async fn bind_api(
     let state = Arc::new(api::ApiState {
         vault: keys.vault(pool.clone())?,
         pool,
-        tokens: tokens(&api.api_tokens)?,
+        tokens: cdp_runtime::auth::ApiTokens::parse(&api.api_tokens)?,
     });
     let listener = tokio::net::TcpListener::bind(api.api_addr)
         .await

@@ -7,6 +7,7 @@
 //! [`sink::Sink`]) and a `run(config, shutdown)` entry.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod dlq;
 pub mod kafka;

@@ -5,11 +5,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool};
 use tracing::Instrument;
 
@@ -32,6 +33,29 @@ pub async fn connect(args: &PostgresArgs) -> Result<PgPool, sqlx::Error> {
         .acquire_timeout(Duration::from_secs(10))
         .connect(&args.database_url)
         .await
+}
+
+/// A pool whose connections resolve unqualified names in `schema`, then in `public` (where
+/// the shared tables live: consumer positions, the key store). `schema` must be a checked
+/// identifier ([`valid_schema_name`]).
+pub async fn connect_in(args: &PostgresArgs, schema: &str) -> Result<PgPool, sqlx::Error> {
+    let opts = PgConnectOptions::from_str(&args.database_url)?
+        .options([("search_path", format!("\"{schema}\",public"))]);
+    PgPoolOptions::new()
+        .max_connections(args.max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(opts)
+        .await
+}
+
+/// Whether `s` can name a service's schema: a lower-case letter, then lower-case letters,
+/// digits and underscores, at most 48 bytes (it goes into SQL, quoted).
+pub fn valid_schema_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 48
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 /// Creates a schema unless it exists. `CREATE SCHEMA IF NOT EXISTS` alone is not safe
