@@ -3,6 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 
 use cdp_archiver::{ArchiverArgs, StoreArgs};
+use cdp_erasure::{ErasureApiArgs, ErasureArgs};
 use cdp_identity::{IdentityApiArgs, IdentityArgs};
 use cdp_ingest::config::IngestArgs;
 use cdp_keystore::config::KeyArgs;
@@ -10,7 +11,14 @@ use cdp_projector::{ApiArgs, ProjectorArgs};
 use cdp_runtime::config::{AdminArgs, KafkaArgs, PostgresArgs, RunnerArgs, TelemetryArgs};
 
 /// Services `cdp all` runs in one process. Grows as services arrive.
-pub const SERVICES: &[&str] = &["ingest", "projector", "api", "archiver", "identity"];
+pub const SERVICES: &[&str] = &[
+    "ingest",
+    "projector",
+    "api",
+    "archiver",
+    "identity",
+    "erasure",
+];
 
 #[derive(Parser, Debug)]
 #[command(
@@ -49,8 +57,8 @@ pub enum Command {
         command: SchemasCommand,
     },
     /// Run the platform in one process: create missing topics, migrate, serve the admin
-    /// endpoints and every service built so far (ingest, projector, profile API, archiver,
-    /// identity resolution), until SIGINT/SIGTERM.
+    /// endpoints and every service (ingest, projector, profile API, archiver, identity
+    /// resolution, the erasure processor), until SIGINT/SIGTERM.
     All {
         #[command(flatten)]
         args: IngestCommand,
@@ -68,6 +76,47 @@ pub enum Command {
         identity: IdentityArgs,
         #[command(flatten)]
         identity_api: IdentityApiArgs,
+        #[command(flatten)]
+        erasure: ErasureArgs,
+        #[command(flatten)]
+        erasure_api: ErasureApiArgs,
+    },
+    /// File a GDPR erasure request for one person: the identifiers given (normalized like
+    /// ingest does and looked up in the identifier vault) and profile ids, and everything
+    /// identity linked to them. The erasure processor (`cdp erasure`) executes it.
+    Erase {
+        #[command(flatten)]
+        args: ErasureCommand,
+        #[command(flatten)]
+        person: PersonArgs,
+        /// A profile id to erase (repeatable).
+        #[arg(long = "profile")]
+        profiles: Vec<uuid::Uuid>,
+        /// Who asks (an operator or system; kept in the request table, never on a topic).
+        #[arg(long, env = "CDP_REQUESTED_BY")]
+        requested_by: String,
+        /// Why (free text: kept in the request table, never on a topic).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Erase without suppressing: events carrying the identifiers are accepted again
+        /// afterwards (as a new, unlinked person).
+        #[arg(long)]
+        no_suppress: bool,
+        /// Erase a cluster larger than CDP_ERASURE_MAX_PROFILES.
+        #[arg(long)]
+        force: bool,
+        /// Wait up to this many seconds for the request to complete and print its report
+        /// (0: return once filed).
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+    },
+    /// The erasure processor (its own consumer group on the compliance topic); with a
+    /// subcommand, the state of requests or lifting a suppression.
+    Erasure {
+        #[command(flatten)]
+        args: ErasureCommand,
+        #[command(subcommand)]
+        action: Option<ErasureAction>,
     },
     /// Identity resolution and event dedup: the identity graph, the identity topic and the
     /// resolved-events stream; with a subcommand, operator actions on the graph.
@@ -193,6 +242,100 @@ pub struct ProjectCommand {
     pub runner: RunnerArgs,
     #[command(flatten)]
     pub projector: ProjectorArgs,
+}
+
+/// What the erasure processor and its commands need.
+#[derive(Args, Debug)]
+pub struct ErasureCommand {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub pg: PostgresArgs,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    #[command(flatten)]
+    pub runner: RunnerArgs,
+    #[command(flatten)]
+    pub erasure: ErasureArgs,
+    #[command(flatten)]
+    pub api: ErasureApiArgs,
+    /// API tokens, `principal:role:secret` comma-separated; the `compliance` role files and
+    /// reads erasure requests. Secret.
+    #[arg(
+        long = "api-tokens",
+        env = "CDP_API_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true,
+        default_value = ""
+    )]
+    pub api_tokens: Vec<String>,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// A person by identifiers, as clients send them (each flag repeatable).
+#[derive(Args, Debug, Clone)]
+pub struct PersonArgs {
+    #[arg(long)]
+    pub email: Vec<String>,
+    #[arg(long)]
+    pub phone: Vec<String>,
+    #[arg(long = "user-id")]
+    pub user_id: Vec<String>,
+    #[arg(long = "anonymous-id")]
+    pub anonymous_id: Vec<String>,
+    #[arg(long = "device-id")]
+    pub device_id: Vec<String>,
+    /// `NAMESPACE:VALUE`, e.g. `salesforce:0035e00000ABC`.
+    #[arg(long = "external-id")]
+    pub external_id: Vec<String>,
+}
+
+impl PersonArgs {
+    /// The identifiers, in flag order.
+    pub fn identifiers(&self) -> Result<Vec<cdp_keystore::RawIdentifier>, String> {
+        use cdp_keystore::RawIdentifier;
+        use cdp_schemas::IdentifierKind as K;
+        let mut out = Vec::new();
+        for (kind, values) in [
+            (K::Email, &self.email),
+            (K::Phone, &self.phone),
+            (K::UserId, &self.user_id),
+            (K::AnonymousId, &self.anonymous_id),
+            (K::DeviceId, &self.device_id),
+        ] {
+            out.extend(values.iter().map(|v| RawIdentifier::new(kind, v.clone())));
+        }
+        for e in &self.external_id {
+            let (ns, v) = e
+                .split_once(':')
+                .ok_or_else(|| "--external-id takes NAMESPACE:VALUE".to_owned())?;
+            out.push(RawIdentifier {
+                kind: K::ExternalId,
+                namespace: Some(ns.to_owned()),
+                value: v.to_owned(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ErasureAction {
+    /// Erasure requests, newest first, with their state, counts and each service's answer.
+    Status {
+        /// One request.
+        id: Option<uuid::Uuid>,
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+    /// Lift the suppression of identifiers: events carrying them are accepted again, as a
+    /// new person who shares nothing with the erased one.
+    Unsuppress {
+        #[command(flatten)]
+        person: PersonArgs,
+    },
 }
 
 /// What the identity service needs.

@@ -2,6 +2,8 @@
 
 mod cli;
 
+use std::time::Duration;
+
 use anyhow::Context;
 use clap::Parser;
 
@@ -172,6 +174,38 @@ impl Platform {
         })
     }
 
+    fn erasure(&self, config: cdp_erasure::ErasureConfig) -> Service {
+        let (m, r, s) = (
+            self.metrics.clone(),
+            self.readiness.clone(),
+            self.shutdown.clone(),
+        );
+        Box::pin(async move {
+            cdp_erasure::run(config, &m, &r, s)
+                .await
+                .context("erasure processor")
+        })
+    }
+
+    /// The erasures API, unless its address is `off`.
+    async fn erasure_api(
+        &self,
+        config: &cdp_erasure::ErasureConfig,
+        api: &cdp_erasure::ErasureApiArgs,
+        tokens: &[String],
+    ) -> anyhow::Result<Option<Service>> {
+        let Some((addr, serve)) = cdp_erasure::bind_api(config, api, tokens, self.shutdown.clone())
+            .await
+            .context("erasures API")?
+        else {
+            return Ok(None);
+        };
+        tracing::info!(%addr, "erasures API listening");
+        Ok(Some(Box::pin(async move {
+            serve.await.context("erasures API")
+        })))
+    }
+
     /// The identity API, unless its address is `off`.
     async fn identity_api(
         &self,
@@ -205,6 +239,76 @@ impl Platform {
             .context("profile API")?;
         tracing::info!(%addr, "profile API listening");
         Ok(Box::pin(async move { serve.await.context("profile API") }))
+    }
+}
+
+fn erasure_config(args: &cli::ErasureCommand) -> cdp_erasure::ErasureConfig {
+    cdp_erasure::ErasureConfig {
+        kafka: args.kafka.clone(),
+        pg: args.pg.clone(),
+        keys: args.keys.clone(),
+        runner: args.runner.clone(),
+        erasure: args.erasure.clone(),
+    }
+}
+
+/// Prints a request's state as `cdp erasure status` and `cdp erase --wait` show it.
+fn print_status(s: &cdp_erasure::Status) {
+    let opt = |v: Option<i64>| v.map_or("-".to_owned(), |n| n.to_string());
+    println!("request      {}", s.request_id);
+    println!(
+        "state        {}{}",
+        s.state,
+        s.outcome
+            .as_deref()
+            .map(|o| format!(" ({o})"))
+            .unwrap_or_default()
+    );
+    println!(
+        "requested    {} by {}",
+        s.requested_at.to_rfc3339(),
+        s.requested_by
+    );
+    if let Some(reason) = &s.reason {
+        println!("reason       {reason}");
+    }
+    println!("due          {}", s.due_at.to_rfc3339());
+    if let Some(done) = s.completed_at {
+        let ms = (done - s.requested_at).num_milliseconds();
+        println!(
+            "completed    {} ({ms} ms after the request)",
+            done.to_rfc3339()
+        );
+    }
+    println!(
+        "cluster      {} profiles, {} tokens, {} refused links (not followed)",
+        opt(s.profiles.map(i64::from)),
+        opt(s.tokens.map(i64::from)),
+        opt(s.refused_links)
+    );
+    println!(
+        "key store    {} data keys destroyed, {} vault rows deleted, {} identifiers suppressed",
+        opt(s.keys_destroyed),
+        opt(s.vault_rows),
+        opt(s.suppressed)
+    );
+    for a in &s.answers {
+        let tables: Vec<String> = a.stores.iter().map(|(t, n)| format!("{t} {n}")).collect();
+        println!(
+            "{:<12} {} rows deleted, {} tombstones ({})",
+            a.service,
+            a.rows_deleted,
+            a.tombstones,
+            tables.join(", ")
+        );
+    }
+    let waiting: Vec<&String> = s
+        .awaiting
+        .iter()
+        .filter(|w| !s.answers.iter().any(|a| &a.service == *w))
+        .collect();
+    if s.state == "scoped" && !waiting.is_empty() {
+        println!("awaiting     {waiting:?}");
     }
 }
 
@@ -486,6 +590,77 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Erase {
+            args,
+            person,
+            profiles,
+            requested_by,
+            reason,
+            no_suppress,
+            force,
+            wait,
+        } => {
+            let config = erasure_config(&args);
+            let request = cdp_erasure::Request {
+                identifiers: person.identifiers().map_err(anyhow::Error::msg)?,
+                profiles,
+                requested_by,
+                reason,
+                suppress: !no_suppress,
+                force,
+            };
+            let requests = cdp_erasure::Requests::open(&config).await?;
+            let id = requests
+                .file(&request)
+                .await
+                .context("filing the erasure request")?;
+            println!("erasure request {id} filed");
+            let done = if wait == 0 {
+                None
+            } else {
+                requests.wait_final(id, Duration::from_secs(wait)).await?
+            };
+            requests.close().await;
+            match done {
+                Some(s) => print_status(&s),
+                None if wait == 0 => {}
+                None => anyhow::bail!(
+                    "request {id} did not complete within {wait} s: is `cdp erasure` running? (`cdp erasure status {id}`)"
+                ),
+            }
+            Ok(())
+        }
+        Command::Erasure { args, action } => {
+            let config = erasure_config(&args);
+            match action {
+                None => {
+                    let platform = Platform::start(&args.admin).await?;
+                    let mut services = vec![platform.erasure(config.clone())];
+                    services.extend(
+                        platform
+                            .erasure_api(&config, &args.api, &args.api_tokens)
+                            .await?,
+                    );
+                    platform.run(services).await
+                }
+                Some(cli::ErasureAction::Status { id, limit }) => {
+                    let requests = cdp_erasure::Requests::open(&config).await?;
+                    let list = requests.status(id, limit).await;
+                    requests.close().await;
+                    for s in list? {
+                        print_status(&s);
+                        println!();
+                    }
+                    Ok(())
+                }
+                Some(cli::ErasureAction::Unsuppress { person }) => {
+                    let ids = person.identifiers().map_err(anyhow::Error::msg)?;
+                    let n = cdp_erasure::unsuppress(&config, &ids).await?;
+                    println!("{n} suppression entries removed");
+                    Ok(())
+                }
+            }
+        }
         Command::All {
             args,
             runner,
@@ -495,6 +670,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             store,
             identity,
             identity_api,
+            erasure,
+            erasure_api,
         } => {
             let topics = Topics::new(&args.kafka.topic_prefix);
             topics::ensure(&args.kafka, &topics::catalogue(&topics))
@@ -517,6 +694,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 runner: runner.clone(),
                 identity: identity.clone(),
             };
+            let erasure_config = cdp_erasure::ErasureConfig {
+                kafka: args.kafka.clone(),
+                pg: args.pg.clone(),
+                keys: args.keys.clone(),
+                runner: runner.clone(),
+                erasure,
+            };
             let archive = cdp_archiver::ArchiverConfig {
                 kafka: args.kafka.clone(),
                 runner,
@@ -537,6 +721,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     .identity_api(&args.pg, &identity.schema, &identity_api, &api.api_tokens)
                     .await?,
             );
+            services.extend(
+                platform
+                    .erasure_api(&erasure_config, &erasure_api, &api.api_tokens)
+                    .await?,
+            );
+            services.push(platform.erasure(erasure_config));
             platform.run(services).await
         }
     }

@@ -1,0 +1,481 @@
+//! GDPR erasure end to end, against the real broker and Postgres: a person's events in through
+//! the HTTP API, resolved by identity and projected; `cdp erase` by one identifier; the
+//! processor and every service remove the person, and the control person is untouched.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use cdp_erasure::{ErasureArgs, ErasureConfig, Request};
+use cdp_integration_tests::archive::read_log;
+use cdp_integration_tests::identity::identity_for;
+use cdp_integration_tests::ingest::{Ingest, Options};
+use cdp_integration_tests::{require_broker, wait_until};
+use cdp_keystore::RawIdentifier;
+use cdp_runtime::config::RunnerArgs;
+use cdp_runtime::topics::Topic;
+use cdp_schemas::model::compliance::ErasureOutcome;
+use cdp_schemas::{ComplianceEvent, CompliancePayload, IdentifierKind};
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn erasure_config(ing: &Ingest, identity_schema: &str) -> ErasureConfig {
+    ErasureConfig {
+        kafka: ing.kafka.clone(),
+        pg: ing.db.args(),
+        keys: ing.key_args.clone(),
+        runner: RunnerArgs {
+            batch_size: 100,
+            batch_linger_ms: 20,
+            ..RunnerArgs::default()
+        },
+        erasure: ErasureArgs {
+            group: format!("{}.erasure", ing.topic(Topic::Audit)),
+            schema: "erasure_t".to_owned(),
+            identity_schema: identity_schema.to_owned(),
+            services: vec!["projector".to_owned(), "identity".to_owned()],
+            max_profiles: cdp_erasure::DEFAULT_MAX_PROFILES,
+        },
+    }
+}
+
+fn spawn_erasure(
+    config: ErasureConfig,
+) -> (
+    cdp_runtime::Shutdown,
+    tokio::task::JoinHandle<Result<(), cdp_erasure::ErasureError>>,
+) {
+    let shutdown = cdp_runtime::Shutdown::new();
+    let s = shutdown.clone();
+    let task = tokio::spawn(async move {
+        cdp_erasure::run(
+            config,
+            &cdp_runtime::metrics::Metrics::new(),
+            &cdp_runtime::admin::Readiness::default(),
+            s,
+        )
+        .await
+    });
+    (shutdown, task)
+}
+
+fn projector_config(ing: &Ingest, name: &str) -> cdp_projector::ProjectorConfig {
+    cdp_projector::ProjectorConfig {
+        kafka: ing.kafka.clone(),
+        pg: ing.db.args(),
+        keys: ing.key_args.clone(),
+        runner: RunnerArgs {
+            batch_size: 500,
+            batch_linger_ms: 20,
+            ..RunnerArgs::default()
+        },
+        projector: cdp_projector::ProjectorArgs {
+            group: format!("{}.{name}", ing.topic(Topic::Audit)),
+            schema_prefix: format!("p_{name}"),
+            lanes: cdp_projector::DEFAULT_LANES,
+        },
+    }
+}
+
+/// Every row of a profile in the read models, as text (the control person's fingerprint).
+async fn rows_of(pool: &PgPool, profile: Uuid) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for table in [
+        "customers",
+        "customer_traits",
+        "customer_identities",
+        "interactions",
+        "consents",
+    ] {
+        let rows: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT t::text FROM p_e2e_read.{table} t WHERE profile_id = $1 ORDER BY 1"
+        ))
+        .bind(profile)
+        .fetch_all(pool)
+        .await?;
+        out.extend(rows.into_iter().map(|r| format!("{table} {r}")));
+    }
+    Ok(out)
+}
+
+/// Rows that name any of the profiles or tokens, per table, in the read models and the graph.
+async fn remains(
+    pool: &PgPool,
+    profiles: &[Uuid],
+    tokens: &[String],
+) -> anyhow::Result<BTreeMap<&'static str, i64>> {
+    let checks: [(&str, &str); 12] = [
+        ("customers", "SELECT count(*) FROM p_e2e_read.customers WHERE profile_id = ANY($1) AND $2::text[] IS NOT NULL"),
+        ("customer_traits", "SELECT count(*) FROM p_e2e_read.customer_traits WHERE profile_id = ANY($1) OR subject_id = ANY($2)"),
+        ("customer_identities", "SELECT count(*) FROM p_e2e_read.customer_identities WHERE profile_id = ANY($1) OR token = ANY($2)"),
+        ("interactions", "SELECT count(*) FROM p_e2e_read.interactions WHERE profile_id = ANY($1) OR origin = ANY($1) AND $2::text[] IS NOT NULL"),
+        ("transactions", "SELECT count(*) FROM p_e2e_read.transactions WHERE profile_id = ANY($1) AND $2::text[] IS NOT NULL"),
+        ("consents", "SELECT count(*) FROM p_e2e_read.consents WHERE profile_id = ANY($1) AND $2::text[] IS NOT NULL"),
+        ("profile_merges", "SELECT count(*) FROM p_e2e_read.profile_merges WHERE (loser = ANY($1) OR winner = ANY($1)) AND $2::text[] IS NOT NULL"),
+        ("identity_nodes", "SELECT count(*) FROM id_e2e.identity_nodes WHERE profile_id = ANY($1) OR token = ANY($2)"),
+        ("identity_observations", "SELECT count(*) FROM id_e2e.identity_observations o JOIN id_e2e.identity_nodes n ON n.node_id = o.subject WHERE n.token = ANY($2) AND $1::uuid[] IS NOT NULL"),
+        ("identity_candidates", "SELECT count(*) FROM id_e2e.identity_candidates WHERE (profile_a = ANY($1) OR profile_b = ANY($1)) AND $2::text[] IS NOT NULL"),
+        ("identifier_vault", "SELECT count(*) FROM identifier_vault WHERE token = ANY($2) AND $1::uuid[] IS NOT NULL"),
+        ("live subject_keys", "SELECT count(*) FROM subject_keys WHERE subject_id = ANY($2) AND wrapped_key IS NOT NULL AND $1::uuid[] IS NOT NULL"),
+    ];
+    let mut out = BTreeMap::new();
+    for (what, sql) in checks {
+        let n: i64 = sqlx::query_scalar(sql)
+            .bind(profiles)
+            .bind(tokens)
+            .fetch_one(pool)
+            .await?;
+        out.insert(what, n);
+    }
+    Ok(out)
+}
+
+/// The latest record of each key of a topic: `true` when it is a tombstone.
+async fn latest_per_key(topic: &str) -> anyhow::Result<BTreeMap<String, bool>> {
+    let mut latest = BTreeMap::new();
+    for records in read_log(topic).await?.into_values() {
+        for r in records {
+            if let Some(k) = &r.key {
+                latest.insert(String::from_utf8_lossy(k).into_owned(), r.value.is_none());
+            }
+        }
+    }
+    Ok(latest)
+}
+
+/// One person (an anonymous visitor who signs up with a user id, an email and a phone) and a
+/// control person, through the HTTP API; identity merges the first into one cluster and
+/// refuses the alias of an earlier account (a second user id: another person by its rules).
+/// An erasure by the phone number alone removes the whole cluster from the read models, the
+/// graph, the key store and the vault, reports the refused link without following it, leaves
+/// tombstones as the latest record of each of its keys on the compacted topics, writes one
+/// sealed audit record, refuses the phone afterwards, and leaves the control person and the
+/// refused account exactly as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyhow::Result<()> {
+    cdp_integration_tests::log_from_env()?;
+    require_broker().await?;
+    let ing = Ingest::start_with(Options {
+        erasure_propagation_ms: 0,
+        ..Options::default()
+    })
+    .await?;
+    let (email, phone) = ("ada@example.org", "+1 415 555 0100");
+    let batch = json!({"batch": [
+        {"type": "page", "anonymousId": "anon-ada", "name": "Pricing",
+         "properties": {"url": "https://shop.example/pricing"}, "messageId": "m1"},
+        {"type": "identify", "anonymousId": "anon-ada", "userId": "ada",
+         "traits": {"email": email, "phone": phone, "firstName": "Ada"}, "messageId": "m2"},
+        {"type": "track", "userId": "ada", "event": "Product Viewed",
+         "properties": {"sku": "A-1"}, "messageId": "m3"},
+        {"type": "track", "userId": "ada-old", "event": "App Opened", "messageId": "m4"},
+        {"type": "alias", "previousId": "ada-old", "userId": "ada", "messageId": "m5"},
+        {"type": "identify", "userId": "grace",
+         "traits": {"email": "grace@example.org", "firstName": "Grace"}, "messageId": "m6"},
+        {"type": "track", "userId": "grace", "event": "Product Viewed",
+         "properties": {"sku": "B-2"}, "messageId": "m7"},
+    ]});
+    let (status, body) = ing.post("/v1/batch", &batch).await?;
+    assert_eq!(status, 200, "{body}");
+
+    let ic = identity_for(&ing.kafka, &ing.db, &ing.key_args, "id_e2e");
+    // The graph's tables exist before the test reads them.
+    cdp_identity::pool(&ic.pg, &ic.identity.schema)
+        .await?
+        .close()
+        .await;
+    let pc = projector_config(&ing, "e2e");
+    let ec = erasure_config(&ing, "id_e2e");
+    let (stop_i, task_i) = cdp_integration_tests::identity::spawn(ic.clone());
+    let (stop_p, task_p) = cdp_integration_tests::projector::spawn(pc.clone());
+    let (stop_e, task_e) = spawn_erasure(ec.clone());
+    let pool = ing.db.pool.clone();
+
+    let ada = cdp_schemas::profile_id_of(&ing.token(IdentifierKind::UserId, "ada").await?);
+    let grace = cdp_schemas::profile_id_of(&ing.token(IdentifierKind::UserId, "grace").await?);
+    // Identity links the visitor, the account and the second device into one profile.
+    // Identity links the visitor, the account, the email and the phone into one profile, and
+    // refuses the alias of a second user id (one user id per person).
+    cdp_integration_tests::identity::caught_up(&pool, &ic, &ing.topic(Topic::CustomerEvents), WAIT)
+        .await?;
+    let current: Uuid =
+        sqlx::query_scalar("SELECT profile_id FROM id_e2e.identity_nodes WHERE token = $1")
+            .bind(ing.token(IdentifierKind::Phone, phone).await?)
+            .fetch_one(&pool)
+            .await?;
+    let tokens: Vec<String> = sqlx::query_scalar(
+        "SELECT token FROM id_e2e.identity_nodes WHERE profile_id = $1 ORDER BY token",
+    )
+    .bind(current)
+    .fetch_all(&pool)
+    .await?;
+    let mut expected = vec![
+        ing.token(IdentifierKind::AnonymousId, "anon-ada").await?,
+        ing.token(IdentifierKind::UserId, "ada").await?,
+        ing.token(IdentifierKind::Email, email).await?,
+        ing.token(IdentifierKind::Phone, phone).await?,
+    ];
+    expected.sort();
+    assert_eq!(
+        tokens, expected,
+        "an anonymous id, a user id, an email, a phone"
+    );
+    let ada_old = cdp_schemas::profile_id_of(&ing.token(IdentifierKind::UserId, "ada-old").await?);
+    let profiles: Vec<Uuid> = tokens
+        .iter()
+        .map(|t| cdp_schemas::profile_id_of(t))
+        .chain([current, ada])
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert!(!profiles.contains(&ada_old));
+    let links: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT l.link_id FROM id_e2e.identity_links l JOIN id_e2e.identity_nodes n
+             ON n.node_id IN (l.from_node, l.to_node) WHERE n.token = ANY($1)",
+    )
+    .bind(&tokens)
+    .fetch_all(&pool)
+    .await?;
+    assert!(!links.is_empty());
+    cdp_integration_tests::projector::caught_up(&pool, &pc, WAIT, Duration::from_millis(100))
+        .await?;
+    let before = remains(&pool, &profiles, &tokens).await?;
+    assert!(
+        before["customers"] == 1 && before["identity_nodes"] == 4,
+        "{before:?}"
+    );
+    let grace_before = rows_of(&pool, grace).await?;
+    assert!(grace_before.len() >= 4, "{grace_before:?}");
+    let ada_old_before = rows_of(&pool, ada_old).await?;
+    assert!(!ada_old_before.is_empty());
+
+    // Erase by the phone number alone.
+    let requests = cdp_erasure::Requests::open(&ec).await?;
+    let id = requests
+        .file(&Request {
+            identifiers: vec![RawIdentifier::new(IdentifierKind::Phone, "(415) 555-0100")],
+            profiles: Vec::new(),
+            requested_by: "dpo@example.org".to_owned(),
+            reason: Some("Art. 17 request by email".to_owned()),
+            suppress: true,
+            force: false,
+        })
+        .await?;
+    let done = requests
+        .wait_final(id, WAIT)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the erasure did not complete"))?;
+    assert_eq!(done.state, "completed");
+    assert_eq!(done.outcome.as_deref(), Some("ERASED"));
+    assert_eq!(done.tokens, Some(4));
+    assert_eq!(done.refused_links, Some(1), "the refused alias is reported");
+    assert!(done.keys_destroyed.unwrap_or(0) >= 2, "{done:?}");
+    assert_eq!(done.vault_rows, Some(4));
+    let services: Vec<&str> = done.answers.iter().map(|a| a.service.as_str()).collect();
+    assert_eq!(services, ["identity", "projector"]);
+
+    // Nothing of the person is left in any table, and the control person is as it was.
+    let after = remains(&pool, &profiles, &tokens).await?;
+    assert!(after.values().all(|n| *n == 0), "{after:?}");
+    assert_eq!(rows_of(&pool, grace).await?, grace_before);
+    // The account identity refused to link is another person, by the rules: it stays.
+    assert_eq!(rows_of(&pool, ada_old).await?, ada_old_before);
+    for (kind, value) in [
+        (IdentifierKind::Email, email),
+        (IdentifierKind::Phone, phone),
+        (IdentifierKind::UserId, "ada"),
+    ] {
+        assert!(
+            ing.token(kind, value).await.is_err(),
+            "the vault no longer knows {kind:?}"
+        );
+    }
+    let suppressed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM suppressions WHERE request_id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(suppressed, 4);
+
+    // The latest record of every key of the person on the compacted topics is a tombstone.
+    let profile_keys: BTreeSet<String> = profiles.iter().map(Uuid::to_string).collect();
+    wait_until("tombstones on the profiles topic", WAIT, || async {
+        let latest = latest_per_key(&ing.topic(Topic::Profiles)).await?;
+        Ok(latest.contains_key(&current.to_string())
+            && latest
+                .iter()
+                .filter(|(k, _)| profile_keys.contains(*k))
+                .all(|(_, tombstone)| *tombstone)
+            && latest.get(&grace.to_string()) == Some(&false))
+    })
+    .await?;
+    let identity_keys: BTreeSet<String> = links
+        .iter()
+        .map(Uuid::to_string)
+        .chain(profile_keys.iter().cloned())
+        .collect();
+    let latest = latest_per_key(&ing.topic(Topic::Identity)).await?;
+    for l in &links {
+        assert_eq!(latest.get(&l.to_string()), Some(&true), "link {l}");
+    }
+    let held: Vec<_> = latest
+        .iter()
+        .filter(|(k, tombstone)| identity_keys.contains(*k) && !**tombstone)
+        .collect();
+    assert!(held.is_empty(), "{held:?}");
+
+    // The compliance topic tells the story without a personal value in it.
+    let mut kinds = Vec::new();
+    for records in read_log(&ing.topic(Topic::Compliance)).await?.into_values() {
+        for r in records {
+            let e: ComplianceEvent = cdp_schemas::decode(r.value.as_deref().unwrap_or_default())?;
+            assert_eq!(e.payload.request_id(), id);
+            let text = format!("{e:?}");
+            // (Strings that cannot occur in hex tokens or uuids by chance.)
+            for personal in [
+                "ada@",
+                "anon-ada",
+                "4155550100",
+                "415 555",
+                "dpo@",
+                "Art. 17",
+            ] {
+                assert!(!text.contains(personal), "{personal} in {text}");
+            }
+            if let CompliancePayload::ErasureCompleted(c) = &e.payload {
+                assert_eq!(c.outcome, ErasureOutcome::Erased);
+                assert_eq!(c.tokens, 4);
+                assert!(c.rows_deleted > 0 && c.tombstones_emitted > 0);
+            }
+            kinds.push(e.payload.event_type());
+        }
+    }
+    kinds.sort_unstable();
+    assert_eq!(
+        kinds,
+        [
+            "compliance.erasure_applied",
+            "compliance.erasure_applied",
+            "compliance.erasure_completed",
+            "compliance.erasure_requested",
+            "compliance.erasure_scoped",
+        ]
+    );
+
+    // The audit topic holds one record of the request: counts in the clear, who asked and
+    // why sealed with the request's audit key.
+    let audit: Vec<cdp_schemas::AuditEvent> = read_log(&ing.topic(Topic::Audit))
+        .await?
+        .into_values()
+        .flatten()
+        .map(|r| cdp_schemas::decode(r.value.as_deref().unwrap_or_default()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    let cdp_schemas::AuditPayload::ErasureAudited(a) = &audit[0].payload;
+    assert_eq!(a.request_id, id);
+    assert_eq!(a.outcome, cdp_schemas::model::audit::AuditedOutcome::Erased);
+    assert_eq!((a.tokens, a.vault_rows_deleted, a.refused_links), (4, 4, 1));
+    assert_eq!(a.services, ["identity", "projector"]);
+    assert!(
+        a.rows_deleted > 0 && a.stores["projector.customers"] == 1,
+        "{a:?}"
+    );
+    let subject = cdp_schemas::model::audit::audit_subject(id);
+    let keys = ing.key_args.key_store(pool.clone())?;
+    for (field, sealed, plain) in [
+        ("requested_by", &a.requested_by, "dpo@example.org"),
+        ("reason", &a.reason, "Art. 17 request by email"),
+    ] {
+        let sealed = sealed
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("{field} missing"))?;
+        let version = cdp_keystore::crypto::sealed_version(sealed)?;
+        let key = keys
+            .key(&subject, version)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no audit key"))?;
+        let opened = key.open(&cdp_keystore::crypto::field_aad(&subject, field), sealed)?;
+        assert_eq!(opened, plain.as_bytes());
+    }
+
+    // The person cannot come back: ingest refuses their identifiers.
+    let (status, body) = ing
+        .post(
+            "/v1/identify",
+            &json!({"userId": "someone-new", "traits": {"phone": phone}}),
+        )
+        .await?;
+    assert_eq!(status, 400, "{body}");
+    // Unless the suppression is lifted: then the email makes a new, unlinked person.
+    let lifted =
+        cdp_erasure::unsuppress(&ec, &[RawIdentifier::new(IdentifierKind::Email, email)]).await?;
+    assert_eq!(lifted, 1);
+    let (status, body) = ing
+        .post(
+            "/v1/identify",
+            &json!({"userId": "ada-2", "traits": {"email": email}}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    let again = ing.token(IdentifierKind::Email, email).await?;
+    assert!(!tokens.contains(&again), "a new token");
+
+    // The request's event delivered again changes nothing: no second scope or completion.
+    let compliance = ing.topic(Topic::Compliance);
+    let requested = read_log(&compliance)
+        .await?
+        .into_values()
+        .flatten()
+        .find(|r| {
+            r.value.as_deref().is_some_and(|v| {
+                cdp_schemas::decode::<ComplianceEvent>(v)
+                    .is_ok_and(|e| matches!(e.payload, CompliancePayload::ErasureRequested(_)))
+            })
+        })
+        .ok_or_else(|| anyhow::anyhow!("no ErasureRequested on the compliance topic"))?;
+    let producer = cdp_runtime::kafka::producer::Producer::new(&ing.kafka)?;
+    producer
+        .send_all(&[cdp_runtime::kafka::producer::OutgoingRecord {
+            topic: &compliance,
+            key: requested.key.as_deref(),
+            value: requested.value.as_deref(),
+            ..Default::default()
+        }])
+        .await?;
+    let ends = cdp_integration_tests::topic_ends(&compliance).await?;
+    wait_until("the processor read the repeated request", WAIT, || async {
+        let stored = cdp_runtime::pg::stored_positions(&pool, &ec.erasure.group).await?;
+        Ok(ends.iter().all(|(p, end)| {
+            *end == 0
+                || stored
+                    .get(&cdp_runtime::TopicPartition {
+                        topic: compliance.clone(),
+                        partition: *p,
+                    })
+                    .is_some_and(|s| s >= end)
+        }))
+    })
+    .await?;
+    let mut steps = BTreeMap::<&str, usize>::new();
+    for r in read_log(&compliance).await?.into_values().flatten() {
+        let e: ComplianceEvent = cdp_schemas::decode(r.value.as_deref().unwrap_or_default())?;
+        *steps.entry(e.payload.event_type()).or_default() += 1;
+    }
+    assert_eq!(steps["compliance.erasure_requested"], 2);
+    assert_eq!(steps["compliance.erasure_scoped"], 1);
+    assert_eq!(steps["compliance.erasure_completed"], 1);
+    assert_eq!(requests.status(Some(id), 1).await?[0].state, "completed");
+    requests.close().await;
+
+    for (stop, task) in [(stop_e, task_e)] {
+        stop.trigger();
+        task.await??;
+    }
+    stop_p.trigger();
+    task_p.await??;
+    stop_i.trigger();
+    task_i.await??;
+    ing.stop().await
+}
