@@ -108,6 +108,10 @@ pub async fn shred(
     keys: &KeyArgs,
     tokens: &[String],
 ) -> anyhow::Result<cdp_keystore::erasure::Shredded> {
+    let profiles: Vec<uuid::Uuid> = tokens
+        .iter()
+        .map(|t| cdp_schemas::profile_id_of(t))
+        .collect();
     let mut tx = pool.begin().await?;
     let done = cdp_keystore::erasure::shred(
         &mut tx,
@@ -117,6 +121,7 @@ pub async fn shred(
             named: &[],
             suppress: true,
             request_id: uuid::Uuid::now_v7(),
+            profiles: &profiles,
         },
     )
     .await?;

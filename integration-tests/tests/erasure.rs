@@ -21,6 +21,9 @@ use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(120);
 
+/// The read views and the identity graph of the services that ran during the erasure.
+const LIVE: (&str, &str) = ("p_e2e_read", "id_e2e");
+
 fn erasure_config(ing: &Ingest, identity_schema: &str) -> ErasureConfig {
     ErasureConfig {
         kafka: ing.kafka.clone(),
@@ -80,7 +83,7 @@ fn projector_config(ing: &Ingest, name: &str) -> cdp_projector::ProjectorConfig 
 }
 
 /// Every row of a profile in the read models, as text (the control person's fingerprint).
-async fn rows_of(pool: &PgPool, profile: Uuid) -> anyhow::Result<Vec<String>> {
+async fn rows_of(pool: &PgPool, read: &str, profile: Uuid) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
     for table in [
         "customers",
@@ -90,7 +93,7 @@ async fn rows_of(pool: &PgPool, profile: Uuid) -> anyhow::Result<Vec<String>> {
         "consents",
     ] {
         let rows: Vec<String> = sqlx::query_scalar(&format!(
-            "SELECT t::text FROM p_e2e_read.{table} t WHERE profile_id = $1 ORDER BY 1"
+            "SELECT t::text FROM {read}.{table} t WHERE profile_id = $1 ORDER BY 1"
         ))
         .bind(profile)
         .fetch_all(pool)
@@ -103,10 +106,11 @@ async fn rows_of(pool: &PgPool, profile: Uuid) -> anyhow::Result<Vec<String>> {
 /// Rows that name any of the profiles or tokens, per table, in the read models and the graph.
 async fn remains(
     pool: &PgPool,
+    (read, graph): (&str, &str),
     profiles: &[Uuid],
     tokens: &[String],
 ) -> anyhow::Result<BTreeMap<&'static str, i64>> {
-    let checks: [(&str, &str); 12] = [
+    let checks: [(&'static str, &str); 12] = [
         ("customers", "SELECT count(*) FROM p_e2e_read.customers WHERE profile_id = ANY($1) AND $2::text[] IS NOT NULL"),
         ("customer_traits", "SELECT count(*) FROM p_e2e_read.customer_traits WHERE profile_id = ANY($1) OR subject_id = ANY($2)"),
         ("customer_identities", "SELECT count(*) FROM p_e2e_read.customer_identities WHERE profile_id = ANY($1) OR token = ANY($2)"),
@@ -115,14 +119,17 @@ async fn remains(
         ("consents", "SELECT count(*) FROM p_e2e_read.consents WHERE profile_id = ANY($1) AND $2::text[] IS NOT NULL"),
         ("profile_merges", "SELECT count(*) FROM p_e2e_read.profile_merges WHERE (loser = ANY($1) OR winner = ANY($1)) AND $2::text[] IS NOT NULL"),
         ("identity_nodes", "SELECT count(*) FROM id_e2e.identity_nodes WHERE profile_id = ANY($1) OR token = ANY($2)"),
-        ("identity_observations", "SELECT count(*) FROM id_e2e.identity_observations o JOIN id_e2e.identity_nodes n ON n.node_id = o.subject WHERE n.token = ANY($2) AND $1::uuid[] IS NOT NULL"),
+        ("identity_observations", "SELECT count(*) FROM id_e2e.identity_observations o LEFT JOIN id_e2e.identity_nodes n ON n.node_id = o.subject WHERE (n.node_id IS NULL OR n.token = ANY($2)) AND $1::uuid[] IS NOT NULL"),
         ("identity_candidates", "SELECT count(*) FROM id_e2e.identity_candidates WHERE (profile_a = ANY($1) OR profile_b = ANY($1)) AND $2::text[] IS NOT NULL"),
         ("identifier_vault", "SELECT count(*) FROM identifier_vault WHERE token = ANY($2) AND $1::uuid[] IS NOT NULL"),
         ("live subject_keys", "SELECT count(*) FROM subject_keys WHERE subject_id = ANY($2) AND wrapped_key IS NOT NULL AND $1::uuid[] IS NOT NULL"),
     ];
     let mut out = BTreeMap::new();
     for (what, sql) in checks {
-        let n: i64 = sqlx::query_scalar(sql)
+        let sql = sql
+            .replace("p_e2e_read.", &format!("{read}."))
+            .replace("id_e2e.", &format!("{graph}."));
+        let n: i64 = sqlx::query_scalar(&sql)
             .bind(profiles)
             .bind(tokens)
             .fetch_one(pool)
@@ -241,14 +248,14 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
     assert!(!links.is_empty());
     cdp_integration_tests::projector::caught_up(&pool, &pc, WAIT, Duration::from_millis(100))
         .await?;
-    let before = remains(&pool, &profiles, &tokens).await?;
+    let before = remains(&pool, LIVE, &profiles, &tokens).await?;
     assert!(
         before["customers"] == 1 && before["identity_nodes"] == 4,
         "{before:?}"
     );
-    let grace_before = rows_of(&pool, grace).await?;
+    let grace_before = rows_of(&pool, LIVE.0, grace).await?;
     assert!(grace_before.len() >= 4, "{grace_before:?}");
-    let ada_old_before = rows_of(&pool, ada_old).await?;
+    let ada_old_before = rows_of(&pool, LIVE.0, ada_old).await?;
     assert!(!ada_old_before.is_empty());
 
     // Erase by the phone number alone.
@@ -277,11 +284,11 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
     assert_eq!(services, ["identity", "projector"]);
 
     // Nothing of the person is left in any table, and the control person is as it was.
-    let after = remains(&pool, &profiles, &tokens).await?;
+    let after = remains(&pool, LIVE, &profiles, &tokens).await?;
     assert!(after.values().all(|n| *n == 0), "{after:?}");
-    assert_eq!(rows_of(&pool, grace).await?, grace_before);
+    assert_eq!(rows_of(&pool, LIVE.0, grace).await?, grace_before);
     // The account identity refused to link is another person, by the rules: it stays.
-    assert_eq!(rows_of(&pool, ada_old).await?, ada_old_before);
+    assert_eq!(rows_of(&pool, LIVE.0, ada_old).await?, ada_old_before);
     for (kind, value) in [
         (IdentifierKind::Email, email),
         (IdentifierKind::Phone, phone),
@@ -469,10 +476,87 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
     assert_eq!(requests.status(Some(id), 1).await?[0].state, "completed");
     requests.close().await;
 
+    // The person's merges delivered again after the erasure (a restore into the topic, a
+    // late duplicate) leave no trace in the read models: the ledger holds their profiles.
+    let merges: Vec<_> = read_log(&ing.topic(Topic::Identity))
+        .await?
+        .into_values()
+        .flatten()
+        .filter(|r| {
+            r.value.as_deref().is_some_and(|v| {
+                cdp_schemas::decode::<cdp_schemas::IdentityEvent>(v).is_ok_and(|e| {
+                    matches!(&e.payload, cdp_schemas::IdentityPayload::ProfilesMerged(m)
+                        if profiles.contains(&m.loser_profile_id))
+                })
+            })
+        })
+        .collect();
+    assert!(!merges.is_empty(), "identity merged the visitor into the account");
+    let identity_topic = ing.topic(Topic::Identity);
+    let again: Vec<_> = merges
+        .iter()
+        .map(|r| cdp_runtime::kafka::producer::OutgoingRecord {
+            topic: &identity_topic,
+            key: r.key.as_deref(),
+            value: r.value.as_deref(),
+            ..Default::default()
+        })
+        .collect();
+    producer.send_all(&again).await?;
+    cdp_integration_tests::projector::caught_up(&pool, &pc, WAIT, Duration::from_millis(100))
+        .await?;
+    let after_merges = remains(&pool, LIVE, &profiles, &tokens).await?;
+    assert!(after_merges.values().all(|n| *n == 0), "{after_merges:?}");
+
+    // A replay from earliest brings nobody back: a fresh identity graph and a fresh projector
+    // over the same topics (every event of the person is still in the log, sealed under
+    // destroyed keys) hold nothing of them, and the control person as before.
+    let ic2 = identity_for(&ing.kafka, &ing.db, &ing.key_args, "id_replay");
+    cdp_identity::pool(&ic2.pg, &ic2.identity.schema)
+        .await?
+        .close()
+        .await;
+    let pc2 = projector_config(&ing, "replay");
+    let (stop_i2, task_i2) = cdp_integration_tests::identity::spawn(ic2.clone());
+    let (stop_p2, task_p2) = cdp_integration_tests::projector::spawn(pc2.clone());
+    cdp_integration_tests::identity::caught_up(
+        &pool,
+        &ic2,
+        &ing.topic(Topic::CustomerEvents),
+        WAIT,
+    )
+    .await?;
+    cdp_integration_tests::projector::caught_up(&pool, &pc2, WAIT, Duration::from_millis(100))
+        .await?;
+    let replayed = remains(&pool, ("p_replay_read", "id_replay"), &profiles, &tokens).await?;
+    assert!(replayed.values().all(|n| *n == 0), "{replayed:?}");
+    let grace_replayed = rows_of(&pool, "p_replay_read", grace).await?;
+    assert_eq!(
+        grace_replayed
+            .iter()
+            .filter(|r| r.starts_with("customers "))
+            .count(),
+        1,
+        "{grace_replayed:?}"
+    );
+    let graph: i64 = sqlx::query_scalar("SELECT count(*) FROM id_replay.identity_nodes")
+        .fetch_one(&pool)
+        .await?;
+    assert!(
+        graph >= 3,
+        "grace's, ada-old's and ada-2's identifiers: {graph}"
+    );
+
     for (stop, task) in [(stop_e, task_e)] {
         stop.trigger();
         task.await??;
     }
+    for (stop, task) in [(stop_p2, task_p2)] {
+        stop.trigger();
+        task.await??;
+    }
+    stop_i2.trigger();
+    task_i2.await??;
     stop_p.trigger();
     task_p.await??;
     stop_i.trigger();

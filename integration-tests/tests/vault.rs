@@ -129,6 +129,7 @@ async fn an_erasure_empties_every_processs_caches_at_its_next_check() -> anyhow:
             named: &[],
             suppress: false,
             request_id: uuid::Uuid::now_v7(),
+            profiles: &[],
         },
     )
     .await?;
@@ -208,6 +209,7 @@ async fn shredding_makes_a_person_unlinkable_and_keeps_them_out() -> anyhow::Res
         named: &named,
         suppress: true,
         request_id: request,
+        profiles: &[],
     };
     let mut tx = db.pool.begin().await?;
     let done = shred(&mut tx, &sk, &what).await?;
@@ -297,6 +299,7 @@ async fn shredding_makes_a_person_unlinkable_and_keeps_them_out() -> anyhow::Res
             named: &[],
             suppress: false,
             request_id: uuid::Uuid::now_v7(),
+            profiles: &[],
         },
     )
     .await?;
@@ -336,6 +339,7 @@ async fn a_token_created_while_its_identifier_is_erased_does_not_survive() -> an
                     named: &named,
                     suppress: true,
                     request_id: uuid::Uuid::now_v7(),
+                    profiles: &[],
                 },
             )
             .await?;

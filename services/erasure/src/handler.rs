@@ -180,6 +180,7 @@ impl ErasureHandler {
             return Ok(());
         }
         let all: Vec<String> = cluster.tokens.iter().cloned().collect();
+        let profile_ids: Vec<Uuid> = cluster.profiles.iter().copied().collect();
         let shredded = erasure::shred(
             tx,
             &self.suppression,
@@ -188,6 +189,7 @@ impl ErasureHandler {
                 named: &named,
                 suppress: r.suppress,
                 request_id: r.request_id,
+                profiles: &profile_ids,
             },
         )
         .await
@@ -232,7 +234,7 @@ impl ErasureHandler {
             CompliancePayload::ErasureScoped(ErasureScoped {
                 request_id: r.request_id,
                 tokens: all,
-                profile_ids: cluster.profiles.into_iter().collect(),
+                profile_ids,
             }),
         )?);
         Ok(())

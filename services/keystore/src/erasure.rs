@@ -106,6 +106,8 @@ pub struct Shred<'a> {
     /// Whether to suppress at all (off: the person may come back, as a new person).
     pub suppress: bool,
     pub request_id: Uuid,
+    /// Every profile of the person, merged-away ones included: into the ledger.
+    pub profiles: &'a [Uuid],
 }
 
 /// Erases a person from the key store, in the caller's transaction: suppression entries for
@@ -161,6 +163,12 @@ pub async fn shred(
     .execute(&mut *tx)
     .await?
     .rows_affected();
+    sqlx::query(
+        "INSERT INTO erased_profiles (profile_id) SELECT unnest($1::uuid[]) ON CONFLICT DO NOTHING",
+    )
+    .bind(what.profiles)
+    .execute(&mut *tx)
+    .await?;
     // A subject id is a token: destroying the keys of every token destroys the subjects'.
     // It also moves the epoch, which empties every process's caches of keys and tokens.
     done.keys_destroyed = KeyStore::destroy(tx, &tokens).await?;
@@ -187,6 +195,22 @@ pub async fn unsuppress(
             .await?
             .rows_affected(),
     )
+}
+
+/// Which of `profiles` the erasure ledger holds.
+pub async fn erased_profiles(
+    tx: &mut PgConnection,
+    profiles: &[Uuid],
+) -> Result<std::collections::HashSet<Uuid>, sqlx::Error> {
+    if profiles.is_empty() {
+        return Ok(Default::default());
+    }
+    let rows: Vec<Uuid> =
+        sqlx::query_scalar("SELECT profile_id FROM erased_profiles WHERE profile_id = ANY($1)")
+            .bind(profiles)
+            .fetch_all(tx)
+            .await?;
+    Ok(rows.into_iter().collect())
 }
 
 /// Which of `tokens` the erasure ledger holds.

@@ -465,7 +465,7 @@ fn wanted_keys(batch: &[Decoded<'_, Projected>]) -> Vec<(String, u32)> {
     out.into_iter().map(|(s, v)| (s.to_owned(), v)).collect()
 }
 
-/// The records that name a token of an erased person (the erasure ledger): they have no
+/// The records that name a token or a profile of an erased person (the erasure ledger): they have no
 /// effect, so a replay, a rebuild or a restore never re-creates the person.
 async fn erased_records(
     tx: &mut PgConnection,
@@ -486,10 +486,38 @@ async fn erased_records(
     let erased = cdp_keystore::erasure::erased(tx, &all)
         .await
         .map_err(classify)?;
+    // Merges and splits name profiles, not identifiers.
+    let reshaped: Vec<Vec<Uuid>> = batch
+        .iter()
+        .map(|d| match d.event {
+            Projected::Identity(e) => match &e.payload {
+                IdentityPayload::ProfilesMerged(m) => {
+                    vec![m.loser_profile_id, m.winner_profile_id]
+                }
+                IdentityPayload::ProfileSplit(s) => {
+                    let mut p = vec![s.from_profile_id, s.to_profile_id];
+                    p.extend(&s.moved_profile_ids);
+                    p
+                }
+                IdentityPayload::IdentifiersLinked(_) => Vec::new(),
+            },
+            _ => Vec::new(),
+        })
+        .collect();
+    let mut profiles: Vec<Uuid> = reshaped.iter().flatten().copied().collect();
+    profiles.sort_unstable();
+    profiles.dedup();
+    let erased_profiles = cdp_keystore::erasure::erased_profiles(tx, &profiles)
+        .await
+        .map_err(classify)?;
     Ok(per
         .iter()
+        .zip(&reshaped)
         .enumerate()
-        .filter(|(_, tokens)| tokens.iter().any(|t| erased.contains(*t)))
+        .filter(|(_, (tokens, profiles))| {
+            tokens.iter().any(|t| erased.contains(*t))
+                || profiles.iter().any(|p| erased_profiles.contains(p))
+        })
         .map(|(i, _)| i)
         .collect())
 }
@@ -546,7 +574,11 @@ impl PgHandler for ProjectorHandler {
         store::hold_merges(tx, reshapes).await.map_err(classify)?;
         let erased = erased_records(tx, batch).await?;
         // Merges and splits first, in log order: everything written below already follows them.
-        for d in batch {
+        // Those of an erased person are skipped like their events.
+        for (i, d) in batch.iter().enumerate() {
+            if erased.contains(&i) {
+                continue;
+            }
             if let Projected::Identity(e) = d.event {
                 match &e.payload {
                     IdentityPayload::ProfilesMerged(m) => {
