@@ -333,6 +333,49 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
         .collect();
     assert!(held.is_empty(), "{held:?}");
 
+    // Once the tombstones are out (the projector relays them from its profile outbox, which
+    // its answer does not wait for), verify searches every table of the database and finds
+    // the person only where they are by design; a copy of a token anywhere else is found.
+    wait_until("the services' outboxes relayed", WAIT, || async {
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM p_e2e_g1.profile_outbox)
+                  + (SELECT count(*) FROM p_e2e_g1.projector_outbox)
+                  + (SELECT count(*) FROM id_e2e.identity_outbox)",
+        )
+        .fetch_one(&pool)
+        .await?;
+        Ok(pending == 0)
+    })
+    .await?;
+    let report = requests.verify(id).await?;
+    assert!(report.clean(), "{report:?}");
+    assert_eq!((report.tokens, report.live_keys), (4, 0));
+    assert!(report.tables_searched >= 30, "{report:?}");
+    for table in [
+        "public.erased_tokens",
+        "public.erased_profiles",
+        "public.subject_keys",
+        "erasure_t.erasure_requests",
+    ] {
+        assert!(report.by_design.contains_key(table), "{table}: {report:?}");
+    }
+    sqlx::query("CREATE TABLE public.leak_check (note BYTEA)")
+        .execute(&pool)
+        .await?;
+    sqlx::query("INSERT INTO public.leak_check VALUES ($1)")
+        .bind(format!("copied {}", tokens[0]).into_bytes())
+        .execute(&pool)
+        .await?;
+    let leaked = requests.verify(id).await?;
+    assert!(!leaked.clean());
+    assert_eq!(
+        leaked.found.into_iter().collect::<Vec<_>>(),
+        [("public.leak_check".to_owned(), 1)]
+    );
+    sqlx::query("DROP TABLE public.leak_check")
+        .execute(&pool)
+        .await?;
+
     // The compliance topic tells the story without a personal value in it.
     let mut kinds = Vec::new();
     for records in read_log(&ing.topic(Topic::Compliance)).await?.into_values() {
@@ -491,7 +534,10 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
             })
         })
         .collect();
-    assert!(!merges.is_empty(), "identity merged the visitor into the account");
+    assert!(
+        !merges.is_empty(),
+        "identity merged the visitor into the account"
+    );
     let identity_topic = ing.topic(Topic::Identity);
     let again: Vec<_> = merges
         .iter()
@@ -561,5 +607,164 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
     task_p.await??;
     stop_i.trigger();
     task_i.await??;
+    ing.stop().await
+}
+
+/// The erasures API files requests for the compliance role only, recording its principal as
+/// the requester. A request for an identifier nobody knows completes at once as
+/// `NOTHING_FOUND` and still suppresses it; a cluster over the size limit is refused without
+/// force and nothing of it changes. Each gets one audit record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_erasures_api_files_requests_and_the_limit_refuses_large_clusters() -> anyhow::Result<()>
+{
+    require_broker().await?;
+    let ing = Ingest::start_with(Options {
+        erasure_propagation_ms: 0,
+        ..Options::default()
+    })
+    .await?;
+    // Without identity, a cluster is what the request names: bob's anonymous id and user id
+    // are two subjects, two profiles, over a limit of one.
+    let (status, body) = ing
+        .post(
+            "/v1/identify",
+            &json!({"anonymousId": "anon-bob", "userId": "bob", "traits": {"firstName": "Bob"}}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    let mut ec = erasure_config(&ing, "no_identity_here");
+    ec.erasure.schema = "erasure_api".to_owned();
+    ec.erasure.max_profiles = 1;
+    let (stop_e, task_e) = spawn_erasure(ec.clone());
+    let shutdown = cdp_runtime::Shutdown::new();
+    let tokens = [
+        "dpo:compliance:c-secret".to_owned(),
+        "dev:read:r-secret".to_owned(),
+    ];
+    let (addr, serve) = cdp_erasure::bind_api(
+        &ec,
+        &cdp_erasure::ErasureApiArgs {
+            erasure_api_addr: "127.0.0.1:0".to_owned(),
+        },
+        &tokens,
+        shutdown.clone(),
+    )
+    .await?
+    .ok_or_else(|| anyhow::anyhow!("the API is on"))?;
+    let server = tokio::spawn(serve);
+    let http = reqwest::Client::new();
+    let url = format!("http://{addr}/v1/erasures");
+    let file = |body: serde_json::Value, secret: &'static str| {
+        let req = http.post(&url).bearer_auth(secret).json(&body);
+        async move {
+            let r = req.send().await?;
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            anyhow::Ok((status, body))
+        }
+    };
+    let nobody = json!({"identifiers": [{"kind": "email", "value": " Nobody@Example.org "}],
+                        "reason": "ticket 1"});
+    let anonymous = http.post(&url).json(&nobody).send().await?.status();
+    assert_eq!(anonymous, 401);
+    assert_eq!(file(nobody.clone(), "r-secret").await?.0, 403);
+    let bad = json!({"identifiers": [{"kind": "shoe_size", "value": "44"}]});
+    assert_eq!(file(bad, "c-secret").await?.0, 400);
+    assert_eq!(file(json!({"reason": "nobody"}), "c-secret").await?.0, 400);
+
+    let (status, filed) = file(nobody, "c-secret").await?;
+    assert_eq!(status, 202, "{filed}");
+    let id: Uuid = filed["request_id"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("{filed}"))?
+        .parse()?;
+    let requests = cdp_erasure::Requests::open(&ec).await?;
+    let done = requests
+        .wait_final(id, WAIT)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the request did not complete"))?;
+    assert_eq!(done.outcome.as_deref(), Some("NOTHING_FOUND"));
+    assert_eq!(done.requested_by, "dpo");
+    assert_eq!((done.tokens, done.suppressed), (Some(0), Some(1)));
+    let got: serde_json::Value = http
+        .get(format!("{url}/{id}"))
+        .bearer_auth("c-secret")
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        (got["state"].as_str(), got["outcome"].as_str()),
+        (Some("completed"), Some("NOTHING_FOUND")),
+        "{got}"
+    );
+    // The identifier nobody knew is refused from now on.
+    let (status, body) = ing
+        .post(
+            "/v1/identify",
+            &json!({"userId": "someone", "traits": {"email": "nobody@example.org"}}),
+        )
+        .await?;
+    assert_eq!(status, 400, "{body}");
+
+    // Bob's cluster is over the limit: refused, and nothing of him changes.
+    let bob = json!({"identifiers": [{"kind": "user_id", "value": "bob"},
+                                     {"kind": "anonymous_id", "value": "anon-bob"}]});
+    let (status, filed) = file(bob, "c-secret").await?;
+    assert_eq!(status, 202, "{filed}");
+    let refused_id: Uuid = filed["request_id"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("{filed}"))?
+        .parse()?;
+    let refused = requests
+        .wait_final(refused_id, WAIT)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the request was not decided"))?;
+    assert_eq!(refused.state, "refused");
+    assert_eq!(refused.outcome.as_deref(), Some("REFUSED_TOO_LARGE"));
+    assert_eq!(refused.profiles, Some(2));
+    assert_eq!(refused.keys_destroyed, None, "nothing was shredded");
+    ing.token(IdentifierKind::UserId, "bob").await?;
+    let (status, body) = ing
+        .post(
+            "/v1/track",
+            &json!({"userId": "bob", "event": "Still Here"}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{body}");
+
+    let unknown = http
+        .get(format!("{url}/{}", Uuid::now_v7()))
+        .bearer_auth("c-secret")
+        .send()
+        .await?
+        .status();
+    assert_eq!(unknown, 404);
+
+    // One audit record per decided request.
+    let mut audited: Vec<(Uuid, ErasureOutcome)> = read_log(&ing.topic(Topic::Audit))
+        .await?
+        .into_values()
+        .flatten()
+        .map(|r| {
+            let e: cdp_schemas::AuditEvent =
+                cdp_schemas::decode(r.value.as_deref().unwrap_or_default())?;
+            let cdp_schemas::AuditPayload::ErasureAudited(a) = e.payload;
+            anyhow::Ok((a.request_id, a.outcome))
+        })
+        .collect::<Result<_, _>>()?;
+    audited.sort_by_key(|(id, _)| *id);
+    let mut expected = vec![
+        (id, ErasureOutcome::NothingFound),
+        (refused_id, ErasureOutcome::RefusedTooLarge),
+    ];
+    expected.sort_by_key(|(id, _)| *id);
+    assert_eq!(audited, expected);
+
+    requests.close().await;
+    shutdown.trigger();
+    server.await??;
+    stop_e.trigger();
+    task_e.await??;
     ing.stop().await
 }

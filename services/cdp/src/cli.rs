@@ -330,6 +330,9 @@ pub enum ErasureAction {
         #[arg(long, default_value_t = 20)]
         limit: i64,
     },
+    /// Search every Postgres table for what a completed request erased and print a report
+    /// for the compliance team; exits 0 only when nothing is left where it must not be.
+    Verify { id: uuid::Uuid },
     /// Lift the suppression of identifiers: events carrying them are accepted again, as a
     /// new person who shares nothing with the erased one.
     Unsuppress {

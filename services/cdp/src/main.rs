@@ -253,6 +253,37 @@ fn erasure_config(args: &cli::ErasureCommand) -> cdp_erasure::ErasureConfig {
 }
 
 /// Prints a request's state as `cdp erasure status` and `cdp erase --wait` show it.
+fn print_report(r: &cdp_erasure::verify::Report) {
+    println!("erasure verification, {}", chrono::Utc::now().to_rfc3339());
+    println!("request      {}", r.request_id);
+    println!(
+        "searched for {} tokens and {} profile ids (as text and as bytes)",
+        r.tokens, r.profiles
+    );
+    println!(
+        "postgres     {} tables in every schema of the database",
+        r.tables_searched
+    );
+    for (table, (n, why)) in &r.by_design {
+        println!("  by design  {table}: {n} rows ({why})");
+    }
+    println!("  live keys  {}", r.live_keys);
+    if r.found.is_empty() {
+        println!("  found      nothing");
+    }
+    for (table, n) in &r.found {
+        println!("  FOUND      {table}: {n} rows");
+    }
+    println!(
+        "result       {}",
+        if r.clean() {
+            "nothing of the person is left"
+        } else {
+            "NOT ERASED: rows above name the person"
+        }
+    );
+}
+
 fn print_status(s: &cdp_erasure::Status) {
     let opt = |v: Option<i64>| v.map_or("-".to_owned(), |n| n.to_string());
     println!("request      {}", s.request_id);
@@ -652,6 +683,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
                         println!();
                     }
                     Ok(())
+                }
+                Some(cli::ErasureAction::Verify { id }) => {
+                    let requests = cdp_erasure::Requests::open(&config).await?;
+                    let report = requests.verify(id).await;
+                    requests.close().await;
+                    let report = report?;
+                    print_report(&report);
+                    if report.clean() {
+                        Ok(())
+                    } else {
+                        anyhow::bail!("erasure request {id}: the person was found")
+                    }
                 }
                 Some(cli::ErasureAction::Unsuppress { person }) => {
                     let ids = person.identifiers().map_err(anyhow::Error::msg)?;

@@ -203,7 +203,8 @@ impl ErasureHandler {
         sqlx::query(
             "UPDATE erasure_requests SET state = 'scoped', named = NULL, scoped_at = now(),
                     profiles = $2, tokens = $3, refused_links = $4, keys_destroyed = $5,
-                    vault_rows = $6, suppressed = $7, awaiting = $8
+                    vault_rows = $6, suppressed = $7, awaiting = $8, scope_tokens = $9,
+                    scope_profiles = $10
               WHERE request_id = $1",
         )
         .bind(r.request_id)
@@ -214,6 +215,8 @@ impl ErasureHandler {
         .bind(shredded.vault_rows as i64)
         .bind(shredded.suppressed as i64)
         .bind(&awaiting)
+        .bind(&all)
+        .bind(&profile_ids)
         .execute(&mut *tx)
         .await
         .map_err(classify)?;

@@ -13,6 +13,7 @@
 pub mod api;
 pub mod cluster;
 pub mod handler;
+pub mod verify;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -125,6 +126,8 @@ pub enum ErasureError {
     Empty,
     #[error("no erasure request {0}")]
     NoRequest(Uuid),
+    #[error("erasure request {0} is {1}, not completed: nothing to verify yet")]
+    NotCompleted(Uuid, String),
     #[error(transparent)]
     Token(#[from] cdp_runtime::auth::TokenError),
     #[error("cannot listen on {addr}")]
@@ -402,6 +405,24 @@ impl Requests {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Searches every store for what a completed request erased (see [`verify`]).
+    pub async fn verify(&self, id: Uuid) -> Result<verify::Report, ErasureError> {
+        let mut conn = self.pool.acquire().await?;
+        let scope: Option<(String, Vec<String>, Vec<Uuid>)> = sqlx::query_as(
+            "SELECT state, scope_tokens, scope_profiles FROM erasure_requests WHERE request_id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some((state, tokens, profiles)) = scope else {
+            return Err(ErasureError::NoRequest(id));
+        };
+        if state != "completed" {
+            return Err(ErasureError::NotCompleted(id, state));
+        }
+        Ok(verify::search_postgres(&mut conn, id, &tokens, &profiles).await?)
     }
 
     pub async fn close(self) {
