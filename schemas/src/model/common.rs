@@ -26,18 +26,20 @@ pub struct Envelope {
 /// Whom an event is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subject {
-    /// Pseudonymous id (a keyed hash). Names the data key that seals the event's PII.
+    /// The subject's token (of its user id, else its anonymous id, else its first
+    /// identifier). Names the data key that seals the event's PII.
     pub subject_id: String,
     pub identifiers: Vec<Identifier>,
 }
 
-/// One identifier, as a keyed hash of its normalized value.
+/// One identifier, as the identifier vault's token for its normalized value.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Identifier {
     pub kind: IdentifierKind,
     /// The issuing system, for [`IdentifierKind::ExternalId`].
     pub namespace: Option<String>,
-    /// Lower-case hex HMAC-SHA256 of the normalized value.
+    /// The vault's random token (32 lower-case hex characters); it stands for the identifier
+    /// only through its vault row, which erasure deletes.
     pub token: String,
 }
 
