@@ -7,7 +7,8 @@
 //! bytes (Avro records in outboxes carry tokens as bytes). Three places hold them by design
 //! and are reported apart: the erasure ledger (`erased_tokens`, `erased_profiles`: what
 //! replays skip), the key store's rows of destroyed keys (`subject_keys` with no key: they
-//! must hold none), and the request's own row.
+//! must hold none), the request's own row, and the profile API's access log (who read which
+//! profile id when: accountability for the reads before the erasure; no value is in it).
 
 use std::collections::BTreeMap;
 
@@ -25,6 +26,10 @@ const BY_DESIGN: &[(&str, &str)] = &[
         "the erasure ledger: replays and restores skip these profiles",
     ),
     ("erasure_requests", "the request itself (what to verify)"),
+    (
+        "profile_access_audit",
+        "the profile API's access log: who read the profile and when, by an id that links to no one",
+    ),
 ];
 
 /// What verify found.
