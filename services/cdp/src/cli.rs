@@ -276,14 +276,19 @@ pub struct ErasureCommand {
 /// A person by identifiers, as clients send them (each flag repeatable).
 #[derive(Args, Debug, Clone)]
 pub struct PersonArgs {
+    /// An email address, as the person gave it (trimmed and lower-cased as ingest does).
     #[arg(long)]
     pub email: Vec<String>,
+    /// A phone number (E.164, or national in CDP_DEFAULT_PHONE_REGION; normalized to E.164).
     #[arg(long)]
     pub phone: Vec<String>,
+    /// An app's user id (Segment's userId).
     #[arg(long = "user-id")]
     pub user_id: Vec<String>,
+    /// An anonymous id (Segment's anonymousId).
     #[arg(long = "anonymous-id")]
     pub anonymous_id: Vec<String>,
+    /// A device id.
     #[arg(long = "device-id")]
     pub device_id: Vec<String>,
     /// `NAMESPACE:VALUE`, e.g. `salesforce:0035e00000ABC`.
