@@ -9,7 +9,7 @@
 //! - `ErasureApplied`: record the service's answer; when every awaited service answered,
 //!   publish `ErasureCompleted` with the counts per store and the elapsed time.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use cdp_keystore::crypto::field_aad;
@@ -65,12 +65,11 @@ fn record(topic: &str, step: &str, payload: CompliancePayload) -> Result<Record,
         format!("{}:{step}", payload.request_id()).as_bytes(),
     );
     let event = ComplianceEvent::of_request(id, "cdp-erasure", Vec::new(), payload);
-    Ok(Record {
-        topic: topic.to_owned(),
-        key: Some(event.envelope.partition_key.clone().into_bytes()),
-        value: Some(cdp_schemas::encode(&event).map_err(fatal)?),
-        headers: Vec::new(),
-    })
+    Ok(Record::keyed(
+        topic,
+        &event.envelope.partition_key,
+        cdp_schemas::encode(&event).map_err(fatal)?,
+    ))
 }
 
 type RequestRow = (String, Option<Vec<Vec<u8>>>);
@@ -157,27 +156,7 @@ impl ErasureHandler {
             .execute(&mut *tx)
             .await
             .map_err(classify)?;
-            let status = final_status(tx, r.request_id).await?;
-            out.push(record(
-                &self.compliance_topic,
-                "completed",
-                CompliancePayload::ErasureCompleted(ErasureCompleted {
-                    request_id: r.request_id,
-                    keys_destroyed: 0,
-                    rows_deleted: 0,
-                    tombstones_emitted: 0,
-                    outcome: ErasureOutcome::RefusedTooLarge,
-                    profiles: profiles as i32,
-                    tokens: cluster.tokens.len() as i32,
-                    vault_rows_deleted: 0,
-                    suppressed: 0,
-                    refused_links: cluster.refused_links,
-                    stores: BTreeMap::new(),
-                    elapsed_ms: elapsed(&status),
-                }),
-            )?);
-            out.push(self.audit(&status).await?);
-            return Ok(());
+            return self.finish(tx, r.request_id, out).await;
         }
         let all: Vec<String> = cluster.tokens.iter().cloned().collect();
         let profile_ids: Vec<Uuid> = cluster.profiles.iter().copied().collect();
@@ -304,15 +283,27 @@ impl ErasureHandler {
         .execute(&mut *tx)
         .await
         .map_err(classify)?;
+        self.finish(tx, request_id, out).await
+    }
+
+    /// Publishes `ErasureCompleted` and the audit record of a request its transaction just
+    /// put in a final state (completed or refused), with the counts its row and answers hold.
+    async fn finish(
+        &self,
+        tx: &mut PgConnection,
+        request_id: Uuid,
+        out: &mut Vec<Record>,
+    ) -> Result<(), SinkError> {
         let status = final_status(tx, request_id).await?;
         let (rows, tombstones) = status.totals();
         let elapsed = elapsed(&status);
         tracing::info!(
             %request_id,
+            state = status.state,
             rows,
             tombstones,
             elapsed_ms = elapsed,
-            "erasure completed"
+            "erasure request decided"
         );
         out.push(record(
             &self.compliance_topic,
@@ -388,12 +379,11 @@ impl ErasureHandler {
             "cdp-erasure",
             AuditPayload::ErasureAudited(audited),
         );
-        Ok(Record {
-            topic: self.audit_topic.clone(),
-            key: Some(event.envelope.partition_key.clone().into_bytes()),
-            value: Some(cdp_schemas::encode(&event).map_err(fatal)?),
-            headers: Vec::new(),
-        })
+        Ok(Record::keyed(
+            &self.audit_topic,
+            &event.envelope.partition_key,
+            cdp_schemas::encode(&event).map_err(fatal)?,
+        ))
     }
 }
 

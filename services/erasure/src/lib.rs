@@ -347,12 +347,11 @@ impl Requests {
                 due_at,
             }),
         );
-        let record = outbox::Record {
-            topic: self.compliance_topic.clone(),
-            key: Some(event.envelope.partition_key.clone().into_bytes()),
-            value: Some(cdp_schemas::encode(&event)?),
-            headers: Vec::new(),
-        };
+        let record = outbox::Record::keyed(
+            &self.compliance_topic,
+            &event.envelope.partition_key,
+            cdp_schemas::encode(&event)?,
+        );
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO erasure_requests

@@ -155,11 +155,10 @@ pub fn records(
             stores: removed.tables.clone(),
         }),
     );
-    out.push(Record {
-        topic: compliance_topic.to_owned(),
-        key: Some(event.envelope.partition_key.clone().into_bytes()),
-        value: Some(cdp_schemas::encode(&event)?),
-        headers: Vec::new(),
-    });
+    out.push(Record::keyed(
+        compliance_topic,
+        &event.envelope.partition_key,
+        cdp_schemas::encode(&event)?,
+    ));
     Ok(out)
 }

@@ -139,12 +139,7 @@ fn identity_event(
 
 fn record(topic: &str, e: &IdentityEvent) -> Result<Record, SinkError> {
     let value = cdp_schemas::encode(e).map_err(|x| SinkError::Fatal(Box::new(x)))?;
-    Ok(Record {
-        topic: topic.to_owned(),
-        key: Some(e.envelope.partition_key.clone().into_bytes()),
-        value: Some(value),
-        headers: Vec::new(),
-    })
+    Ok(Record::keyed(topic, &e.envelope.partition_key, value))
 }
 
 /// The identity topic's records for an outcome: new links, merges and splits.

@@ -140,10 +140,9 @@ pub fn applied(
             stores: removed.tables.clone(),
         }),
     );
-    Ok(Record {
-        topic: compliance_topic.to_owned(),
-        key: Some(event.envelope.partition_key.clone().into_bytes()),
-        value: Some(cdp_schemas::encode(&event)?),
-        headers: Vec::new(),
-    })
+    Ok(Record::keyed(
+        compliance_topic,
+        &event.envelope.partition_key,
+        cdp_schemas::encode(&event)?,
+    ))
 }

@@ -45,6 +45,18 @@ pub struct Record {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
+impl Record {
+    /// A record with a value under a string key (an event's partition key), no headers.
+    pub fn keyed(topic: &str, key: &str, value: Vec<u8>) -> Self {
+        Self {
+            topic: topic.to_owned(),
+            key: Some(key.as_bytes().to_vec()),
+            value: Some(value),
+            headers: Vec::new(),
+        }
+    }
+}
+
 /// An outbox: its records table (`seq BIGSERIAL, topic, key, value, headers`) and its
 /// one-row state table (`dirty`), both in the service's schema.
 #[derive(Clone, Copy, Debug)]
