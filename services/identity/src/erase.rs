@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use cdp_runtime::outbox::Record;
+use cdp_runtime::outbox::{Record, Release};
 use cdp_schemas::model::compliance::{ErasureApplied, ErasureScoped};
 use cdp_schemas::{ComplianceEvent, CompliancePayload};
 use sqlx::PgConnection;
@@ -125,8 +125,9 @@ pub async fn erase(tx: &mut PgConnection, scoped: &ErasureScoped) -> Result<Remo
     Ok(removed)
 }
 
-/// The tombstones and the answer to the processor, for the outbox (tombstones first: the
-/// answer says they are written).
+/// The tombstones and the answer to the processor, for the outbox. The answer is a
+/// barrier: it leaves once the tombstones are published and gone from the outbox, so a
+/// completed erasure has nothing of the person left there.
 pub fn records(
     identity_topic: &str,
     compliance_topic: &str,
@@ -136,12 +137,7 @@ pub fn records(
     let mut out: Vec<Record> = removed
         .keys
         .iter()
-        .map(|k| Record {
-            topic: identity_topic.to_owned(),
-            key: Some(k.clone().into_bytes()),
-            value: None,
-            headers: Vec::new(),
-        })
+        .map(|k| Record::tombstone(identity_topic, k.as_bytes()))
         .collect();
     let event = ComplianceEvent::of_request(
         Uuid::new_v5(&EVENT_NAMESPACE, scoped.request_id.as_bytes()),
@@ -155,10 +151,14 @@ pub fn records(
             stores: removed.tables.clone(),
         }),
     );
-    out.push(Record::keyed(
-        compliance_topic,
-        &event.envelope.partition_key,
-        cdp_schemas::encode(&event)?,
-    ));
+    // The answer leaves after the tombstones are published and out of the outbox.
+    out.push(
+        Record::keyed(
+            compliance_topic,
+            &event.envelope.partition_key,
+            cdp_schemas::encode(&event)?,
+        )
+        .released(Release::Barrier),
+    );
     Ok(out)
 }

@@ -30,6 +30,7 @@ use crate::store::{lock_graph, PgGraph};
 pub const OUTBOX: Outbox = Outbox {
     records: "identity_outbox",
     state: "identity_outbox_relay",
+    gate: None,
 };
 
 /// The header of the resolved stream naming the event's profile.
@@ -365,6 +366,7 @@ impl IdentityHandler {
                 key: Some(profile.into_bytes()),
                 value: r.value.as_deref().map(<[u8]>::to_vec),
                 headers,
+                release: outbox::Release::InOrder,
             });
         }
         outbox::push(g.conn(), OUTBOX, &out)

@@ -91,6 +91,14 @@ impl Generation {
         format!("{}_g{}", self.prefix, self.number)
     }
 
+    /// What the generation's handler needs to know of it.
+    pub fn role(&self) -> crate::erase::Role {
+        crate::erase::Role {
+            prefix: self.prefix.clone(),
+            number: self.number,
+        }
+    }
+
     pub fn group(&self, base: &str) -> String {
         format!("{base}.g{}", self.number)
     }

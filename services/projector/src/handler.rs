@@ -51,18 +51,18 @@ pub struct ProjectorHandler {
     topics: TopicNames,
     keys: Arc<KeyStore>,
     claims: Claims,
-    /// The generation's consumer group: names its answers to erasures.
-    generation: String,
+    /// The generation it projects into.
+    role: erase::Role,
 }
 
 impl ProjectorHandler {
-    /// A handler for one projector run (one generation, consuming as `group`).
-    pub fn new(topics: TopicNames, keys: Arc<KeyStore>, group: &str) -> Self {
+    /// A handler for one projector run (one generation).
+    pub fn new(topics: TopicNames, keys: Arc<KeyStore>, role: erase::Role) -> Self {
         Self {
             topics,
             keys,
             claims: Claims::default(),
-            generation: group.to_owned(),
+            role,
         }
     }
 }
@@ -673,24 +673,43 @@ impl PgHandler for ProjectorHandler {
         store::apply(tx, &rows).await.map_err(classify)?;
         self.claims.record(&rows.identities);
         // Erasures last: whatever this batch wrote for the person goes too.
-        let mut answers = Vec::new();
+        let mut removals = Vec::new();
         for d in batch {
             if let Projected::Erasure(scoped) = d.event {
-                let removed = erase::erase(tx, scoped).await.map_err(classify)?;
+                let building = erase::building(tx, &self.role).await.map_err(classify)?;
+                let removed = erase::erase(tx, &self.role, building, scoped)
+                    .await
+                    .map_err(classify)?;
                 self.claims.forget(&scoped.tokens);
                 tracing::info!(
                     request_id = %scoped.request_id,
+                    building,
                     rows = removed.rows(),
                     tombstones = removed.tombstones,
                     "erasure applied to the read models"
                 );
-                answers.push(
-                    erase::applied(&self.topics.compliance, &self.generation, scoped, &removed)
-                        .map_err(|e| SinkError::Fatal(Box::new(e)))?,
-                );
+                removals.push((scoped, building, removed));
             }
         }
-        if !answers.is_empty() {
+        if !removals.is_empty() {
+            // The answers wait for every tombstone this transaction queued.
+            let gate = outbox::gate_position(tx, erase::OUTBOX)
+                .await
+                .map_err(classify)?;
+            let answers = removals
+                .iter()
+                .map(|(scoped, building, removed)| {
+                    erase::applied(
+                        &self.topics.compliance,
+                        &self.role,
+                        *building,
+                        gate,
+                        scoped,
+                        removed,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| SinkError::Fatal(Box::new(e)))?;
             outbox::push(tx, erase::OUTBOX, &answers)
                 .await
                 .map_err(classify)?;

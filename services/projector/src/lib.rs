@@ -271,11 +271,7 @@ pub async fn run(
             PgSink::new(
                 pool.clone(),
                 g.group(&config.projector.group),
-                ProjectorHandler::new(
-                    p.names.clone(),
-                    p.keys.clone(),
-                    &g.group(&config.projector.group),
-                ),
+                ProjectorHandler::new(p.names.clone(), p.keys.clone(), g.role()),
             )
             .with_lanes(config.projector.lanes),
         );
@@ -453,7 +449,7 @@ pub async fn rebuild(
         PgSink::new(
             pool.clone(),
             group.clone(),
-            ProjectorHandler::new(p.names.clone(), p.keys.clone(), &group),
+            ProjectorHandler::new(p.names.clone(), p.keys.clone(), g.role()),
         )
         .with_lanes(config.projector.lanes),
     );

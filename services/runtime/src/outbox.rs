@@ -13,6 +13,12 @@
 //! Writers must hand out `seq` in commit order (a service serializes its writing
 //! transactions, e.g. with an advisory lock); one relay runs at a time (a session advisory
 //! lock, released when its connection closes, also when the process dies).
+//!
+//! A record can be a barrier ([`Release`]): it leaves only once every record before it is
+//! published and deleted, and, with a gate, once the outbox's gate table (another queue
+//! of the service with a `seq`) holds no row at or below a position. An answer that says
+//! "done" is a barrier behind the records it speaks for, so whoever reads the answer finds
+//! those records on their topics and no longer in the outbox.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -43,6 +49,20 @@ pub struct Record {
     /// `None` is a tombstone.
     pub value: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
+    pub release: Release,
+}
+
+/// When a record may leave the outbox.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Release {
+    /// With the records around it, in `seq` order.
+    #[default]
+    InOrder,
+    /// Alone, after every earlier record of the outbox is published and deleted.
+    Barrier,
+    /// As a barrier, and after the outbox's gate table holds no row with `seq` at or below
+    /// this position (see [`gate_position`]).
+    BarrierAfterGate(i64),
 }
 
 impl Record {
@@ -53,16 +73,49 @@ impl Record {
             key: Some(key.as_bytes().to_vec()),
             value: Some(value),
             headers: Vec::new(),
+            release: Release::InOrder,
         }
+    }
+
+    /// A tombstone of `key`.
+    pub fn tombstone(topic: &str, key: &[u8]) -> Self {
+        Self {
+            topic: topic.to_owned(),
+            key: Some(key.to_vec()),
+            value: None,
+            headers: Vec::new(),
+            release: Release::InOrder,
+        }
+    }
+
+    /// The same record, released as `release` says.
+    pub fn released(mut self, release: Release) -> Self {
+        self.release = release;
+        self
     }
 }
 
-/// An outbox: its records table (`seq BIGSERIAL, topic, key, value, headers`) and its
-/// one-row state table (`dirty`), both in the service's schema.
+/// An outbox: its records table (`seq BIGSERIAL, topic, key, value, headers, barrier,
+/// gate_seq`) and its one-row state table (`dirty`), both in the service's schema.
 #[derive(Clone, Copy, Debug)]
 pub struct Outbox {
     pub records: &'static str,
     pub state: &'static str,
+    /// Another queue of the service (a table with a `seq` column whose rows are deleted
+    /// once published) that [`Release::BarrierAfterGate`] records wait for.
+    pub gate: Option<&'static str>,
+}
+
+/// The position in the outbox's gate table a barrier written now must wait for: the
+/// highest `seq` the caller's transaction can see, its own rows included.
+pub async fn gate_position(tx: &mut PgConnection, outbox: Outbox) -> Result<i64, sqlx::Error> {
+    let Some(gate) = outbox.gate else {
+        return Ok(0);
+    };
+    let (seq,): (Option<i64>,) = sqlx::query_as(&format!("SELECT max(seq) FROM {gate}"))
+        .fetch_one(&mut *tx)
+        .await?;
+    Ok(seq.unwrap_or(0))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,16 +189,30 @@ pub async fn push(
     let keys: Vec<Option<&[u8]>> = records.iter().map(|r| r.key.as_deref()).collect();
     let values: Vec<Option<&[u8]>> = records.iter().map(|r| r.value.as_deref()).collect();
     let headers: Vec<Vec<u8>> = records.iter().map(|r| encode_headers(&r.headers)).collect();
+    let barriers: Vec<bool> = records
+        .iter()
+        .map(|r| r.release != Release::InOrder)
+        .collect();
+    let gates: Vec<Option<i64>> = records
+        .iter()
+        .map(|r| match r.release {
+            Release::BarrierAfterGate(seq) => Some(seq),
+            _ => None,
+        })
+        .collect();
     sqlx::query(&format!(
-        "INSERT INTO {} (topic, key, value, headers)
-         SELECT t, k, v, h FROM UNNEST($1::text[], $2::bytea[], $3::bytea[], $4::bytea[])
-             WITH ORDINALITY AS x(t, k, v, h, n) ORDER BY n",
+        "INSERT INTO {} (topic, key, value, headers, barrier, gate_seq)
+         SELECT t, k, v, h, b, g
+           FROM UNNEST($1::text[], $2::bytea[], $3::bytea[], $4::bytea[], $5::bool[], $6::int8[])
+             WITH ORDINALITY AS x(t, k, v, h, b, g, n) ORDER BY n",
         outbox.records
     ))
     .bind(&topics)
     .bind(&keys)
     .bind(&values)
     .bind(&headers)
+    .bind(&barriers)
+    .bind(&gates)
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -230,7 +297,37 @@ fn published(
     Ok(out)
 }
 
-type Row = (i64, String, Option<Vec<u8>>, Option<Vec<u8>>, Vec<u8>);
+type Row = (
+    i64,
+    String,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    Vec<u8>,
+    bool,
+    Option<i64>,
+);
+
+/// What one relay pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Pass {
+    /// Rows published and deleted.
+    rows: usize,
+    /// Rows are ready now (the pass stopped at a barrier or at its limit).
+    more: bool,
+}
+
+/// How many of the oldest rows one pass publishes: up to the first barrier, or the
+/// barrier alone when it comes first.
+fn ready_prefix(barriers: impl IntoIterator<Item = bool>) -> usize {
+    let mut n = 0;
+    for barrier in barriers {
+        if barrier {
+            return if n == 0 { 1 } else { n };
+        }
+        n += 1;
+    }
+    n
+}
 
 /// The relay of one outbox.
 pub struct Relay {
@@ -267,8 +364,12 @@ impl Relay {
     }
 
     /// Relays up to `limit` records; returns how many rows it consumed (0 when another relay
-    /// holds the outbox).
+    /// holds the outbox or a gated barrier is first and its gate is not yet clear).
     pub async fn relay_once(&mut self, limit: i64) -> Result<usize, RelayError> {
+        Ok(self.relay_pass(limit).await?.rows)
+    }
+
+    async fn relay_pass(&mut self, limit: i64) -> Result<Pass, RelayError> {
         let mut conn = self.pool.acquire().await?;
         let lock = format!("{}.{}", "outbox", self.outbox.records);
         let (mine,): (bool,) =
@@ -277,7 +378,7 @@ impl Relay {
                 .fetch_one(&mut *conn)
                 .await?;
         if !mine {
-            return Ok(0);
+            return Ok(Pass::default());
         }
         let result = self.pass(&mut conn, limit).await;
         let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtext(current_schema() || $1))")
@@ -291,19 +392,35 @@ impl Relay {
         result
     }
 
-    async fn pass(&mut self, conn: &mut PgConnection, limit: i64) -> Result<usize, RelayError> {
-        let rows: Vec<Row> = sqlx::query_as(&format!(
-            "SELECT seq, topic, key, value, headers FROM {} ORDER BY seq LIMIT $1",
+    async fn pass(&mut self, conn: &mut PgConnection, limit: i64) -> Result<Pass, RelayError> {
+        let mut rows: Vec<Row> = sqlx::query_as(&format!(
+            "SELECT seq, topic, key, value, headers, barrier, gate_seq
+               FROM {} ORDER BY seq LIMIT $1",
             self.outbox.records
         ))
         .bind(limit)
         .fetch_all(&mut *conn)
         .await?;
-        if rows.is_empty() {
-            return Ok(0);
+        let full = rows.len() as i64 == limit;
+        let ready = ready_prefix(rows.iter().map(|r| r.5));
+        let cut = ready < rows.len();
+        rows.truncate(ready);
+        let Some(first) = rows.first() else {
+            return Ok(Pass::default());
+        };
+        if let (Some(gate), Some(position)) = (self.outbox.gate, first.6) {
+            let (waiting,): (bool,) = sqlx::query_as(&format!(
+                "SELECT EXISTS (SELECT 1 FROM {gate} WHERE seq <= $1)"
+            ))
+            .bind(position)
+            .fetch_one(&mut *conn)
+            .await?;
+            if waiting {
+                return Ok(Pass::default());
+            }
         }
         let mut targets = Vec::with_capacity(rows.len());
-        for (seq, topic, key, _, _) in &rows {
+        for (seq, topic, key, ..) in &rows {
             let n = self.partitions(topic).await?;
             targets.push(TopicPartition {
                 topic: topic.clone(),
@@ -340,7 +457,7 @@ impl Relay {
             rows.iter().map(|r| decode_headers(&r.4)).collect();
         let mut out: Vec<OutgoingRecord<'_>> = Vec::with_capacity(rows.len());
         let mut skipped = 0usize;
-        for (i, ((seq, topic, key, value, _), tp)) in rows.iter().zip(&targets).enumerate() {
+        for (i, ((seq, topic, key, value, ..), tp)) in rows.iter().zip(&targets).enumerate() {
             if done.get(tp).is_some_and(|d| seq <= d) {
                 skipped += 1;
                 continue;
@@ -379,7 +496,10 @@ impl Relay {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(rows.len())
+        Ok(Pass {
+            rows: rows.len(),
+            more: cut || full,
+        })
     }
 
     /// Relays until shutdown (then drains what is committed), backing off on errors.
@@ -387,8 +507,8 @@ impl Relay {
         let mut backoff = interval;
         loop {
             let stopping = shutdown.is_triggered();
-            match self.relay_once(limit).await {
-                Ok(n) if n as i64 == limit => continue,
+            match self.relay_pass(limit).await {
+                Ok(Pass { more: true, .. }) => continue,
                 Ok(_) => backoff = interval,
                 Err(e) => {
                     tracing::warn!(error = %crate::sink::Rejection::from_error("relay", &e).reason, outbox = self.outbox.records, "outbox relay failed; retrying");
@@ -447,5 +567,14 @@ mod tests {
         assert_eq!(partition_for(Some(b"profile-1"), 0, 6), p);
         assert_eq!(partition_for(Some(b"profile-1"), 99, 6), p);
         assert_eq!(partition_for(None, 13, 6), 1);
+    }
+
+    #[test]
+    fn a_pass_stops_before_a_barrier_and_sends_a_first_barrier_alone() {
+        assert_eq!(ready_prefix([false, false, false]), 3);
+        assert_eq!(ready_prefix([false, false, true, false]), 2);
+        assert_eq!(ready_prefix([true, false, false]), 1);
+        assert_eq!(ready_prefix([true, true]), 1);
+        assert_eq!(ready_prefix(std::iter::empty()), 0);
     }
 }
