@@ -24,6 +24,7 @@ pub mod archive;
 pub mod cpu;
 pub mod identity;
 pub mod ingest;
+pub mod probe_env;
 pub mod projector;
 
 /// Where the test services are. Defaults match `scripts/stack`.
@@ -120,7 +121,6 @@ pub async fn shred(
             tokens,
             named: &[],
             suppress: true,
-            request_id: uuid::Uuid::now_v7(),
             profiles: &profiles,
         },
     )

@@ -128,7 +128,6 @@ async fn an_erasure_empties_every_processs_caches_at_its_next_check() -> anyhow:
             tokens: std::slice::from_ref(&ada_t),
             named: &[],
             suppress: false,
-            request_id: uuid::Uuid::now_v7(),
             profiles: &[],
         },
     )
@@ -200,7 +199,6 @@ async fn shredding_makes_a_person_unlinkable_and_keeps_them_out() -> anyhow::Res
         .await?;
     let ada_key = (user_t.clone(), created[&user_t].version());
 
-    let request = uuid::Uuid::now_v7();
     let cluster = [mail_t.clone(), user_t.clone()];
     // The phone was never seen: named by the request, it is suppressed all the same.
     let named = [vault.hasher().digest(&ada_phone)];
@@ -208,7 +206,6 @@ async fn shredding_makes_a_person_unlinkable_and_keeps_them_out() -> anyhow::Res
         tokens: &cluster,
         named: &named,
         suppress: true,
-        request_id: request,
         profiles: &[],
     };
     let mut tx = db.pool.begin().await?;
@@ -255,7 +252,8 @@ async fn shredding_makes_a_person_unlinkable_and_keeps_them_out() -> anyhow::Res
         fresh.tokens(std::slice::from_ref(&ada_user)).await,
         Err(cdp_keystore::VaultError::Suppressed(0))
     ));
-    // The ledger names the tokens; the registry holds entries and the request, nothing else.
+    // The ledger names the tokens; the registry holds entries, nothing else (not even the
+    // request: from it the compliance topic would lead to the tokens).
     let mut conn = db.pool.acquire().await?;
     let ledger = erased(&mut conn, &[mail_t.as_str(), grace_t.as_str()]).await?;
     assert!(ledger.contains(&mail_t) && !ledger.contains(&grace_t));
@@ -266,7 +264,7 @@ async fn shredding_makes_a_person_unlinkable_and_keeps_them_out() -> anyhow::Res
     )
     .fetch_all(&db.pool)
     .await?;
-    assert_eq!(columns, ["entry", "request_id"]);
+    assert_eq!(columns, ["entry"]);
     let digests_there = count(
         &db,
         "SELECT count(*) FROM suppressions s JOIN identifier_vault v ON v.digest = s.entry",
@@ -298,7 +296,6 @@ async fn shredding_makes_a_person_unlinkable_and_keeps_them_out() -> anyhow::Res
             tokens: std::slice::from_ref(&grace_t),
             named: &[],
             suppress: false,
-            request_id: uuid::Uuid::now_v7(),
             profiles: &[],
         },
     )
@@ -338,7 +335,6 @@ async fn a_token_created_while_its_identifier_is_erased_does_not_survive() -> an
                     tokens: &[],
                     named: &named,
                     suppress: true,
-                    request_id: uuid::Uuid::now_v7(),
                     profiles: &[],
                 },
             )

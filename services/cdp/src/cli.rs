@@ -335,9 +335,20 @@ pub enum ErasureAction {
         #[arg(long, default_value_t = 20)]
         limit: i64,
     },
-    /// Search every Postgres table for what a completed request erased and print a report
-    /// for the compliance team; exits 0 only when nothing is left where it must not be.
-    Verify { id: uuid::Uuid },
+    /// Search every store for what a completed request erased and print a report for the
+    /// compliance team: every Postgres table, every record of the platform's topics and
+    /// every archive file. Exits 0 only when nothing is left where it must not be.
+    Verify {
+        id: uuid::Uuid,
+        /// Also search this topic (a restored copy, say) as an event topic; repeatable.
+        #[arg(long = "topic")]
+        topics: Vec<String>,
+        /// Do not search the archive (the report says it was not searched and is not clean).
+        #[arg(long)]
+        no_archive: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Lift the suppression of identifiers: events carrying them are accepted again, as a
     /// new person who shares nothing with the erased one.
     Unsuppress {

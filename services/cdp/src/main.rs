@@ -252,7 +252,7 @@ fn erasure_config(args: &cli::ErasureCommand) -> cdp_erasure::ErasureConfig {
     }
 }
 
-/// Prints a request's state as `cdp erasure status` and `cdp erase --wait` show it.
+/// Prints a verification report as `cdp erasure verify` shows it.
 fn print_report(r: &cdp_erasure::verify::Report) {
     println!("erasure verification, {}", chrono::Utc::now().to_rfc3339());
     println!("request      {}", r.request_id);
@@ -274,6 +274,22 @@ fn print_report(r: &cdp_erasure::verify::Report) {
     for (table, n) in &r.found {
         println!("  FOUND      {table}: {n} rows");
     }
+    for s in &r.stores {
+        println!(
+            "{:<12} {} records; {} name the person's tokens; {} sealed values, {} still open{}",
+            s.store,
+            s.records,
+            s.naming,
+            s.sealed,
+            s.openable,
+            match s.kind {
+                cdp_erasure::verify::Kind::Compacted =>
+                    format!("; latest record of a key naming them: {}", s.found),
+                cdp_erasure::verify::Kind::Nowhere => format!("; FOUND: {}", s.found),
+                _ => String::new(),
+            }
+        );
+    }
     println!(
         "result       {}",
         if r.clean() {
@@ -284,6 +300,7 @@ fn print_report(r: &cdp_erasure::verify::Report) {
     );
 }
 
+/// Prints a request's state as `cdp erasure status` and `cdp erase --wait` show it.
 fn print_status(s: &cdp_erasure::Status) {
     let opt = |v: Option<i64>| v.map_or("-".to_owned(), |n| n.to_string());
     println!("request      {}", s.request_id);
@@ -684,12 +701,23 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     }
                     Ok(())
                 }
-                Some(cli::ErasureAction::Verify { id }) => {
+                Some(cli::ErasureAction::Verify {
+                    id,
+                    topics,
+                    no_archive,
+                    store,
+                }) => {
                     let requests = cdp_erasure::Requests::open(&config).await?;
-                    let report = requests.verify(id).await;
+                    let archive = (!no_archive).then_some(&store);
+                    let report =
+                        cdp::verify::erasure(&requests, &config, id, &topics, archive).await;
                     requests.close().await;
                     let report = report?;
                     print_report(&report);
+                    if no_archive {
+                        println!("archive      NOT SEARCHED (--no-archive)");
+                        anyhow::bail!("erasure request {id}: the archive was not searched");
+                    }
                     if report.clean() {
                         Ok(())
                     } else {

@@ -139,6 +139,7 @@ async fn create(
             StatusCode::BAD_REQUEST,
             "an identifier does not normalize (an email, phone or external id without namespace)",
         ),
+        Err(e @ ErasureError::PersonalText(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e) => internal(e),
     }
 }

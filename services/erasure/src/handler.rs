@@ -35,6 +35,7 @@ use crate::{cluster, read_status, Status};
 pub const OUTBOX: Outbox = Outbox {
     records: "erasure_outbox",
     state: "erasure_outbox_relay",
+    gate: None,
 };
 
 /// Namespace of the processor's event ids (UUIDv5 of request and step: a retried batch
@@ -70,6 +71,11 @@ fn record(topic: &str, step: &str, payload: CompliancePayload) -> Result<Record,
         &event.envelope.partition_key,
         cdp_schemas::encode(&event).map_err(fatal)?,
     ))
+}
+
+/// `ErasureScoped` of a request: the same event (same id) whenever it is published.
+fn scoped_record(topic: &str, scoped: ErasureScoped) -> Result<Record, SinkError> {
+    record(topic, "scoped", CompliancePayload::ErasureScoped(scoped))
 }
 
 type RequestRow = (String, Option<Vec<Vec<u8>>>);
@@ -167,7 +173,6 @@ impl ErasureHandler {
                 tokens: &all,
                 named: &named,
                 suppress: r.suppress,
-                request_id: r.request_id,
                 profiles: &profile_ids,
             },
         )
@@ -181,6 +186,7 @@ impl ErasureHandler {
         };
         sqlx::query(
             "UPDATE erasure_requests SET state = 'scoped', named = NULL, scoped_at = now(),
+                    asked_at = now(),
                     profiles = $2, tokens = $3, refused_links = $4, keys_destroyed = $5,
                     vault_rows = $6, suppressed = $7, awaiting = $8, scope_tokens = $9,
                     scope_profiles = $10
@@ -210,14 +216,13 @@ impl ErasureHandler {
         if awaiting.is_empty() {
             return self.complete(tx, r.request_id, out).await;
         }
-        out.push(record(
+        out.push(scoped_record(
             &self.compliance_topic,
-            "scoped",
-            CompliancePayload::ErasureScoped(ErasureScoped {
+            ErasureScoped {
                 request_id: r.request_id,
                 tokens: all,
                 profile_ids,
-            }),
+            },
         )?);
         Ok(())
     }
@@ -420,6 +425,62 @@ fn keystore_error(e: cdp_keystore::KeyStoreError) -> SinkError {
         cdp_keystore::KeyStoreError::Db(e) => classify(e),
         other => fatal(other),
     }
+}
+
+/// A scoped request: id, tokens, profiles, awaited services.
+type WaitingRow = (Uuid, Vec<String>, Vec<Uuid>, Vec<String>);
+
+/// Publishes `ErasureScoped` again for every request still waiting for an answer `after`
+/// its services were last asked (a service whose consumer position moved past the event,
+/// a projector generation retired before it read it): the event is the same, deleting finds
+/// what is left, and an answer counts once. Returns how many requests were asked again.
+pub(crate) async fn ask_again(
+    pool: &sqlx::PgPool,
+    compliance_topic: &str,
+    after: std::time::Duration,
+) -> Result<usize, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    hold_outbox(&mut tx).await?;
+    let waiting: Vec<WaitingRow> = sqlx::query_as(
+        "SELECT request_id, scope_tokens, scope_profiles, awaiting FROM erasure_requests
+          WHERE state = 'scoped' AND coalesce(asked_at, scoped_at) < now() - $1
+          ORDER BY scoped_at LIMIT 100 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(after)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut out = Vec::with_capacity(waiting.len());
+    for (request_id, tokens, profile_ids, awaiting) in waiting {
+        let answered: Vec<String> =
+            sqlx::query_scalar("SELECT service FROM erasure_acks WHERE request_id = $1")
+                .bind(request_id)
+                .fetch_all(&mut *tx)
+                .await?;
+        let missing: Vec<&String> = awaiting.iter().filter(|s| !answered.contains(s)).collect();
+        tracing::warn!(
+            %request_id,
+            ?missing,
+            "an erasure request is still waiting for answers: asking the services again"
+        );
+        sqlx::query("UPDATE erasure_requests SET asked_at = now() WHERE request_id = $1")
+            .bind(request_id)
+            .execute(&mut *tx)
+            .await?;
+        match scoped_record(
+            compliance_topic,
+            ErasureScoped {
+                request_id,
+                tokens,
+                profile_ids,
+            },
+        ) {
+            Ok(r) => out.push(r),
+            Err(e) => tracing::error!(%request_id, error = %e, "cannot encode ErasureScoped"),
+        }
+    }
+    outbox::push(&mut tx, OUTBOX, &out).await?;
+    tx.commit().await?;
+    Ok(out.len())
 }
 
 /// Serializes the outbox's writers (processor replicas and request filing) until commit,

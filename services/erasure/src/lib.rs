@@ -86,7 +86,17 @@ pub struct ErasureArgs {
         default_value_t = DEFAULT_MAX_PROFILES
     )]
     pub max_profiles: usize,
+    /// A scoped request still waiting for a service's answer this many seconds after the
+    /// services were asked is asked again (`ErasureScoped` republished).
+    #[arg(
+        long = "erasure-reask-secs",
+        env = "CDP_ERASURE_REASK_SECS",
+        default_value_t = DEFAULT_REASK_SECS
+    )]
+    pub reask_secs: u64,
 }
+
+pub const DEFAULT_REASK_SECS: u64 = 60;
 
 #[derive(Args, Clone, Debug)]
 pub struct ErasureApiArgs {
@@ -124,6 +134,14 @@ pub enum ErasureError {
     Schema(String),
     #[error("a request must name at least one identifier or profile")]
     Empty,
+    #[error("{0} contains an identifier of the person: it is kept with the request after the erasure, so name the channel or ticket instead")]
+    PersonalText(&'static str),
+    #[error("reading a topic")]
+    Scan(#[from] cdp_runtime::replay::ReplayError),
+    #[error("key store")]
+    KeyStore(#[from] cdp_keystore::KeyStoreError),
+    #[error("a blocking task failed")]
+    Join(#[from] tokio::task::JoinError),
     #[error("no erasure request {0}")]
     NoRequest(Uuid),
     #[error("erasure request {0} is {1}, not completed: nothing to verify yet")]
@@ -211,6 +229,26 @@ pub async fn run(
         config.erasure.group.clone(),
         handler,
     ));
+    let reask = {
+        let (pool, topic, stop) = (
+            pool.clone(),
+            topics.name(Topic::Compliance),
+            shutdown.clone(),
+        );
+        let after = Duration::from_secs(config.erasure.reask_secs.max(1));
+        tokio::spawn(async move {
+            let every = (after / 4).max(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = stop.wait() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                if let Err(e) = handler::ask_again(&pool, &topic, after).await {
+                    tracing::warn!(error = %e, "asking the services again failed; retrying");
+                }
+            }
+        })
+    };
     let result = runner::run(
         RunnerConfig {
             kafka: config.kafka.clone(),
@@ -230,6 +268,7 @@ pub async fn run(
     .await;
     shutdown.trigger();
     let _ = relay.await;
+    let _ = reask.await;
     pool.close().await;
     Ok(result?)
 }
@@ -284,6 +323,44 @@ pub struct Request {
     pub force: bool,
 }
 
+/// The field of a request (`requested_by`, `reason`) that contains one of the person's
+/// identifier values, ignoring case. Both are kept after the erasure (the request's row,
+/// the sealed audit record); one naming the person would link the request, and through it
+/// the erased tokens, back to them.
+fn names_the_person<'a>(
+    request: &Request,
+    values: impl Iterator<Item = &'a str>,
+) -> Option<&'static str> {
+    let by = request.requested_by.to_lowercase();
+    let reason = request.reason.as_deref().unwrap_or_default().to_lowercase();
+    for v in values {
+        let v = v.trim().to_lowercase();
+        if v.len() < 4 {
+            continue;
+        }
+        if by.contains(&v) {
+            return Some("requested_by");
+        }
+        if reason.contains(&v) {
+            return Some("reason");
+        }
+    }
+    None
+}
+
+/// How verify judges a platform topic's records.
+fn topic_kind(t: Topic) -> verify::Kind {
+    match t {
+        Topic::Identity | Topic::Profiles => verify::Kind::Compacted,
+        Topic::Compliance => verify::Kind::Compliance,
+        Topic::Audit => verify::Kind::Nowhere,
+        Topic::CustomerEvents
+        | Topic::CapsuleEvents
+        | Topic::ResolvedEvents
+        | Topic::DeadLetter => verify::Kind::Events,
+    }
+}
+
 /// How long the law gives (GDPR art. 12(3): one month).
 const DUE_DAYS: i64 = 30;
 
@@ -294,7 +371,13 @@ pub struct Requests {
     /// Publishes a filed request at once (a running processor's relay would otherwise).
     relay: tokio::sync::Mutex<Relay>,
     compliance_topic: String,
+    kafka: KafkaArgs,
+    /// Tries the sealed values verify finds.
+    keys: cdp_keystore::KeyStore,
 }
+
+/// How long a topic read by verify may stall before it fails.
+const SCAN_IDLE: Duration = Duration::from_secs(30);
 
 impl Requests {
     pub async fn open(config: &ErasureConfig) -> Result<Self, ErasureError> {
@@ -302,11 +385,14 @@ impl Requests {
         let vault = config.keys.vault(pool.clone())?;
         let producer = Arc::new(Producer::new(&config.kafka)?);
         let relay = Relay::new(pool.clone(), producer, config.kafka.clone(), OUTBOX);
+        let keys = config.keys.key_store(pool.clone())?;
         Ok(Self {
             pool,
             vault,
             relay: tokio::sync::Mutex::new(relay),
             compliance_topic: Topics::new(&config.kafka.topic_prefix).name(Topic::Compliance),
+            kafka: config.kafka.clone(),
+            keys,
         })
     }
 
@@ -323,6 +409,14 @@ impl Requests {
             .iter()
             .map(|raw| hasher.identifier(raw))
             .collect::<Result<Vec<_>, _>>()?;
+        let values = request
+            .identifiers
+            .iter()
+            .map(|r| r.value.as_str())
+            .chain(normalized.iter().map(|n| n.value.as_str()));
+        if let Some(field) = names_the_person(request, values) {
+            return Err(ErasureError::PersonalText(field));
+        }
         let digests: Vec<Vec<u8>> = normalized
             .iter()
             .map(|n| hasher.digest(n).to_vec())
@@ -406,14 +500,13 @@ impl Requests {
         }
     }
 
-    /// Searches every store for what a completed request erased (see [`verify`]).
-    pub async fn verify(&self, id: Uuid) -> Result<verify::Report, ErasureError> {
-        let mut conn = self.pool.acquire().await?;
+    /// What a completed request erased: its tokens and profile ids.
+    pub async fn scope(&self, id: Uuid) -> Result<(Vec<String>, Vec<Uuid>), ErasureError> {
         let scope: Option<(String, Vec<String>, Vec<Uuid>)> = sqlx::query_as(
             "SELECT state, scope_tokens, scope_profiles FROM erasure_requests WHERE request_id = $1",
         )
         .bind(id)
-        .fetch_optional(&mut *conn)
+        .fetch_optional(&self.pool)
         .await?;
         let Some((state, tokens, profiles)) = scope else {
             return Err(ErasureError::NoRequest(id));
@@ -421,7 +514,73 @@ impl Requests {
         if state != "completed" {
             return Err(ErasureError::NotCompleted(id, state));
         }
-        Ok(verify::search_postgres(&mut conn, id, &tokens, &profiles).await?)
+        Ok((tokens, profiles))
+    }
+
+    /// Searches Postgres and the platform's topics, plus `extra_topics` (restored copies,
+    /// say) as event topics, for what a completed request erased (see [`verify`]). The
+    /// archive is searched by the caller that can read it, through [`Self::search_store`].
+    pub async fn verify(
+        &self,
+        id: Uuid,
+        extra_topics: &[String],
+    ) -> Result<verify::Report, ErasureError> {
+        let (tokens, profiles) = self.scope(id).await?;
+        let mut conn = self.pool.acquire().await?;
+        let mut report = verify::search_postgres(&mut conn, id, &tokens, &profiles).await?;
+        drop(conn);
+        if tokens.is_empty() && profiles.is_empty() {
+            return Ok(report);
+        }
+        let needles = Arc::new(verify::Needles::new(&tokens, &profiles));
+        let names = Topics::new(&self.kafka.topic_prefix);
+        let mut topics: Vec<(String, verify::Kind)> = Topic::ALL
+            .iter()
+            .map(|t| (names.name(*t), topic_kind(*t)))
+            .collect();
+        topics.extend(
+            extra_topics
+                .iter()
+                .map(|t| (t.clone(), verify::Kind::Events)),
+        );
+        for (topic, kind) in topics {
+            let mut search =
+                verify::StoreSearch::new(needles.clone(), format!("topic {topic}"), kind);
+            let kafka = self.kafka.clone();
+            let search = tokio::task::spawn_blocking(move || {
+                cdp_runtime::replay::scan(&kafka, &[topic], SCAN_IDLE, |r| {
+                    search.record(
+                        r.key.as_deref(),
+                        r.value.as_deref(),
+                        r.headers.iter().filter_map(|(_, v)| v),
+                    )
+                })
+                .map(|_| search)
+            })
+            .await??;
+            report.stores.push(search.finish(&self.keys).await?);
+        }
+        Ok(report)
+    }
+
+    /// A search of another store (an archived topic) for a completed request's scope: feed
+    /// it the store's records, finish it with [`Self::keys`], add it to the report.
+    pub async fn search_store(
+        &self,
+        id: Uuid,
+        store: String,
+    ) -> Result<verify::StoreSearch, ErasureError> {
+        let (tokens, profiles) = self.scope(id).await?;
+        Ok(verify::StoreSearch::new(
+            Arc::new(verify::Needles::new(&tokens, &profiles)),
+            store,
+            verify::Kind::Events,
+        ))
+    }
+
+    /// The key store verify tries sealed values against.
+    pub fn keys(&self) -> &cdp_keystore::KeyStore {
+        &self.keys
     }
 
     pub async fn close(self) {

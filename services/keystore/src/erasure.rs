@@ -105,7 +105,6 @@ pub struct Shred<'a> {
     pub named: &'a [Digest],
     /// Whether to suppress at all (off: the person may come back, as a new person).
     pub suppress: bool,
-    pub request_id: Uuid,
     /// Every profile of the person, merged-away ones included: into the ledger.
     pub profiles: &'a [Uuid],
 }
@@ -147,11 +146,10 @@ pub async fn shred(
     if what.suppress {
         let entries: Vec<Vec<u8>> = digests.iter().map(|d| key.entry(d).to_vec()).collect();
         done.suppressed = sqlx::query(
-            "INSERT INTO suppressions (entry, request_id)
-             SELECT e, $2 FROM unnest($1::bytea[]) e ON CONFLICT DO NOTHING",
+            "INSERT INTO suppressions (entry)
+             SELECT e FROM unnest($1::bytea[]) e ON CONFLICT DO NOTHING",
         )
         .bind(&entries)
-        .bind(what.request_id)
         .execute(&mut *tx)
         .await?
         .rows_affected();

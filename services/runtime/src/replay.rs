@@ -51,6 +51,8 @@ pub enum ReplayError {
     LiveMembers { group: String, members: Vec<String> },
     #[error("a blocking task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("reading {0} to its end stalled")]
+    ScanTimeout(String),
 }
 
 impl FromStr for Target {
@@ -160,6 +162,87 @@ pub fn watermarks(
         }
     }
     Ok(out)
+}
+
+/// Reads every record of `topics`, each partition from its low to its high watermark as
+/// they are when called, in offset order per partition, handing each to `visit`; returns
+/// how many records it read. Assigned, not subscribed: no group, no committed position.
+/// Fails, naming the partitions, when a topic stops coming for `idle` before its end.
+pub fn scan(
+    kafka: &KafkaArgs,
+    topics: &[String],
+    idle: Duration,
+    mut visit: impl FnMut(&crate::RawRecord),
+) -> Result<u64, ReplayError> {
+    let mut read = 0;
+    for topic in topics {
+        read += scan_topic(kafka, topic, idle, &mut visit)?;
+    }
+    Ok(read)
+}
+
+/// One topic of [`scan`] (one consumer per topic: the end-of-partition event names only
+/// the partition).
+fn scan_topic(
+    kafka: &KafkaArgs,
+    topic: &str,
+    idle: Duration,
+    visit: &mut impl FnMut(&crate::RawRecord),
+) -> Result<u64, ReplayError> {
+    let marks = watermarks(kafka, &[topic.to_owned()])?;
+    let mut want = TopicPartitionList::new();
+    let mut open: BTreeMap<i32, i64> = BTreeMap::new();
+    for (tp, (low, high)) in &marks {
+        if high > low {
+            want.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*low))?;
+            open.insert(tp.partition, *high);
+        }
+    }
+    if open.is_empty() {
+        return Ok(0);
+    }
+    let c: BaseConsumer = client_config(kafka)
+        .map_err(KafkaSetupError::from)?
+        .set("group.id", "cdp.scan")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .map_err(KafkaSetupError::from)?;
+    c.assign(&want)?;
+    let mut copier = crate::kafka::record::RecordCopier::new();
+    let mut progress = std::time::Instant::now();
+    let mut read = 0u64;
+    while !open.is_empty() {
+        if progress.elapsed() > idle {
+            let names: Vec<String> = open.keys().map(|p| format!("{topic}:{p}")).collect();
+            return Err(ReplayError::ScanTimeout(names.join(", ")));
+        }
+        let Some(m) = c.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        progress = std::time::Instant::now();
+        let m = match m {
+            Ok(m) => m,
+            // The end of a partition, also when its last offsets were compacted away.
+            Err(KafkaError::PartitionEOF(partition)) => {
+                open.remove(&partition);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let r = copier.copy(&m);
+        let Some(high) = open.get(&r.partition).copied() else {
+            continue;
+        };
+        if r.offset < high {
+            visit(&r);
+            read += 1;
+        }
+        if r.offset + 1 >= high {
+            open.remove(&r.partition);
+        }
+    }
+    Ok(read)
 }
 
 /// For each partition, the first offset whose timestamp is at or after `t`; partitions
