@@ -1,12 +1,15 @@
-//! GDPR erasure end to end, against the real broker and Postgres: a person's events in through
-//! the HTTP API, resolved by identity and projected; `cdp erase` by one identifier; the
-//! processor and every service remove the person, and the control person is untouched.
+//! GDPR erasure end to end, against the real broker, Postgres and S3 server: a person's events
+//! in through the HTTP API, resolved by identity, projected and archived; `cdp erase` by one
+//! identifier; the processor and every service remove the person, verify proves it over
+//! every store, an adversary holding every key finds nothing, and the control person is
+//! untouched.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use cdp_archiver::{ArchiverArgs, ArchiverConfig, StoreArgs};
 use cdp_erasure::{ErasureArgs, ErasureConfig, Request};
-use cdp_integration_tests::archive::read_log;
+use cdp_integration_tests::archive::{read_log, require_s3, s3_endpoint, s3_store, wait_gapless};
 use cdp_integration_tests::identity::identity_for;
 use cdp_integration_tests::ingest::{Ingest, Options};
 use cdp_integration_tests::{require_broker, wait_until};
@@ -40,6 +43,7 @@ fn erasure_config(ing: &Ingest, identity_schema: &str) -> ErasureConfig {
             identity_schema: identity_schema.to_owned(),
             services: vec!["projector".to_owned(), "identity".to_owned()],
             max_profiles: cdp_erasure::DEFAULT_MAX_PROFILES,
+            reask_secs: cdp_erasure::DEFAULT_REASK_SECS,
         },
     }
 }
@@ -139,6 +143,116 @@ async fn remains(
     Ok(out)
 }
 
+fn archiver_config(ing: &Ingest, store: StoreArgs) -> ArchiverConfig {
+    ArchiverConfig {
+        kafka: ing.kafka.clone(),
+        runner: RunnerArgs {
+            batch_size: 500,
+            batch_linger_ms: 20,
+            ..RunnerArgs::default()
+        },
+        archiver: ArchiverArgs {
+            group: format!("{}.archiver", ing.topic(Topic::Audit)),
+            // The catalogue's archived topics.
+            topics: Vec::new(),
+            codec: cdp_archiver::ocf::Codec::Zstandard,
+            max_records: 100_000,
+            max_bytes: 64 * 1024 * 1024,
+            // Files close a moment after the topic goes quiet.
+            window_secs: 1,
+            grace_ms: 300,
+        },
+        store,
+    }
+}
+
+/// Where someone holding every key of the platform (master and identifier keys) and the
+/// person's plaintext identifiers finds anything they can derive from them: the
+/// identifiers as text, their keyed hashes (vault digests) and suppression entries, as
+/// text, hex and bytes. Searched: every column of every table of the database, every
+/// record of every topic of the platform and every record of the archive. Returns, per
+/// place, what kind of derivation was found.
+async fn adversary(
+    ing: &Ingest,
+    archive: &cdp_archiver::Archive,
+    identifiers: &[RawIdentifier],
+) -> anyhow::Result<BTreeMap<String, BTreeSet<&'static str>>> {
+    let hasher = ing.key_args.hasher()?;
+    let suppression = ing.key_args.suppression_key()?;
+    let mut forms: Vec<(&'static str, Vec<u8>)> = Vec::new();
+    for raw in identifiers {
+        let normalized = hasher.identifier(raw)?;
+        // Short values can occur by chance in hex and ciphertext; these are long enough.
+        for text in [raw.value.as_str(), normalized.value.as_str()] {
+            if text.len() >= 8 {
+                forms.push(("plaintext", text.as_bytes().to_vec()));
+            }
+        }
+        let digest = hasher.digest(&normalized);
+        let entry = suppression.entry(&digest);
+        for (what, bytes) in [
+            ("vault digest", digest.to_vec()),
+            ("suppression entry", entry.to_vec()),
+        ] {
+            forms.push((what, hex(&bytes).into_bytes()));
+            forms.push((what, bytes));
+        }
+    }
+    let mut found: BTreeMap<String, BTreeSet<&'static str>> = BTreeMap::new();
+    let mut look = |place: String, bytes: &[u8]| {
+        for (what, form) in &forms {
+            if bytes.windows(form.len()).any(|w| w == form.as_slice()) {
+                found.entry(place.clone()).or_default().insert(*what);
+            }
+        }
+    };
+    let pool = &ing.db.pool;
+    let tables: Vec<(String, String)> = sqlx::query_as(
+        "SELECT table_schema::text, table_name::text FROM information_schema.tables
+          WHERE table_type = 'BASE TABLE'
+            AND table_schema NOT IN ('pg_catalog', 'information_schema')",
+    )
+    .fetch_all(pool)
+    .await?;
+    for (schema, table) in tables {
+        // Every row as text: bytea columns show as hex, text as itself.
+        let rows: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT lower(t::text) FROM \"{schema}\".\"{table}\" t"
+        ))
+        .fetch_all(pool)
+        .await?;
+        for row in rows {
+            look(format!("postgres {schema}.{table}"), row.as_bytes());
+        }
+    }
+    for (name, _) in cdp_runtime::topics::catalogue(&ing.topics) {
+        for r in read_log(&name).await?.into_values().flatten() {
+            for part in [r.key.as_deref(), r.value.as_deref()].into_iter().flatten() {
+                look(format!("topic {name}"), part);
+            }
+            for (_, v) in r.headers.iter() {
+                look(format!("topic {name}"), v.unwrap_or_default());
+            }
+        }
+        for file in archive.list(&name, None).await? {
+            let (_, records) = archive.read(&file).await?;
+            for r in records {
+                for part in [r.key.as_deref(), r.value.as_deref()].into_iter().flatten() {
+                    look(format!("archive {name}"), part);
+                }
+                for (_, v) in &r.headers {
+                    look(format!("archive {name}"), v.as_deref().unwrap_or_default());
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// The latest record of each key of a topic: `true` when it is a tombstone.
 async fn latest_per_key(topic: &str) -> anyhow::Result<BTreeMap<String, bool>> {
     let mut latest = BTreeMap::new();
@@ -159,11 +273,17 @@ async fn latest_per_key(topic: &str) -> anyhow::Result<BTreeMap<String, bool>> {
 /// graph, the key store and the vault, reports the refused link without following it, leaves
 /// tombstones as the latest record of each of its keys on the compacted topics, writes one
 /// sealed audit record, refuses the phone afterwards, and leaves the control person and the
-/// refused account exactly as they were.
+/// refused account exactly as they were. Verify, run the moment the request completes,
+/// searches Postgres, every topic and the S3 archive and finds nothing that opens; someone
+/// holding every key and the person's identifiers finds only the suppression entries; a
+/// replay, and a restore of the archive projected from scratch, bring nobody back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyhow::Result<()> {
     cdp_integration_tests::log_from_env()?;
     require_broker().await?;
+    let s3 = s3_endpoint();
+    require_s3(&s3).await?;
+    let store = s3_store(&s3);
     let ing = Ingest::start_with(Options {
         erasure_propagation_ms: 0,
         ..Options::default()
@@ -198,6 +318,9 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
     let (stop_i, task_i) = cdp_integration_tests::identity::spawn(ic.clone());
     let (stop_p, task_p) = cdp_integration_tests::projector::spawn(pc.clone());
     let (stop_e, task_e) = spawn_erasure(ec.clone());
+    let archiver = archiver_config(&ing, store.clone());
+    let (stop_a, task_a) = cdp_integration_tests::archive::spawn(archiver);
+    let archive = cdp_archiver::Archive::open(&store)?;
     let pool = ing.db.pool.clone();
 
     let ada = cdp_schemas::profile_id_of(&ing.token(IdentifierKind::UserId, "ada").await?);
@@ -258,6 +381,11 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
     let ada_old_before = rows_of(&pool, LIVE.0, ada_old).await?;
     assert!(!ada_old_before.is_empty());
 
+    // The archive holds every event of the person, as the log does.
+    let events_topic = ing.topic(Topic::CustomerEvents);
+    let events = read_log(&events_topic).await?;
+    wait_gapless(&archive, &events_topic, &events, WAIT).await?;
+
     // Erase by the phone number alone.
     let requests = cdp_erasure::Requests::open(&ec).await?;
     let id = requests
@@ -283,6 +411,49 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
     let services: Vec<&str> = done.answers.iter().map(|a| a.service.as_str()).collect();
     assert_eq!(services, ["identity", "projector"]);
 
+    // Completion means every service's deletions are committed and their tombstones
+    // published (the answers leave their outboxes behind them): verify, run at once,
+    // finds the person only where they are by design.
+    let report = cdp::verify::erasure(&requests, &ec, id, &[], Some(&store)).await?;
+    assert!(report.clean(), "{report:?}");
+    let store_named = |name: &str| {
+        report
+            .stores
+            .iter()
+            .find(|s| s.store == name)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("{name} not searched: {report:?}"))
+    };
+    // The log and the archive keep the person's events, naming tokens no vault row leads
+    // to, sealed under keys that are gone.
+    for name in [
+        format!("topic {events_topic}"),
+        format!("archive {archive} {events_topic}"),
+    ] {
+        let s = store_named(&name)?;
+        assert!(s.naming >= 4 && s.sealed >= 3, "{s:?}");
+        assert_eq!(s.openable, 0, "{s:?}");
+    }
+    // The latest record of each of their keys on the compacted topics is a tombstone.
+    for t in [Topic::Profiles, Topic::Identity] {
+        let s = store_named(&format!("topic {}", ing.topic(t)))?;
+        assert!(s.naming > 0 && s.found == 0, "{s:?}");
+    }
+    assert_eq!(
+        store_named(&format!("topic {}", ing.topic(Topic::Audit)))?.found,
+        0
+    );
+    assert_eq!((report.tokens, report.live_keys), (4, 0));
+    assert!(report.tables_searched >= 30, "{report:?}");
+    for table in [
+        "public.erased_tokens",
+        "public.erased_profiles",
+        "public.subject_keys",
+        "erasure_t.erasure_requests",
+    ] {
+        assert!(report.by_design.contains_key(table), "{table}: {report:?}");
+    }
+
     // Nothing of the person is left in any table, and the control person is as it was.
     let after = remains(&pool, LIVE, &profiles, &tokens).await?;
     assert!(after.values().all(|n| *n == 0), "{after:?}");
@@ -299,25 +470,20 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
             "the vault no longer knows {kind:?}"
         );
     }
-    let suppressed: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM suppressions WHERE request_id = $1")
-            .bind(id)
-            .fetch_one(&pool)
-            .await?;
+    assert_eq!(done.suppressed, Some(4));
+    let suppressed: i64 = sqlx::query_scalar("SELECT count(*) FROM suppressions")
+        .fetch_one(&pool)
+        .await?;
     assert_eq!(suppressed, 4);
 
     // The latest record of every key of the person on the compacted topics is a tombstone.
     let profile_keys: BTreeSet<String> = profiles.iter().map(Uuid::to_string).collect();
-    wait_until("tombstones on the profiles topic", WAIT, || async {
-        let latest = latest_per_key(&ing.topic(Topic::Profiles)).await?;
-        Ok(latest.contains_key(&current.to_string())
-            && latest
-                .iter()
-                .filter(|(k, _)| profile_keys.contains(*k))
-                .all(|(_, tombstone)| *tombstone)
-            && latest.get(&grace.to_string()) == Some(&false))
-    })
-    .await?;
+    let latest = latest_per_key(&ing.topic(Topic::Profiles)).await?;
+    assert!(latest.contains_key(&current.to_string()));
+    for p in &profile_keys {
+        assert_ne!(latest.get(p), Some(&false), "profile {p} has a snapshot");
+    }
+    assert_eq!(latest.get(&grace.to_string()), Some(&false));
     let identity_keys: BTreeSet<String> = links
         .iter()
         .map(Uuid::to_string)
@@ -333,32 +499,7 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
         .collect();
     assert!(held.is_empty(), "{held:?}");
 
-    // Once the tombstones are out (the projector relays them from its profile outbox, which
-    // its answer does not wait for), verify searches every table of the database and finds
-    // the person only where they are by design; a copy of a token anywhere else is found.
-    wait_until("the services' outboxes relayed", WAIT, || async {
-        let pending: i64 = sqlx::query_scalar(
-            "SELECT (SELECT count(*) FROM p_e2e_g1.profile_outbox)
-                  + (SELECT count(*) FROM p_e2e_g1.projector_outbox)
-                  + (SELECT count(*) FROM id_e2e.identity_outbox)",
-        )
-        .fetch_one(&pool)
-        .await?;
-        Ok(pending == 0)
-    })
-    .await?;
-    let report = requests.verify(id).await?;
-    assert!(report.clean(), "{report:?}");
-    assert_eq!((report.tokens, report.live_keys), (4, 0));
-    assert!(report.tables_searched >= 30, "{report:?}");
-    for table in [
-        "public.erased_tokens",
-        "public.erased_profiles",
-        "public.subject_keys",
-        "erasure_t.erasure_requests",
-    ] {
-        assert!(report.by_design.contains_key(table), "{table}: {report:?}");
-    }
+    // A copy of a token anywhere else is found.
     sqlx::query("CREATE TABLE public.leak_check (note BYTEA)")
         .execute(&pool)
         .await?;
@@ -366,7 +507,7 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
         .bind(format!("copied {}", tokens[0]).into_bytes())
         .execute(&pool)
         .await?;
-    let leaked = requests.verify(id).await?;
+    let leaked = requests.verify(id, &[]).await?;
     assert!(!leaked.clean());
     assert_eq!(
         leaked.found.into_iter().collect::<Vec<_>>(),
@@ -375,6 +516,78 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
     sqlx::query("DROP TABLE public.leak_check")
         .execute(&pool)
         .await?;
+    // So is a record naming the person that still opens: grace's identify (her key is
+    // alive) carrying one of the person's tokens, in a topic verify is told to search.
+    let leak_topic = format!("{}leak", ing.kafka.topic_prefix);
+    cdp_integration_tests::create_topics(&[(&leak_topic, 1)]).await?;
+    let grace_token = ing.token(IdentifierKind::UserId, "grace").await?;
+    let mut leaked_event = events
+        .values()
+        .flatten()
+        .filter_map(|r| cdp_schemas::decode::<cdp_schemas::CustomerEvent>(r.value.as_deref()?).ok())
+        .find(|e| {
+            e.envelope.subject.subject_id == grace_token
+                && e.payload.pii().iter().any(|(_, s)| s.is_some())
+        })
+        .ok_or_else(|| anyhow::anyhow!("no sealed event of grace"))?;
+    leaked_event
+        .envelope
+        .subject
+        .identifiers
+        .push(cdp_schemas::Identifier {
+            kind: IdentifierKind::Phone,
+            namespace: None,
+            token: tokens[0].clone(),
+        });
+    let leaked_bytes = cdp_schemas::encode(&leaked_event)?;
+    cdp_runtime::kafka::producer::Producer::new(&ing.kafka)?
+        .send_all(&[cdp_runtime::kafka::producer::OutgoingRecord {
+            topic: &leak_topic,
+            key: Some(grace_token.as_bytes()),
+            value: Some(&leaked_bytes),
+            ..Default::default()
+        }])
+        .await?;
+    let leaked =
+        cdp::verify::erasure(&requests, &ec, id, std::slice::from_ref(&leak_topic), None).await?;
+    assert!(!leaked.clean());
+    let s = leaked
+        .stores
+        .iter()
+        .find(|s| s.store == format!("topic {leak_topic}"))
+        .ok_or_else(|| anyhow::anyhow!("the leak topic was not searched"))?;
+    assert_eq!((s.naming, s.openable), (1, s.sealed), "{s:?}");
+    assert!(s.openable > 0);
+
+    // Someone holding every key of the platform and the person's plaintext identifiers
+    // finds, in every table, topic and archive file, only the suppression entries: the one
+    // thing kept, which names no request, token, profile or record.
+    let found = adversary(
+        &ing,
+        &archive,
+        &[
+            RawIdentifier::new(IdentifierKind::Email, email),
+            RawIdentifier::new(IdentifierKind::Phone, phone),
+            RawIdentifier::new(IdentifierKind::Phone, "(415) 555-0100"),
+            RawIdentifier::new(IdentifierKind::UserId, "ada"),
+            RawIdentifier::new(IdentifierKind::AnonymousId, "anon-ada"),
+        ],
+    )
+    .await?;
+    assert_eq!(
+        found,
+        BTreeMap::from([(
+            "postgres public.suppressions".to_owned(),
+            BTreeSet::from(["suppression entry"])
+        )]),
+    );
+    let columns: Vec<String> = sqlx::query_scalar(
+        "SELECT column_name::text FROM information_schema.columns
+          WHERE table_schema = 'public' AND table_name = 'suppressions'",
+    )
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(columns, ["entry"]);
 
     // The compliance topic tells the story without a personal value in it.
     let mut kinds = Vec::new();
@@ -593,14 +806,49 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
         "grace's, ada-old's and ada-2's identifiers: {graph}"
     );
 
+    // Nor does a restore of the archive into a fresh deployment's topic, projected from
+    // scratch: the restored events of the person are skipped like the log's.
+    let restored = cdp_runtime::topics::Topics::new(format!("{}restored.", ing.kafka.topic_prefix));
+    let mut pc3 = projector_config(&ing, "restored");
+    pc3.kafka.topic_prefix = format!("{}restored.", ing.kafka.topic_prefix);
+    cdp_runtime::topics::ensure(&pc3.kafka, &cdp_runtime::topics::catalogue(&restored)).await?;
+    let summary = cdp_archiver::restore::restore(
+        &pc3.kafka,
+        &archive,
+        &cdp_archiver::restore::RestoreRequest {
+            topic: events_topic.clone(),
+            partition: None,
+            from: None,
+            to: None,
+            into: restored.name(Topic::CustomerEvents),
+            allow_nonempty: false,
+        },
+        |_| {},
+    )
+    .await?;
+    let archived_events: u64 = events.values().map(|v| v.len() as u64).sum();
+    assert!(summary.records >= archived_events, "{summary:?}");
+    let (stop_p3, task_p3) = cdp_integration_tests::projector::spawn(pc3.clone());
+    cdp_integration_tests::projector::caught_up(&pool, &pc3, WAIT, Duration::from_millis(100))
+        .await?;
+    let from_archive = remains(&pool, ("p_restored_read", LIVE.1), &profiles, &tokens).await?;
+    assert!(from_archive.values().all(|n| *n == 0), "{from_archive:?}");
+    let grace_restored = rows_of(&pool, "p_restored_read", grace).await?;
+    assert!(
+        grace_restored.iter().any(|r| r.starts_with("customers ")),
+        "{grace_restored:?}"
+    );
+
     for (stop, task) in [(stop_e, task_e)] {
         stop.trigger();
         task.await??;
     }
-    for (stop, task) in [(stop_p2, task_p2)] {
+    for (stop, task) in [(stop_p2, task_p2), (stop_p3, task_p3)] {
         stop.trigger();
         task.await??;
     }
+    stop_a.trigger();
+    task_a.await??;
     stop_i2.trigger();
     task_i2.await??;
     stop_p.trigger();
@@ -766,5 +1014,260 @@ async fn the_erasures_api_files_requests_and_the_limit_refuses_large_clusters() 
     server.await??;
     stop_e.trigger();
     task_e.await??;
+    ing.stop().await
+}
+
+/// A service of the crash test, as a process it SIGKILLs and restarts.
+struct Probe {
+    name: &'static str,
+    command: std::process::Command,
+    child: std::process::Child,
+}
+
+impl Probe {
+    fn start(name: &'static str, mut command: std::process::Command) -> anyhow::Result<Self> {
+        command.stdin(std::process::Stdio::null());
+        let child = command.spawn()?;
+        Ok(Self {
+            name,
+            command,
+            child,
+        })
+    }
+
+    fn kill_and_restart(&mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        self.child = self.command.spawn()?;
+        Ok(())
+    }
+
+    /// Fails when the process exited by itself (it must only die when killed).
+    fn alive(&mut self) -> anyhow::Result<()> {
+        match self.child.try_wait()? {
+            None => Ok(()),
+            Some(status) => anyhow::bail!("{} exited by itself: {status}", self.name),
+        }
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn probe_command(ing: &Ingest, binary: &str) -> std::process::Command {
+    let mut c = std::process::Command::new(binary);
+    c.env("CDP_KAFKA_BROKERS", cdp_integration_tests::brokers())
+        .env("CDP_TOPIC_PREFIX", &ing.kafka.topic_prefix)
+        .env("CDP_DATABASE_URL", &ing.db.url)
+        .env("CDP_MASTER_KEY", &ing.key_args.master_key)
+        .env("CDP_IDENTIFIER_KEY", &ing.key_args.identifier_key)
+        .env("CDP_BATCH_SIZE", "100")
+        .env(
+            "CDP_KAFKA_PROPERTIES",
+            "session.timeout.ms=6000,heartbeat.interval.ms=500",
+        );
+    c
+}
+
+/// Thirty people erased one after another while the processor, identity and the projector
+/// are SIGKILLed at random moments and restarted: every request completes exactly once (one
+/// `ErasureScoped`, one `ErasureCompleted`, one audit record each), verify finds nothing of
+/// any of them, and the people nobody asked to erase are all there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_the_processor_and_the_services_during_erasures_completes_each_once(
+) -> anyhow::Result<()> {
+    use rand::{Rng, SeedableRng};
+    cdp_integration_tests::log_from_env()?;
+    require_broker().await?;
+    const PEOPLE: usize = 40;
+    const ERASED: usize = 30;
+    let ing = Ingest::start_with(Options {
+        erasure_propagation_ms: 0,
+        ..Options::default()
+    })
+    .await?;
+    let mut batch = Vec::new();
+    for i in 0..PEOPLE {
+        batch.push(
+            json!({"type": "page", "anonymousId": format!("anon-{i}"), "name": "Home",
+                          "messageId": format!("p{i}")}),
+        );
+        batch.push(
+            json!({"type": "identify", "anonymousId": format!("anon-{i}"),
+                          "userId": format!("user-{i}"),
+                          "traits": {"email": format!("person{i}@example.org"), "firstName": "P"},
+                          "messageId": format!("i{i}")}),
+        );
+        batch.push(
+            json!({"type": "track", "userId": format!("user-{i}"), "event": "Signed In",
+                          "messageId": format!("t{i}")}),
+        );
+    }
+    let (status, body) = ing.post("/v1/batch", &json!({ "batch": batch })).await?;
+    assert_eq!(status, 200, "{body}");
+
+    let ic = identity_for(&ing.kafka, &ing.db, &ing.key_args, "id_crash");
+    let pc = projector_config(&ing, "crash");
+    let mut ec = erasure_config(&ing, "id_crash");
+    ec.erasure.schema = "erasure_crash".to_owned();
+    // Schemas and tables exist before the helpers read them.
+    cdp_identity::pool(&ic.pg, &ic.identity.schema)
+        .await?
+        .close()
+        .await;
+    let mut identity = probe_command(&ing, env!("CARGO_BIN_EXE_identity-probe"));
+    identity
+        .env("CDP_IDENTITY_GROUP", &ic.identity.group)
+        .env("CDP_IDENTITY_SCHEMA", &ic.identity.schema);
+    let mut projector = probe_command(&ing, env!("CARGO_BIN_EXE_projector-probe"));
+    projector
+        .env("CDP_PROJECTOR_GROUP", &pc.projector.group)
+        .env("CDP_PROJECTOR_SCHEMA", &pc.projector.schema_prefix);
+    let mut processor = probe_command(&ing, env!("CARGO_BIN_EXE_erasure-probe"));
+    processor
+        .env("CDP_ERASURE_GROUP", &ec.erasure.group)
+        .env("CDP_ERASURE_SCHEMA", &ec.erasure.schema)
+        .env("CDP_IDENTITY_SCHEMA", &ic.identity.schema)
+        .env("CDP_ERASURE_SERVICES", "projector,identity")
+        // A request whose event a killed service's restart skipped would be asked again.
+        .env("CDP_ERASURE_REASK_SECS", "20");
+    let mut probes = vec![
+        Probe::start("identity", identity)?,
+        Probe::start("projector", projector)?,
+        Probe::start("processor", processor)?,
+    ];
+    let pool = ing.db.pool.clone();
+    cdp_integration_tests::identity::caught_up(&pool, &ic, &ing.topic(Topic::CustomerEvents), WAIT)
+        .await?;
+    cdp_integration_tests::projector::caught_up(&pool, &pc, WAIT, Duration::from_millis(100))
+        .await?;
+    let mut kept = Vec::new();
+    let mut kept_before = Vec::new();
+    for i in ERASED..PEOPLE {
+        let token = ing
+            .token(IdentifierKind::UserId, &format!("user-{i}"))
+            .await?;
+        // The profile identity merged the visitor and the account into.
+        let profile: Uuid =
+            sqlx::query_scalar("SELECT profile_id FROM id_crash.identity_nodes WHERE token = $1")
+                .bind(&token)
+                .fetch_one(&pool)
+                .await?;
+        kept_before.push(rows_of(&pool, "p_crash_read", profile).await?);
+        kept.push(profile);
+    }
+    assert!(
+        kept_before.iter().all(|rows| rows.len() >= 3),
+        "{kept_before:?}"
+    );
+
+    // File the requests one by one, killing a random service now and then.
+    let requests = cdp_erasure::Requests::open(&ec).await?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(25);
+    let mut ids = Vec::new();
+    let mut kills = BTreeMap::<&str, usize>::new();
+    for i in 0..ERASED {
+        ids.push(
+            requests
+                .file(&Request {
+                    identifiers: vec![RawIdentifier::new(
+                        IdentifierKind::Email,
+                        format!("person{i}@example.org"),
+                    )],
+                    profiles: Vec::new(),
+                    requested_by: "dpo@example.org".to_owned(),
+                    reason: Some("crash test".to_owned()),
+                    suppress: true,
+                    force: false,
+                })
+                .await?,
+        );
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..400))).await;
+        if rng.random_bool(0.5) {
+            let p = &mut probes[rng.random_range(0..3)];
+            p.alive()?;
+            p.kill_and_restart()?;
+            *kills.entry(p.name).or_default() += 1;
+        }
+    }
+    assert!(kills.len() == 3, "every service was killed: {kills:?}");
+    let mut reports = Vec::new();
+    for id in &ids {
+        let done = requests
+            .wait_final(*id, WAIT)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("request {id} did not complete (kills: {kills:?})"))?;
+        assert_eq!(
+            (done.state.as_str(), done.outcome.as_deref()),
+            ("completed", Some("ERASED")),
+            "{done:?}"
+        );
+        reports.push(requests.verify(*id, &[]).await?);
+    }
+    for r in &reports {
+        assert!(r.clean(), "{r:?}");
+    }
+    for p in &mut probes {
+        p.alive()?;
+    }
+
+    // Exactly once: per request one scope, one completion, one audit record (a request
+    // asked again would show a second scope with the same event id, never a second
+    // completion).
+    let mut steps = BTreeMap::<(Uuid, &str), BTreeSet<Uuid>>::new();
+    let mut copies = BTreeMap::<(Uuid, &str), usize>::new();
+    for r in read_log(&ing.topic(Topic::Compliance))
+        .await?
+        .into_values()
+        .flatten()
+    {
+        let e: ComplianceEvent = cdp_schemas::decode(r.value.as_deref().unwrap_or_default())?;
+        let key = (e.payload.request_id(), e.payload.event_type());
+        steps.entry(key).or_default().insert(e.envelope.event_id);
+        *copies.entry(key).or_default() += 1;
+    }
+    for id in &ids {
+        for step in ["compliance.erasure_scoped", "compliance.erasure_completed"] {
+            assert_eq!(
+                steps.get(&(*id, step)).map(BTreeSet::len),
+                Some(1),
+                "{step} of {id}"
+            );
+        }
+        assert_eq!(
+            copies.get(&(*id, "compliance.erasure_completed")),
+            Some(&1),
+            "one ErasureCompleted record for {id}"
+        );
+    }
+    let audited: Vec<Uuid> = read_log(&ing.topic(Topic::Audit))
+        .await?
+        .into_values()
+        .flatten()
+        .map(|r| {
+            let e: cdp_schemas::AuditEvent =
+                cdp_schemas::decode(r.value.as_deref().unwrap_or_default())?;
+            let cdp_schemas::AuditPayload::ErasureAudited(a) = e.payload;
+            Ok(a.request_id)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    assert_eq!(audited.len(), ERASED, "one audit record per request");
+    assert_eq!(
+        audited.iter().collect::<BTreeSet<_>>().len(),
+        ERASED,
+        "{audited:?}"
+    );
+
+    // Everyone else is as they were.
+    for (p, before) in kept.iter().zip(&kept_before) {
+        assert_eq!(&rows_of(&pool, "p_crash_read", *p).await?, before);
+    }
+    eprintln!("kills: {kills:?}");
+    requests.close().await;
+    drop(probes);
     ing.stop().await
 }

@@ -1,27 +1,21 @@
 //! `cdp identity` as a process the tests can SIGKILL: the same `cdp_identity::run`, configured
 //! from `CDP_*` variables (brokers, topic prefix, database, identifier key, group, schema,
-//! batch size); the rules are the defaults.
+//! batch size, extra Kafka properties); the rules are the defaults.
 
-use anyhow::Context;
 use cdp_identity::{IdentityArgs, IdentityConfig};
+use cdp_integration_tests::probe_env::{init_logging, kafka, var};
 use cdp_keystore::config::KeyArgs;
 use cdp_runtime::admin::Readiness;
-use cdp_runtime::config::{KafkaArgs, PostgresArgs, RunnerArgs, TelemetryArgs};
+use cdp_runtime::config::{PostgresArgs, RunnerArgs};
 use cdp_runtime::metrics::Metrics;
-use cdp_runtime::{telemetry, Shutdown};
-
-fn var(name: &str) -> anyhow::Result<String> {
-    std::env::var(name).with_context(|| format!("{name} is not set"))
-}
+use cdp_runtime::Shutdown;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init(&TelemetryArgs {
-        log_format: cdp_runtime::config::LogFormat::Pretty,
-        log_filter: std::env::var("CDP_LOG").unwrap_or_else(|_| "warn".to_owned()),
-    })?;
+    init_logging()?;
+    let kafka = kafka(var("CDP_TOPIC_PREFIX")?)?;
     let config = IdentityConfig {
-        kafka: KafkaArgs::local(var("CDP_KAFKA_BROKERS")?, var("CDP_TOPIC_PREFIX")?),
+        kafka,
         pg: PostgresArgs {
             database_url: var("CDP_DATABASE_URL")?,
             max_connections: 4,

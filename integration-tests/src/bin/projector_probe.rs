@@ -2,28 +2,18 @@
 //! from `CDP_*` variables (brokers, topic prefix, database, keys, group, schema prefix,
 //! batch size, extra Kafka properties).
 
-use anyhow::Context;
+use cdp_integration_tests::probe_env::{init_logging, kafka, var};
 use cdp_keystore::config::KeyArgs;
 use cdp_projector::{ProjectorArgs, ProjectorConfig};
 use cdp_runtime::admin::Readiness;
-use cdp_runtime::config::{KafkaArgs, PostgresArgs, RunnerArgs, TelemetryArgs};
+use cdp_runtime::config::{PostgresArgs, RunnerArgs};
 use cdp_runtime::metrics::Metrics;
-use cdp_runtime::{telemetry, Shutdown};
-
-fn var(name: &str) -> anyhow::Result<String> {
-    std::env::var(name).with_context(|| format!("{name} is not set"))
-}
+use cdp_runtime::Shutdown;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init(&TelemetryArgs {
-        log_format: cdp_runtime::config::LogFormat::Pretty,
-        log_filter: std::env::var("CDP_LOG").unwrap_or_else(|_| "warn".to_owned()),
-    })?;
-    let mut kafka = KafkaArgs::local(var("CDP_KAFKA_BROKERS")?, var("CDP_TOPIC_PREFIX")?);
-    kafka.properties = std::env::var("CDP_KAFKA_PROPERTIES")
-        .map(|p| p.split(',').map(str::to_owned).collect())
-        .unwrap_or_default();
+    init_logging()?;
+    let kafka = kafka(var("CDP_TOPIC_PREFIX")?)?;
     let config = ProjectorConfig {
         kafka,
         pg: PostgresArgs {

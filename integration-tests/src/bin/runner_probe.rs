@@ -3,32 +3,22 @@
 //! `CDP_KAFKA_BROKERS`, `CDP_DATABASE_URL`, `CDP_BATCH_SIZE`, `CDP_KAFKA_PROPERTIES`,
 //! `PROBE_TOPIC`, `PROBE_GROUP`, `PROBE_DLQ`, `PROBE_DELAY_MS`.
 
+use cdp_integration_tests::probe_env::{init_logging, kafka, var};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use cdp_integration_tests::ProbeHandler;
-use cdp_runtime::config::{KafkaArgs, PostgresArgs, RunnerArgs, TelemetryArgs};
+use cdp_runtime::config::{PostgresArgs, RunnerArgs};
 use cdp_runtime::kafka::producer::Producer;
 use cdp_runtime::kafka::runner::{self, RunnerConfig, StartFrom};
 use cdp_runtime::metrics::{Metrics, RunnerMetrics};
 use cdp_runtime::pg::PgSink;
-use cdp_runtime::{pg, telemetry, Shutdown};
-
-fn var(name: &str) -> anyhow::Result<String> {
-    std::env::var(name).with_context(|| format!("{name} is not set"))
-}
+use cdp_runtime::{pg, Shutdown};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init(&TelemetryArgs {
-        log_format: cdp_runtime::config::LogFormat::Pretty,
-        log_filter: std::env::var("CDP_LOG").unwrap_or_else(|_| "warn".to_owned()),
-    })?;
-    let mut kafka = KafkaArgs::local(var("CDP_KAFKA_BROKERS")?, "");
-    kafka.properties = std::env::var("CDP_KAFKA_PROPERTIES")
-        .map(|p| p.split(',').map(str::to_owned).collect())
-        .unwrap_or_default();
+    init_logging()?;
+    let kafka = kafka("")?;
     let pg_args = PostgresArgs {
         database_url: var("CDP_DATABASE_URL")?,
         max_connections: 2,
