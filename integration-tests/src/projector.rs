@@ -91,13 +91,13 @@ pub fn draft(n: u64, subjects: u64) -> (Option<Draft<CustomerEvent>>, Option<Dra
         ),
         6 => (
             customer(CustomerPayload::Transaction(Transaction {
-                order_id: format!("o-{n}"),
+                order_id: plain(format!("o-{n}")),
                 status: TransactionStatus::Completed,
                 amount: format!("{}.50", n % 100)
                     .parse()
                     .unwrap_or_else(|_| Amount::zero()),
                 currency: "EUR".to_owned(),
-                items: vec![],
+                line_items: None,
                 payment_method: Some("card".to_owned()),
                 coupon: None,
             })),
@@ -129,10 +129,10 @@ pub fn draft(n: u64, subjects: u64) -> (Option<Draft<CustomerEvent>>, Option<Dra
                         payload: CapsulePayload::Created(CapsuleCreated {
                             capsule_id,
                             owner_subject_id: String::new(),
-                            title: format!("Capsule {}", s % 20),
+                            title: plain(format!("Capsule {}", s % 20)),
                             content_type: "text/markdown".to_owned(),
                             storage_path: None,
-                            settings: Default::default(),
+                            settings_json: None,
                         }),
                     },
                     references: Vec::new(),

@@ -171,15 +171,20 @@ fn archiver_config(ing: &Ingest, store: StoreArgs) -> ArchiverConfig {
 /// identifiers as text, their keyed hashes (vault digests) and suppression entries, as
 /// text, hex and bytes. Searched: every column of every table of the database, every
 /// record of every topic of the platform and every record of the archive. Returns, per
-/// place, what kind of derivation was found.
+/// place, what kind of derivation was found. `facts` are other values the adversary knows
+/// of the person (an order id from the shop's records), searched as text.
 async fn adversary(
     ing: &Ingest,
     archive: &cdp_archiver::Archive,
     identifiers: &[RawIdentifier],
+    facts: &[&str],
 ) -> anyhow::Result<BTreeMap<String, BTreeSet<&'static str>>> {
     let hasher = ing.key_args.hasher()?;
     let suppression = ing.key_args.suppression_key()?;
-    let mut forms: Vec<(&'static str, Vec<u8>)> = Vec::new();
+    let mut forms: Vec<(&'static str, Vec<u8>)> = facts
+        .iter()
+        .map(|f| ("known fact", f.as_bytes().to_vec()))
+        .collect();
     for raw in identifiers {
         let normalized = hasher.identifier(raw)?;
         // Short values can occur by chance in hex and ciphertext; these are long enough.
@@ -297,6 +302,11 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
          "traits": {"email": email, "phone": phone, "firstName": "Ada"}, "messageId": "m2"},
         {"type": "track", "userId": "ada", "event": "Product Viewed",
          "properties": {"sku": "A-1"}, "messageId": "m3"},
+        {"type": "track", "userId": "ada", "event": "Order Completed", "messageId": "m3b",
+         "properties": {"order_id": "ada-order-4711", "total": 99.5, "currency": "EUR",
+                        "coupon": "ADA-WELCOME-10",
+                        "products": [{"product_id": "p-1", "name": "Difference Engine",
+                                      "quantity": 1, "price": 99.5}]}},
         {"type": "track", "userId": "ada-old", "event": "App Opened", "messageId": "m4"},
         {"type": "alias", "previousId": "ada-old", "userId": "ada", "messageId": "m5"},
         {"type": "identify", "userId": "grace",
@@ -559,9 +569,10 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
     assert_eq!((s.naming, s.openable), (1, s.sealed), "{s:?}");
     assert!(s.openable > 0);
 
-    // Someone holding every key of the platform and the person's plaintext identifiers
-    // finds, in every table, topic and archive file, only the suppression entries: the one
-    // thing kept, which names no request, token, profile or record.
+    // Someone holding every key of the platform, the person's plaintext identifiers and
+    // the shop's record of her order finds, in every table, topic and archive file, only
+    // the suppression entries: the one thing kept, which names no request, token, profile
+    // or record.
     let found = adversary(
         &ing,
         &archive,
@@ -572,6 +583,8 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
             RawIdentifier::new(IdentifierKind::UserId, "ada"),
             RawIdentifier::new(IdentifierKind::AnonymousId, "anon-ada"),
         ],
+        // What the shop's own records say about her order.
+        &["ada-order-4711", "ADA-WELCOME-10", "Difference Engine"],
     )
     .await?;
     assert_eq!(

@@ -1033,10 +1033,10 @@ async fn a_value_postgres_refuses_is_dead_lettered_and_the_pipeline_moves_on() -
             payload: CapsulePayload::Created(CapsuleCreated {
                 capsule_id: Uuid::from_u128(0xca95 + n),
                 owner_subject_id: String::new(),
-                title: title.to_owned(),
+                title: plain(title),
                 content_type: "text/plain".to_owned(),
                 storage_path: None,
-                settings: Default::default(),
+                settings_json: None,
             }),
         },
         references: Vec::new(),

@@ -101,7 +101,7 @@ pub fn customer_events() -> Vec<CustomerEvent> {
             CustomerPayload::PageViewed(PageViewed {
                 name: Some("Pricing".to_owned()),
                 category: Some("marketing".to_owned()),
-                title: Some("Pricing - Example".to_owned()),
+                title: sealed("Pricing - Example"),
                 url: sealed("https://example.org/pricing?ref=ada"),
                 referrer: None,
                 properties: None,
@@ -118,18 +118,18 @@ pub fn customer_events() -> Vec<CustomerEvent> {
         e(
             5,
             CustomerPayload::Transaction(Transaction {
-                order_id: "o-1001".to_owned(),
+                order_id: sealed("o-1001"),
                 status: TransactionStatus::Completed,
                 amount: amount("-1234.5678"),
                 currency: "EUR".to_owned(),
-                items: vec![LineItem {
+                line_items: sealed(&LineItem::json(&[LineItem {
                     product_id: "p-1".to_owned(),
                     sku: Some("SKU-1".to_owned()),
                     name: Some("Analytical Engine".to_owned()),
                     category: Some("machines".to_owned()),
                     quantity: 2,
                     unit_price: amount("617.2839"),
-                }],
+                }])),
                 payment_method: Some("card".to_owned()),
                 coupon: None,
             }),
@@ -168,10 +168,10 @@ pub fn capsule_events() -> Vec<CapsuleEvent> {
             CapsulePayload::Created(CapsuleCreated {
                 capsule_id,
                 owner_subject_id: token("2"),
-                title: "Spring lookbook".to_owned(),
+                title: sealed("Spring lookbook"),
                 content_type: "text/markdown".to_owned(),
-                storage_path: Some("capsules/c0/index.md".to_owned()),
-                settings: BTreeMap::from([("comments".to_owned(), "off".to_owned())]),
+                storage_path: sealed("capsules/c0/index.md"),
+                settings_json: sealed(r#"{"comments":"off"}"#),
             }),
         ),
         e(
@@ -180,7 +180,7 @@ pub fn capsule_events() -> Vec<CapsuleEvent> {
                 capsule_id,
                 content_id: id(0xC1),
                 content_type: "image/png".to_owned(),
-                storage_path: Some("capsules/c0/1.png".to_owned()),
+                storage_path: sealed("capsules/c0/1.png"),
                 size_bytes: Some(48_213),
                 body: sealed("caption"),
             }),
@@ -204,7 +204,7 @@ pub fn capsule_events() -> Vec<CapsuleEvent> {
             15,
             CapsulePayload::Deleted(CapsuleDeleted {
                 capsule_id,
-                reason: Some("owner request".to_owned()),
+                reason: sealed("owner request"),
             }),
         ),
     ]

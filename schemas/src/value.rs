@@ -100,14 +100,6 @@ pub(crate) fn decimal(a: Amount) -> Value {
     Value::Decimal(apache_avro::Decimal::from(a.to_twos_complement()))
 }
 
-pub(crate) fn string_map(m: &std::collections::BTreeMap<String, String>) -> Value {
-    Value::Map(
-        m.iter()
-            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-            .collect(),
-    )
-}
-
 pub(crate) fn long_map(m: &std::collections::BTreeMap<String, i64>) -> Value {
     Value::Map(
         m.iter()
@@ -351,27 +343,6 @@ impl Fields {
                             out.insert(k, n);
                         }
                         other => return Err(self.wrong(field, "map of longs", &other)),
-                    }
-                }
-                Ok(out)
-            }
-            v => Err(self.wrong(field, "map", &v)),
-        }
-    }
-
-    pub(crate) fn string_map(
-        &mut self,
-        field: &'static str,
-    ) -> Result<std::collections::BTreeMap<String, String>, ContractError> {
-        match self.take(field)? {
-            Value::Map(m) => {
-                let mut out = std::collections::BTreeMap::new();
-                for (k, v) in m {
-                    match v {
-                        Value::String(s) => {
-                            out.insert(k, s);
-                        }
-                        other => return Err(self.wrong(field, "map of strings", &other)),
                     }
                 }
                 Ok(out)

@@ -261,8 +261,10 @@ fn fingerprints_are_the_specifications() {
     let expected: &[(&str, i32, u64)] = &[
         ("customer-event", 1, 0x105f_68ad_b988_1eba),
         ("customer-event", 2, 0x830c_2a9a_d56a_b304),
+        ("customer-event", 3, 0x0ecc_650d_208d_6d73),
         ("capsule-event", 1, 0x060e_e70b_1b39_b990),
         ("capsule-event", 2, 0xd8d4_6e14_5898_c044),
+        ("capsule-event", 3, 0x8daf_a136_1402_5e62),
         ("compliance-event", 1, 0x91ec_15a2_2f0c_2fa8),
         ("compliance-event", 2, 0x53df_d34f_bcc3_56a5),
         ("compliance-event", 3, 0x7d8e_eddc_a295_bc4e),

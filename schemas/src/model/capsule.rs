@@ -1,8 +1,6 @@
 //! Capsule events: `cdp.capsule.CapsuleEvent` (schemas/avro/capsule-event.avsc).
 //! A capsule is a published content item that customers interact with.
 
-use std::collections::BTreeMap;
-
 use apache_avro::types::Value;
 use uuid::Uuid;
 
@@ -41,10 +39,13 @@ pub enum CapsulePayload {
 pub struct CapsuleCreated {
     pub capsule_id: Uuid,
     pub owner_subject_id: String,
-    pub title: String,
+    /// Sealed.
+    pub title: Option<Sealed>,
     pub content_type: String,
-    pub storage_path: Option<String>,
-    pub settings: BTreeMap<String, String>,
+    /// Sealed.
+    pub storage_path: Option<Sealed>,
+    /// Sealed JSON object of string values.
+    pub settings_json: Option<Sealed>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,7 +53,8 @@ pub struct CapsuleContentAdded {
     pub capsule_id: Uuid,
     pub content_id: Uuid,
     pub content_type: String,
-    pub storage_path: Option<String>,
+    /// Sealed.
+    pub storage_path: Option<Sealed>,
     pub size_bytes: Option<i64>,
     /// Inline user-generated content, sealed.
     pub body: Option<Sealed>,
@@ -83,7 +85,27 @@ pub struct CapsuleViewed {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CapsuleDeleted {
     pub capsule_id: Uuid,
-    pub reason: Option<String>,
+    /// Sealed free text.
+    pub reason: Option<Sealed>,
+}
+
+/// The fields marked `"pii": true`, by name, of a payload (`mut` for mutable references).
+macro_rules! capsule_pii {
+    ($payload:expr, $($m:ident)?) => {
+        match $payload {
+            Self::Created(p) => vec![
+                ("title", &$($m)? p.title),
+                ("storage_path", &$($m)? p.storage_path),
+                ("settings_json", &$($m)? p.settings_json),
+            ],
+            Self::ContentAdded(p) => vec![
+                ("storage_path", &$($m)? p.storage_path),
+                ("body", &$($m)? p.body),
+            ],
+            Self::Deleted(p) => vec![("reason", &$($m)? p.reason)],
+            Self::Published(_) | Self::Viewed(_) => vec![],
+        }
+    };
 }
 
 impl CapsulePayload {
@@ -102,18 +124,12 @@ impl CapsulePayload {
 
     /// Every field marked `"pii": true` in the schema, by field name.
     pub fn pii_mut(&mut self) -> Vec<(&'static str, &mut Option<Sealed>)> {
-        match self {
-            Self::ContentAdded(p) => vec![("body", &mut p.body)],
-            _ => vec![],
-        }
+        capsule_pii!(self, mut)
     }
 
     /// The same fields as [`Self::pii_mut`], read only.
     pub fn pii(&self) -> Vec<(&'static str, &Option<Sealed>)> {
-        match self {
-            Self::ContentAdded(p) => vec![("body", &p.body)],
-            _ => vec![],
-        }
+        capsule_pii!(self,)
     }
 
     pub fn event_type(&self) -> &'static str {
@@ -144,10 +160,10 @@ impl CapsulePayload {
                 vec![
                     ("capsule_id", value::uuid(&p.capsule_id)),
                     ("owner_subject_id", value::string(&p.owner_subject_id)),
-                    ("title", value::string(&p.title)),
+                    ("title", value::sealed(&p.title)),
                     ("content_type", value::string(&p.content_type)),
-                    ("storage_path", value::opt_string(&p.storage_path)),
-                    ("settings", value::string_map(&p.settings)),
+                    ("storage_path", value::sealed(&p.storage_path)),
+                    ("settings_json", value::sealed(&p.settings_json)),
                 ],
             ),
             Self::ContentAdded(p) => (
@@ -156,7 +172,7 @@ impl CapsulePayload {
                     ("capsule_id", value::uuid(&p.capsule_id)),
                     ("content_id", value::uuid(&p.content_id)),
                     ("content_type", value::string(&p.content_type)),
-                    ("storage_path", value::opt_string(&p.storage_path)),
+                    ("storage_path", value::sealed(&p.storage_path)),
                     ("size_bytes", value::opt_long(p.size_bytes)),
                     ("body", value::sealed(&p.body)),
                 ],
@@ -180,7 +196,7 @@ impl CapsulePayload {
                 4,
                 vec![
                     ("capsule_id", value::uuid(&p.capsule_id)),
-                    ("reason", value::opt_string(&p.reason)),
+                    ("reason", value::sealed(&p.reason)),
                 ],
             ),
         };
@@ -194,10 +210,10 @@ impl CapsulePayload {
                 Self::Created(CapsuleCreated {
                     capsule_id: f.uuid("capsule_id")?,
                     owner_subject_id: f.string("owner_subject_id")?,
-                    title: f.string("title")?,
+                    title: f.sealed("title")?,
                     content_type: f.string("content_type")?,
-                    storage_path: f.opt_string("storage_path")?,
-                    settings: f.string_map("settings")?,
+                    storage_path: f.sealed("storage_path")?,
+                    settings_json: f.sealed("settings_json")?,
                 })
             }
             1 => {
@@ -206,7 +222,7 @@ impl CapsulePayload {
                     capsule_id: f.uuid("capsule_id")?,
                     content_id: f.uuid("content_id")?,
                     content_type: f.string("content_type")?,
-                    storage_path: f.opt_string("storage_path")?,
+                    storage_path: f.sealed("storage_path")?,
                     size_bytes: f.opt_long("size_bytes")?,
                     body: f.sealed("body")?,
                 })
@@ -230,7 +246,7 @@ impl CapsulePayload {
                 let mut f = Fields::new("CapsuleDeleted", v)?;
                 Self::Deleted(CapsuleDeleted {
                     capsule_id: f.uuid("capsule_id")?,
-                    reason: f.opt_string("reason")?,
+                    reason: f.sealed("reason")?,
                 })
             }
         })

@@ -71,7 +71,7 @@ pub struct Track {
 pub struct PageViewed {
     pub name: Option<String>,
     pub category: Option<String>,
-    pub title: Option<String>,
+    pub title: Option<Sealed>,
     pub url: Option<Sealed>,
     pub referrer: Option<Sealed>,
     pub properties: Option<Sealed>,
@@ -87,14 +87,17 @@ pub struct ScreenViewed {
 /// An order or payment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transaction {
-    pub order_id: String,
+    /// Sealed.
+    pub order_id: Option<Sealed>,
     pub status: TransactionStatus,
     pub amount: Amount,
     /// ISO 4217, upper case.
     pub currency: String,
-    pub items: Vec<LineItem>,
+    /// Sealed JSON array of [`LineItem::json`].
+    pub line_items: Option<Sealed>,
     pub payment_method: Option<String>,
-    pub coupon: Option<String>,
+    /// Sealed.
+    pub coupon: Option<Sealed>,
 }
 
 avro_enum! {
@@ -106,6 +109,7 @@ avro_enum! {
     }
 }
 
+/// One line of an order, as the sealed `line_items` JSON holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LineItem {
     pub product_id: String,
@@ -168,12 +172,18 @@ macro_rules! customer_pii {
             ],
             Self::Track(p) => vec![("properties", &$($m)? p.properties)],
             Self::PageViewed(p) => vec![
+                ("title", &$($m)? p.title),
                 ("url", &$($m)? p.url),
                 ("referrer", &$($m)? p.referrer),
                 ("properties", &$($m)? p.properties),
             ],
             Self::ScreenViewed(p) => vec![("properties", &$($m)? p.properties)],
-            Self::Transaction(_) | Self::ConsentChanged(_) | Self::Alias(_) => vec![],
+            Self::Transaction(p) => vec![
+                ("order_id", &$($m)? p.order_id),
+                ("line_items", &$($m)? p.line_items),
+                ("coupon", &$($m)? p.coupon),
+            ],
+            Self::ConsentChanged(_) | Self::Alias(_) => vec![],
         }
     };
 }
@@ -313,7 +323,7 @@ impl PageViewed {
         value::record(vec![
             ("name", value::opt_string(&self.name)),
             ("category", value::opt_string(&self.category)),
-            ("title", value::opt_string(&self.title)),
+            ("title", value::sealed(&self.title)),
             ("url", value::sealed(&self.url)),
             ("referrer", value::sealed(&self.referrer)),
             ("properties", value::sealed(&self.properties)),
@@ -324,7 +334,7 @@ impl PageViewed {
         Ok(Self {
             name: f.opt_string("name")?,
             category: f.opt_string("category")?,
-            title: f.opt_string("title")?,
+            title: f.sealed("title")?,
             url: f.sealed("url")?,
             referrer: f.sealed("referrer")?,
             properties: f.sealed("properties")?,
@@ -353,57 +363,49 @@ impl ScreenViewed {
 impl Transaction {
     fn to_value(&self) -> Value {
         value::record(vec![
-            ("order_id", value::string(&self.order_id)),
+            ("order_id", value::sealed(&self.order_id)),
             ("status", self.status.to_value()),
             ("amount", value::decimal(self.amount)),
             ("currency", value::string(&self.currency)),
-            (
-                "items",
-                Value::Array(self.items.iter().map(LineItem::to_value).collect()),
-            ),
+            ("line_items", value::sealed(&self.line_items)),
             ("payment_method", value::opt_string(&self.payment_method)),
-            ("coupon", value::opt_string(&self.coupon)),
+            ("coupon", value::sealed(&self.coupon)),
         ])
     }
 
     fn from_fields(mut f: Fields) -> Result<Self, ContractError> {
         Ok(Self {
-            order_id: f.string("order_id")?,
+            order_id: f.sealed("order_id")?,
             status: f.symbol("status")?,
             amount: f.decimal("amount")?,
             currency: f.string("currency")?,
-            items: f
-                .array("items")?
-                .into_iter()
-                .map(|v| LineItem::from_fields(Fields::new("LineItem", v)?))
-                .collect::<Result<_, _>>()?,
+            line_items: f.sealed("line_items")?,
             payment_method: f.opt_string("payment_method")?,
-            coupon: f.opt_string("coupon")?,
+            coupon: f.sealed("coupon")?,
         })
     }
 }
 
 impl LineItem {
-    fn to_value(&self) -> Value {
-        value::record(vec![
-            ("product_id", value::string(&self.product_id)),
-            ("sku", value::opt_string(&self.sku)),
-            ("name", value::opt_string(&self.name)),
-            ("category", value::opt_string(&self.category)),
-            ("quantity", Value::Int(self.quantity)),
-            ("unit_price", value::decimal(self.unit_price)),
-        ])
-    }
-
-    fn from_fields(mut f: Fields) -> Result<Self, ContractError> {
-        Ok(Self {
-            product_id: f.string("product_id")?,
-            sku: f.opt_string("sku")?,
-            name: f.opt_string("name")?,
-            category: f.opt_string("category")?,
-            quantity: f.int("quantity")?,
-            unit_price: f.decimal("unit_price")?,
-        })
+    /// The JSON array the sealed `line_items` field holds: per line `product_id`, `sku`,
+    /// `name`, `category`, `quantity` and `unit_price` (a decimal string).
+    pub fn json(items: &[LineItem]) -> String {
+        serde_json::Value::Array(
+            items
+                .iter()
+                .map(|i| {
+                    serde_json::json!({
+                        "product_id": i.product_id,
+                        "sku": i.sku,
+                        "name": i.name,
+                        "category": i.category,
+                        "quantity": i.quantity,
+                        "unit_price": i.unit_price.to_string(),
+                    })
+                })
+                .collect(),
+        )
+        .to_string()
     }
 }
 

@@ -36,6 +36,13 @@ contract!(
                 env!("CARGO_MANIFEST_DIR"),
                 "/avro/history/customer-event/v2.avsc"
             ))
+        ),
+        (
+            3,
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/avro/history/customer-event/v3.avsc"
+            ))
         )
     ]
 );
@@ -57,6 +64,13 @@ contract!(
             include_str!(concat!(
                 env!("CARGO_MANIFEST_DIR"),
                 "/avro/history/capsule-event/v2.avsc"
+            ))
+        ),
+        (
+            3,
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/avro/history/capsule-event/v3.avsc"
             ))
         )
     ]

@@ -108,7 +108,7 @@ fn extra_identifiers(c: &mut Common<'_>, ctx: &Ctx<'_>, errs: &mut Errors) {
     }
 }
 
-fn settings(o: &Obj<'_>, errs: &mut Errors) -> std::collections::BTreeMap<String, String> {
+fn settings(o: &Obj<'_>, errs: &mut Errors) -> Option<cdp_schemas::Sealed> {
     let mut out = std::collections::BTreeMap::new();
     if let Some(s) = errs.check(o.opt_obj("settings")).flatten() {
         for (k, v) in s.map {
@@ -123,7 +123,10 @@ fn settings(o: &Obj<'_>, errs: &mut Errors) -> std::collections::BTreeMap<String
             }
         }
     }
-    out
+    if out.is_empty() {
+        return None;
+    }
+    serde_json::to_string(&out).ok().and_then(plain)
 }
 
 /// A capsule payload; a created capsule's owner is the event's subject, which the publisher
@@ -138,10 +141,10 @@ fn capsule(kind: &str, p: &Obj<'_>, errs: &mut Errors) -> Option<CapsulePayload>
             CapsulePayload::Created(CapsuleCreated {
                 capsule_id: capsule_id?,
                 owner_subject_id: String::new(),
-                title: title?,
+                title: plain(title?),
                 content_type: content_type?,
-                storage_path: s(errs, "storage_path"),
-                settings: settings(p, errs),
+                storage_path: s(errs, "storage_path").and_then(plain),
+                settings_json: settings(p, errs),
             })
         }
         "capsule.content_added" => {
@@ -151,7 +154,7 @@ fn capsule(kind: &str, p: &Obj<'_>, errs: &mut Errors) -> Option<CapsulePayload>
                 capsule_id: capsule_id?,
                 content_id: content_id?,
                 content_type: content_type?,
-                storage_path: s(errs, "storage_path"),
+                storage_path: s(errs, "storage_path").and_then(plain),
                 size_bytes: errs.check(p.opt_i64("size_bytes")).flatten(),
                 body: s(errs, "body").and_then(plain),
             })
@@ -174,7 +177,7 @@ fn capsule(kind: &str, p: &Obj<'_>, errs: &mut Errors) -> Option<CapsulePayload>
         }),
         _ => CapsulePayload::Deleted(CapsuleDeleted {
             capsule_id: capsule_id?,
-            reason: s(errs, "reason"),
+            reason: s(errs, "reason").and_then(plain),
         }),
     };
     Some(payload)
@@ -238,13 +241,15 @@ fn customer(kind: &str, p: &Obj<'_>, errs: &mut Errors) -> Option<CustomerPayloa
         errs,
     );
     Some(CustomerPayload::Transaction(Transaction {
-        order_id: order_id?,
+        order_id: plain(order_id?),
         status: status?,
         amount: amount?,
         currency: currency?,
-        items,
+        line_items: (!items.is_empty())
+            .then(|| LineItem::json(&items))
+            .and_then(plain),
         payment_method: errs.check(p.opt_str("payment_method")).flatten(),
-        coupon: errs.check(p.opt_str("coupon")).flatten(),
+        coupon: errs.check(p.opt_str("coupon")).flatten().and_then(plain),
     }))
 }
 

@@ -328,13 +328,15 @@ fn transaction(
         errs,
     );
     Some(CustomerPayload::Transaction(Transaction {
-        order_id: order_id?,
+        order_id: plain(order_id?),
         status,
         amount: amount?,
         currency: currency?,
-        items,
+        line_items: (!items.is_empty())
+            .then(|| LineItem::json(&items))
+            .and_then(plain),
         payment_method: errs.check(p.opt_str("payment_method")).flatten(),
-        coupon: errs.check(p.opt_str("coupon")).flatten(),
+        coupon: errs.check(p.opt_str("coupon")).flatten().and_then(plain),
     }))
 }
 
@@ -430,7 +432,7 @@ fn page(c: &Common<'_>, errs: &mut Errors) -> Option<CustomerPayload> {
     };
     Some(CustomerPayload::PageViewed(PageViewed {
         category: s(errs, "category").or_else(|| errs.check(c.obj.opt_str("category")).flatten()),
-        title: s(errs, "title"),
+        title: s(errs, "title").and_then(plain),
         url: s(errs, "url").and_then(plain),
         referrer: s(errs, "referrer").and_then(plain),
         properties: props

@@ -263,15 +263,17 @@ impl ProjectorHandler {
             CustomerPayload::PageViewed(p) => {
                 let mut props =
                     json_object(opener.text(subject, "properties", &p.properties, id)?);
-                for (field, v) in [("url", &p.url), ("referrer", &p.referrer)] {
+                for (field, v) in [
+                    ("url", &p.url),
+                    ("referrer", &p.referrer),
+                    ("title", &p.title),
+                ] {
                     if let Some(text) = opener.text(subject, field, v, id)? {
                         props.insert(field.to_owned(), serde_json::Value::String(text));
                     }
                 }
-                for (k, v) in [("title", &p.title), ("category", &p.category)] {
-                    if let Some(v) = v {
-                        props.insert(k.to_owned(), serde_json::Value::String(v.clone()));
-                    }
+                if let Some(c) = &p.category {
+                    props.insert("category".to_owned(), serde_json::Value::String(c.clone()));
                 }
                 let row = interaction(
                     "Page Viewed",
@@ -300,14 +302,17 @@ impl ProjectorHandler {
                 rows.interactions.insert(id, row);
             }
             CustomerPayload::Transaction(t) => {
-                let items: Vec<serde_json::Value> = t
-                    .items
-                    .iter()
-                    .map(|i| {
-                        serde_json::json!({"product_id": i.product_id, "sku": i.sku, "name": i.name, "category": i.category,
-                                           "quantity": i.quantity, "unit_price": i.unit_price.to_string()})
+                let order_id = opener
+                    .text(subject, "order_id", &t.order_id, id)?
+                    .unwrap_or_default();
+                // The sealed lines as they are, when they are a JSON array.
+                let items = opener
+                    .text(subject, "line_items", &t.line_items, id)?
+                    .filter(|j| {
+                        serde_json::from_str::<serde_json::Value>(j).is_ok_and(|v| v.is_array())
                     })
-                    .collect();
+                    .unwrap_or_else(|| "[]".to_owned());
+                let coupon = opener.text(subject, "coupon", &t.coupon, id)?;
                 rows.transactions.insert(
                     id,
                     TransactionRow {
@@ -315,13 +320,13 @@ impl ProjectorHandler {
                         profile_id: profile,
                         origin,
                         occurred_at: env.occurred_at,
-                        order_id: &t.order_id,
+                        order_id,
                         status: t.status.as_str(),
                         amount: t.amount.to_string(),
                         currency: &t.currency,
-                        items: serde_json::Value::Array(items).to_string(),
+                        items,
                         payment_method: t.payment_method.as_deref(),
-                        coupon: t.coupon.as_deref(),
+                        coupon,
                         source: &env.source,
                     },
                 );
@@ -376,25 +381,43 @@ impl ProjectorHandler {
         let Owner { origin, profile } = owner;
         rows.seen(profile, stamp, &env.source);
         match &e.payload {
-            CapsulePayload::Created(c) => rows.created(
-                c.capsule_id,
-                CapsuleCreatedRow {
+            CapsulePayload::Created(c) => {
+                let subject = &env.subject.subject_id;
+                // The sealed settings as they are, when they are a JSON object.
+                let settings = opener
+                    .text(subject, "settings_json", &c.settings_json, env.event_id)?
+                    .filter(|j| {
+                        serde_json::from_str::<serde_json::Value>(j).is_ok_and(|v| v.is_object())
+                    })
+                    .unwrap_or_else(|| "{}".to_owned());
+                let row = CapsuleCreatedRow {
                     owner_profile_id: profile,
-                    title: &c.title,
+                    title: opener.text(subject, "title", &c.title, env.event_id)?,
                     content_type: &c.content_type,
-                    storage_path: c.storage_path.as_deref(),
-                    settings: serde_json::to_string(&c.settings)
-                        .unwrap_or_else(|_| "null".to_owned()),
+                    storage_path: opener.text(
+                        subject,
+                        "storage_path",
+                        &c.storage_path,
+                        env.event_id,
+                    )?,
+                    settings,
                     stamp,
-                },
-            ),
+                };
+                rows.created(c.capsule_id, row)
+            }
             CapsulePayload::ContentAdded(c) => {
-                let body = opener.text(&env.subject.subject_id, "body", &c.body, env.event_id)?;
+                let subject = &env.subject.subject_id;
+                let body = opener.text(subject, "body", &c.body, env.event_id)?;
                 let row = CapsuleContentRow {
                     content_id: c.content_id,
                     capsule_id: c.capsule_id,
                     content_type: &c.content_type,
-                    storage_path: c.storage_path.as_deref(),
+                    storage_path: opener.text(
+                        subject,
+                        "storage_path",
+                        &c.storage_path,
+                        env.event_id,
+                    )?,
                     size_bytes: c.size_bytes,
                     body,
                     stamp,
@@ -423,7 +446,11 @@ impl ProjectorHandler {
                     },
                 );
             }
-            CapsulePayload::Deleted(d) => rows.deleted(d.capsule_id, d.reason.as_deref(), stamp),
+            CapsulePayload::Deleted(d) => {
+                let reason =
+                    opener.text(&env.subject.subject_id, "reason", &d.reason, env.event_id)?;
+                rows.deleted(d.capsule_id, reason, stamp)
+            }
         }
         Ok(())
     }

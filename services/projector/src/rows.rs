@@ -62,14 +62,14 @@ pub struct TransactionRow<'a> {
     pub profile_id: Uuid,
     pub origin: Uuid,
     pub occurred_at: DateTime<Utc>,
-    pub order_id: &'a str,
+    pub order_id: String,
     pub status: &'static str,
     pub amount: String,
     pub currency: &'a str,
     /// A JSON array, as text.
     pub items: String,
     pub payment_method: Option<&'a str>,
-    pub coupon: Option<&'a str>,
+    pub coupon: Option<String>,
     pub source: &'a str,
 }
 
@@ -84,9 +84,9 @@ pub struct ConsentRow<'a> {
 #[derive(Debug, Clone)]
 pub struct CapsuleCreatedRow<'a> {
     pub owner_profile_id: Uuid,
-    pub title: &'a str,
+    pub title: Option<String>,
     pub content_type: &'a str,
-    pub storage_path: Option<&'a str>,
+    pub storage_path: Option<String>,
     /// A JSON document, as text.
     pub settings: String,
     pub stamp: Stamp,
@@ -97,7 +97,7 @@ pub struct CapsuleContentRow<'a> {
     pub content_id: Uuid,
     pub capsule_id: Uuid,
     pub content_type: &'a str,
-    pub storage_path: Option<&'a str>,
+    pub storage_path: Option<String>,
     pub size_bytes: Option<i64>,
     pub body: Option<String>,
     pub stamp: Stamp,
@@ -130,7 +130,7 @@ pub struct Rows<'a> {
     /// capsule → (visibility, stamp): the latest publication.
     pub capsules_published: HashMap<Uuid, (&'static str, Stamp)>,
     /// capsule → (reason, stamp): the first deletion.
-    pub capsules_deleted: HashMap<Uuid, (Option<&'a str>, Stamp)>,
+    pub capsules_deleted: HashMap<Uuid, (Option<String>, Stamp)>,
     pub contents: HashMap<Uuid, CapsuleContentRow<'a>>,
     pub views: HashMap<Uuid, CapsuleViewRow<'a>>,
     /// Profiles whose snapshot changes.
@@ -215,7 +215,7 @@ impl<'a> Rows<'a> {
         }
     }
 
-    pub fn deleted(&mut self, capsule: Uuid, reason: Option<&'a str>, stamp: Stamp) {
+    pub fn deleted(&mut self, capsule: Uuid, reason: Option<String>, stamp: Stamp) {
         match self.capsules_deleted.get(&capsule) {
             Some((_, old)) if *old <= stamp => {}
             _ => {
