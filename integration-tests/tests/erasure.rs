@@ -1284,3 +1284,178 @@ async fn kill_9_of_the_processor_and_the_services_during_erasures_completes_each
     drop(probes);
     ing.stop().await
 }
+
+/// An erasure filed while the projector rebuilds into a new generation leaves the new
+/// generation clean once it is swapped in, and a later erasure also scrubs the retired
+/// generation (kept for rollback, consumed by nobody).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_erasure_during_a_projector_rebuild_leaves_every_generation_clean() -> anyhow::Result<()>
+{
+    cdp_integration_tests::log_from_env()?;
+    require_broker().await?;
+    let ing = Ingest::start_with(Options {
+        erasure_propagation_ms: 0,
+        ..Options::default()
+    })
+    .await?;
+    // Two people to erase, a control person, and enough of everyone else's traffic that
+    // a rebuild takes a while.
+    let mut batch = Vec::new();
+    for who in ["ada", "bob", "grace"] {
+        batch.push(
+            json!({"type": "identify", "anonymousId": format!("anon-{who}"),
+                          "userId": who, "traits": {"email": format!("{who}@example.org")}}),
+        );
+        batch.push(json!({"type": "track", "userId": who, "event": "Signed In"}));
+    }
+    let (status, body) = ing.post("/v1/batch", &json!({ "batch": batch })).await?;
+    assert_eq!(status, 200, "{body}");
+    for chunk in 0..20 {
+        let filler: Vec<_> = (0..1_000)
+            .map(|i| {
+                json!({"type": "track", "userId": format!("u{}", (chunk * 1_000 + i) % 2_000),
+                            "event": "Product Viewed", "properties": {"sku": "x"}})
+            })
+            .collect();
+        let (status, body) = ing.post("/v1/batch", &json!({ "batch": filler })).await?;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    let ic = identity_for(&ing.kafka, &ing.db, &ing.key_args, "id_rb");
+    cdp_identity::pool(&ic.pg, &ic.identity.schema)
+        .await?
+        .close()
+        .await;
+    let pc = projector_config(&ing, "rb");
+    let mut ec = erasure_config(&ing, "id_rb");
+    ec.erasure.schema = "erasure_rb".to_owned();
+    let (stop_i, task_i) = cdp_integration_tests::identity::spawn(ic.clone());
+    let (stop_p, task_p) = cdp_integration_tests::projector::spawn(pc.clone());
+    let (stop_e, task_e) = spawn_erasure(ec.clone());
+    let pool = ing.db.pool.clone();
+    cdp_integration_tests::identity::caught_up(&pool, &ic, &ing.topic(Topic::CustomerEvents), WAIT)
+        .await?;
+    cdp_integration_tests::projector::caught_up(&pool, &pc, WAIT, Duration::from_millis(100))
+        .await?;
+    let person = |who: &'static str| {
+        let ing = &ing;
+        let pool = &pool;
+        async move {
+            let mut tokens = Vec::new();
+            for (kind, value) in [
+                (IdentifierKind::UserId, who.to_owned()),
+                (IdentifierKind::AnonymousId, format!("anon-{who}")),
+                (IdentifierKind::Email, format!("{who}@example.org")),
+            ] {
+                tokens.push(ing.token(kind, &value).await?);
+            }
+            let profiles: Vec<Uuid> = sqlx::query_scalar(
+                "SELECT DISTINCT profile_id FROM id_rb.identity_nodes WHERE token = ANY($1)",
+            )
+            .bind(&tokens)
+            .fetch_all(pool)
+            .await?;
+            let mut profiles: BTreeSet<Uuid> = profiles.into_iter().collect();
+            profiles.extend(tokens.iter().map(|t| cdp_schemas::profile_id_of(t)));
+            Ok::<_, anyhow::Error>((profiles.into_iter().collect::<Vec<_>>(), tokens))
+        }
+    };
+    let (ada_profiles, ada_tokens) = person("ada").await?;
+    let (bob_profiles, bob_tokens) = person("bob").await?;
+    let grace: Uuid =
+        sqlx::query_scalar("SELECT profile_id FROM id_rb.identity_nodes WHERE token = $1")
+            .bind(ing.token(IdentifierKind::UserId, "grace").await?)
+            .fetch_one(&pool)
+            .await?;
+    let grace_before = rows_of(&pool, "p_rb_read", grace).await?;
+    assert!(!grace_before.is_empty());
+
+    // Rebuild from earliest; erase ada while generation 2 is building.
+    let rebuild = tokio::spawn(cdp_projector::rebuild(
+        pc.clone(),
+        cdp_projector::ReplayFrom::Earliest,
+        cdp_runtime::Shutdown::new(),
+    ));
+    let generation_state = |n: i32| {
+        let pool = &pool;
+        async move {
+            let s: Option<String> = sqlx::query_scalar(
+                "SELECT state FROM projector_generations WHERE prefix = 'p_rb' AND generation = $1",
+            )
+            .bind(n)
+            .fetch_optional(pool)
+            .await?;
+            Ok::<_, anyhow::Error>(s)
+        }
+    };
+    wait_until("generation 2 building", WAIT, || async {
+        Ok(generation_state(2).await?.as_deref() == Some("building"))
+    })
+    .await?;
+    let requests = cdp_erasure::Requests::open(&ec).await?;
+    let erase = |who: &str| Request {
+        identifiers: vec![RawIdentifier::new(
+            IdentifierKind::Email,
+            format!("{who}@example.org"),
+        )],
+        profiles: Vec::new(),
+        requested_by: "dpo@example.org".to_owned(),
+        reason: None,
+        suppress: true,
+        force: false,
+    };
+    let ada = requests.file(&erase("ada")).await?;
+    assert_eq!(
+        generation_state(2).await?.as_deref(),
+        Some("building"),
+        "the request was filed during the rebuild"
+    );
+    let done = requests
+        .wait_final(ada, WAIT)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("ada's erasure did not complete"))?;
+    assert_eq!(done.state, "completed");
+    let rebuilt = rebuild.await??;
+    assert_eq!(rebuilt.generation, 2);
+    // The watcher moves the running projector to generation 2; it reads what is left of
+    // the compliance topic there.
+    cdp_integration_tests::projector::caught_up(&pool, &pc, WAIT, Duration::from_millis(100))
+        .await?;
+    for schema in ["p_rb_read", "p_rb_g1", "p_rb_g2"] {
+        let left = remains(&pool, (schema, "id_rb"), &ada_profiles, &ada_tokens).await?;
+        assert!(left.values().all(|n| *n == 0), "ada in {schema}: {left:?}");
+    }
+    assert_eq!(rows_of(&pool, "p_rb_read", grace).await?, grace_before);
+
+    // After the swap, an erasure reaches the retired generation too.
+    let bob = requests.file(&erase("bob")).await?;
+    let done = requests
+        .wait_final(bob, WAIT)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("bob's erasure did not complete"))?;
+    assert_eq!(done.state, "completed");
+    let projector = done
+        .answers
+        .iter()
+        .find(|a| a.service == "projector")
+        .ok_or_else(|| anyhow::anyhow!("no answer of the projector: {done:?}"))?;
+    assert!(
+        projector.stores.keys().any(|t| t.starts_with("g1.")),
+        "the retired generation was scrubbed: {projector:?}"
+    );
+    for schema in ["p_rb_read", "p_rb_g1"] {
+        let left = remains(&pool, (schema, "id_rb"), &bob_profiles, &bob_tokens).await?;
+        assert!(left.values().all(|n| *n == 0), "bob in {schema}: {left:?}");
+    }
+    assert!(requests.verify(bob, &[]).await?.clean());
+    requests.close().await;
+    for (stop, task) in [(stop_e, task_e)] {
+        stop.trigger();
+        task.await??;
+    }
+    stop_p.trigger();
+    task_p.await??;
+    stop_i.trigger();
+    task_i.await??;
+    ing.stop().await
+}
