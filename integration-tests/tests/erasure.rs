@@ -1459,3 +1459,161 @@ async fn an_erasure_during_a_projector_rebuild_leaves_every_generation_clean() -
     task_i.await??;
     ing.stop().await
 }
+
+/// Every record of `topics` on the broker of `kafka`, as (key, is a tombstone).
+async fn every_record(
+    kafka: &cdp_runtime::config::KafkaArgs,
+    topics: Vec<String>,
+) -> anyhow::Result<Vec<(String, bool)>> {
+    let kafka = kafka.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        cdp_runtime::replay::scan(&kafka, &topics, Duration::from_secs(30), |r| {
+            out.push((
+                String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned(),
+                r.value.is_none(),
+            ))
+        })?;
+        Ok(out)
+    })
+    .await?
+}
+
+/// On a broker of the test's own that compacts every second (sqlite storage, its
+/// maintenance task), an erased person's older records on the compacted topics (profile
+/// snapshots, identity links and merges) are physically gone: only their tombstones are
+/// left, while the control person's latest snapshot stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_broker_compacts_away_an_erased_persons_older_records() -> anyhow::Result<()> {
+    cdp_integration_tests::log_from_env()?;
+    let broker =
+        cdp_integration_tests::OwnBroker::start_with("sqlite://broker.db?maintenance_interval=1s")?;
+    let ing = Ingest::start_with(Options {
+        brokers: broker.brokers(),
+        erasure_propagation_ms: 0,
+        ..Options::default()
+    })
+    .await?;
+    let batch = json!({"batch": [
+        {"type": "page", "anonymousId": "anon-ada", "name": "Home"},
+        {"type": "identify", "anonymousId": "anon-ada", "userId": "ada",
+         "traits": {"email": "ada@example.org", "firstName": "Ada"}},
+        {"type": "track", "userId": "ada", "event": "Signed In"},
+        {"type": "identify", "userId": "grace", "traits": {"email": "grace@example.org"}},
+    ]});
+    let (status, body) = ing.post("/v1/batch", &batch).await?;
+    assert_eq!(status, 200, "{body}");
+    let ic = identity_for(&ing.kafka, &ing.db, &ing.key_args, "id_cmp");
+    cdp_identity::pool(&ic.pg, &ic.identity.schema)
+        .await?
+        .close()
+        .await;
+    let pc = projector_config(&ing, "cmp");
+    let mut ec = erasure_config(&ing, "id_cmp");
+    ec.erasure.schema = "erasure_cmp".to_owned();
+    let (stop_i, task_i) = cdp_integration_tests::identity::spawn(ic.clone());
+    let (stop_p, task_p) = cdp_integration_tests::projector::spawn(pc.clone());
+    let (stop_e, task_e) = spawn_erasure(ec.clone());
+    let pool = ing.db.pool.clone();
+    let (profiles_topic, identity_topic) = (ing.topic(Topic::Profiles), ing.topic(Topic::Identity));
+    let ada_tokens = [
+        ing.token(IdentifierKind::AnonymousId, "anon-ada").await?,
+        ing.token(IdentifierKind::UserId, "ada").await?,
+        ing.token(IdentifierKind::Email, "ada@example.org").await?,
+    ];
+    let grace = cdp_schemas::profile_id_of(&ing.token(IdentifierKind::UserId, "grace").await?);
+    // Identity merged the visitor into the account, the projector published both people.
+    let mut ada_keys = BTreeSet::new();
+    wait_until("the merge and both snapshots published", WAIT, || async {
+        let records = every_record(
+            &ing.kafka,
+            vec![profiles_topic.clone(), identity_topic.clone()],
+        )
+        .await?;
+        let (merged,): (i64,) = sqlx::query_as(
+            "SELECT count(DISTINCT profile_id) FROM id_cmp.identity_nodes WHERE token = ANY($1)",
+        )
+        .bind(&ada_tokens[..])
+        .fetch_one(&pool)
+        .await?;
+        let grace_key = grace.to_string();
+        Ok(merged == 1 && records.iter().any(|(k, t)| *k == grace_key && !t))
+    })
+    .await?;
+    let links: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT l.link_id FROM id_cmp.identity_links l JOIN id_cmp.identity_nodes n
+             ON n.node_id IN (l.from_node, l.to_node) WHERE n.token = ANY($1)",
+    )
+    .bind(&ada_tokens[..])
+    .fetch_all(&pool)
+    .await?;
+    let current: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT DISTINCT profile_id FROM id_cmp.identity_nodes WHERE token = ANY($1)",
+    )
+    .bind(&ada_tokens[..])
+    .fetch_all(&pool)
+    .await?;
+    ada_keys.extend(links.iter().chain(&current).map(Uuid::to_string));
+    ada_keys.extend(
+        ada_tokens
+            .iter()
+            .map(|t| cdp_schemas::profile_id_of(t).to_string()),
+    );
+    let before = every_record(
+        &ing.kafka,
+        vec![profiles_topic.clone(), identity_topic.clone()],
+    )
+    .await?;
+    assert!(
+        before.iter().any(|(k, t)| ada_keys.contains(k) && !t),
+        "the person has records to compact away: {before:?}"
+    );
+
+    let requests = cdp_erasure::Requests::open(&ec).await?;
+    let id = requests
+        .file(&Request {
+            identifiers: vec![RawIdentifier::new(IdentifierKind::Email, "ada@example.org")],
+            profiles: Vec::new(),
+            requested_by: "dpo@example.org".to_owned(),
+            reason: None,
+            suppress: true,
+            force: false,
+        })
+        .await?;
+    let done = requests
+        .wait_final(id, WAIT)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the erasure did not complete"))?;
+    assert_eq!(done.state, "completed");
+    wait_until(
+        "only tombstones left of the person on the compacted topics",
+        WAIT,
+        || async {
+            let records = every_record(
+                &ing.kafka,
+                vec![profiles_topic.clone(), identity_topic.clone()],
+            )
+            .await?;
+            let grace_key = grace.to_string();
+            Ok(records
+                .iter()
+                .filter(|(k, _)| ada_keys.contains(k))
+                .all(|(_, tombstone)| *tombstone)
+                && records.iter().any(|(k, t)| ada_keys.contains(k) && *t)
+                && records.iter().any(|(k, t)| *k == grace_key && !t))
+        },
+    )
+    .await?;
+    requests.close().await;
+    for (stop, task) in [(stop_e, task_e)] {
+        stop.trigger();
+        task.await??;
+    }
+    stop_p.trigger();
+    task_p.await??;
+    stop_i.trigger();
+    task_i.await??;
+    ing.stop().await?;
+    drop(broker);
+    Ok(())
+}
