@@ -1089,7 +1089,8 @@ fn probe_command(ing: &Ingest, binary: &str) -> std::process::Command {
 /// Thirty people erased one after another while the processor, identity and the projector
 /// are SIGKILLed at random moments and restarted: every request completes exactly once (one
 /// `ErasureScoped`, one `ErasureCompleted`, one audit record each), verify finds nothing of
-/// any of them, and the people nobody asked to erase are all there.
+/// any of them, ingest (another process than the processor) refuses their identifiers, and
+/// the people nobody asked to erase are all there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_of_the_processor_and_the_services_during_erasures_completes_each_once(
 ) -> anyhow::Result<()> {
@@ -1274,6 +1275,26 @@ async fn kill_9_of_the_processor_and_the_services_during_erasures_completes_each
         ERASED,
         "{audited:?}"
     );
+
+    // The processor is another process than ingest (other caches of keys and tokens):
+    // ingest refuses every erased person's identifiers all the same, and still takes others.
+    for i in 0..ERASED {
+        let (status, body) = ing
+            .post(
+                "/v1/identify",
+                &json!({"userId": format!("returning-{i}"),
+                        "traits": {"email": format!("person{i}@example.org")}}),
+            )
+            .await?;
+        assert_eq!(status, 400, "person {i}: {body}");
+    }
+    let (status, body) = ing
+        .post(
+            "/v1/identify",
+            &json!({"userId": "someone-new", "traits": {"email": "new@example.org"}}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{body}");
 
     // Everyone else is as they were.
     for (p, before) in kept.iter().zip(&kept_before) {
