@@ -396,6 +396,35 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
     let events = read_log(&events_topic).await?;
     wait_gapless(&archive, &events_topic, &events, WAIT).await?;
 
+    // The profile API finds her by email.
+    let api_stop = cdp_runtime::Shutdown::new();
+    let (api_addr, api_serve) = cdp_projector::bind_api(
+        &ing.db.args(),
+        &ing.key_args,
+        "p_e2e",
+        &cdp_projector::ApiArgs {
+            api_addr: "127.0.0.1:0".parse()?,
+            api_tokens: vec!["support:read:r-secret".to_owned()],
+        },
+        api_stop.clone(),
+    )
+    .await?;
+    let api = tokio::spawn(api_serve);
+    let lookup = || async {
+        Ok::<_, anyhow::Error>(
+            reqwest::Client::new()
+                .get(format!(
+                    "http://{api_addr}/v1/profiles?email=ada%40example.org"
+                ))
+                .bearer_auth("r-secret")
+                .send()
+                .await?
+                .status()
+                .as_u16(),
+        )
+    };
+    assert_eq!(lookup().await?, 200);
+
     // Erase by the phone number alone.
     let requests = cdp_erasure::Requests::open(&ec).await?;
     let id = requests
@@ -470,6 +499,10 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
     assert_eq!(rows_of(&pool, LIVE.0, grace).await?, grace_before);
     // The account identity refused to link is another person, by the rules: it stays.
     assert_eq!(rows_of(&pool, LIVE.0, ada_old).await?, ada_old_before);
+    // The email lookup finds no one.
+    assert_eq!(lookup().await?, 404);
+    api_stop.trigger();
+    api.await??;
     for (kind, value) in [
         (IdentifierKind::Email, email),
         (IdentifierKind::Phone, phone),
