@@ -252,8 +252,9 @@ fn erasure_config(args: &cli::ErasureCommand) -> cdp_erasure::ErasureConfig {
     }
 }
 
-/// Prints a verification report as `cdp erasure verify` shows it.
-fn print_report(r: &cdp_erasure::verify::Report) {
+/// Prints a verification report as `cdp erasure verify` shows it (`archive`: the location
+/// searched, if it was).
+fn print_report(r: &cdp_erasure::verify::Report, archive: Option<&str>) {
     println!("erasure verification, {}", chrono::Utc::now().to_rfc3339());
     println!("request      {}", r.request_id);
     println!(
@@ -289,6 +290,13 @@ fn print_report(r: &cdp_erasure::verify::Report) {
                 _ => String::new(),
             }
         );
+    }
+    match archive {
+        None => println!("archive      NOT SEARCHED (--no-archive)"),
+        Some(url) if !r.stores.iter().any(|s| s.store.starts_with("archive ")) => {
+            println!("archive      {url}: no file of the platform's topics (nothing archived yet)")
+        }
+        Some(_) => {}
     }
     println!(
         "result       {}",
@@ -713,9 +721,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                         cdp::verify::erasure(&requests, &config, id, &topics, archive).await;
                     requests.close().await;
                     let report = report?;
-                    print_report(&report);
+                    print_report(&report, (!no_archive).then_some(store.archive_url.as_str()));
                     if no_archive {
-                        println!("archive      NOT SEARCHED (--no-archive)");
                         anyhow::bail!("erasure request {id}: the archive was not searched");
                     }
                     if report.clean() {
