@@ -635,7 +635,21 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
     .await?;
     assert_eq!(columns, ["entry"]);
 
-    // The compliance topic tells the story without a personal value in it.
+    // The compliance topic tells the story without a personal value in it (ErasureCompleted
+    // is published by the processor's relay after the request turned final).
+    wait_until("ErasureCompleted published", WAIT, || async {
+        Ok(read_log(&ing.topic(Topic::Compliance))
+            .await?
+            .values()
+            .flatten()
+            .any(|r| {
+                r.value.as_deref().is_some_and(|v| {
+                    cdp_schemas::decode::<ComplianceEvent>(v)
+                        .is_ok_and(|e| matches!(e.payload, CompliancePayload::ErasureCompleted(_)))
+                })
+            }))
+    })
+    .await?;
     let mut kinds = Vec::new();
     for records in read_log(&ing.topic(Topic::Compliance)).await?.into_values() {
         for r in records {
@@ -674,7 +688,15 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
     );
 
     // The audit topic holds one record of the request: counts in the clear, who asked and
-    // why sealed with the request's audit key.
+    // why sealed with the request's audit key (published by the processor's relay after
+    // the request turned final).
+    wait_until("the audit record published", WAIT, || async {
+        Ok(read_log(&ing.topic(Topic::Audit))
+            .await?
+            .values()
+            .any(|v| !v.is_empty()))
+    })
+    .await?;
     let audit: Vec<cdp_schemas::AuditEvent> = read_log(&ing.topic(Topic::Audit))
         .await?
         .into_values()
@@ -1035,25 +1057,34 @@ async fn the_erasures_api_files_requests_and_the_limit_refuses_large_clusters() 
         .status();
     assert_eq!(unknown, 404);
 
-    // One audit record per decided request.
-    let mut audited: Vec<(Uuid, ErasureOutcome)> = read_log(&ing.topic(Topic::Audit))
-        .await?
-        .into_values()
-        .flatten()
-        .map(|r| {
-            let e: cdp_schemas::AuditEvent =
-                cdp_schemas::decode(r.value.as_deref().unwrap_or_default())?;
-            let cdp_schemas::AuditPayload::ErasureAudited(a) = e.payload;
-            anyhow::Ok((a.request_id, a.outcome))
-        })
-        .collect::<Result<_, _>>()?;
-    audited.sort_by_key(|(id, _)| *id);
+    // One audit record per decided request. A request's row turns final in the transaction
+    // that puts its records in the processor's outbox; the relay publishes them a moment
+    // later.
+    let audited = || async {
+        let mut audited: Vec<(Uuid, ErasureOutcome)> = read_log(&ing.topic(Topic::Audit))
+            .await?
+            .into_values()
+            .flatten()
+            .map(|r| {
+                let e: cdp_schemas::AuditEvent =
+                    cdp_schemas::decode(r.value.as_deref().unwrap_or_default())?;
+                let cdp_schemas::AuditPayload::ErasureAudited(a) = e.payload;
+                anyhow::Ok((a.request_id, a.outcome))
+            })
+            .collect::<Result<_, _>>()?;
+        audited.sort_by_key(|(id, _)| *id);
+        anyhow::Ok(audited)
+    };
+    wait_until("both audit records published", WAIT, || async {
+        Ok(audited().await?.len() >= 2)
+    })
+    .await?;
     let mut expected = vec![
         (id, ErasureOutcome::NothingFound),
         (refused_id, ErasureOutcome::RefusedTooLarge),
     ];
     expected.sort_by_key(|(id, _)| *id);
-    assert_eq!(audited, expected);
+    assert_eq!(audited().await?, expected);
 
     requests.close().await;
     shutdown.trigger();
@@ -1262,6 +1293,16 @@ async fn kill_9_of_the_processor_and_the_services_during_erasures_completes_each
         p.alive()?;
     }
 
+    // The processor's relay publishes what the last transactions put in its outbox.
+    wait_until("every audit record published", WAIT, || async {
+        let n: usize = read_log(&ing.topic(Topic::Audit))
+            .await?
+            .values()
+            .map(Vec::len)
+            .sum();
+        Ok(n >= ERASED)
+    })
+    .await?;
     // Exactly once: per request one scope, one completion, one audit record (a request
     // asked again would show a second scope with the same event id, never a second
     // completion).
