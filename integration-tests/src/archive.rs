@@ -142,28 +142,11 @@ pub async fn read_log(topic: &str) -> anyhow::Result<BTreeMap<i32, Vec<RawRecord
     read_log_from(&brokers(), topic).await
 }
 
+/// Every record of a topic on `brokers`, per partition in offset order, from each
+/// partition's log start up to its high watermark as they are when the read starts. Fails
+/// unless every partition came back whole (contiguous offsets from its low to its high
+/// watermark).
 pub async fn read_log_from(
-    brokers: &str,
-    topic: &str,
-) -> anyhow::Result<BTreeMap<i32, Vec<RawRecord>>> {
-    // Under load the test broker has twice handed a reader a partition with offsets missing
-    // (or never reached its end); a fresh reader, from the start, gets it whole.
-    let mut last = None;
-    for attempt in 1..=3 {
-        match read_log_once(brokers, topic).await {
-            Ok(out) => return Ok(out),
-            Err(e) => {
-                eprintln!("reading {topic} back, attempt {attempt}: {e:#}");
-                last = Some(e);
-            }
-        }
-    }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("reading {topic} back failed")))
-}
-
-/// One read of a topic from the start; fails unless every partition came back whole
-/// (contiguous offsets from its low to its high watermark).
-async fn read_log_once(
     brokers: &str,
     topic: &str,
 ) -> anyhow::Result<BTreeMap<i32, Vec<RawRecord>>> {
@@ -196,11 +179,16 @@ async fn read_log_once(
         let mut out: BTreeMap<i32, Vec<RawRecord>> = ends.keys().map(|p| (*p, vec![])).collect();
         let mut copier = RecordCopier::new();
         let started = Instant::now();
+        // A partition is read once its record before the high watermark came; one whose log
+        // start reached its high watermark (empty, or every record deleted) has none to wait for.
         let done = |out: &BTreeMap<i32, Vec<RawRecord>>| {
             ends.iter().all(|(p, hi)| {
-                out.get(p)
-                    .and_then(|v| v.last())
-                    .map_or(*hi == 0, |r| r.offset + 1 >= *hi)
+                let lo = starts.get(p).copied().unwrap_or(0);
+                *hi <= lo
+                    || out
+                        .get(p)
+                        .and_then(|v| v.last())
+                        .is_some_and(|r| r.offset + 1 >= *hi)
             })
         };
         while !done(&out) {
