@@ -31,6 +31,8 @@ fn archiver_args(topic: &str, codec: cdp_archiver::ocf::Codec, max_records: u64)
         max_bytes: 64 * 1024 * 1024,
         window_secs: 3_600,
         grace_ms: 500,
+        acknowledged_gaps: Vec::new(),
+        max_buffered_bytes: 1024 * 1024 * 1024,
     }
 }
 
@@ -76,6 +78,42 @@ impl Running {
         }
         Ok(())
     }
+
+    /// Whether the archiver stopped on its own.
+    fn finished(&self) -> bool {
+        self.task.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// How an archiver that stopped on its own ended: its error, with every cause.
+    async fn outcome(mut self) -> anyhow::Result<Option<String>> {
+        let Some(t) = self.task.take() else {
+            return Ok(None);
+        };
+        Ok(t.await?
+            .err()
+            .map(|e| format!("{:#}", anyhow::Error::from(e))))
+    }
+}
+
+/// Deletes a partition's records below `before` (the log start moves, as retention moves it).
+async fn delete_records(topic: &str, partition: i32, before: i64) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(before))?;
+    let done = admin
+        .delete_records(
+            &tpl,
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))),
+        )
+        .await?;
+    for e in done.elements() {
+        e.error()?;
+    }
+    Ok(())
 }
 
 impl Drop for Running {
@@ -643,6 +681,214 @@ async fn two_archivers_in_one_group_hand_partitions_over_without_gap_or_duplicat
     let log = read_log(&topic).await?;
     wait_gapless(&archive, &topic, &log, Duration::from_secs(120)).await?;
     second.stop().await?;
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_log_start_past_the_archive_stops_the_archiver_until_the_loss_is_acknowledged(
+) -> anyhow::Result<()> {
+    let topic = unique("archive-gap");
+    create_topics(&[(&topic, 1)]).await?;
+    produce_mix(&topic, 1, 1_000, T0).await?;
+    let (store, dir) = local_store();
+    let archive = Archive::open(&store)?;
+    let args = archiver_args(&topic, cdp_archiver::ocf::Codec::Zstandard, 100);
+    let first = Running::start(args.clone(), store.clone(), &Metrics::new());
+    wait_until(
+        "1,000 records archived",
+        Duration::from_secs(60),
+        || async { Ok(archived_count(&archive, &topic).await? >= 1_000) },
+    )
+    .await?;
+    first.stop().await?;
+    // While no archiver runs, 500 more records come and the log start moves past 200 of
+    // them: offsets 1000..=1199 are gone before they were archived.
+    produce_mix(&topic, 1, 500, T0 + 10_000).await?;
+    delete_records(&topic, 0, 1_200).await?;
+
+    let metrics = Metrics::new();
+    let stopped = Running::start(args.clone(), store.clone(), &metrics);
+    wait_until(
+        "the archiver stopped on the gap",
+        Duration::from_secs(60),
+        || async { Ok(stopped.finished()) },
+    )
+    .await?;
+    let error = stopped
+        .outcome()
+        .await?
+        .context("the archiver stopped without an error")?;
+    ensure!(
+        error.contains("offsets 1000..=1199")
+            && error.contains(&format!(
+                "CDP_ARCHIVE_ACKNOWLEDGED_GAPS={topic}:0:1000-1199"
+            )),
+        "the error names the partition, the range and the acknowledgement: {error}"
+    );
+    let gaps = metric_sum(&metrics, "cdp_archive_gaps_total")?;
+    ensure!(gaps == 1.0, "archive_gaps {gaps}");
+    ensure!(
+        archived_count(&archive, &topic).await? == 1_000,
+        "nothing archived past the gap"
+    );
+
+    // Acknowledged, the archiver goes on; the gap lies between two files and the file after
+    // it names it.
+    let acknowledged = cdp_archiver::ArchiverArgs {
+        acknowledged_gaps: vec![format!("{topic}:0:1000-1199").parse()?],
+        ..args
+    };
+    let resumed = Running::start(acknowledged, store, &Metrics::new());
+    wait_until("the rest archived", Duration::from_secs(60), || async {
+        Ok(archived_count(&archive, &topic).await? >= 1_300)
+    })
+    .await?;
+    resumed.stop().await?;
+    let archived = read_archive(&archive, &topic).await?;
+    let files = archived.files.get(&0).cloned().unwrap_or_default();
+    let starts: Vec<i64> = files.iter().map(|(first, _)| *first).collect();
+    ensure!(
+        starts[..10] == (0..10).map(|i| i * 100).collect::<Vec<_>>()[..] && starts[10] == 1_200,
+        "files {files:?}"
+    );
+    let after = archive
+        .list(&topic, Some(0))
+        .await?
+        .into_iter()
+        .find(|f| f.name.first_offset == 1_200)
+        .context("the file after the gap")?;
+    ensure!(archive.header(&after).await?.gap_before() == Some((1_000, 1_199)));
+    let log = read_log(&topic).await?;
+    let offsets: Vec<i64> = archived.records[&0].iter().map(|r| r.offset).collect();
+    let expected: Vec<i64> = (0..1_000).chain(1_200..1_500).collect();
+    ensure!(offsets == expected, "archived offsets");
+    ensure!(log[&0].first().map(|r| r.offset) == Some(1_200));
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_archivers_fighting_over_a_partition_never_overwrite_each_other() -> anyhow::Result<()>
+{
+    let topic = unique("archive-fight");
+    create_topics(&[(&topic, 3)]).await?;
+    let (store, dir) = local_store();
+    let archive = Archive::open(&store)?;
+    // Two archivers of different groups both own every partition (as an evicted member and
+    // its successor do) and cut differently: their first files share names, not ranges.
+    let (ma, mb) = (Metrics::new(), Metrics::new());
+    let a = Running::start(
+        archiver_args(&topic, cdp_archiver::ocf::Codec::Zstandard, 700),
+        store.clone(),
+        &ma,
+    );
+    let b = Running::start(
+        archiver_args(&topic, cdp_archiver::ocf::Codec::Zstandard, 500),
+        store.clone(),
+        &mb,
+    );
+    // Both read the archive's (empty) position before anything is written.
+    wait_until(
+        "both archivers assigned",
+        Duration::from_secs(60),
+        || async {
+            Ok(metric_sum(&ma, "cdp_consumer_assigned_partitions")? == 3.0
+                && metric_sum(&mb, "cdp_consumer_assigned_partitions")? == 3.0)
+        },
+    )
+    .await?;
+    produce_mix(&topic, 3, 20_000, T0).await?;
+    wait_until("one archiver fenced", Duration::from_secs(120), || async {
+        Ok(a.finished() || b.finished())
+    })
+    .await?;
+    let mut fenced = 0;
+    for r in [a, b] {
+        if r.finished() {
+            let error = r.outcome().await?.unwrap_or_default();
+            ensure!(
+                error.contains("another archiver wrote partition"),
+                "{error}"
+            );
+            fenced += 1;
+        } else {
+            r.stop().await?;
+        }
+    }
+    ensure!(fenced >= 1);
+    // Whatever each wrote stays as written; a third archiver finishes from the archive.
+    let last = Running::start(
+        archiver_args(&topic, cdp_archiver::ocf::Codec::Zstandard, 700),
+        store,
+        &Metrics::new(),
+    );
+    let log = read_log(&topic).await?;
+    wait_gapless(&archive, &topic, &log, Duration::from_secs(120)).await?;
+    last.stop().await?;
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_partitions_stay_within_the_buffer_budget_and_stay_gapless() -> anyhow::Result<()> {
+    const N: usize = 20_000;
+    const BUDGET: u64 = 512 * 1024;
+    let topic = unique("archive-budget");
+    create_topics(&[(&topic, 24)]).await?;
+    produce_mix(&topic, 24, N, T0).await?;
+    let (store, dir) = local_store();
+    let archive = Archive::open(&store)?;
+    // No count, size or time rule cuts a file within the test (one window, a grace of an
+    // hour): only the budget over all 24 partitions (about 4.8 MB of records) does.
+    let args = ArchiverArgs {
+        max_records: 10_000_000,
+        grace_ms: 3_600_000,
+        max_buffered_bytes: BUDGET,
+        ..archiver_args(&topic, cdp_archiver::ocf::Codec::Zstandard, 1)
+    };
+    let metrics = Metrics::new();
+    let running = Running::start(args, store, &metrics);
+    wait_until(
+        "most records archived under pressure",
+        Duration::from_secs(120),
+        || async { Ok(archived_count(&archive, &topic).await? >= 15_000) },
+    )
+    .await?;
+    let unlabelled = |name: &str| -> anyhow::Result<f64> {
+        metrics
+            .encode()?
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .with_context(|| format!("no {name}"))
+    };
+    let cuts = unlabelled("cdp_archive_pressure_cuts_total")?;
+    ensure!(cuts > 0.0, "pressure cuts {cuts}");
+    running.stop().await?;
+    let held = unlabelled("cdp_archive_buffered_bytes")?;
+    ensure!(held <= BUDGET as f64, "held {held} after a batch");
+    // What was archived is each partition's log from its start, file after file.
+    let archived = read_archive(&archive, &topic).await?;
+    let log = read_log(&topic).await?;
+    for (p, files) in &archived.files {
+        let mut next = 0;
+        for (first, last) in files {
+            ensure!(
+                *first == next,
+                "partition {p}: a file starts at {first}, expected {next}"
+            );
+            next = last + 1;
+        }
+        let got: Vec<_> = archived.records[p]
+            .iter()
+            .map(cdp_integration_tests::archive::as_raw)
+            .collect();
+        ensure!(
+            got[..] == log[p][..got.len()],
+            "partition {p}: records differ from the log"
+        );
+    }
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }

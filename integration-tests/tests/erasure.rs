@@ -161,6 +161,8 @@ fn archiver_config(ing: &Ingest, store: StoreArgs) -> ArchiverConfig {
             // Files close a moment after the topic goes quiet.
             window_secs: 1,
             grace_ms: 300,
+            acknowledged_gaps: Vec::new(),
+            max_buffered_bytes: 1024 * 1024 * 1024,
         },
         store,
     }

@@ -89,6 +89,8 @@ async fn archive_run(topic: &str, store: StoreArgs, n: usize) -> anyhow::Result<
             max_bytes: 64 * 1024 * 1024,
             window_secs: 300,
             grace_ms: 0,
+            acknowledged_gaps: Vec::new(),
+            max_buffered_bytes: 1024 * 1024 * 1024,
         },
         store: store.clone(),
     };

@@ -11,7 +11,11 @@
 //! - at the tail of the log: the file's window has ended more than `grace` ago by the
 //!   wall clock *and* its partition has been quiet for `grace`. This is the one rule that
 //!   involves time; a record could only land in a different file if it arrived with a
-//!   timestamp inside a window that ended more than `grace` before it arrived.
+//!   timestamp inside a window that ended more than `grace` before it arrived;
+//! - under memory pressure: when the process holds more than its budget of buffered bytes
+//!   over all partitions, the sink closes the largest open files early (see
+//!   [`crate::sink`]). Such a cut depends on the process, not the records; it changes file
+//!   sizes, never continuity.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -59,6 +63,8 @@ pub struct OpenFile {
     max_timestamp_ms: Option<i64>,
     pub records: u64,
     pub bytes: u64,
+    /// Offsets lost right before this file, acknowledged by an operator.
+    pub gap_before: Option<(i64, i64)>,
     last_append: Instant,
     writer: FileWriter,
 }
@@ -73,6 +79,8 @@ pub struct SealedFile {
     pub last_offset: i64,
     pub first_timestamp_ms: Option<i64>,
     pub records: u64,
+    /// Key, value and header bytes held (what the memory budget counts).
+    pub bytes: u64,
     body: Body,
 }
 
@@ -137,6 +145,7 @@ impl OpenFile {
             max_timestamp_ms: None,
             records: 0,
             bytes: 0,
+            gap_before: None,
             last_append: Instant::now(),
             writer: FileWriter::new(
                 codec,
@@ -205,6 +214,9 @@ impl OpenFile {
         if let Some(t) = self.max_timestamp_ms {
             m.insert(meta::MAX_TIMESTAMP.to_owned(), t.to_string());
         }
+        if let Some((from, to)) = self.gap_before {
+            m.insert(meta::GAP_BEFORE.to_owned(), format!("{from}-{to}"));
+        }
         SealedFile {
             topic: self.topic,
             partition: self.partition,
@@ -212,6 +224,7 @@ impl OpenFile {
             last_offset: self.last_offset,
             first_timestamp_ms: self.first_timestamp_ms,
             records: self.records,
+            bytes: self.bytes,
             body: Body::Pending {
                 writer: self.writer,
                 metadata: m,

@@ -5,10 +5,12 @@
 //! - [`ocf`]: the container file format (writer and reader).
 //! - [`layout`]: deterministic object names.
 //! - [`cut`]: where a file ends.
+//! - [`continuity`]: no offset twice, none missing unless acknowledged.
 //! - [`sink`]: the runner sink (positions are the archive itself).
 //! - [`store`]: the object store.
 //! - [`restore`]: archive → topic.
 
+pub mod continuity;
 pub mod cut;
 pub mod layout;
 pub mod metrics;
@@ -108,6 +110,28 @@ pub struct ArchiverArgs {
         default_value_t = 30_000
     )]
     pub grace_ms: u64,
+    /// Offsets an operator accepts as lost to the archive, `topic:partition:from-to`,
+    /// comma-separated. The archiver stops when records of a delete-policy topic are gone
+    /// from the log before it archived them, and its error names the entry that lets it go on.
+    #[arg(
+        id = "archive_acknowledged_gaps",
+        value_name = "GAPS",
+        long = "archive-acknowledged-gaps",
+        env = "CDP_ARCHIVE_ACKNOWLEDGED_GAPS",
+        value_delimiter = ','
+    )]
+    pub acknowledged_gaps: Vec<continuity::AcknowledgedGap>,
+    /// Bytes of records the process may hold over all partitions (open files, files waiting
+    /// for upload and being uploaded). Beyond it, a batch waits for uploads, and the largest
+    /// open files close early.
+    #[arg(
+        id = "archive_max_buffered_bytes",
+        value_name = "BYTES",
+        long = "archive-max-buffered-bytes",
+        env = "CDP_ARCHIVE_MAX_BUFFERED_BYTES",
+        default_value_t = 1024 * 1024 * 1024
+    )]
+    pub max_buffered_bytes: u64,
 }
 
 impl ArchiverArgs {
@@ -160,13 +184,19 @@ pub async fn run(
     readiness: &Readiness,
     shutdown: Shutdown,
 ) -> Result<(), ArchiverError> {
-    let archive = Archive::open(&config.store)?;
+    let mut archive = Archive::open(&config.store)?;
+    if !archive.probe_create_only().await? {
+        tracing::warn!(archive = %archive, "the object store ignores create-only puts: the archiver looks a name up before writing it, which stops an archiver that comes late to a name, not two writing it at the same moment");
+    }
     let topics = config.archiver.topics(&config.kafka);
     tracing::info!(archive = %archive, topics = ?topics, "archiving");
+    let policies = cdp_runtime::topics::cleanup_policies(&config.kafka, &topics).await?;
     let sink = Arc::new(sink::ArchiveSink::new(
         archive,
         config.archiver.policy(),
         config.archiver.codec,
+        config.archiver.max_buffered_bytes,
+        continuity::Continuity::new(policies, config.archiver.acknowledged_gaps.clone()),
         metrics::ArchiverMetrics::register(metrics),
     ));
     let producer = Arc::new(Producer::new(&config.kafka)?);

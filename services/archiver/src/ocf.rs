@@ -32,6 +32,9 @@ pub mod meta {
     pub const RECORD_COUNT: &str = "cdp.record_count";
     pub const MIN_TIMESTAMP: &str = "cdp.min_timestamp";
     pub const MAX_TIMESTAMP: &str = "cdp.max_timestamp";
+    /// `from-to`: offsets lost to the archive right before this file, acknowledged by an
+    /// operator (see `continuity`).
+    pub const GAP_BEFORE: &str = "cdp.gap_before";
 }
 
 /// Block compression.
@@ -443,6 +446,13 @@ impl Header {
             .get(key)
             .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|s| s.parse().ok())
+    }
+
+    /// The acknowledged gap right before this file ([`meta::GAP_BEFORE`]).
+    pub fn gap_before(&self) -> Option<(i64, i64)> {
+        let v = std::str::from_utf8(self.metadata.get(meta::GAP_BEFORE)?).ok()?;
+        let (from, to) = v.split_once('-')?;
+        Some((from.parse().ok()?, to.parse().ok()?))
     }
 }
 

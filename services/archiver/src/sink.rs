@@ -9,13 +9,24 @@
 //!   nothing), and a partition's files are uploaded strictly in order, the next only after
 //!   the previous succeeded, so the archive never holds a later file without the earlier;
 //! - file boundaries depend on the records, not on timing (see [`crate::cut`]), and names
-//!   on the first offset, so a repeated upload writes the same bytes to the same name.
+//!   on the first offset, so a repeated upload writes the same bytes to the same name;
+//! - uploads are create-only: an object is never overwritten. A file whose name is taken
+//!   by an object with the same range is already archived (a repeated upload); one with a
+//!   different range means another archiver wrote the partition (a member evicted during
+//!   an outage and its successor): this one stops with [`Fenced`] before writing anything
+//!   after it, and on restart continues from the archive as it is;
+//! - a record above the next offset to archive is a hole in the log (see
+//!   [`crate::continuity`]): the archiver stops unless the topic is compacted or an
+//!   operator acknowledged the loss; on assignment, the partition's newest two files must
+//!   follow each other.
 //!
 //! Uploads overlap with consumption: each partition has at most one upload task in flight,
 //! which takes every file sealed so far and writes them in order while the next batches are
 //! read and encoded. Files sealed meanwhile wait for that task; when more than
-//! [`MAX_WAITING_FILES`] wait, the batch waits for the upload (back-pressure, so memory is
-//! bounded). A failed upload hands its files back and surfaces as a retryable error at the
+//! [`MAX_WAITING_FILES`] wait, the batch waits for the upload. Over all partitions, the
+//! record bytes held (open, waiting, uploading) stay within a budget: beyond it the batch
+//! waits for uploads and the largest open files close early (back-pressure; memory is
+//! bounded whatever the partition count). A failed upload hands its files back and surfaces as a retryable error at the
 //! next batch or tick, which uploads them again. Before a partition is read again from the
 //! archive (assignment) or handed to another archiver (revocation), its upload task is
 //! awaited, so a late upload from this process can never land after the new owner's files.
@@ -29,14 +40,19 @@ use cdp_runtime::{RawRecord, TopicPartition};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
+use crate::continuity::{Continuity, ContinuityError, Hole};
 use crate::cut::{self, CutPolicy, OpenFile, SealedFile};
 use crate::layout;
-use crate::metrics::{ArchiverMetrics, TopicLabels};
-use crate::ocf::Codec;
-use crate::store::{Archive, StoreError};
+use crate::metrics::{ArchiverMetrics, GapLabels, TopicLabels};
+use crate::ocf::{meta, Codec};
+use crate::store::{Archive, Created, Listed, StoreError};
 
 /// Sealed files a partition may hold while its upload is in flight before batches wait.
 pub const MAX_WAITING_FILES: usize = 2;
+
+/// Under memory pressure, open files are closed until the process holds at most this
+/// fraction of its budget (so that it does not cut one file per batch at the limit).
+const RELIEVED: f64 = 0.5;
 
 /// An upload task's failure: the files it did not write (the failed one first).
 #[derive(Debug)]
@@ -57,12 +73,45 @@ struct PartitionState {
     sealed: VecDeque<SealedFile>,
     /// The partition's upload in flight; it holds files older than `sealed`.
     upload: Option<Upload>,
+    /// Record bytes of the files in the upload in flight.
+    uploading: u64,
+}
+
+impl PartitionState {
+    /// Record bytes this partition holds: open, waiting and uploading.
+    fn held(&self) -> u64 {
+        self.open.as_ref().map_or(0, |f| f.bytes)
+            + self.sealed.iter().map(|f| f.bytes).sum::<u64>()
+            + self.uploading
+    }
+}
+
+/// A file could not be written because another archiver wrote a different file under its
+/// name: this process no longer owns the partition's archive.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "archive file {object} exists with offsets {existing_first}..={existing_last}, this \
+     archiver cut {first}..={last}: another archiver wrote partition {partition} of {topic} \
+     (it was handed over while this one could not upload); stopping, a restart continues \
+     from the archive"
+)]
+pub struct Fenced {
+    pub topic: String,
+    pub partition: i32,
+    pub object: String,
+    pub first: i64,
+    pub last: i64,
+    pub existing_first: i64,
+    pub existing_last: i64,
 }
 
 pub struct ArchiveSink {
     archive: Archive,
     policy: CutPolicy,
     codec: Codec,
+    /// Record bytes the process may hold over all partitions.
+    budget: u64,
+    continuity: Continuity,
     state: Mutex<HashMap<TopicPartition, PartitionState>>,
     metrics: ArchiverMetrics,
 }
@@ -102,7 +151,21 @@ async fn upload_files(
             topic: file.topic.clone(),
         };
         let started = Instant::now();
-        if let Err(e) = archive.put(&path, bytes.clone()).await {
+        let put = match archive.put_new(&path, bytes.clone()).await {
+            Ok(Created::Written) => Ok(()),
+            Ok(Created::Existed) => match same_range(&archive, &path, &file).await {
+                Ok(()) => {
+                    tracing::info!(topic = %file.topic, partition = file.partition, offset = file.first_offset, object = %path, "already archived");
+                    Ok(())
+                }
+                Err(error) => {
+                    files.push_front(file);
+                    return Err(UploadFailed { files, error });
+                }
+            },
+            Err(e) => Err(e),
+        };
+        if let Err(e) = put {
             metrics.upload_failures.get_or_create(&labels).inc();
             tracing::warn!(
                 topic = %file.topic,
@@ -141,12 +204,49 @@ async fn upload_files(
     Ok(())
 }
 
+/// Whether the object already at `path` holds the same range as `file` (the same records of
+/// the log, so the same bytes); `Err` is [`Fenced`] when it does not.
+async fn same_range(
+    archive: &Archive,
+    path: &object_store::path::Path,
+    file: &SealedFile,
+) -> Result<(), SinkError> {
+    let Some(name) = layout::parse(path) else {
+        return Err(SinkError::Fatal(
+            format!("{path} is not an archive file name").into(),
+        ));
+    };
+    let listed = Listed {
+        name,
+        path: path.clone(),
+        size: archive.size(path).await.map_err(store_error)?,
+    };
+    let header = archive.header(&listed).await.map_err(store_error)?;
+    let existing = (
+        header.number(meta::FIRST_OFFSET).unwrap_or(-1),
+        header.number(meta::LAST_OFFSET).unwrap_or(-1),
+    );
+    if existing == (file.first_offset, file.last_offset) {
+        return Ok(());
+    }
+    Err(SinkError::Fatal(Box::new(Fenced {
+        topic: file.topic.clone(),
+        partition: file.partition,
+        object: path.to_string(),
+        first: file.first_offset,
+        last: file.last_offset,
+        existing_first: existing.0,
+        existing_last: existing.1,
+    })))
+}
+
 /// Waits for a partition's upload in flight. A failure puts its files back in front of
 /// the sealed ones.
 async fn settle(ps: &mut PartitionState) -> Result<(), SinkError> {
     let Some(upload) = ps.upload.take() else {
         return Ok(());
     };
+    ps.uploading = 0;
     match upload.await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(UploadFailed { mut files, error })) => {
@@ -174,12 +274,16 @@ impl ArchiveSink {
         archive: Archive,
         policy: CutPolicy,
         codec: Codec,
+        budget: u64,
+        continuity: Continuity,
         metrics: ArchiverMetrics,
     ) -> Self {
         Self {
             archive,
             policy,
             codec,
+            budget: budget.max(1),
+            continuity,
             state: Mutex::new(HashMap::new()),
             metrics,
         }
@@ -197,6 +301,53 @@ impl ArchiveSink {
         futures::future::join_all(moves).await.into_iter().collect()
     }
 
+    /// Keeps the record bytes held over all partitions within the budget: while over it,
+    /// waits for the largest upload in flight, and when none is left to wait for, closes
+    /// the largest open file (it uploads at once), until the process holds at most half of
+    /// its budget. The batch waits meanwhile: back-pressure on the consumer.
+    async fn relieve(
+        &self,
+        state: &mut HashMap<TopicPartition, PartitionState>,
+    ) -> Result<(), SinkError> {
+        let held = |state: &HashMap<TopicPartition, PartitionState>| -> u64 {
+            state.values().map(PartitionState::held).sum()
+        };
+        let mut total = held(state);
+        if total > self.budget {
+            let target = (self.budget as f64 * RELIEVED) as u64;
+            tracing::debug!(
+                held = total,
+                budget = self.budget,
+                "archiver over its buffer budget"
+            );
+            while total > target {
+                let uploading = state
+                    .values_mut()
+                    .filter(|ps| ps.upload.is_some())
+                    .max_by_key(|ps| ps.uploading);
+                if let Some(ps) = uploading {
+                    settle(ps).await?;
+                    self.pump_partition(ps).await?;
+                } else if let Some(ps) = state
+                    .values_mut()
+                    .filter(|ps| ps.open.is_some())
+                    .max_by_key(|ps| ps.open.as_ref().map_or(0, |f| f.bytes))
+                {
+                    if let Some(f) = ps.open.take() {
+                        ps.sealed.push_back(f.seal());
+                        self.metrics.pressure_cuts.inc();
+                    }
+                    self.pump_partition(ps).await?;
+                } else {
+                    break;
+                }
+                total = held(state);
+            }
+        }
+        self.metrics.buffered_bytes.set(total as i64);
+        Ok(())
+    }
+
     async fn pump_partition(&self, ps: &mut PartitionState) -> Result<(), SinkError> {
         if ps
             .upload
@@ -207,6 +358,7 @@ impl ArchiveSink {
         }
         if ps.upload.is_none() && !ps.sealed.is_empty() {
             let files = std::mem::take(&mut ps.sealed);
+            ps.uploading = files.iter().map(|f| f.bytes).sum();
             ps.upload = Some(tokio::spawn(upload_files(
                 self.archive.clone(),
                 self.metrics.clone(),
@@ -224,11 +376,7 @@ impl ArchiveSink {
         tp: &TopicPartition,
     ) -> Result<Option<i64>, SinkError> {
         release(state, tp).await;
-        let next = self
-            .archive
-            .next_offset(&tp.topic, tp.partition)
-            .await
-            .map_err(store_error)?;
+        let next = self.next_offset(tp).await?;
         state.insert(
             tp.clone(),
             PartitionState {
@@ -237,6 +385,118 @@ impl ArchiveSink {
             },
         );
         Ok(next)
+    }
+}
+
+impl ArchiveSink {
+    /// One past the last archived offset of a partition (`None`: nothing archived), after
+    /// checking that no two files start at the same offset and that the newest two follow
+    /// each other (no overlap; on delete-policy topics no hole but an acknowledged one).
+    async fn next_offset(&self, tp: &TopicPartition) -> Result<Option<i64>, SinkError> {
+        let files = self
+            .archive
+            .list(&tp.topic, Some(tp.partition))
+            .await
+            .map_err(store_error)?;
+        let overlap = |previous: &Listed, next: &Listed, first: i64| {
+            SinkError::Fatal(Box::new(ContinuityError::Overlap {
+                topic: tp.topic.clone(),
+                partition: tp.partition,
+                previous: previous.path.to_string(),
+                next: next.path.to_string(),
+                first,
+            }))
+        };
+        if let Some(w) = files
+            .windows(2)
+            .find(|w| w[0].name.first_offset == w[1].name.first_offset)
+        {
+            return Err(overlap(&w[0], &w[1], w[1].name.first_offset));
+        }
+        let Some(last) = files.last() else {
+            return Ok(None);
+        };
+        let header = self.archive.header(last).await.map_err(store_error)?;
+        let last_offset = header.number(meta::LAST_OFFSET).ok_or_else(|| {
+            store_error(StoreError::MissingMetadata {
+                path: last.path.to_string(),
+                key: meta::LAST_OFFSET,
+            })
+        })?;
+        if let [.., previous, _] = files.as_slice() {
+            let before = self.archive.header(previous).await.map_err(store_error)?;
+            let previous_last = before.number(meta::LAST_OFFSET).ok_or_else(|| {
+                store_error(StoreError::MissingMetadata {
+                    path: previous.path.to_string(),
+                    key: meta::LAST_OFFSET,
+                })
+            })?;
+            let first = last.name.first_offset;
+            if previous_last >= first {
+                return Err(overlap(previous, last, first));
+            }
+            let acknowledged = header
+                .gap_before()
+                .is_some_and(|(from, to)| from <= previous_last + 1 && first - 1 <= to);
+            if previous_last + 1 < first
+                && !acknowledged
+                && !self.continuity.is_compacted(&tp.topic)
+            {
+                return Err(SinkError::Fatal(Box::new(ContinuityError::FileGap {
+                    topic: tp.topic.clone(),
+                    partition: tp.partition,
+                    previous: previous.path.to_string(),
+                    next: last.path.to_string(),
+                    from: previous_last + 1,
+                    to: first - 1,
+                })));
+            }
+        }
+        Ok(Some(last_offset + 1))
+    }
+
+    /// A hole `next..record.offset` in a partition: compacted topics pass; an acknowledged
+    /// loss ends the open file, so that the hole lies between two files and the next file's
+    /// header names it; any other hole stops the archiver.
+    fn hole(
+        &self,
+        ps: &mut PartitionState,
+        r: &RawRecord,
+        next: i64,
+    ) -> Result<Option<(i64, i64)>, SinkError> {
+        let labels = |outcome| GapLabels {
+            topic: r.topic.to_string(),
+            outcome,
+        };
+        match self.continuity.hole(&r.topic, r.partition, next, r.offset) {
+            Ok(Hole::Compacted) => Ok(None),
+            Ok(Hole::Acknowledged(gap)) => {
+                self.metrics
+                    .gaps
+                    .get_or_create(&labels("acknowledged"))
+                    .inc();
+                self.metrics
+                    .gap_offsets
+                    .get_or_create(&labels("acknowledged"))
+                    .inc_by((gap.to - gap.from + 1) as u64);
+                tracing::warn!(topic = %r.topic, partition = r.partition, from = gap.from, to = gap.to, "acknowledged gap: these offsets are not in the archive");
+                if let Some(f) = ps.open.take() {
+                    ps.sealed.push_back(f.seal());
+                }
+                Ok(Some((gap.from, gap.to)))
+            }
+            Err(e) => {
+                if let ContinuityError::Gap(gap) = &e {
+                    self.metrics.gaps.get_or_create(&labels("stopped")).inc();
+                    self.metrics
+                        .gap_offsets
+                        .get_or_create(&labels("stopped"))
+                        .inc_by((gap.to - gap.from + 1) as u64);
+                }
+                tracing::error!(topic = %r.topic, partition = r.partition, offset = r.offset, error = %e, "gap in the log");
+                Err(SinkError::Fatal(Box::new(e)))
+            }
+        }
     }
 }
 
@@ -288,13 +548,20 @@ impl Sink for ArchiveSink {
             };
             let (mut applied, mut skipped) = (0u64, 0u64);
             for r in run {
-                if ps.next.is_some_and(|n| r.offset < n) {
+                let gap = match ps.next {
                     // Already archived, or already held from an earlier attempt of this batch.
-                    skipped += 1;
-                    continue;
-                }
+                    Some(n) if r.offset < n => {
+                        skipped += 1;
+                        continue;
+                    }
+                    Some(n) if r.offset > n => self.hole(ps, r, n)?,
+                    _ => None,
+                };
                 if let Some(f) = cut::add(&mut ps.open, r, &self.policy, self.codec, now) {
                     ps.sealed.push_back(f);
+                }
+                if let (Some(gap), Some(open)) = (gap, ps.open.as_mut()) {
+                    open.gap_before = Some(gap);
                 }
                 ps.next = Some(r.offset + 1);
                 applied += 1;
@@ -304,6 +571,7 @@ impl Sink for ArchiveSink {
             c.skipped += skipped;
         }
         self.pump(&mut state).await?;
+        self.relieve(&mut state).await?;
         Ok(stats)
     }
 
@@ -331,6 +599,7 @@ impl Sink for ArchiveSink {
                 }
             }
         }
-        self.pump(&mut state).await
+        self.pump(&mut state).await?;
+        self.relieve(&mut state).await
     }
 }

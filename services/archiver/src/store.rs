@@ -9,7 +9,7 @@ use futures::TryStreamExt;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
 
 use crate::layout::{self, FileName};
 use crate::ocf::{self, meta, Header, OcfError};
@@ -132,6 +132,14 @@ impl StoreError {
     }
 }
 
+/// What a create-only put did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Created {
+    Written,
+    /// An object of that name was there already; it is unchanged.
+    Existed,
+}
+
 /// One archive file as listed.
 #[derive(Clone, Debug)]
 pub struct Listed {
@@ -146,6 +154,9 @@ pub struct Archive {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
     display: String,
+    /// Whether the store honours create-only puts (a local directory does; an S3 store is
+    /// asked by [`Archive::probe_create_only`]).
+    create_only: bool,
 }
 
 /// Bytes fetched to read a header; a header with the schema is about 2 KiB.
@@ -193,6 +204,7 @@ impl Archive {
                 store: Arc::new(store),
                 prefix,
                 display: url.to_owned(),
+                create_only: true,
             });
         }
         let dir = match url.strip_prefix("file://") {
@@ -212,6 +224,7 @@ impl Archive {
             store: Arc::new(store),
             prefix: Path::default(),
             display: url.to_owned(),
+            create_only: true,
         })
     }
 
@@ -225,8 +238,68 @@ impl Archive {
         Ok(())
     }
 
+    /// Writes a whole object unless one exists under its name: a create-only put (S3's
+    /// `If-None-Match: *`, a hard link on a local directory), so two writers of one name never
+    /// overwrite each other: the first wins, the second learns it lost. On a store that ignores
+    /// conditional puts (see [`Archive::probe_create_only`]) the name is looked up first,
+    /// which fences a writer that comes late, not two writing the same name at the same time.
+    pub async fn put_new(&self, path: &Path, bytes: Bytes) -> Result<Created, StoreError> {
+        if !self.create_only {
+            match self.store.head(path).await {
+                Ok(_) => return Ok(Created::Existed),
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.put(path, bytes).await?;
+            return Ok(Created::Written);
+        }
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match self
+            .store
+            .put_opts(path, PutPayload::from(bytes), opts)
+            .await
+        {
+            Ok(_) => Ok(Created::Written),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(Created::Existed),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether the store honours create-only puts, found by trying: an object under
+    /// `_cdp/` is created twice (the second must be refused) and deleted. Garage 2.5, for
+    /// one, ignores `If-None-Match` on PUT. Returns the answer and remembers it.
+    pub async fn probe_create_only(&mut self) -> Result<bool, StoreError> {
+        let path = self.prefix.clone().join("_cdp").join(format!(
+            "create-only-probe-{}-{}",
+            std::process::id(),
+            chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+        ));
+        self.create_only = true;
+        let first = self.put_new(&path, Bytes::from_static(b"1")).await;
+        let second = match first {
+            Ok(_) => self.put_new(&path, Bytes::from_static(b"2")).await,
+            Err(e) => Err(e),
+        };
+        let _ = self.store.delete(&path).await;
+        self.create_only = match second {
+            Ok(Created::Existed) => true,
+            Ok(Created::Written) => false,
+            Err(StoreError::ObjectStore(object_store::Error::NotImplemented { .. })) => false,
+            Err(e) => return Err(e),
+        };
+        Ok(self.create_only)
+    }
+
     pub async fn get(&self, path: &Path) -> Result<Bytes, StoreError> {
         Ok(self.store.get(path).await?.bytes().await?)
+    }
+
+    /// An object's size in bytes.
+    pub async fn size(&self, path: &Path) -> Result<u64, StoreError> {
+        Ok(self.store.head(path).await?.size)
     }
 
     pub async fn delete(&self, path: &Path) -> Result<(), StoreError> {

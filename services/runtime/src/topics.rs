@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use std::collections::HashMap;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
@@ -24,6 +26,48 @@ impl Cleanup {
             Cleanup::Compact => "compact",
         }
     }
+
+    /// A topic's `cleanup.policy` value: compacted when it names `compact` (also
+    /// `compact,delete`), where offsets of a partition have holes by design.
+    pub fn parse(policy: &str) -> Self {
+        if policy.split(',').any(|p| p.trim() == "compact") {
+            Cleanup::Compact
+        } else {
+            Cleanup::Delete
+        }
+    }
+}
+
+/// The cleanup policy of each topic as the broker reports it (`delete`, Kafka's default,
+/// when it reports none).
+pub async fn cleanup_policies(
+    kafka: &KafkaArgs,
+    topics: &[String],
+) -> Result<HashMap<String, Cleanup>, KafkaSetupError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(kafka)?.create()?;
+    let specs: Vec<ResourceSpecifier<'_>> = topics
+        .iter()
+        .map(|t| ResourceSpecifier::Topic(t.as_str()))
+        .collect();
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let results = admin.describe_configs(&specs, &opts).await?;
+    let mut out = HashMap::new();
+    for (topic, result) in topics.iter().zip(results) {
+        let policy = match result {
+            Ok(resource) => resource
+                .get("cleanup.policy")
+                .and_then(|e| e.value.as_deref())
+                .map_or(Cleanup::Delete, Cleanup::parse),
+            Err(code) => {
+                return Err(KafkaSetupError::DescribeTopic {
+                    topic: topic.clone(),
+                    source: KafkaError::AdminOp(code),
+                })
+            }
+        };
+        out.insert(topic.clone(), policy);
+    }
+    Ok(out)
 }
 
 /// The platform's topics.
@@ -216,6 +260,14 @@ mod tests {
         assert_eq!(names.len(), Topic::ALL.len());
         assert!(names.iter().all(|n| n.starts_with("x.")));
         assert_eq!(t.name(Topic::CustomerEvents), "x.customer-events");
+    }
+
+    #[test]
+    fn a_policy_naming_compact_is_compacted() {
+        assert_eq!(Cleanup::parse("compact"), Cleanup::Compact);
+        assert_eq!(Cleanup::parse("delete, compact"), Cleanup::Compact);
+        assert_eq!(Cleanup::parse("delete"), Cleanup::Delete);
+        assert_eq!(Cleanup::parse(""), Cleanup::Delete);
     }
 
     #[test]

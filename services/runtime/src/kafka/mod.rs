@@ -23,6 +23,12 @@ pub enum KafkaSetupError {
         #[source]
         source: KafkaError,
     },
+    #[error("cannot read the configuration of topic {topic}")]
+    DescribeTopic {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
 }
 
 /// The base client configuration: brokers plus the operator's extra properties.
