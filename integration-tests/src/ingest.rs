@@ -43,6 +43,8 @@ pub struct Options {
     pub blocked_patterns: Vec<String>,
     /// `CDP_ERASURE_PROPAGATION_MS` of the service (0: it sees an erasure at once).
     pub erasure_propagation_ms: u64,
+    /// `CDP_INGEST_AUTH_FAILURES_PER_MINUTE` of the service.
+    pub auth_failures_per_minute: u32,
 }
 
 impl Default for Options {
@@ -52,6 +54,7 @@ impl Default for Options {
             produce_timeout_ms: 10_000,
             blocked_patterns: Vec::new(),
             erasure_propagation_ms: 1000,
+            auth_failures_per_minute: 30,
         }
     }
 }
@@ -81,6 +84,7 @@ impl Ingest {
                 max_future_secs: 3600,
                 produce_timeout_ms: opts.produce_timeout_ms,
                 retry_after_secs: 5,
+                auth_failures_per_minute: opts.auth_failures_per_minute,
                 blocked_patterns: opts.blocked_patterns,
             },
         };

@@ -617,6 +617,82 @@ async fn bad_input_gets_the_documented_status_and_field_path_and_never_reaches_k
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_write_key_costs_no_parsing_and_an_address_that_keeps_failing_waits(
+) -> anyhow::Result<()> {
+    let ing = Ingest::start_with(ingest::Options {
+        auth_failures_per_minute: 3,
+        ..Default::default()
+    })
+    .await?;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/track", ing.base_url);
+    // A Basic key is checked before the body is read: neither broken JSON nor broken gzip
+    // is looked at.
+    let resp = client
+        .post(&url)
+        .basic_auth("guess-1", Some(""))
+        .body("{\"userId\": ")
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 401);
+    assert_eq!(
+        resp.json::<serde_json::Value>().await?["errors"][0]["path"],
+        "authorization"
+    );
+    let resp = client
+        .post(&url)
+        .basic_auth("guess-2", Some(""))
+        .header("content-encoding", "gzip")
+        .body("not gzip at all")
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 401);
+    // A body's writeKey is still heard when no Basic key is sent.
+    let resp = client
+        .post(&url)
+        .json(
+            &json!({"writeKey": WRITE_KEY, "userId": "u", "event": "Body key", "messageId": id()}),
+        )
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 200);
+    let resp = client
+        .post(&url)
+        .json(&json!({"writeKey": "guess-3", "userId": "u", "event": "x"}))
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 401);
+    // Three failures within the minute: the address is refused unread, even with a good key.
+    let resp = client
+        .post(&url)
+        .basic_auth(WRITE_KEY, Some(""))
+        .json(&json!({"userId": "u", "event": "After the guesses", "messageId": id()}))
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 429);
+    let wait: u64 = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no Retry-After"))?;
+    assert!((1..=60).contains(&wait), "Retry-After {wait}");
+    assert_eq!(
+        topic_len(&ing.topic(Topic::CustomerEvents)).await?,
+        1,
+        "only the authenticated event reached Kafka"
+    );
+    let metrics = ing.metrics.encode()?;
+    for line in [
+        "cdp_ingest_auth_failures_total{outcome=\"unknown_key\"} 3",
+        "cdp_ingest_auth_failures_total{outcome=\"throttled\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    ing.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gzip_bodies_are_accepted() -> anyhow::Result<()> {
     use std::io::Write;
     let ing = Ingest::start().await?;

@@ -143,6 +143,7 @@ async fn main() -> anyhow::Result<()> {
         max_future_secs: 3600,
         produce_timeout_ms: 10_000,
         retry_after_secs: 5,
+        auth_failures_per_minute: 30,
         blocked_patterns: Vec::new(),
     }
     .limits();

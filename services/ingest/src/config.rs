@@ -55,6 +55,15 @@ pub struct IngestArgs {
         default_value_t = 5
     )]
     pub retry_after_secs: u64,
+    /// Failed authentications a client address may make per minute; beyond it the address
+    /// gets 429 without its requests being read until its minute ends. 0: no limit (behind a
+    /// proxy that hides client addresses, limit there instead).
+    #[arg(
+        long = "auth-failures-per-minute",
+        env = "CDP_INGEST_AUTH_FAILURES_PER_MINUTE",
+        default_value_t = 30
+    )]
+    pub auth_failures_per_minute: u32,
     /// Identifier values that never link: `kind:regex` over the normalized value,
     /// `;`-separated (e.g. `email:^test(\+.*)?@example\.com$;device_id:^0+$`). Matching
     /// identifiers are named in the record's `cdp-blocked-identifiers` header and identity
@@ -80,6 +89,8 @@ impl fmt::Debug for IngestArgs {
             .field("max_batch_bytes", &self.max_batch_bytes)
             .field("max_future_secs", &self.max_future_secs)
             .field("produce_timeout_ms", &self.produce_timeout_ms)
+            .field("retry_after_secs", &self.retry_after_secs)
+            .field("auth_failures_per_minute", &self.auth_failures_per_minute)
             .field("blocked_patterns", &self.blocked_patterns)
             .finish()
     }

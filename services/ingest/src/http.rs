@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,11 +12,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
+use cdp_runtime::auth::FailureThrottle;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
 use crate::fields::FieldError;
-use crate::metrics::{EventLabels, IngestMetrics, RequestLabels};
+use crate::metrics::{AuthFailureLabels, EventLabels, IngestMetrics, RequestLabels};
 use crate::native::{self, NativeDraft};
 use crate::publisher::{Prepared, PublishError, Publisher};
 use crate::rejections::{self, Rejected};
@@ -55,6 +57,7 @@ pub struct App {
     pub limits: Limits,
     pub produce_timeout: Duration,
     pub retry_after_secs: u64,
+    pub auth_failures: FailureThrottle,
     pub metrics: IngestMetrics,
     pub pool: PgPool,
 }
@@ -67,6 +70,7 @@ fn reply(status: StatusCode, body: Value) -> (StatusCode, Response) {
     (status, (status, Json(body)).into_response())
 }
 
+/// The write key of an `Authorization: Basic` header (the user name; the password is empty).
 fn write_key_from_header(headers: &HeaderMap) -> Option<String> {
     let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let encoded = auth
@@ -78,6 +82,53 @@ fn write_key_from_header(headers: &HeaderMap) -> Option<String> {
     let text = String::from_utf8(decoded).ok()?;
     let key = text.split_once(':').map_or(text.as_str(), |(k, _)| k);
     (!key.is_empty()).then(|| key.to_owned())
+}
+
+/// 401 for a request without a known write key; the client's address counts a failure.
+fn unauthorized(app: &App, peer: Option<IpAddr>) -> (StatusCode, Response) {
+    if let Some(ip) = peer {
+        app.auth_failures.failed(ip, Instant::now());
+    }
+    app.metrics
+        .auth_failures
+        .get_or_create(&AuthFailureLabels {
+            outcome: "unknown_key",
+        })
+        .inc();
+    let (status, mut resp) = reply(
+        StatusCode::UNAUTHORIZED,
+        error_body(&[FieldError::new(
+            "authorization",
+            "unknown or missing write key (HTTP Basic, write key as user name)",
+        )]),
+    );
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"cdp\""),
+    );
+    (status, resp)
+}
+
+/// 429 for an address that failed to authenticate too often: its request is not read.
+fn throttled(app: &App, wait: Duration) -> (StatusCode, Response) {
+    app.metrics
+        .auth_failures
+        .get_or_create(&AuthFailureLabels {
+            outcome: "throttled",
+        })
+        .inc();
+    let (status, mut resp) = reply(
+        StatusCode::TOO_MANY_REQUESTS,
+        error_body(&[FieldError::new(
+            "authorization",
+            "too many failed authentications from this address; retry later",
+        )]),
+    );
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    (status, resp)
 }
 
 async fn read_body(
@@ -286,13 +337,27 @@ async fn publish(app: &App, sorted: Sorted) -> Result<Published, PublishError> {
     })
 }
 
+/// Authenticates before reading: a request whose HTTP Basic header names an unknown write
+/// key, or whose address failed too often, costs no body read and no parsing. Only a request
+/// without a Basic key is read for the body's `writeKey` (Segment's libraries send either).
 async fn handle(
     app: Arc<App>,
     route: &'static Route,
+    peer: Option<IpAddr>,
     headers: HeaderMap,
     body: Body,
 ) -> (StatusCode, Response) {
     let received_at = chrono::Utc::now();
+    if let Some(wait) = peer.and_then(|ip| app.auth_failures.refused(ip, Instant::now())) {
+        return throttled(&app, wait);
+    }
+    let header_source = match write_key_from_header(&headers) {
+        Some(key) => match app.write_keys.get(&key) {
+            Some(source) => Some(source.clone()),
+            None => return unauthorized(&app, peer),
+        },
+        None => None,
+    };
     let bytes = match read_body(&headers, body, app.limits.max_batch_bytes).await {
         Ok(b) => b,
         Err((status, e)) => return reply(status, error_body(&[e])),
@@ -306,25 +371,16 @@ async fn handle(
             )
         }
     };
-    let key = write_key_from_header(&headers).or_else(|| {
-        value
+    let source = match header_source {
+        Some(source) => source,
+        None => match value
             .get("writeKey")
             .and_then(Value::as_str)
-            .map(str::to_owned)
-    });
-    let Some(source) = key.and_then(|k| app.write_keys.get(&k).cloned()) else {
-        let (status, mut resp) = reply(
-            StatusCode::UNAUTHORIZED,
-            error_body(&[FieldError::new(
-                "authorization",
-                "unknown or missing write key (HTTP Basic, write key as user name)",
-            )]),
-        );
-        resp.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Basic realm=\"cdp\""),
-        );
-        return (status, resp);
+            .and_then(|k| app.write_keys.get(k).cloned())
+        {
+            Some(source) => source,
+            None => return unauthorized(&app, peer),
+        },
     };
 
     let items: Vec<(String, &Value, Option<Call>)> = match route.kind {
@@ -462,10 +518,16 @@ pub fn router(app: Arc<App>) -> Router {
         let app = app.clone();
         r = r.route(
             route.path,
-            post(move |headers: HeaderMap, body: Body| {
+            post(move |request: axum::extract::Request| {
                 let app = app.clone();
                 async move {
-                    let (status, resp) = handle(app.clone(), route, headers, body).await;
+                    let (parts, body) = request.into_parts();
+                    let peer = parts
+                        .extensions
+                        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+                        .map(|c| c.0.ip());
+                    let (status, resp) =
+                        handle(app.clone(), route, peer, parts.headers, body).await;
                     app.metrics
                         .requests
                         .get_or_create(&RequestLabels {

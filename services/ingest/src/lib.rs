@@ -18,6 +18,7 @@ pub mod segment;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use cdp_keystore::config::KeyArgs;
 use cdp_runtime::admin::Readiness;
@@ -111,6 +112,10 @@ pub async fn bind(
         limits: config.ingest.limits(),
         produce_timeout: config.ingest.produce_timeout(),
         retry_after_secs: config.ingest.retry_after_secs,
+        auth_failures: cdp_runtime::auth::FailureThrottle::new(
+            config.ingest.auth_failures_per_minute,
+            Duration::from_secs(60),
+        ),
         metrics: metrics::IngestMetrics::register(metrics),
         pool,
     });
@@ -125,10 +130,13 @@ pub async fn bind(
     let serve = async move {
         ready.set(true);
         tracing::info!(%addr, "ingest API listening");
-        let result = axum::serve(listener, http::router(app))
-            .with_graceful_shutdown(async move { shutdown.wait().await })
-            .await
-            .map_err(IngestError::Serve);
+        let result = axum::serve(
+            listener,
+            http::router(app).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { shutdown.wait().await })
+        .await
+        .map_err(IngestError::Serve);
         ready.set(false);
         result
     };

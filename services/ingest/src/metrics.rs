@@ -20,8 +20,16 @@ pub struct EventLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthFailureLabels {
+    /// `unknown_key` (missing, malformed or unknown write key) or `throttled` (refused
+    /// unread: its address failed too often).
+    pub outcome: &'static str,
+}
+
 #[derive(Clone)]
 pub struct IngestMetrics {
+    pub auth_failures: Family<AuthFailureLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub events: Family<EventLabels, Counter>,
     pub produce_duration: Histogram,
@@ -31,6 +39,7 @@ pub struct IngestMetrics {
 impl IngestMetrics {
     pub fn register(m: &Metrics) -> Self {
         let s = Self {
+            auth_failures: Family::default(),
             requests: Family::default(),
             events: Family::default(),
             produce_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
@@ -40,6 +49,11 @@ impl IngestMetrics {
             "ingest_requests",
             "HTTP requests by route and status",
             s.requests.clone(),
+        );
+        m.register(
+            "ingest_auth_failures",
+            "Requests refused for their write key, or unread because their address failed too often",
+            s.auth_failures.clone(),
         );
         m.register(
             "ingest_events",

@@ -76,6 +76,9 @@ fn responses() -> Value {
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Errors"}}}},
         "413": {"description": "Body over the size limit.",
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Errors"}}}},
+        "429": {"description": "The client's address failed to authenticate too often: nothing was read. Retry after Retry-After seconds.",
+                "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Errors"}}}},
         "503": {"description": "The event log is unavailable; nothing was accepted. Retry after Retry-After seconds with the same messageIds.",
                 "headers": {"Retry-After": {"schema": {"type": "integer"}}},
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Errors"}}}}
