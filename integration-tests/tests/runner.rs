@@ -802,3 +802,230 @@ async fn the_next_batch_is_gathered_and_decoded_while_a_slow_one_is_applied() ->
     );
     backlog.db.drop_db().await
 }
+
+/// A runner gauge with a `reason` label.
+fn unready(metrics: &Metrics, reason: &str) -> i64 {
+    let text = metrics.encode().unwrap_or_default();
+    text.lines()
+        .find(|l| {
+            l.starts_with("cdp_consumer_unready{") && l.contains(&format!("reason=\"{reason}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_consumer_cut_off_from_the_broker_is_not_ready_and_says_why() -> anyhow::Result<()> {
+    let mut broker = OwnBroker::start()?;
+    let topic = unique("runner-ready");
+    let dlq = unique("runner-ready-dlq");
+    let group = unique("runner-ready-group");
+    let mut config = runner_config(&topic, &group, &dlq, 100);
+    config.kafka.brokers = broker.brokers();
+    config.tuning.stall_secs = 3;
+    let spec = cdp_runtime::topics::Topic::CustomerEvents.spec();
+    cdp_runtime::topics::ensure(&config.kafka, &[(topic.clone(), spec), (dlq.clone(), spec)])
+        .await?;
+    let db = TestDb::create().await?;
+    create_probe_table(&db.pool).await?;
+    let producer = Arc::new(Producer::new(&config.kafka)?);
+    let sink = Arc::new(PgSink::new(
+        db.pool.clone(),
+        group.clone(),
+        ProbeHandler {
+            delay: Duration::ZERO,
+        },
+    ));
+    let readiness = cdp_runtime::admin::Readiness::default();
+    let metrics = Metrics::new();
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(runner::run(
+        config,
+        sink,
+        producer,
+        RunnerMetrics::register(&metrics),
+        Some(readiness.component("consumer")),
+        shutdown.clone(),
+    ));
+    wait_until("ready once assigned", Duration::from_secs(60), || async {
+        Ok(readiness.unready().is_empty() && assigned(&metrics) == 6)
+    })
+    .await?;
+    // Idle and assigned, it stays ready past the stall time: the broker's answers count as
+    // progress (sampled over twice the stall time).
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        anyhow::ensure!(
+            readiness.unready().is_empty(),
+            "an idle consumer stays ready"
+        );
+    }
+
+    broker.kill()?;
+    wait_until(
+        "not ready without the broker",
+        Duration::from_secs(30),
+        || async {
+            Ok(readiness.unready() == ["consumer"] && unready(&metrics, "broker_unreachable") == 1)
+        },
+    )
+    .await?;
+    broker.resume()?;
+    wait_until(
+        "ready again with the broker back",
+        Duration::from_secs(60),
+        || async {
+            Ok(readiness.unready().is_empty() && unready(&metrics, "broker_unreachable") == 0)
+        },
+    )
+    .await?;
+    shutdown.trigger();
+    task.await??;
+    db.drop_db().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_whose_batch_keeps_failing_is_not_ready_until_it_passes() -> anyhow::Result<()> {
+    let backlog = Backlog::create("sink-failing", 200).await?;
+    let metrics = Metrics::new();
+    let readiness = cdp_runtime::admin::Readiness::default();
+    let mut config = backlog.config(100);
+    config.tuning.retry_backoff_max_ms = 200;
+    config.tuning.stall_secs = 2;
+    let sink = Arc::new(PgSink::new(
+        backlog.db.pool.clone(),
+        backlog.group.clone(),
+        Flaky::new(40, None, 1),
+    ));
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(runner::run(
+        config,
+        sink,
+        backlog.producer.clone(),
+        RunnerMetrics::register(&metrics),
+        Some(readiness.component("consumer")),
+        shutdown.clone(),
+    ));
+    wait_until(
+        "not ready while the batch fails",
+        Duration::from_secs(60),
+        || async {
+            Ok(readiness.unready() == ["consumer"] && unready(&metrics, "sink_failing") == 1)
+        },
+    )
+    .await?;
+    wait_until("ready once it passed", Duration::from_secs(60), || async {
+        Ok(readiness.unready().is_empty() && probe_counts(&backlog.db.pool).await?.0 == 200)
+    })
+    .await?;
+    shutdown.trigger();
+    task.await??;
+    backlog.db.drop_db().await
+}
+
+/// The probe handler, whose first transaction fails at commit (a deferred trigger raises a
+/// serialization failure), after the batch's dead letters were produced.
+struct FailsFirstCommit {
+    inner: ProbeHandler,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl cdp_runtime::pg::PgHandler for FailsFirstCommit {
+    type Event = cdp_schemas::CustomerEvent;
+
+    fn decode(
+        &self,
+        record: &cdp_runtime::RawRecord,
+    ) -> Result<Self::Event, cdp_runtime::sink::Rejection> {
+        self.inner.decode(record)
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        batch: &[cdp_runtime::pg::Decoded<'_, Self::Event>],
+    ) -> Result<Vec<cdp_runtime::pg::Rejected>, cdp_runtime::sink::SinkError> {
+        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            sqlx::query("INSERT INTO commit_fails VALUES (1)")
+                .execute(&mut *tx)
+                .await
+                .map_err(cdp_runtime::pg::classify)?;
+        }
+        self.inner.handle(tx, batch).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_commit_fails_does_not_dead_letter_twice() -> anyhow::Result<()> {
+    let topic = unique("runner-dlq-once");
+    let dlq = unique("runner-dlq-once-dlq");
+    let group = unique("runner-dlq-once-group");
+    create_topics(&[(&topic, 1), (&dlq, 1)]).await?;
+    let db = TestDb::create().await?;
+    create_probe_table(&db.pool).await?;
+    for statement in [
+        "CREATE TABLE commit_fails (n int)",
+        "CREATE FUNCTION commit_fails() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'injected commit failure' USING ERRCODE = '40001'; END $$",
+        "CREATE CONSTRAINT TRIGGER commit_fails AFTER INSERT ON commit_fails
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION commit_fails()",
+    ] {
+        sqlx::query(statement).execute(&db.pool).await?;
+    }
+    let producer = Arc::new(Producer::new(&kafka_args(""))?);
+    // Offset 0 is poison: the first batch dead-letters it, then fails to commit.
+    producer
+        .send(OutgoingRecord {
+            topic: &topic,
+            key: Some(b"garbage"),
+            value: Some(b"not avro"),
+            ..Default::default()
+        })
+        .await?;
+    produce_events(&producer, &topic, 100, 1).await?;
+    let sink = Arc::new(PgSink::new(
+        db.pool.clone(),
+        group.clone(),
+        FailsFirstCommit {
+            inner: ProbeHandler {
+                delay: Duration::ZERO,
+            },
+            armed: std::sync::atomic::AtomicBool::new(true),
+        },
+    ));
+    let metrics = Metrics::new();
+    let shutdown = Shutdown::new();
+    let mut config = runner_config(&topic, &group, &dlq, 500);
+    config.tuning.retry_backoff_max_ms = 200;
+    let task = tokio::spawn(runner::run(
+        config,
+        sink,
+        producer.clone(),
+        RunnerMetrics::register(&metrics),
+        None,
+        shutdown.clone(),
+    ));
+    wait_until("every event applied", Duration::from_secs(60), || async {
+        Ok(probe_counts(&db.pool).await?.0 >= 100)
+    })
+    .await?;
+    shutdown.trigger();
+    task.await??;
+    let retries = metric_sum(&metrics, "cdp_consumer_batch_retries_total")?;
+    anyhow::ensure!(
+        retries == 1.0,
+        "the first commit failed once ({retries} retries)"
+    );
+    anyhow::ensure!(
+        topic_len(&dlq).await? == 1,
+        "the poison record is dead-lettered once, not once per attempt"
+    );
+    let (marked,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM cdp_dead_letters WHERE group_id = $1")
+            .bind(&group)
+            .fetch_one(&db.pool)
+            .await?;
+    anyhow::ensure!(marked == 1);
+    db.drop_db().await
+}

@@ -193,6 +193,14 @@ pub struct RunnerArgs {
         default_value_t = 10_000
     )]
     pub retry_backoff_max_ms: u64,
+    /// A consumer is not ready (`/readyz`) when for this many seconds it neither received a
+    /// record nor an answer from the broker, or its sink kept failing a batch.
+    #[arg(
+        long = "consumer-stall-secs",
+        env = "CDP_CONSUMER_STALL_SECS",
+        default_value_t = 30
+    )]
+    pub stall_secs: u64,
 }
 
 impl Default for RunnerArgs {
@@ -203,6 +211,7 @@ impl Default for RunnerArgs {
             batch_linger_ms: 200,
             max_consecutive_dead_letters: 1000,
             retry_backoff_max_ms: 10_000,
+            stall_secs: 30,
         }
     }
 }
@@ -219,6 +228,10 @@ impl RunnerArgs {
 
     pub fn retry_backoff_max(&self) -> Duration {
         Duration::from_millis(self.retry_backoff_max_ms)
+    }
+
+    pub fn stall(&self) -> Duration {
+        Duration::from_secs(self.stall_secs.max(1))
     }
 }
 

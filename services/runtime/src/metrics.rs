@@ -72,6 +72,13 @@ pub struct GroupLabels {
     pub group: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UnreadyLabels {
+    pub group: String,
+    /// `unassigned`, `broker_unreachable` or `sink_failing`.
+    pub reason: &'static str,
+}
+
 /// Buckets for durations from 1 ms to about 30 s, doubling.
 pub fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
@@ -87,6 +94,7 @@ pub struct RunnerMetrics {
     pub assigned_partitions: Family<GroupLabels, Gauge>,
     pub rebalances: Family<GroupLabels, Counter>,
     pub catching_up: Family<GroupLabels, Gauge>,
+    pub unready: Family<UnreadyLabels, Gauge>,
 }
 
 impl RunnerMetrics {
@@ -108,6 +116,7 @@ impl RunnerMetrics {
             assigned_partitions: Family::default(),
             rebalances: Family::default(),
             catching_up: Family::default(),
+            unready: Family::default(),
         };
         metrics.register(
             "consumer_records",
@@ -143,6 +152,13 @@ impl RunnerMetrics {
             "consumer_catching_up",
             "1 while the consumer is behind the log (it cuts batches at the maximum size), else 0",
             m.catching_up.clone(),
+        );
+        metrics.register(
+            "consumer_unready",
+            "1 for the reason a consumer is not ready (unassigned: no assignment yet; \
+             broker_unreachable: no record or broker answer for CDP_CONSUMER_STALL_SECS; \
+             sink_failing: a batch has failed for that long), else 0",
+            m.unready.clone(),
         );
         m
     }

@@ -3,7 +3,7 @@
 //! rows are locked first, so two consumers that briefly both believe they own a partition
 //! (a rebalance, a zombie) serialise on the lock and neither applies a record twice.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -220,20 +220,77 @@ impl<H: PgHandler> PgSink<H> {
 }
 
 /// Stored positions of a group (next offset to read), for operators and tests.
-pub async fn stored_positions(
-    pool: &PgPool,
+pub async fn stored_positions<'e>(
+    db: impl sqlx::PgExecutor<'e>,
     group: &str,
 ) -> Result<HashMap<TopicPartition, i64>, sqlx::Error> {
     let rows: Vec<(String, i32, i64)> = sqlx::query_as(
         "SELECT topic, partition, next_offset FROM cdp_consumer_offsets WHERE group_id = $1 AND next_offset >= 0",
     )
     .bind(group)
-    .fetch_all(pool)
+    .fetch_all(db)
     .await?;
     Ok(rows
         .into_iter()
         .map(|(topic, partition, next)| (TopicPartition { topic, partition }, next))
         .collect())
+}
+
+/// The records of `letters` this group has already dead-lettered.
+async fn already_sent(
+    tx: &mut PgConnection,
+    group: &str,
+    letters: &[DeadLetter<'_>],
+) -> Result<HashSet<(String, i32, i64)>, sqlx::Error> {
+    if letters.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let topics: Vec<&str> = letters.iter().map(|l| &*l.record.topic).collect();
+    let partitions: Vec<i32> = letters.iter().map(|l| l.record.partition).collect();
+    let offsets: Vec<i64> = letters.iter().map(|l| l.record.offset).collect();
+    let rows: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT d.topic, d.partition, d.\"offset\"
+           FROM cdp_dead_letters d
+           JOIN UNNEST($2::text[], $3::int4[], $4::int8[]) AS x(t, p, o)
+             ON d.topic = x.t AND d.partition = x.p AND d.\"offset\" = x.o
+          WHERE d.group_id = $1",
+    )
+    .bind(group)
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&offsets)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Records that `letters` were produced, outside the batch's transaction: a failed commit
+/// must not forget them.
+async fn record_sent(
+    pool: &PgPool,
+    group: &str,
+    letters: &[DeadLetter<'_>],
+) -> Result<(), sqlx::Error> {
+    if letters.is_empty() {
+        return Ok(());
+    }
+    let topics: Vec<&str> = letters.iter().map(|l| &*l.record.topic).collect();
+    let partitions: Vec<i32> = letters.iter().map(|l| l.record.partition).collect();
+    let offsets: Vec<i64> = letters.iter().map(|l| l.record.offset).collect();
+    let kinds: Vec<&str> = letters.iter().map(|l| l.rejection.kind).collect();
+    sqlx::query(
+        "INSERT INTO cdp_dead_letters (group_id, topic, partition, \"offset\", kind)
+         SELECT $1, t, p, o, k FROM UNNEST($2::text[], $3::int4[], $4::int8[], $5::text[]) AS x(t, p, o, k)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(group)
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&offsets)
+    .bind(&kinds)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 async fn lock_positions(
@@ -543,7 +600,22 @@ impl<H: PgHandler> Lane<H> {
         for l in &letters {
             stats.topic(&l.record.topic).dead_lettered += 1;
         }
+        // Letters produced by an earlier attempt of this batch (whose commit failed) are
+        // not produced again.
+        let sent = already_sent(&mut tx, &self.group, &letters)
+            .await
+            .map_err(classify)?;
+        letters.retain(|l| {
+            !sent.contains(&(
+                l.record.topic.to_string(),
+                l.record.partition,
+                l.record.offset,
+            ))
+        });
         dlq.send(&letters, applied).await?;
+        record_sent(&self.pool, &self.group, &letters)
+            .await
+            .map_err(classify)?;
         store_positions(&mut tx, &self.group, &next)
             .await
             .map_err(classify)?;

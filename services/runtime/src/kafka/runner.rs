@@ -19,6 +19,10 @@
 //!   stop the runner with an error.
 //! - On revocation and on shutdown, the in-flight batch is finished before partitions are
 //!   released. Rebalance callbacks never panic.
+//! - Ready (`/readyz`) means assigned and making progress: the group gave the consumer an
+//!   assignment (an empty one too: a standby member is ready), it received records or an
+//!   answer from the broker within `CDP_CONSUMER_STALL_SECS`, and no batch has been failing
+//!   for that long. `consumer_unready` says which of the three is missing.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,12 +44,19 @@ use crate::dlq::DeadLetters;
 use crate::kafka::producer::Producer;
 use crate::kafka::record::{RawRecord, RecordCopier, TopicPartition};
 use crate::kafka::{client_config, KafkaSetupError};
-use crate::metrics::{GroupLabels, Outcome, RecordLabels, RunnerMetrics};
+use crate::metrics::{GroupLabels, Outcome, RecordLabels, RunnerMetrics, UnreadyLabels};
 use crate::shutdown::Shutdown;
 use crate::sink::{Sink, SinkError};
 
 /// How often an idle runner lets its sink act on time.
 const TICK_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How long an idle consumer goes without a sign of the broker before it asks for metadata
+/// (at most; a third of the stall time when that is shorter).
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long that question may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long an assignment may wait for the broker to say where new partitions start
 /// ([`start_offsets`]): a broker that does not answer leaves it to the client, not the
@@ -161,7 +172,51 @@ struct Shared<S> {
     shutdown: Shutdown,
     metrics: RunnerMetrics,
     catch_up: CatchUp,
+    health: Mutex<Health>,
+    ready: Option<ReadyFlag>,
+    stall: Duration,
 }
+
+/// What readiness is made of.
+struct Health {
+    /// The group gave this consumer an assignment (possibly empty).
+    assigned: bool,
+    /// When the consumer last showed it reaches the broker: a batch of records, or an
+    /// answer to a metadata request.
+    reached: Instant,
+    /// Since when the batch being applied keeps failing.
+    failing_since: Option<Instant>,
+}
+
+impl Health {
+    fn new() -> Self {
+        Self {
+            assigned: false,
+            reached: Instant::now(),
+            failing_since: None,
+        }
+    }
+
+    /// Why the consumer is not ready, if it is not.
+    fn unready(&self, now: Instant, stall: Duration) -> Option<&'static str> {
+        // A failing batch holds the poll thread, so no record or broker answer is seen
+        // meanwhile: the sink's failure is the reason then.
+        if !self.assigned {
+            Some("unassigned")
+        } else if self
+            .failing_since
+            .is_some_and(|t| now.saturating_duration_since(t) > stall)
+        {
+            Some("sink_failing")
+        } else if now.saturating_duration_since(self.reached) > stall {
+            Some("broker_unreachable")
+        } else {
+            None
+        }
+    }
+}
+
+const UNREADY_REASONS: [&str; 3] = ["unassigned", "broker_unreachable", "sink_failing"];
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned lock only means another thread panicked while holding it; the data
@@ -195,6 +250,44 @@ fn last_offsets(batch: &[RawRecord]) -> Vec<(String, i32, i64)> {
 }
 
 impl<S: Sink> Shared<S> {
+    /// Updates health and publishes readiness (the flag and `consumer_unready`).
+    fn health(&self, update: impl FnOnce(&mut Health)) {
+        let reason = {
+            let mut h = lock(&self.health);
+            update(&mut h);
+            h.unready(Instant::now(), self.stall)
+        };
+        if let Some(flag) = &self.ready {
+            flag.set(reason.is_none());
+        }
+        for r in UNREADY_REASONS {
+            self.metrics
+                .unready
+                .get_or_create(&UnreadyLabels {
+                    group: self.group.clone(),
+                    reason: r,
+                })
+                .set(i64::from(reason == Some(r)));
+        }
+    }
+
+    /// On an idle consumer that has not heard from the broker for a while, asks it for a
+    /// topic's metadata: an answer shows the connection works when no record comes.
+    fn probe_broker(&self, consumer: &BaseConsumer<RunnerContext<S>>, topic: &str) {
+        let quiet = lock(&self.health).reached.elapsed();
+        if quiet < PROBE_INTERVAL.min(self.stall / 3) {
+            self.health(|_| {});
+            return;
+        }
+        match consumer.fetch_metadata(Some(topic), PROBE_TIMEOUT) {
+            Ok(_) => self.health(|h| h.reached = Instant::now()),
+            Err(e) => {
+                tracing::debug!(group = %self.group, error = %e, quiet_ms = quiet.as_millis() as u64, "the broker did not answer");
+                self.health(|_| {});
+            }
+        }
+    }
+
     /// Says whether the runner is behind, to the service ([`CatchUp`]) and in the metrics.
     fn catching_up(&self, behind: bool) {
         if self.catch_up.set(behind) {
@@ -287,9 +380,15 @@ impl<S: Sink> Shared<S> {
                         dead_lettered = t.dead_lettered,
                         "batch committed"
                     );
+                    if attempt > 0 {
+                        self.health(|h| h.failing_since = None);
+                    }
                     return Ok(Flushed::Done);
                 }
                 Err(e) if e.is_retryable() => {
+                    self.health(|h| {
+                        h.failing_since.get_or_insert(started);
+                    });
                     self.metrics.batch_retries.get_or_create(&labels).inc();
                     let wait = self.backoff(attempt);
                     tracing::warn!(group = %self.group, error = %crate::sink::Rejection::from_error("retry", &e).reason, retry_in_ms = wait.as_millis() as u64, "batch failed, will retry");
@@ -337,6 +436,7 @@ impl<S: Sink> Shared<S> {
             self.tick_if_due(last)?;
         }
         if let Some(prepared) = prepared {
+            lock(&self.health).reached = Instant::now();
             let last = last_offsets(S::records(&prepared));
             let shared = self.clone();
             let task = self
@@ -476,7 +576,10 @@ impl<S: Sink> Shared<S> {
             _ => consumer.assign(tpl),
         };
         if let Err(e) = result {
+            // Not ready until an assignment takes (the group retries it).
             tracing::error!(error = %e, "assign failed");
+            self.health(|h| h.assigned = false);
+            return;
         }
         let mut assigned = lock(&self.assigned);
         if !matches!(
@@ -490,6 +593,11 @@ impl<S: Sink> Shared<S> {
             .assigned_partitions
             .get_or_create(&self.labels())
             .set(assigned.len() as i64);
+        drop(assigned);
+        self.health(|h| {
+            h.assigned = true;
+            h.reached = Instant::now();
+        });
     }
 
     fn on_revoke(
@@ -708,6 +816,7 @@ fn poll_loop<S: Sink>(
     consumer: BaseConsumer<RunnerContext<S>>,
     shared: Arc<Shared<S>>,
     tuning: RunnerArgs,
+    probe_topic: String,
 ) -> Result<(), RunnerError> {
     let mut batch_started: Option<Instant> = None;
     let mut last_tick = Instant::now();
@@ -777,9 +886,10 @@ fn poll_loop<S: Sink>(
         // gathers the next batch meanwhile (dispatching that one ticks if still due).
         if len == 0 && shared.sink_idle() {
             if idle {
-                // Nothing applying, nothing fetched, nothing came: caught up.
+                // Nothing applying, nothing fetched, nothing came: caught up, or cut off.
                 cuts = Cuts::caught_up();
                 shared.catching_up(false);
+                shared.probe_broker(&consumer, &probe_topic);
             }
             if let Flushed::Abandoned = shared.settle(&consumer)? {
                 break;
@@ -837,17 +947,21 @@ pub async fn run<S: Sink>(
         shutdown,
         metrics,
         catch_up: config.catch_up.clone(),
+        health: Mutex::new(Health::new()),
+        ready: ready.clone(),
+        stall: config.tuning.stall(),
     });
     let consumer = create_consumer(&config, shared.clone())?;
     tracing::info!(group = %config.group_id, topics = ?config.topics, "consumer started");
-    if let Some(r) = &ready {
-        r.set(true);
-    }
+    // Not ready until assigned.
+    shared.health(|_| {});
     let group = config.group_id.clone();
     let tuning = config.tuning.clone();
-    let result = tokio::task::spawn_blocking(move || poll_loop(consumer, shared, tuning))
-        .await
-        .unwrap_or_else(|_| Err(RunnerError::Panicked(group)));
+    let probe_topic = config.topics.first().cloned().unwrap_or_default();
+    let result =
+        tokio::task::spawn_blocking(move || poll_loop(consumer, shared, tuning, probe_topic))
+            .await
+            .unwrap_or_else(|_| Err(RunnerError::Panicked(group)));
     if let Some(r) = &ready {
         r.set(false);
     }
@@ -856,7 +970,31 @@ pub async fn run<S: Sink>(
 
 #[cfg(test)]
 mod tests {
-    use super::Cuts;
+    use super::{Cuts, Health};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn ready_means_assigned_reaching_the_broker_and_no_batch_failing_for_long() {
+        let stall = Duration::from_secs(30);
+        let t0 = Instant::now();
+        let mut h = Health::new();
+        h.reached = t0;
+        assert_eq!(h.unready(t0, stall), Some("unassigned"));
+        h.assigned = true;
+        assert_eq!(h.unready(t0 + Duration::from_secs(29), stall), None);
+        assert_eq!(
+            h.unready(t0 + Duration::from_secs(31), stall),
+            Some("broker_unreachable")
+        );
+        h.failing_since = Some(t0);
+        assert_eq!(
+            h.unready(t0 + Duration::from_secs(32), stall),
+            Some("sink_failing")
+        );
+        h.failing_since = Some(t0 + Duration::from_secs(20));
+        h.reached = t0 + Duration::from_secs(31);
+        assert_eq!(h.unready(t0 + Duration::from_secs(32), stall), None);
+    }
 
     fn behind_after(at_max: &[bool]) -> Vec<bool> {
         let mut cuts = Cuts::caught_up();
