@@ -357,6 +357,22 @@ impl FromStr for ReplayFrom {
     }
 }
 
+/// Where each partition of a rebuild starts: where asked (`requested`), but never past the
+/// position the copied read models stand at (`copied`); partitions the copy holds nothing of
+/// are left out, so they start at the beginning of the log.
+fn start_positions(
+    copied: &HashMap<TopicPartition, i64>,
+    requested: &HashMap<TopicPartition, i64>,
+) -> HashMap<TopicPartition, i64> {
+    copied
+        .iter()
+        .map(|(tp, at)| {
+            let start = requested.get(tp).map_or(*at, |asked| (*asked).min(*at));
+            (tp.clone(), start)
+        })
+        .collect()
+}
+
 /// What a rebuild did.
 #[derive(Debug, Clone)]
 pub struct Rebuilt {
@@ -388,18 +404,7 @@ pub async fn rebuild(
         tokio::task::spawn_blocking(move || replay::watermarks(&kafka, &topics)).await??
     };
     if from != ReplayFrom::Earliest {
-        if let Some(live) = &live {
-            for t in generation::TABLES {
-                sqlx::query(&format!(
-                    "INSERT INTO \"{}\".{t} SELECT * FROM \"{}\".{t}",
-                    g.schema(),
-                    live.schema()
-                ))
-                .execute(&p.admin)
-                .await?;
-            }
-        }
-        let starts: Vec<(TopicPartition, i64)> = match &from {
+        let requested: HashMap<TopicPartition, i64> = match &from {
             ReplayFrom::Time(t) => {
                 let (kafka, parts, t) = (
                     config.kafka.clone(),
@@ -408,6 +413,8 @@ pub async fn rebuild(
                 );
                 tokio::task::spawn_blocking(move || replay::offsets_for_time(&kafka, &parts, t))
                     .await??
+                    .into_iter()
+                    .collect()
             }
             ReplayFrom::Offsets(list) => list
                 .iter()
@@ -421,17 +428,36 @@ pub async fn rebuild(
                     )
                 })
                 .collect(),
-            ReplayFrom::Earliest => Vec::new(),
+            ReplayFrom::Earliest => HashMap::new(),
         };
-        // Partitions not named start where the live generation stands.
-        let mut positions: HashMap<TopicPartition, i64> = match &live {
-            Some(l) => pg::stored_positions(&p.admin, &l.group(&config.projector.group)).await?,
+        // The copy and the positions it stands at come from one snapshot: the live
+        // projector commits rows and positions together, so the copy holds exactly the
+        // records before those positions, however the live one moves meanwhile.
+        let mut tx = p.admin.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .execute(&mut *tx)
+            .await?;
+        let copied = match &live {
+            Some(l) => {
+                let at = pg::stored_positions(&mut *tx, &l.group(&config.projector.group)).await?;
+                for t in generation::TABLES {
+                    sqlx::query(&format!(
+                        "INSERT INTO \"{}\".{t} SELECT * FROM \"{}\".{t}",
+                        g.schema(),
+                        l.schema()
+                    ))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                at
+            }
             None => HashMap::new(),
         };
-        for (tp, o) in starts {
-            positions.insert(tp, o);
-        }
-        for (tp, o) in positions {
+        // A partition starts where asked, but never past where the copy stands (that would
+        // skip the records in between; applying a record twice changes nothing). One the
+        // copy holds nothing of starts at the beginning.
+        let positions = start_positions(&copied, &requested);
+        for (tp, o) in &positions {
             sqlx::query(
                 "INSERT INTO cdp_consumer_offsets (group_id, topic, partition, next_offset) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (group_id, topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset",
@@ -440,8 +466,20 @@ pub async fn rebuild(
             .bind(&tp.topic)
             .bind(tp.partition)
             .bind(o)
-            .execute(&p.admin)
+            .execute(&mut *tx)
             .await?;
+        }
+        tx.commit().await?;
+        for (tp, asked) in &requested {
+            match positions.get(tp) {
+                Some(o) if o < asked => {
+                    tracing::info!(topic = %tp.topic, partition = tp.partition, asked, from = o, "the live generation stands before the requested start: rebuilding from its position")
+                }
+                None => {
+                    tracing::info!(topic = %tp.topic, partition = tp.partition, asked, "the live generation holds nothing of this partition: rebuilding it from the beginning")
+                }
+                _ => {}
+            }
         }
     }
     let stop = Shutdown::new();
@@ -554,4 +592,43 @@ pub async fn bind_api(
             .map_err(ProjectorError::Serve)
     };
     Ok((addr, serve))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(p: i32) -> TopicPartition {
+        TopicPartition {
+            topic: "events".into(),
+            partition: p,
+        }
+    }
+
+    #[test]
+    fn a_rebuild_never_starts_past_the_copy() {
+        let copied = HashMap::from([(tp(0), 100), (tp(1), 50), (tp(2), 70)]);
+        let requested = HashMap::from([(tp(0), 80), (tp(1), 90), (tp(3), 10)]);
+        let starts = start_positions(&copied, &requested);
+        assert_eq!(
+            starts.get(&tp(0)),
+            Some(&80),
+            "earlier than the copy: as asked"
+        );
+        assert_eq!(
+            starts.get(&tp(1)),
+            Some(&50),
+            "later: where the copy stands"
+        );
+        assert_eq!(
+            starts.get(&tp(2)),
+            Some(&70),
+            "not asked: where the copy stands"
+        );
+        assert_eq!(
+            starts.get(&tp(3)),
+            None,
+            "not in the copy: from the beginning"
+        );
+    }
 }
