@@ -59,22 +59,11 @@ pub async fn require_s3(endpoint: &str) -> anyhow::Result<()> {
 /// Runs an archiver in this process until the shutdown is triggered.
 pub fn spawn(
     config: cdp_archiver::ArchiverConfig,
-) -> (
-    cdp_runtime::Shutdown,
-    tokio::task::JoinHandle<Result<(), cdp_archiver::ArchiverError>>,
-) {
-    let shutdown = cdp_runtime::Shutdown::new();
-    let s = shutdown.clone();
-    let task = tokio::spawn(async move {
-        cdp_archiver::run(
-            config,
-            &cdp_runtime::metrics::Metrics::new(),
-            &cdp_runtime::admin::Readiness::default(),
-            s,
-        )
-        .await
-    });
-    (shutdown, task)
+) -> crate::pipeline::Spawned<cdp_archiver::ArchiverError> {
+    crate::pipeline::spawn(
+        &cdp_runtime::metrics::Metrics::new(),
+        |m, r, s| async move { cdp_archiver::run(config, &m, &r, s).await },
+    )
 }
 
 /// A local directory archive in a fresh temporary directory.

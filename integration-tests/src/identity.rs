@@ -338,24 +338,11 @@ pub async fn caught_up(
 }
 
 /// Runs the identity service in-process until the returned shutdown is triggered.
-pub fn spawn(
-    config: IdentityConfig,
-) -> (
-    cdp_runtime::Shutdown,
-    tokio::task::JoinHandle<Result<(), cdp_identity::IdentityError>>,
-) {
-    let shutdown = cdp_runtime::Shutdown::new();
-    let s = shutdown.clone();
-    let task = tokio::spawn(async move {
-        cdp_identity::run(
-            config,
-            &cdp_runtime::metrics::Metrics::new(),
-            &cdp_runtime::admin::Readiness::default(),
-            s,
-        )
-        .await
-    });
-    (shutdown, task)
+pub fn spawn(config: IdentityConfig) -> crate::pipeline::Spawned<cdp_identity::IdentityError> {
+    crate::pipeline::spawn(
+        &cdp_runtime::metrics::Metrics::new(),
+        |m, r, s| async move { cdp_identity::run(config, &m, &r, s).await },
+    )
 }
 
 /// A realistic workload: `people` persons, each with an anonymous id, an email, a device, and

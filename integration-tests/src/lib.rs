@@ -24,6 +24,7 @@ pub mod archive;
 pub mod cpu;
 pub mod identity;
 pub mod ingest;
+pub mod pipeline;
 pub mod probe_env;
 pub mod projector;
 

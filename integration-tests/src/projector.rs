@@ -415,22 +415,9 @@ pub async fn caught_up(
 }
 
 /// Runs a projector in-process until the returned handle's shutdown is triggered.
-pub fn spawn(
-    config: ProjectorConfig,
-) -> (
-    cdp_runtime::Shutdown,
-    tokio::task::JoinHandle<Result<(), cdp_projector::ProjectorError>>,
-) {
-    let shutdown = cdp_runtime::Shutdown::new();
-    let s = shutdown.clone();
-    let task = tokio::spawn(async move {
-        cdp_projector::run(
-            config,
-            &cdp_runtime::metrics::Metrics::new(),
-            &cdp_runtime::admin::Readiness::default(),
-            s,
-        )
-        .await
-    });
-    (shutdown, task)
+pub fn spawn(config: ProjectorConfig) -> crate::pipeline::Spawned<cdp_projector::ProjectorError> {
+    crate::pipeline::spawn(
+        &cdp_runtime::metrics::Metrics::new(),
+        |m, r, s| async move { cdp_projector::run(config, &m, &r, s).await },
+    )
 }

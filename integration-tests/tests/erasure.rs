@@ -7,14 +7,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use cdp_archiver::{ArchiverArgs, ArchiverConfig, StoreArgs};
-use cdp_erasure::{ErasureArgs, ErasureConfig, Request};
+use cdp_erasure::Request;
 use cdp_integration_tests::archive::{read_log, require_s3, s3_endpoint, s3_store, wait_gapless};
 use cdp_integration_tests::identity::identity_for;
 use cdp_integration_tests::ingest::{Ingest, Options};
+use cdp_integration_tests::pipeline;
 use cdp_integration_tests::{require_broker, wait_until};
 use cdp_keystore::RawIdentifier;
-use cdp_runtime::config::RunnerArgs;
 use cdp_runtime::topics::Topic;
 use cdp_schemas::model::compliance::ErasureOutcome;
 use cdp_schemas::{ComplianceEvent, CompliancePayload, IdentifierKind};
@@ -26,65 +25,6 @@ const WAIT: Duration = Duration::from_secs(120);
 
 /// The read views and the identity graph of the services that ran during the erasure.
 const LIVE: (&str, &str) = ("p_e2e_read", "id_e2e");
-
-fn erasure_config(ing: &Ingest, identity_schema: &str) -> ErasureConfig {
-    ErasureConfig {
-        kafka: ing.kafka.clone(),
-        pg: ing.db.args(),
-        keys: ing.key_args.clone(),
-        runner: RunnerArgs {
-            batch_size: 100,
-            batch_linger_ms: 20,
-            ..RunnerArgs::default()
-        },
-        erasure: ErasureArgs {
-            group: format!("{}.erasure", ing.topic(Topic::Audit)),
-            schema: "erasure_t".to_owned(),
-            identity_schema: identity_schema.to_owned(),
-            services: vec!["projector".to_owned(), "identity".to_owned()],
-            max_profiles: cdp_erasure::DEFAULT_MAX_PROFILES,
-            reask_secs: cdp_erasure::DEFAULT_REASK_SECS,
-        },
-    }
-}
-
-fn spawn_erasure(
-    config: ErasureConfig,
-) -> (
-    cdp_runtime::Shutdown,
-    tokio::task::JoinHandle<Result<(), cdp_erasure::ErasureError>>,
-) {
-    let shutdown = cdp_runtime::Shutdown::new();
-    let s = shutdown.clone();
-    let task = tokio::spawn(async move {
-        cdp_erasure::run(
-            config,
-            &cdp_runtime::metrics::Metrics::new(),
-            &cdp_runtime::admin::Readiness::default(),
-            s,
-        )
-        .await
-    });
-    (shutdown, task)
-}
-
-fn projector_config(ing: &Ingest, name: &str) -> cdp_projector::ProjectorConfig {
-    cdp_projector::ProjectorConfig {
-        kafka: ing.kafka.clone(),
-        pg: ing.db.args(),
-        keys: ing.key_args.clone(),
-        runner: RunnerArgs {
-            batch_size: 500,
-            batch_linger_ms: 20,
-            ..RunnerArgs::default()
-        },
-        projector: cdp_projector::ProjectorArgs {
-            group: format!("{}.{name}", ing.topic(Topic::Audit)),
-            schema_prefix: format!("p_{name}"),
-            lanes: cdp_projector::DEFAULT_LANES,
-        },
-    }
-}
 
 /// Every row of a profile in the read models, as text (the control person's fingerprint).
 async fn rows_of(pool: &PgPool, read: &str, profile: Uuid) -> anyhow::Result<Vec<String>> {
@@ -141,31 +81,6 @@ async fn remains(
         out.insert(what, n);
     }
     Ok(out)
-}
-
-fn archiver_config(ing: &Ingest, store: StoreArgs) -> ArchiverConfig {
-    ArchiverConfig {
-        kafka: ing.kafka.clone(),
-        runner: RunnerArgs {
-            batch_size: 500,
-            batch_linger_ms: 20,
-            ..RunnerArgs::default()
-        },
-        archiver: ArchiverArgs {
-            group: format!("{}.archiver", ing.topic(Topic::Audit)),
-            // The catalogue's archived topics.
-            topics: Vec::new(),
-            codec: cdp_archiver::ocf::Codec::Zstandard,
-            max_records: 100_000,
-            max_bytes: 64 * 1024 * 1024,
-            // Files close a moment after the topic goes quiet.
-            window_secs: 1,
-            grace_ms: 300,
-            acknowledged_gaps: Vec::new(),
-            max_buffered_bytes: 1024 * 1024 * 1024,
-        },
-        store,
-    }
 }
 
 /// Where someone holding every key of the platform (master and identifier keys) and the
@@ -325,12 +240,12 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
         .await?
         .close()
         .await;
-    let pc = projector_config(&ing, "e2e");
-    let ec = erasure_config(&ing, "id_e2e");
+    let pc = pipeline::projector(&ing, "e2e");
+    let ec = pipeline::erasure(&ing, "erasure_t", "id_e2e");
     let (stop_i, task_i) = cdp_integration_tests::identity::spawn(ic.clone());
     let (stop_p, task_p) = cdp_integration_tests::projector::spawn(pc.clone());
-    let (stop_e, task_e) = spawn_erasure(ec.clone());
-    let archiver = archiver_config(&ing, store.clone());
+    let (stop_e, task_e) = pipeline::spawn_erasure(ec.clone());
+    let archiver = pipeline::archiver(&ing, store.clone());
     let (stop_a, task_a) = cdp_integration_tests::archive::spawn(archiver);
     let archive = cdp_archiver::Archive::open(&store)?;
     let pool = ing.db.pool.clone();
@@ -845,7 +760,7 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
         .await?
         .close()
         .await;
-    let pc2 = projector_config(&ing, "replay");
+    let pc2 = pipeline::projector(&ing, "replay");
     let (stop_i2, task_i2) = cdp_integration_tests::identity::spawn(ic2.clone());
     let (stop_p2, task_p2) = cdp_integration_tests::projector::spawn(pc2.clone());
     cdp_integration_tests::identity::caught_up(
@@ -879,7 +794,7 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
     // Nor does a restore of the archive into a fresh deployment's topic, projected from
     // scratch: the restored events of the person are skipped like the log's.
     let restored = cdp_runtime::topics::Topics::new(format!("{}restored.", ing.kafka.topic_prefix));
-    let mut pc3 = projector_config(&ing, "restored");
+    let mut pc3 = pipeline::projector(&ing, "restored");
     pc3.kafka.topic_prefix = format!("{}restored.", ing.kafka.topic_prefix);
     cdp_runtime::topics::ensure(&pc3.kafka, &cdp_runtime::topics::catalogue(&restored)).await?;
     let summary = cdp_archiver::restore::restore(
@@ -950,10 +865,10 @@ async fn the_erasures_api_files_requests_and_the_limit_refuses_large_clusters() 
         )
         .await?;
     assert_eq!(status, 200, "{body}");
-    let mut ec = erasure_config(&ing, "no_identity_here");
+    let mut ec = pipeline::erasure(&ing, "erasure_t", "no_identity_here");
     ec.erasure.schema = "erasure_api".to_owned();
     ec.erasure.max_profiles = 1;
-    let (stop_e, task_e) = spawn_erasure(ec.clone());
+    let (stop_e, task_e) = pipeline::spawn_erasure(ec.clone());
     let shutdown = cdp_runtime::Shutdown::new();
     let tokens = [
         "dpo:compliance:c-secret".to_owned(),
@@ -1191,8 +1106,8 @@ async fn kill_9_of_the_processor_and_the_services_during_erasures_completes_each
     assert_eq!(status, 200, "{body}");
 
     let ic = identity_for(&ing.kafka, &ing.db, &ing.key_args, "id_crash");
-    let pc = projector_config(&ing, "crash");
-    let mut ec = erasure_config(&ing, "id_crash");
+    let pc = pipeline::projector(&ing, "crash");
+    let mut ec = pipeline::erasure(&ing, "erasure_t", "id_crash");
     ec.erasure.schema = "erasure_crash".to_owned();
     // Schemas and tables exist before the helpers read them.
     cdp_identity::pool(&ic.pg, &ic.identity.schema)
@@ -1423,12 +1338,12 @@ async fn an_erasure_during_a_projector_rebuild_leaves_every_generation_clean() -
         .await?
         .close()
         .await;
-    let pc = projector_config(&ing, "rb");
-    let mut ec = erasure_config(&ing, "id_rb");
+    let pc = pipeline::projector(&ing, "rb");
+    let mut ec = pipeline::erasure(&ing, "erasure_t", "id_rb");
     ec.erasure.schema = "erasure_rb".to_owned();
     let (stop_i, task_i) = cdp_integration_tests::identity::spawn(ic.clone());
     let (stop_p, task_p) = cdp_integration_tests::projector::spawn(pc.clone());
-    let (stop_e, task_e) = spawn_erasure(ec.clone());
+    let (stop_e, task_e) = pipeline::spawn_erasure(ec.clone());
     let pool = ing.db.pool.clone();
     cdp_integration_tests::identity::caught_up(&pool, &ic, &ing.topic(Topic::CustomerEvents), WAIT)
         .await?;
@@ -1605,12 +1520,12 @@ async fn the_broker_compacts_away_an_erased_persons_older_records() -> anyhow::R
         .await?
         .close()
         .await;
-    let pc = projector_config(&ing, "cmp");
-    let mut ec = erasure_config(&ing, "id_cmp");
+    let pc = pipeline::projector(&ing, "cmp");
+    let mut ec = pipeline::erasure(&ing, "erasure_t", "id_cmp");
     ec.erasure.schema = "erasure_cmp".to_owned();
     let (stop_i, task_i) = cdp_integration_tests::identity::spawn(ic.clone());
     let (stop_p, task_p) = cdp_integration_tests::projector::spawn(pc.clone());
-    let (stop_e, task_e) = spawn_erasure(ec.clone());
+    let (stop_e, task_e) = pipeline::spawn_erasure(ec.clone());
     let pool = ing.db.pool.clone();
     let (profiles_topic, identity_topic) = (ing.topic(Topic::Profiles), ing.topic(Topic::Identity));
     let ada_tokens = [

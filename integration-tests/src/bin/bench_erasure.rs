@@ -15,11 +15,10 @@
 
 use std::time::{Duration, Instant};
 
-use cdp_erasure::{ErasureArgs, ErasureConfig, Request};
+use cdp_erasure::Request;
 use cdp_integration_tests::ingest::Ingest;
+use cdp_integration_tests::pipeline;
 use cdp_keystore::RawIdentifier;
-use cdp_projector::{ProjectorArgs, ProjectorConfig};
-use cdp_runtime::config::RunnerArgs;
 use cdp_runtime::topics::Topic;
 use cdp_schemas::IdentifierKind;
 use serde_json::json;
@@ -38,65 +37,24 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or(1_000_000);
     cdp_integration_tests::log_from_env()?;
     let ing = Ingest::start().await?;
-    let runner = RunnerArgs {
-        batch_size: 1_000,
-        batch_linger_ms: 20,
-        ..RunnerArgs::default()
-    };
     let ic = cdp_integration_tests::identity::identity_for(
         &ing.kafka,
         &ing.db,
         &ing.key_args,
         "id_bench",
     );
-    let pc = ProjectorConfig {
-        kafka: ing.kafka.clone(),
-        pg: ing.db.args(),
-        keys: ing.key_args.clone(),
-        runner: runner.clone(),
-        projector: ProjectorArgs {
-            group: format!("{}projector", ing.kafka.topic_prefix),
-            schema_prefix: "p_bench".to_owned(),
-            lanes: cdp_integration_tests::projector::lanes_from_env(),
-        },
-    };
-    let ec = ErasureConfig {
-        kafka: ing.kafka.clone(),
-        pg: ing.db.args(),
-        keys: ing.key_args.clone(),
-        runner: RunnerArgs {
-            batch_size: 100,
-            batch_linger_ms: 5,
-            ..RunnerArgs::default()
-        },
-        erasure: ErasureArgs {
-            group: format!("{}erasure", ing.kafka.topic_prefix),
-            schema: "erasure_bench".to_owned(),
-            identity_schema: "id_bench".to_owned(),
-            services: vec!["projector".to_owned(), "identity".to_owned()],
-            max_profiles: cdp_erasure::DEFAULT_MAX_PROFILES,
-            reask_secs: cdp_erasure::DEFAULT_REASK_SECS,
-        },
-    };
+    let mut pc = pipeline::projector(&ing, "bench");
+    pc.runner = pipeline::runner(1_000);
+    pc.projector.lanes = cdp_integration_tests::projector::lanes_from_env();
+    let mut ec = pipeline::erasure(&ing, "erasure_bench", "id_bench");
+    ec.runner.batch_linger_ms = 5;
     cdp_identity::pool(&ic.pg, &ic.identity.schema)
         .await?
         .close()
         .await;
     let (stop_i, task_i) = cdp_integration_tests::identity::spawn(ic.clone());
     let (stop_p, task_p) = cdp_integration_tests::projector::spawn(pc.clone());
-    let stop_e = cdp_runtime::Shutdown::new();
-    let task_e = {
-        let (ec, s) = (ec.clone(), stop_e.clone());
-        tokio::spawn(async move {
-            cdp_erasure::run(
-                ec,
-                &cdp_runtime::metrics::Metrics::new(),
-                &cdp_runtime::admin::Readiness::default(),
-                s,
-            )
-            .await
-        })
-    };
+    let (stop_e, task_e) = pipeline::spawn_erasure(ec.clone());
 
     let started = Instant::now();
     for p in 0..people {
