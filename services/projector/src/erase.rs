@@ -2,9 +2,11 @@
 //! (`ErasureScoped` on the compliance topic), every row of their profiles goes (in every
 //! generation: the live one and the retired ones it scrubs, and each building one itself),
 //! their profiles get tombstones on the profiles topic, and the projector answers with
-//! `ErasureApplied`: as `projector` from a generation that is live (or retired, when a swap
-//! overtook its run), as `projector.g<N>` from a building one, whose answer the processor
-//! records but does not wait for. Runs in the batch's transaction, holding the merge lock exclusively:
+//! `ErasureApplied`: as `projector` from the live generation, as `projector.g<N>` from a
+//! building one or a retired one (a swap overtook the projector still running it), whose
+//! answers the processor records but does not wait for. So a request completes only once the
+//! generation the read views show was scrubbed: the live generation reads the request itself
+//! (its position is before it, or the processor asks again). Runs in the batch's transaction, holding the merge lock exclusively:
 //! no batch that resolved its profiles (and checked the erasure ledger) before the shred can
 //! commit rows for the person after this deletion.
 
@@ -47,16 +49,18 @@ impl Removed {
 }
 
 /// Which generation a handler projects into: its answers and what it scrubs depend on
-/// whether that generation is building.
+/// whether that generation is the live one.
 #[derive(Debug, Clone)]
 pub struct Role {
     pub prefix: String,
     pub number: i32,
 }
 
-/// Whether the handler's generation is still building, read under a share lock on its row
-/// so that a swap waits for the erasure's transaction (and the transaction for the swap).
-pub async fn building(tx: &mut PgConnection, role: &Role) -> Result<bool, sqlx::Error> {
+/// Whether the handler's generation is the live one, read under a share lock on its row so
+/// that a swap waits for the erasure's transaction (and the transaction for the swap). A
+/// building generation is not live yet; a retired one no longer is (a swap overtook the
+/// projector still running it).
+pub async fn is_live(tx: &mut PgConnection, role: &Role) -> Result<bool, sqlx::Error> {
     let state: Option<String> = sqlx::query_scalar(
         "SELECT state FROM projector_generations WHERE prefix = $1 AND generation = $2 FOR SHARE",
     )
@@ -64,18 +68,17 @@ pub async fn building(tx: &mut PgConnection, role: &Role) -> Result<bool, sqlx::
     .bind(role.number)
     .fetch_optional(&mut *tx)
     .await?;
-    Ok(state.as_deref() == Some("building"))
+    Ok(state.as_deref() == Some("live"))
 }
 
 /// Deletes everything the read models hold of the scoped profiles and tokens: in this
-/// generation (whose profiles get tombstones) and, unless it is building, in every retired
-/// generation of the prefix (kept for rollback, not published, so scrubbed here: nothing
-/// else runs there). Idempotent: a second run finds nothing and deletes nothing (it still
+/// generation (whose profiles get tombstones) and, when it is the live one, in every retired
+/// generation of the prefix (kept for rollback, not published, so scrubbed here). Idempotent: a second run finds nothing and deletes nothing (it still
 /// asks for the tombstones).
 pub async fn erase(
     tx: &mut PgConnection,
     role: &Role,
-    building: bool,
+    live: bool,
     scoped: &ErasureScoped,
 ) -> Result<Removed, sqlx::Error> {
     let mut removed = Removed::default();
@@ -84,7 +87,7 @@ pub async fn erase(
     // A profile that no longer exists is published as a tombstone.
     store::enqueue(tx, &ids, true).await?;
     removed.tombstones = ids.len() as i64;
-    if !building {
+    if live {
         let retired: Vec<i32> = sqlx::query_scalar(
             "SELECT generation FROM projector_generations
               WHERE prefix = $1 AND state = 'retired' ORDER BY generation",
@@ -214,20 +217,20 @@ async fn delete_in(
     Ok(ids)
 }
 
-/// The answer of a generation (`building` or not) to an erasure, for its outbox: a barrier
+/// The answer of a generation (`live` or not) to an erasure, for its outbox: a barrier
 /// behind the tombstones up to `gate` in the profile queue.
 pub fn applied(
     compliance_topic: &str,
     role: &Role,
-    building: bool,
+    live: bool,
     gate: i64,
     scoped: &ErasureScoped,
     removed: &Removed,
 ) -> Result<Record, cdp_schemas::CodecError> {
-    let service = if building {
-        format!("projector.g{}", role.number)
-    } else {
+    let service = if live {
         "projector".to_owned()
+    } else {
+        format!("projector.g{}", role.number)
     };
     let event = ComplianceEvent::of_request(
         Uuid::new_v5(

@@ -703,19 +703,19 @@ impl PgHandler for ProjectorHandler {
         let mut removals = Vec::new();
         for d in batch {
             if let Projected::Erasure(scoped) = d.event {
-                let building = erase::building(tx, &self.role).await.map_err(classify)?;
-                let removed = erase::erase(tx, &self.role, building, scoped)
+                let live = erase::is_live(tx, &self.role).await.map_err(classify)?;
+                let removed = erase::erase(tx, &self.role, live, scoped)
                     .await
                     .map_err(classify)?;
                 self.claims.forget(&scoped.tokens);
                 tracing::info!(
                     request_id = %scoped.request_id,
-                    building,
+                    live,
                     rows = removed.rows(),
                     tombstones = removed.tombstones,
                     "erasure applied to the read models"
                 );
-                removals.push((scoped, building, removed));
+                removals.push((scoped, live, removed));
             }
         }
         if !removals.is_empty() {
@@ -725,11 +725,11 @@ impl PgHandler for ProjectorHandler {
                 .map_err(classify)?;
             let answers = removals
                 .iter()
-                .map(|(scoped, building, removed)| {
+                .map(|(scoped, live, removed)| {
                     erase::applied(
                         &self.topics.compliance,
                         &self.role,
-                        *building,
+                        *live,
                         gate,
                         scoped,
                         removed,
