@@ -1029,3 +1029,58 @@ async fn a_batch_whose_commit_fails_does_not_dead_letter_twice() -> anyhow::Resu
     anyhow::ensure!(marked == 1);
     db.drop_db().await
 }
+
+/// A consumer whose task is dropped with its runtime (a test that panicked, a process
+/// shutting down without triggering shutdown) stops its poll thread: the runtime finishes
+/// dropping instead of waiting forever for it.
+#[test]
+fn a_runtime_dropped_with_a_consumer_running_finishes_dropping() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let backlog = rt.block_on(Backlog::create("dropped", 100))?;
+    let (db_name, db_url) = (backlog.db.name.clone(), backlog.db.url.clone());
+    let sink = Arc::new(PgSink::new(
+        backlog.db.pool.clone(),
+        backlog.group.clone(),
+        ProbeHandler {
+            delay: Duration::ZERO,
+        },
+    ));
+    let metrics = Metrics::new();
+    // Its shutdown is never triggered.
+    rt.spawn(runner::run(
+        backlog.config(100),
+        sink,
+        backlog.producer.clone(),
+        RunnerMetrics::register(&metrics),
+        None,
+        Shutdown::new(),
+    ));
+    let pool = backlog.db.pool.clone();
+    rt.block_on(wait_until(
+        "the backlog applied",
+        Duration::from_secs(60),
+        || async { Ok(probe_counts(&pool).await?.0 >= 100) },
+    ))?;
+    let (done, dropped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(backlog);
+        drop(rt);
+        let _ = done.send(());
+    });
+    dropped
+        .recv_timeout(Duration::from_secs(60))
+        .context("the runtime is still dropping after 60 s: a consumer thread holds it")?;
+    let cleanup = tokio::runtime::Runtime::new()?;
+    cleanup.block_on(async {
+        TestDb {
+            name: db_name,
+            url: db_url.clone(),
+            pool: sqlx::PgPool::connect(&db_url).await?,
+        }
+        .drop_db()
+        .await
+    })
+}

@@ -175,6 +175,17 @@ struct Shared<S> {
     health: Mutex<Health>,
     ready: Option<ReadyFlag>,
     stall: Duration,
+    /// Set when the task running [`run`] is dropped before the poll thread ended.
+    dropped: Arc<AtomicBool>,
+}
+
+/// Sets its flag when dropped.
+struct FlagOnDrop(Arc<AtomicBool>);
+
+impl Drop for FlagOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// What readiness is made of.
@@ -835,6 +846,13 @@ fn poll_loop<S: Sink>(
         if shared.shutdown.is_triggered() {
             break;
         }
+        if shared.dropped.load(Ordering::Relaxed) {
+            // Nobody waits for this consumer any more (its task was dropped, e.g. with the
+            // runtime): stop without touching the runtime, which may be shutting down.
+            tracing::warn!(group = %shared.group, "the consumer's task was dropped: stopping without finishing the batch in flight (it will be redelivered)");
+            consumer.unsubscribe();
+            return Ok(());
+        }
         // Past the normal batch size, only what is already fetched is taken: the batch grows
         // while records keep waiting (catching up) and is cut as soon as none does.
         let wait = if len >= tuning.batch_size {
@@ -950,7 +968,11 @@ pub async fn run<S: Sink>(
         health: Mutex::new(Health::new()),
         ready: ready.clone(),
         stall: config.tuning.stall(),
+        dropped: Arc::new(AtomicBool::new(false)),
     });
+    // A dropped `run` (an aborted task, a runtime shutting down after a panic) stops the poll
+    // thread instead of leaving it running with nobody to stop it.
+    let _stop_when_dropped = FlagOnDrop(shared.dropped.clone());
     let consumer = create_consumer(&config, shared.clone())?;
     tracing::info!(group = %config.group_id, topics = ?config.topics, "consumer started");
     // Not ready until assigned.
