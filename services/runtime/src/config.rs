@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-#[derive(Args, Clone, Debug)]
+#[derive(Args, Clone)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers, comma-separated.
     #[arg(
@@ -29,13 +29,46 @@ pub struct KafkaArgs {
     /// Compression of produced record batches.
     #[arg(long = "kafka-compression", env = "CDP_KAFKA_COMPRESSION", value_enum, default_value_t = Compression::Lz4)]
     pub compression: Compression,
-    /// Extra librdkafka client properties, `key=value`, comma-separated.
+    /// Extra librdkafka client properties, `key=value`, comma-separated (TLS and SASL
+    /// settings go here: `security.protocol=SASL_SSL,sasl.mechanism=SCRAM-SHA-512,...`).
+    /// Values of keys naming a password, secret, key or token are never printed.
     #[arg(
         long = "kafka-property",
         env = "CDP_KAFKA_PROPERTIES",
-        value_delimiter = ','
+        value_delimiter = ',',
+        hide_env_values = true
     )]
     pub properties: Vec<String>,
+}
+
+/// Whether a librdkafka property's value is a secret (`sasl.password`,
+/// `ssl.key.password`, `sasl.oauthbearer.client.secret`, `ssl.key.pem`, ...).
+fn secret_property(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "key", "token", "jaas", "credential"]
+        .iter()
+        .any(|s| key.contains(s))
+}
+
+impl std::fmt::Debug for KafkaArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let properties: Vec<String> = self
+            .properties
+            .iter()
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if secret_property(k) => format!("{k}=<secret>"),
+                Some(_) => p.clone(),
+                None => "<malformed>".to_owned(),
+            })
+            .collect();
+        f.debug_struct("KafkaArgs")
+            .field("brokers", &self.brokers)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("topic_replication", &self.topic_replication)
+            .field("compression", &self.compression)
+            .field("properties", &properties)
+            .finish()
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -244,6 +277,23 @@ pub enum ConfigError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kafka_secrets_are_never_printed() {
+        let mut k = KafkaArgs::local("b:9092", "cdp.");
+        k.properties = vec![
+            "security.protocol=SASL_SSL".into(),
+            "sasl.password=hunter2".into(),
+            "ssl.key.password=swordfish".into(),
+            "sasl.oauthbearer.client.secret=s3cr3t".into(),
+        ];
+        let printed = format!("{k:?}");
+        for secret in ["hunter2", "swordfish", "s3cr3t"] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
+        assert!(printed.contains("security.protocol=SASL_SSL"));
+        assert!(printed.contains("sasl.password=<secret>"));
+    }
 
     #[test]
     fn passwords_are_redacted() {
