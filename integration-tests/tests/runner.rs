@@ -58,14 +58,20 @@ struct Backlog {
 
 impl Backlog {
     async fn create(name: &str, n: u64) -> anyhow::Result<Self> {
+        Self::with_partitions(name, n, 2).await
+    }
+
+    /// A topic of `partitions` partitions holding `n` events, its dead-letter topic, a
+    /// database with the probe table.
+    async fn with_partitions(name: &str, n: u64, partitions: i32) -> anyhow::Result<Self> {
         let topic = unique(&format!("runner-{name}"));
         let dlq = unique(&format!("runner-{name}-dlq"));
         let group = unique(&format!("runner-{name}-group"));
-        create_topics(&[(&topic, 2), (&dlq, 1)]).await?;
+        create_topics(&[(&topic, partitions), (&dlq, 1)]).await?;
         let db = TestDb::create().await?;
         create_probe_table(&db.pool).await?;
         let producer = Arc::new(Producer::new(&kafka_args(""))?);
-        produce_events(&producer, &topic, n, 2).await?;
+        produce_events(&producer, &topic, n, partitions).await?;
         Ok(Self {
             topic,
             dlq,
@@ -958,23 +964,14 @@ impl cdp_runtime::pg::PgHandler for FailsFirstCommit {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_whose_commit_fails_does_not_dead_letter_twice() -> anyhow::Result<()> {
-    let topic = unique("runner-dlq-once");
-    let dlq = unique("runner-dlq-once-dlq");
-    let group = unique("runner-dlq-once-group");
-    create_topics(&[(&topic, 1), (&dlq, 1)]).await?;
-    let db = TestDb::create().await?;
-    create_probe_table(&db.pool).await?;
-    for statement in [
-        "CREATE TABLE commit_fails (n int)",
-        "CREATE FUNCTION commit_fails() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN RAISE EXCEPTION 'injected commit failure' USING ERRCODE = '40001'; END $$",
-        "CREATE CONSTRAINT TRIGGER commit_fails AFTER INSERT ON commit_fails
-           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION commit_fails()",
-    ] {
-        sqlx::query(statement).execute(&db.pool).await?;
-    }
-    let producer = Arc::new(Producer::new(&kafka_args(""))?);
-    // Offset 0 is poison: the first batch dead-letters it, then fails to commit.
+    // Offset 0 is poison, so the first batch, whose commit fails, dead-letters it.
+    let Backlog {
+        topic,
+        dlq,
+        group,
+        db,
+        producer,
+    } = Backlog::with_partitions("dlq-once", 0, 1).await?;
     producer
         .send(OutgoingRecord {
             topic: &topic,
@@ -984,6 +981,15 @@ async fn a_batch_whose_commit_fails_does_not_dead_letter_twice() -> anyhow::Resu
         })
         .await?;
     produce_events(&producer, &topic, 100, 1).await?;
+    for statement in [
+        "CREATE TABLE commit_fails (n int)",
+        "CREATE FUNCTION commit_fails() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'injected commit failure' USING ERRCODE = '40001'; END $$",
+        "CREATE CONSTRAINT TRIGGER commit_fails AFTER INSERT ON commit_fails
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION commit_fails()",
+    ] {
+        sqlx::query(statement).execute(&db.pool).await?;
+    }
     let sink = Arc::new(PgSink::new(
         db.pool.clone(),
         group.clone(),
@@ -1083,4 +1089,170 @@ fn a_runtime_dropped_with_a_consumer_running_finishes_dropping() -> anyhow::Resu
         .drop_db()
         .await
     })
+}
+
+/// The probe handler refusing `reject-me` events until fixed, and applying an event id once.
+struct FixedLater {
+    inner: ProbeHandler,
+    fixed: std::sync::atomic::AtomicBool,
+}
+
+impl cdp_runtime::pg::PgHandler for FixedLater {
+    type Event = cdp_schemas::CustomerEvent;
+
+    fn decode(
+        &self,
+        record: &cdp_runtime::RawRecord,
+    ) -> Result<Self::Event, cdp_runtime::sink::Rejection> {
+        let mut event = self.inner.decode(record)?;
+        if self.fixed.load(std::sync::atomic::Ordering::SeqCst) {
+            event.envelope.source = "fixed".to_owned();
+        }
+        Ok(event)
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        batch: &[cdp_runtime::pg::Decoded<'_, Self::Event>],
+    ) -> Result<Vec<cdp_runtime::pg::Rejected>, cdp_runtime::sink::SinkError> {
+        let ids: Vec<uuid::Uuid> = batch.iter().map(|d| d.event.envelope.event_id).collect();
+        let seen: Vec<uuid::Uuid> =
+            sqlx::query_scalar("SELECT event_id FROM probe_applied WHERE event_id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(cdp_runtime::pg::classify)?;
+        // Once per event id: not again after an earlier batch, not twice in this one.
+        let mut seen: std::collections::HashSet<uuid::Uuid> = seen.into_iter().collect();
+        let (index, fresh): (Vec<usize>, Vec<_>) = batch
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| seen.insert(d.event.envelope.event_id))
+            .map(|(i, d)| {
+                let d = cdp_runtime::pg::Decoded {
+                    record: d.record,
+                    event: d.event,
+                };
+                (i, d)
+            })
+            .unzip();
+        let mut rejected = self.inner.handle(tx, &fresh).await?;
+        for r in &mut rejected {
+            r.index = index[r.index];
+        }
+        Ok(rejected)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_by_kind_and_re_driven_once_fixed() -> anyhow::Result<()> {
+    let Backlog {
+        topic,
+        dlq,
+        group,
+        db,
+        producer,
+    } = Backlog::with_partitions("redrive", 20, 1).await?;
+    producer
+        .send(OutgoingRecord {
+            topic: &topic,
+            key: Some(b"garbage"),
+            value: Some(b"not avro"),
+            ..Default::default()
+        })
+        .await?;
+    let mut refused = event(1_000, "refused");
+    refused.envelope.source = "reject-me".to_owned();
+    let refused_bytes = cdp_schemas::encode(&refused)?;
+    producer
+        .send(OutgoingRecord {
+            topic: &topic,
+            key: Some(b"refused"),
+            value: Some(&refused_bytes),
+            headers: vec![("origin", Some(b"shop".as_slice()))],
+            ..Default::default()
+        })
+        .await?;
+    let handler = Arc::new(PgSink::new(
+        db.pool.clone(),
+        group.clone(),
+        FixedLater {
+            inner: ProbeHandler {
+                delay: Duration::ZERO,
+            },
+            fixed: std::sync::atomic::AtomicBool::new(false),
+        },
+    ));
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(runner::run(
+        runner_config(&topic, &group, &dlq, 100),
+        handler.clone(),
+        producer.clone(),
+        RunnerMetrics::register(&Metrics::new()),
+        None,
+        shutdown.clone(),
+    ));
+    wait_until(
+        "both refused records dead-lettered",
+        Duration::from_secs(60),
+        || async { Ok(topic_len(&dlq).await? == 2 && probe_counts(&db.pool).await?.0 == 20) },
+    )
+    .await?;
+
+    let kafka = kafka_args("");
+    let read = |filter: cdp_runtime::dlq::Filter| {
+        let (kafka, dlq) = (kafka.clone(), dlq.clone());
+        async move {
+            anyhow::Ok(
+                tokio::task::spawn_blocking(move || cdp_runtime::dlq::read(&kafka, &dlq, &filter))
+                    .await??,
+            )
+        }
+    };
+    let all = read(Default::default()).await?;
+    let kinds: Vec<&str> = all.iter().map(|l| l.kind.as_str()).collect();
+    anyhow::ensure!(kinds == ["too_short", "invalid"], "{kinds:?}");
+    anyhow::ensure!(all.iter().all(|l| l.group == group && l.topic == topic));
+    let invalid = read(cdp_runtime::dlq::Filter {
+        kind: Some("invalid".into()),
+        ..Default::default()
+    })
+    .await?;
+    anyhow::ensure!(invalid.len() == 1 && invalid[0].offset == 21);
+    anyhow::ensure!(
+        invalid[0].headers == [("origin".to_owned(), Some(b"shop".to_vec()))],
+        "the record's own headers, without the letter's: {:?}",
+        invalid[0].headers
+    );
+
+    // The cause is fixed; the invalid one is re-driven, twice: applied once.
+    handler_fixed(&handler);
+    for _ in 0..2 {
+        anyhow::ensure!(cdp_runtime::dlq::redrive(&producer, &dlq, &invalid).await? == 1);
+    }
+    let stored = |n: i64| {
+        let (pool, group) = (db.pool.clone(), group.clone());
+        async move {
+            let at = cdp_runtime::pg::stored_positions(&pool, &group).await?;
+            anyhow::Ok(at.values().copied().collect::<Vec<_>>() == [n])
+        }
+    };
+    wait_until(
+        "both re-driven copies read",
+        Duration::from_secs(60),
+        || stored(24),
+    )
+    .await?;
+    shutdown.trigger();
+    task.await??;
+    anyhow::ensure!(probe_counts(&db.pool).await? == (21, 21), "applied once");
+    anyhow::ensure!(topic_len(&dlq).await? == 2, "nothing dead-lettered again");
+    db.drop_db().await
+}
+
+fn handler_fixed(sink: &PgSink<FixedLater>) {
+    sink.handler()
+        .fixed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
 }

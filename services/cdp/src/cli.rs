@@ -46,6 +46,12 @@ pub enum Command {
         #[command(subcommand)]
         command: TopicsCommand,
     },
+    /// Dead letters: records a consumer could not process, by failure kind; re-drive them
+    /// after a fix.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Apply the Postgres migrations (idempotent).
     Migrate {
         #[command(flatten)]
@@ -467,6 +473,53 @@ pub enum TopicsCommand {
     List {
         #[command(flatten)]
         kafka: KafkaArgs,
+    },
+}
+
+/// Which dead letters a `cdp dlq` command acts on.
+#[derive(clap::Args, Debug)]
+pub struct DlqFilter {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Only letters of this consumer group.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Only letters of this failure kind: the decoder's (`too_short`, `bad_magic`,
+    /// `unknown_fingerprint`, `corrupt_avro`, `unresolvable`, `contract`, ...), a handler's
+    /// (`invalid`, ...), `refused_by_database`: the `kind` column of `cdp dlq list`.
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Only letters of records from this topic (full name).
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Only letters written at or after this RFC 3339 time.
+    #[arg(long)]
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DlqCommand {
+    /// List dead letters (once per original record): when, which group, the original
+    /// topic:partition:offset, the failure kind and reason. Prints no record content.
+    List {
+        #[command(flatten)]
+        filter: DlqFilter,
+    },
+    /// Count dead letters per group, topic and kind.
+    Summary {
+        #[command(flatten)]
+        filter: DlqFilter,
+    },
+    /// Produce the matching records again onto their original topic and partition (key,
+    /// value, headers, timestamp as they were, plus cdp.dlq.redriven-from). Consumers that
+    /// applied a record before recognise its event id; the group that dead-lettered it applies
+    /// it now, or dead-letters it again if the cause is still there.
+    Replay {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Print what would be re-driven, produce nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 

@@ -9,9 +9,9 @@ use clap::Parser;
 
 use cdp_runtime::admin::{self, Readiness};
 use cdp_runtime::metrics::Metrics;
-use cdp_runtime::topics::{self, Ensured, Topics};
+use cdp_runtime::topics::{self, Ensured, Topic, Topics};
 use cdp_runtime::{pg, telemetry, Shutdown};
-use cli::{Cli, Command, ReplayCommand, SchemasCommand, TopicsCommand};
+use cli::{Cli, Command, DlqCommand, ReplayCommand, SchemasCommand, TopicsCommand};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -432,6 +432,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Dlq { command } => dlq(command).await,
         Command::Migrate { pg: pg_args } => {
             let pool = connect(&pg_args).await?;
             migrate(&pool).await?;
@@ -894,5 +895,78 @@ async fn restore(
         secs,
         summary.records as f64 / secs
     );
+    Ok(())
+}
+
+/// `cdp dlq ...`.
+async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
+    let filter = match &command {
+        DlqCommand::List { filter } | DlqCommand::Summary { filter } => filter,
+        DlqCommand::Replay { filter, .. } => filter,
+    };
+    let topic = Topics::new(&filter.kafka.topic_prefix).name(Topic::DeadLetter);
+    let wanted = cdp_runtime::dlq::Filter {
+        group: filter.group.clone(),
+        kind: filter.kind.clone(),
+        topic: filter.topic.clone(),
+        since_ms: filter.since.map(|t| t.timestamp_millis()),
+    };
+    let letters = {
+        let (kafka, topic, wanted) = (filter.kafka.clone(), topic.clone(), wanted.clone());
+        tokio::task::spawn_blocking(move || cdp_runtime::dlq::read(&kafka, &topic, &wanted))
+            .await??
+    };
+    let when = |ms: Option<i64>| {
+        ms.and_then(chrono::DateTime::<chrono::Utc>::from_timestamp_millis)
+            .map_or_else(
+                || "-".to_owned(),
+                |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            )
+    };
+    match command {
+        DlqCommand::List { .. } => {
+            println!(
+                "{:<20}  {:<28} {:<40} {:<20} reason",
+                "dead-lettered", "group", "record", "kind"
+            );
+            for l in &letters {
+                println!(
+                    "{:<20}  {:<28} {:<40} {:<20} {}",
+                    when(l.dead_lettered_ms),
+                    l.group,
+                    format!("{}:{}:{}", l.topic, l.partition, l.offset),
+                    l.kind,
+                    l.reason
+                );
+            }
+            println!("{} dead letters in {topic}", letters.len());
+        }
+        DlqCommand::Summary { .. } => {
+            let mut counts: std::collections::BTreeMap<(&str, &str, &str), u64> =
+                Default::default();
+            for l in &letters {
+                *counts.entry((&l.group, &l.topic, &l.kind)).or_default() += 1;
+            }
+            println!("{:>8}  {:<28} {:<32} kind", "letters", "group", "topic");
+            for ((group, t, kind), n) in counts {
+                println!("{n:>8}  {group:<28} {t:<32} {kind}");
+            }
+        }
+        DlqCommand::Replay { filter, dry_run } => {
+            if dry_run {
+                for l in &letters {
+                    println!(
+                        "would re-drive {}:{}:{} ({})",
+                        l.topic, l.partition, l.offset, l.kind
+                    );
+                }
+                println!("{} records would be re-driven (dry run)", letters.len());
+            } else {
+                let producer = cdp_runtime::kafka::producer::Producer::new(&filter.kafka)?;
+                let n = cdp_runtime::dlq::redrive(&producer, &topic, &letters).await?;
+                println!("{n} records re-driven onto their topics");
+            }
+        }
+    }
     Ok(())
 }

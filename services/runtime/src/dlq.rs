@@ -143,3 +143,143 @@ impl DeadLetters {
         Ok(())
     }
 }
+
+/// A dead letter read back from the dead-letter topic: where it came from, why, and the
+/// record as it was (its headers without the `cdp.dlq.*` ones).
+#[derive(Clone, Debug)]
+pub struct Letter {
+    /// Where the letter is in the dead-letter topic.
+    pub at: (i32, i64),
+    /// When it was dead-lettered (the letter's timestamp).
+    pub dead_lettered_ms: Option<i64>,
+    pub group: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub kind: String,
+    pub reason: String,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// The original record's timestamp.
+    pub timestamp_ms: Option<i64>,
+}
+
+/// Which dead letters to read (every field that is set must match).
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub group: Option<String>,
+    pub kind: Option<String>,
+    pub topic: Option<String>,
+    /// Dead-lettered at or after this time (milliseconds since the epoch).
+    pub since_ms: Option<i64>,
+}
+
+impl Filter {
+    fn admits(&self, l: &Letter) -> bool {
+        self.group.as_ref().is_none_or(|g| *g == l.group)
+            && self.kind.as_ref().is_none_or(|k| *k == l.kind)
+            && self.topic.as_ref().is_none_or(|t| *t == l.topic)
+            && self
+                .since_ms
+                .is_none_or(|s| l.dead_lettered_ms.is_some_and(|t| t >= s))
+    }
+}
+
+/// Header naming the letter a re-driven record came from (`<dead-letter topic>:<partition>:<offset>`).
+pub const REDRIVEN_FROM: &str = "cdp.dlq.redriven-from";
+
+impl Letter {
+    /// Reads a dead-letter record; `None` for a record without the headers every letter carries.
+    pub fn from_record(r: &RawRecord) -> Option<Self> {
+        let text = |name: &str| {
+            r.headers
+                .get(name)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        Some(Self {
+            at: (r.partition, r.offset),
+            dead_lettered_ms: r.timestamp_ms,
+            group: text(headers::GROUP)?,
+            topic: text(headers::TOPIC)?,
+            partition: text(headers::PARTITION)?.parse().ok()?,
+            offset: text(headers::OFFSET)?.parse().ok()?,
+            kind: text(headers::KIND).unwrap_or_default(),
+            reason: text(headers::REASON).unwrap_or_default(),
+            key: r.key.as_ref().map(|k| k.to_vec()),
+            value: r.value.as_ref().map(|v| v.to_vec()),
+            headers: r
+                .headers
+                .iter()
+                .filter(|(k, _)| !k.starts_with("cdp.dlq."))
+                .map(|(k, v)| (k.to_owned(), v.map(<[u8]>::to_vec)))
+                .collect(),
+            timestamp_ms: text(headers::TIMESTAMP).and_then(|t| t.parse().ok()),
+        })
+    }
+}
+
+/// Every dead letter of `dlq_topic` that `filter` admits, once per origin (group, topic,
+/// partition, offset; the first copy: a letter produced twice, by a process that died
+/// between producing and recording it, is listed once), in the order they were written.
+pub fn read(
+    kafka: &crate::config::KafkaArgs,
+    dlq_topic: &str,
+    filter: &Filter,
+) -> Result<Vec<Letter>, crate::replay::ReplayError> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    crate::replay::scan(
+        kafka,
+        &[dlq_topic.to_owned()],
+        std::time::Duration::from_secs(30),
+        |r| {
+            if let Some(l) = Letter::from_record(r) {
+                let origin = (l.group.clone(), l.topic.clone(), l.partition, l.offset);
+                if filter.admits(&l) && seen.insert(origin) {
+                    out.push(l);
+                }
+            }
+        },
+    )?;
+    out.sort_by_key(|l| (l.dead_lettered_ms, l.at));
+    Ok(out)
+}
+
+/// Produces each letter's record again onto its original topic and partition: key, value,
+/// headers and timestamp as they were, plus [`REDRIVEN_FROM`]. Every consumer of the topic
+/// reads it; those that applied the record before (every group but the one that dead-lettered
+/// it) recognise its event id and change nothing, so a re-drive can be repeated. Returns how
+/// many records were produced.
+pub async fn redrive(
+    producer: &Producer,
+    dlq_topic: &str,
+    letters: &[Letter],
+) -> Result<usize, crate::kafka::producer::ProduceError> {
+    let from: Vec<String> = letters
+        .iter()
+        .map(|l| format!("{dlq_topic}:{}:{}", l.at.0, l.at.1))
+        .collect();
+    let records: Vec<OutgoingRecord<'_>> = letters
+        .iter()
+        .zip(&from)
+        .map(|(l, from)| {
+            let mut hs: Vec<(&str, Option<&[u8]>)> = l
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_deref()))
+                .collect();
+            hs.push((REDRIVEN_FROM, Some(from.as_bytes())));
+            OutgoingRecord {
+                topic: &l.topic,
+                key: l.key.as_deref(),
+                value: l.value.as_deref(),
+                headers: hs,
+                timestamp_ms: l.timestamp_ms,
+                partition: Some(l.partition),
+            }
+        })
+        .collect();
+    producer.send_all(&records).await?;
+    Ok(records.len())
+}
