@@ -892,3 +892,47 @@ async fn many_partitions_stay_within_the_buffer_budget_and_stay_gapless() -> any
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_archive_ahead_of_a_recreated_topic_stops_the_archiver() -> anyhow::Result<()> {
+    let topic = unique("archive-ahead");
+    create_topics(&[(&topic, 1)]).await?;
+    produce_mix(&topic, 1, 300, T0).await?;
+    let (store, dir) = local_store();
+    let archive = Archive::open(&store)?;
+    let args = archiver_args(&topic, cdp_archiver::ocf::Codec::Zstandard, 100);
+    let first = Running::start(args.clone(), store.clone(), &Metrics::new());
+    wait_until("300 records archived", Duration::from_secs(60), || async {
+        Ok(archived_count(&archive, &topic).await? >= 300)
+    })
+    .await?;
+    first.stop().await?;
+    // The topic is deleted and created again: its log starts over at offset 0.
+    delete_topic(&topic).await?;
+    wait_until(
+        "the topic created again",
+        Duration::from_secs(60),
+        || async { Ok(create_topics(&[(&topic, 1)]).await.is_ok()) },
+    )
+    .await?;
+    produce_mix(&topic, 1, 50, T0 + 60_000).await?;
+    let stopped = Running::start(args, store, &Metrics::new());
+    wait_until("the archiver stopped", Duration::from_secs(60), || async {
+        Ok(stopped.finished())
+    })
+    .await?;
+    let error = stopped
+        .outcome()
+        .await?
+        .context("the archiver stopped without an error")?;
+    ensure!(
+        error.contains("the archive holds offsets up to 299 but the log ends at 50"),
+        "{error}"
+    );
+    ensure!(
+        archived_count(&archive, &topic).await? == 300,
+        "nothing of the new log archived as the old"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}

@@ -9,6 +9,10 @@
 //! gap lies between two files, and the file after it says so in its header
 //! ([`crate::ocf::meta::GAP_BEFORE`]), so the archive describes its own holes.
 //!
+//! An archive ahead of the log (its next offset past the partition's end: the topic was
+//! created again, or the broker lost records) stops the archiver too: the new log's records
+//! at offsets the archive already holds would otherwise be skipped as archived.
+//!
 //! Compacted topics have holes by design (the cleaner removes superseded records): only
 //! overlaps are refused there. Topics written by transactional producers also have holes,
 //! one offset per commit marker; acknowledge them, or archive such topics as compacted
@@ -85,6 +89,18 @@ pub enum ContinuityError {
         previous: String,
         next: String,
         first: i64,
+    },
+    #[error(
+        "partition {partition} of {topic}: the archive holds offsets up to {archived} but the \
+         log ends at {end}: the topic was deleted and created again, or the broker lost \
+         records. The archiver stops rather than take the new log's records for archived \
+         ones; archive the new topic under another prefix or restore the old one (cdp restore)"
+    )]
+    AheadOfLog {
+        topic: String,
+        partition: i32,
+        archived: i64,
+        end: i64,
     },
     #[error(
         "partition {partition} of {topic}: archive files {previous} and {next} leave offsets \

@@ -191,14 +191,17 @@ pub async fn run(
     let topics = config.archiver.topics(&config.kafka);
     tracing::info!(archive = %archive, topics = ?topics, "archiving");
     let policies = cdp_runtime::topics::cleanup_policies(&config.kafka, &topics).await?;
-    let sink = Arc::new(sink::ArchiveSink::new(
-        archive,
-        config.archiver.policy(),
-        config.archiver.codec,
-        config.archiver.max_buffered_bytes,
-        continuity::Continuity::new(policies, config.archiver.acknowledged_gaps.clone()),
-        metrics::ArchiverMetrics::register(metrics),
-    ));
+    let sink = Arc::new(
+        sink::ArchiveSink::new(
+            archive,
+            config.archiver.policy(),
+            config.archiver.codec,
+            config.archiver.max_buffered_bytes,
+            continuity::Continuity::new(policies, config.archiver.acknowledged_gaps.clone()),
+            metrics::ArchiverMetrics::register(metrics),
+        )
+        .checking_log_ends(config.kafka.clone()),
+    );
     let producer = Arc::new(Producer::new(&config.kafka)?);
     let names = Topics::new(&config.kafka.topic_prefix);
     runner::run(

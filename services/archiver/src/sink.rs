@@ -106,6 +106,9 @@ pub struct Fenced {
 }
 
 pub struct ArchiveSink {
+    /// For the partitions' ends, checked against the archive on assignment (`None`: not
+    /// checked, for tools that drive the sink by hand).
+    kafka: Option<cdp_runtime::config::KafkaArgs>,
     archive: Archive,
     policy: CutPolicy,
     codec: Codec,
@@ -279,6 +282,7 @@ impl ArchiveSink {
         metrics: ArchiverMetrics,
     ) -> Self {
         Self {
+            kafka: None,
             archive,
             policy,
             codec,
@@ -389,6 +393,46 @@ impl ArchiveSink {
 }
 
 impl ArchiveSink {
+    /// Checks on assignment that the archive is not ahead of the log ([`ContinuityError::AheadOfLog`]).
+    pub fn checking_log_ends(mut self, kafka: cdp_runtime::config::KafkaArgs) -> Self {
+        self.kafka = Some(kafka);
+        self
+    }
+
+    /// Fails when a partition's archived position is past its log's end.
+    async fn check_ends(&self, positions: &HashMap<TopicPartition, i64>) -> Result<(), SinkError> {
+        let Some(kafka) = self.kafka.clone() else {
+            return Ok(());
+        };
+        if positions.is_empty() {
+            return Ok(());
+        }
+        let topics: Vec<String> = positions
+            .keys()
+            .map(|tp| tp.topic.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let marks =
+            tokio::task::spawn_blocking(move || cdp_runtime::replay::watermarks(&kafka, &topics))
+                .await
+                .map_err(|e| SinkError::Fatal(Box::new(e)))?
+                .map_err(|e| SinkError::Retryable(Box::new(e)))?;
+        for (tp, next) in positions {
+            if let Some((_, end)) = marks.get(tp) {
+                if next > end {
+                    return Err(SinkError::Fatal(Box::new(ContinuityError::AheadOfLog {
+                        topic: tp.topic.clone(),
+                        partition: tp.partition,
+                        archived: next - 1,
+                        end: *end,
+                    })));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// One past the last archived offset of a partition (`None`: nothing archived), after
     /// checking that no two files start at the same offset and that the newest two follow
     /// each other (no overlap; on delete-policy topics no hole but an acknowledged one).
@@ -514,6 +558,7 @@ impl Sink for ArchiveSink {
                 out.insert(tp.clone(), n);
             }
         }
+        self.check_ends(&out).await?;
         Ok(out)
     }
 
