@@ -93,6 +93,17 @@ impl Running {
             .err()
             .map(|e| format!("{:#}", anyhow::Error::from(e))))
     }
+
+    /// Waits for the archiver to stop on its own, and returns its error (with every cause).
+    async fn error(self) -> anyhow::Result<String> {
+        wait_until("the archiver stopped", Duration::from_secs(60), || async {
+            Ok(self.finished())
+        })
+        .await?;
+        self.outcome()
+            .await?
+            .context("the archiver stopped without an error")
+    }
 }
 
 /// Deletes a partition's records below `before` (the log start moves, as retention moves it).
@@ -709,16 +720,7 @@ async fn a_log_start_past_the_archive_stops_the_archiver_until_the_loss_is_ackno
 
     let metrics = Metrics::new();
     let stopped = Running::start(args.clone(), store.clone(), &metrics);
-    wait_until(
-        "the archiver stopped on the gap",
-        Duration::from_secs(60),
-        || async { Ok(stopped.finished()) },
-    )
-    .await?;
-    let error = stopped
-        .outcome()
-        .await?
-        .context("the archiver stopped without an error")?;
+    let error = stopped.error().await?;
     ensure!(
         error.contains("offsets 1000..=1199")
             && error.contains(&format!(
@@ -917,14 +919,7 @@ async fn an_archive_ahead_of_a_recreated_topic_stops_the_archiver() -> anyhow::R
     .await?;
     produce_mix(&topic, 1, 50, T0 + 60_000).await?;
     let stopped = Running::start(args, store, &Metrics::new());
-    wait_until("the archiver stopped", Duration::from_secs(60), || async {
-        Ok(stopped.finished())
-    })
-    .await?;
-    let error = stopped
-        .outcome()
-        .await?
-        .context("the archiver stopped without an error")?;
+    let error = stopped.error().await?;
     ensure!(
         error.contains("the archive holds offsets up to 299 but the log ends at 50"),
         "{error}"
