@@ -274,6 +274,15 @@ impl IdSlice {
     }
 }
 
+/// Creates identity's schema and tables before the service runs (tests read its graph).
+pub async fn create_graph(config: &IdentityConfig) -> anyhow::Result<()> {
+    cdp_identity::pool(&config.pg, &config.identity.schema)
+        .await?
+        .close()
+        .await;
+    Ok(())
+}
+
 /// An identity configuration beside another service's slice (same topics, database and keys),
 /// with its own schema and group, and the default rules.
 pub fn identity_for(

@@ -236,10 +236,7 @@ async fn an_erasure_by_phone_removes_the_whole_person_and_nobody_else() -> anyho
 
     let ic = identity_for(&ing.kafka, &ing.db, &ing.key_args, "id_e2e");
     // The graph's tables exist before the test reads them.
-    cdp_identity::pool(&ic.pg, &ic.identity.schema)
-        .await?
-        .close()
-        .await;
+    cdp_integration_tests::identity::create_graph(&ic).await?;
     let pc = pipeline::projector(&ing, "e2e");
     let ec = pipeline::erasure(&ing, "erasure_t", "id_e2e");
     let (stop_i, task_i) = cdp_integration_tests::identity::spawn(ic.clone());
@@ -1110,10 +1107,7 @@ async fn kill_9_of_the_processor_and_the_services_during_erasures_completes_each
     let mut ec = pipeline::erasure(&ing, "erasure_t", "id_crash");
     ec.erasure.schema = "erasure_crash".to_owned();
     // Schemas and tables exist before the helpers read them.
-    cdp_identity::pool(&ic.pg, &ic.identity.schema)
-        .await?
-        .close()
-        .await;
+    cdp_integration_tests::identity::create_graph(&ic).await?;
     let mut identity = probe_command(&ing, env!("CARGO_BIN_EXE_identity-probe"));
     identity
         .env("CDP_IDENTITY_GROUP", &ic.identity.group)
@@ -1334,10 +1328,7 @@ async fn an_erasure_during_a_projector_rebuild_leaves_every_generation_clean() -
     }
 
     let ic = identity_for(&ing.kafka, &ing.db, &ing.key_args, "id_rb");
-    cdp_identity::pool(&ic.pg, &ic.identity.schema)
-        .await?
-        .close()
-        .await;
+    cdp_integration_tests::identity::create_graph(&ic).await?;
     let pc = pipeline::projector(&ing, "rb");
     let mut ec = pipeline::erasure(&ing, "erasure_t", "id_rb");
     ec.erasure.schema = "erasure_rb".to_owned();
@@ -1514,10 +1505,7 @@ async fn the_broker_compacts_away_an_erased_persons_older_records() -> anyhow::R
     let (status, body) = ing.post("/v1/batch", &batch).await?;
     assert_eq!(status, 200, "{body}");
     let ic = identity_for(&ing.kafka, &ing.db, &ing.key_args, "id_cmp");
-    cdp_identity::pool(&ic.pg, &ic.identity.schema)
-        .await?
-        .close()
-        .await;
+    cdp_integration_tests::identity::create_graph(&ic).await?;
     let pc = pipeline::projector(&ing, "cmp");
     let mut ec = pipeline::erasure(&ing, "erasure_t", "id_cmp");
     ec.erasure.schema = "erasure_cmp".to_owned();

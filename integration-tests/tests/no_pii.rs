@@ -81,10 +81,7 @@ async fn no_personal_data_reaches_a_log_line_or_a_metric() -> anyhow::Result<()>
     let metrics = Metrics::new();
     let ic =
         cdp_integration_tests::identity::identity_for(&ing.kafka, &ing.db, &ing.key_args, "id_pii");
-    cdp_identity::pool(&ic.pg, &ic.identity.schema)
-        .await?
-        .close()
-        .await;
+    cdp_integration_tests::identity::create_graph(&ic).await?;
     let pc = pipeline::projector(&ing, "pii");
     let ec = pipeline::erasure(&ing, "erasure_pii", "id_pii");
     let (store, dir) = local_store();

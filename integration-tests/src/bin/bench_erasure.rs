@@ -48,10 +48,7 @@ async fn main() -> anyhow::Result<()> {
     pc.projector.lanes = cdp_integration_tests::projector::lanes_from_env();
     let mut ec = pipeline::erasure(&ing, "erasure_bench", "id_bench");
     ec.runner.batch_linger_ms = 5;
-    cdp_identity::pool(&ic.pg, &ic.identity.schema)
-        .await?
-        .close()
-        .await;
+    cdp_integration_tests::identity::create_graph(&ic).await?;
     let (stop_i, task_i) = cdp_integration_tests::identity::spawn(ic.clone());
     let (stop_p, task_p) = cdp_integration_tests::projector::spawn(pc.clone());
     let (stop_e, task_e) = pipeline::spawn_erasure(ec.clone());

@@ -111,14 +111,7 @@ pub fn document() -> Value {
         );
     }
     let mut schemas = Map::new();
-    for call in [
-        Call::Identify,
-        Call::Track,
-        Call::Page,
-        Call::Screen,
-        Call::Group,
-        Call::Alias,
-    ] {
+    for call in Call::ALL {
         schemas.insert(call_name(call).to_owned(), segment_schema(call));
     }
     schemas.insert(

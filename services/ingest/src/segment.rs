@@ -46,6 +46,16 @@ pub enum Call {
 }
 
 impl Call {
+    /// Every call, in the order the API documents them.
+    pub const ALL: [Call; 6] = [
+        Call::Identify,
+        Call::Track,
+        Call::Page,
+        Call::Screen,
+        Call::Group,
+        Call::Alias,
+    ];
+
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "identify" => Call::Identify,
